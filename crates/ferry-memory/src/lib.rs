@@ -1,0 +1,1 @@
+//! Guest memory, dirty tracking and memory preparation

@@ -1,0 +1,1 @@
+//! Ferry's migration wire protocol: versioned, little-endian, length-checked

@@ -1,0 +1,1 @@
+//! Versioned, serializable KVM VM and vCPU state, and the snapshot file format

@@ -1,0 +1,1 @@
+//! Migration transports: URIs, listeners and channel connections over TCP and unix sockets
