@@ -1,1 +1,93 @@
-//! Ferry's migration wire protocol: versioned, little-endian, length-checked
+//! Ferry's migration wire protocol: versioned, little-endian, length-checked.
+//!
+//! This crate knows nothing of KVM: it only turns [`Message`]s into bytes and
+//! back, and refuses anything malformed with a [`ProtoError`] that names the
+//! offending field, value and limit.
+//!
+//! # Format
+//!
+//! Little-endian throughout. A frame is an 8-byte header followed by a body:
+//!
+//! | bytes | field      | meaning                                          |
+//! |-------|------------|--------------------------------------------------|
+//! | 0..2  | `kind`     | [`MessageKind`] as `u16`                         |
+//! | 2..4  | `flags`    | must be 0 in version 1                           |
+//! | 4..8  | `body_len` | body bytes, at most [`MessageKind::max_body_len`] |
+//!
+//! Strings are a `u32` byte length then UTF-8 (at most [`MAX_STRING`] bytes);
+//! vectors are a `u32` count then the items. Bytes left over after a body's
+//! last field are an error.
+//!
+//! [`Message::Pages`] is special: its body only holds the page list, and the
+//! raw page bytes ([`Message::payload_len`] of them) follow the frame on the
+//! stream, outside `body_len`. The decoder never reads them, so the receiver
+//! can read them straight into guest memory.
+//!
+//! # Hostile input
+//!
+//! Every length and count read from the wire is checked against its limit
+//! and against the bytes actually present before anything is allocated, so
+//! a peer cannot make the decoder allocate more than a kind's body limit, and
+//! nothing a peer sends can make it panic.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+// Input-reachable panics are bugs here: let clippy enforce it on the library.
+#![warn(
+    clippy::indexing_slicing,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::arithmetic_side_effects,
+    clippy::cast_possible_truncation
+)]
+
+mod codec;
+mod error;
+mod message;
+
+pub use codec::{
+    decode_body, decode_header, encode_pages_header, encode_zero_header, read_message, FrameHeader,
+};
+pub use error::ProtoError;
+pub use message::{
+    ChannelRole, CpuFeature, Hello, MemRegion, Message, MessageKind, PageRun, StateSection,
+    VmDescription,
+};
+
+/// First bytes of every [`Hello`] body: identifies a Ferry migration stream.
+pub const MAGIC: [u8; 8] = *b"FERRYMIG";
+/// Protocol version spoken by this crate.
+pub const VERSION: u32 = 1;
+/// Guest page size; page runs and memory regions are in units of it.
+pub const PAGE_SIZE: u64 = 4096;
+/// Length of the fixed frame header (`kind`, `flags`, `body_len`).
+pub const FRAME_HEADER_LEN: usize = 8;
+/// Most data pages one [`Message::Pages`] frame may announce.
+pub const MAX_BATCH_PAGES: u32 = 256;
+/// Most runs in one [`Message::Pages`] or [`Message::ZeroPages`] frame.
+pub const MAX_RUNS: u32 = 512;
+/// Longest string (in bytes) anywhere in the protocol.
+pub const MAX_STRING: u32 = 4096;
+/// Most memory regions in a [`VmDescription`].
+pub const MAX_REGIONS: u32 = 4096;
+/// Most CPUID entries in a [`VmDescription`].
+pub const MAX_CPU_FEATURES: u32 = 4096;
+/// Most sections in one [`Message::State`] frame.
+pub const MAX_SECTIONS: u32 = 65536;
+/// Body limit of a [`Message::State`] frame.
+pub const MAX_STATE_LEN: u32 = 256 << 20;
+/// Body limit of every frame kind other than [`Message::State`].
+pub const MAX_CONTROL_LEN: u32 = 1 << 20;
+
+/// Capability bits exchanged in [`Hello`] and [`Message::Welcome`]; both
+/// sides use the intersection of what they offered.
+pub mod caps {
+    /// Zero pages are announced as [`crate::Message::ZeroPages`] runs instead
+    /// of being sent as data.
+    pub const ZERO_RUNS: u64 = 1 << 0;
+    /// The destination acknowledges switchover with
+    /// [`crate::Message::Running`].
+    pub const SWITCHOVER_ACK: u64 = 1 << 1;
+    /// Every capability this version knows.
+    pub const ALL: u64 = ZERO_RUNS | SWITCHOVER_ACK;
+}

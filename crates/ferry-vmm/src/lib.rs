@@ -1,1 +1,8 @@
-//! Ferry's test VMM: multiboot guests on KVM, state save/restore, snapshots, control API
+//! Ferry's test VMM: runs multiboot guests on KVM with the in-kernel irqchip and PIT, a
+//! COM1 UART and a test DMA device; saves and restores the complete machine; snapshots;
+//! a JSON control API; and the glue that lets the migration engine move it.
+
+pub mod devices;
+pub mod multiboot;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,477 @@
+//! Guest RAM: the host mappings behind guest physical memory, laid out like a PC.
+//!
+//! RAM below 3 GiB is one region at guest address 0; anything above continues at 4 GiB,
+//! leaving the hole for the LAPIC/IOAPIC and firmware as QEMU's `pc` machine does. Each
+//! region is one vm-memory `MmapRegion` with an `AtomicBitmap`, so every write the VMM
+//! itself makes through vm-memory (device emulation) is tracked for migration, beside
+//! KVM's dirty log for guest writes.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use ferry_sys::mm;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion, VolatileSlice,
+};
+
+/// Guest page size Ferry tracks and migrates in.
+pub const PAGE_SIZE: u64 = 4096;
+/// Guest RAM below this address; the rest goes above 4 GiB.
+pub const LOW_MEM_LIMIT: u64 = 0xC000_0000;
+/// Where RAM above the PCI hole starts.
+pub const HIGH_MEM_START: u64 = 1 << 32;
+/// 2 MiB: the huge page size for hugetlb backing and THP.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
+/// The guest memory vm-memory type Ferry uses everywhere.
+pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
+/// A slice of guest memory.
+pub type GuestSlice<'a> = VolatileSlice<'a, vm_memory::bitmap::BS<'a, AtomicBitmap>>;
+
+/// What backs guest RAM on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Private anonymous memory (the default).
+    Anonymous,
+    /// A shared memfd (shmem), which another process can map.
+    Memfd,
+    /// A shared memfd of 2 MiB hugetlb pages; needs reserved huge pages.
+    Hugetlb,
+}
+
+impl Backend {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Anonymous => "anonymous",
+            Backend::Memfd => "memfd",
+            Backend::Hugetlb => "hugetlb",
+        }
+    }
+
+    /// Whether the mapping is `MAP_SHARED`.
+    pub fn is_shared(self) -> bool {
+        !matches!(self, Backend::Anonymous)
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = MemoryError;
+    fn from_str(s: &str) -> Result<Self, MemoryError> {
+        match s {
+            "anonymous" | "anon" => Ok(Backend::Anonymous),
+            "memfd" => Ok(Backend::Memfd),
+            "hugetlb" => Ok(Backend::Hugetlb),
+            other => Err(MemoryError::Config(format!(
+                "unknown memory backend '{other}' (expected anonymous, memfd or hugetlb)"
+            ))),
+        }
+    }
+}
+
+/// How to build guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Total RAM in bytes (a multiple of 4 KiB; 2 MiB for hugetlb).
+    pub size: u64,
+    /// Host backing.
+    pub backend: Backend,
+    /// Ask for transparent huge pages (`MADV_HUGEPAGE`) on anonymous memory.
+    pub thp: bool,
+}
+
+/// Errors building or accessing guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The configuration cannot be built.
+    #[error("guest memory: {0}")]
+    Config(String),
+    /// Too few huge pages are reserved for a hugetlb backend.
+    #[error(
+        "guest memory: hugetlb backend needs {needed} free 2 MiB huge pages but only {free} are \
+         available (reserve more with: echo N > /proc/sys/vm/nr_hugepages)"
+    )]
+    HugePages {
+        /// Pages needed.
+        needed: u64,
+        /// Pages free.
+        free: u64,
+    },
+    /// A host syscall failed.
+    #[error("guest memory: {what}: {source}")]
+    Host {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// vm-memory refused the mapping.
+    #[error("guest memory: mapping region {index}: {detail}")]
+    Mmap {
+        /// Region index.
+        index: usize,
+        /// vm-memory's error.
+        detail: String,
+    },
+    /// An access outside guest RAM.
+    #[error("guest memory: {len} bytes at {gpa:#x} are not inside guest RAM")]
+    OutOfRange {
+        /// Guest physical address.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+/// One contiguous region of guest RAM (one KVM memory slot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamRegion {
+    /// Index in `GuestRam::regions`, also the KVM slot number.
+    pub index: usize,
+    /// Guest physical address.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+impl RamRegion {
+    /// Pages in the region.
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+
+    /// One past the last guest address.
+    pub fn end(&self) -> u64 {
+        self.gpa + self.size
+    }
+}
+
+/// The PC layout of `size` bytes of RAM: (guest address, size) pairs.
+pub fn pc_layout(size: u64) -> Vec<(u64, u64)> {
+    if size <= LOW_MEM_LIMIT {
+        vec![(0, size)]
+    } else {
+        vec![(0, LOW_MEM_LIMIT), (HIGH_MEM_START, size - LOW_MEM_LIMIT)]
+    }
+}
+
+/// A host address range of guest RAM (for preparation and madvise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostRegion {
+    /// Region index.
+    pub index: usize,
+    /// Host virtual address.
+    pub addr: usize,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// Guest RAM.
+pub struct GuestRam {
+    mem: GuestMem,
+    regions: Vec<RamRegion>,
+    config: MemoryConfig,
+    // memfd backing (one file, regions at increasing offsets); kept so it can be handed on.
+    file: Option<Arc<File>>,
+}
+
+impl std::fmt::Debug for GuestRam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestRam")
+            .field("regions", &self.regions)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+fn host_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MemoryError {
+    let what = what.into();
+    move |source| MemoryError::Host { what, source }
+}
+
+impl GuestRam {
+    /// Maps guest RAM as configured.
+    pub fn new(config: MemoryConfig) -> Result<GuestRam, MemoryError> {
+        let align = match config.backend {
+            Backend::Hugetlb => HUGE_PAGE_SIZE,
+            _ => PAGE_SIZE,
+        };
+        if config.size == 0 || config.size % align != 0 {
+            return Err(MemoryError::Config(format!(
+                "size {} is not a non-zero multiple of {} KiB for the {} backend",
+                config.size,
+                align / 1024,
+                config.backend.name()
+            )));
+        }
+        if config.thp && config.backend == Backend::Hugetlb {
+            return Err(MemoryError::Config(
+                "--hugepages (THP) and the hugetlb backend are mutually exclusive".into(),
+            ));
+        }
+        if config.thp && config.backend == Backend::Memfd {
+            return Err(MemoryError::Config(
+                "transparent huge pages are not available for memfd (shmem) memory here; \
+                 use the anonymous backend with --hugepages, or the hugetlb backend"
+                    .into(),
+            ));
+        }
+        let file = match config.backend {
+            Backend::Anonymous => None,
+            Backend::Memfd => Some(
+                mm::memfd_create("ferry-guest-ram", mm::MemfdOptions { hugetlb: None })
+                    .map_err(|e| MemoryError::Host {
+                        what: "memfd_create".into(),
+                        source: e.into(),
+                    })?,
+            ),
+            Backend::Hugetlb => {
+                let needed = config.size / HUGE_PAGE_SIZE;
+                let free = mm::hugetlb_free_pages(mm::HugePageSize::Size2M).unwrap_or(0);
+                if free < needed {
+                    return Err(MemoryError::HugePages { needed, free });
+                }
+                Some(
+                    mm::memfd_create(
+                        "ferry-guest-ram",
+                        mm::MemfdOptions {
+                            hugetlb: Some(mm::HugePageSize::Size2M),
+                        },
+                    )
+                    .map_err(|e| MemoryError::Host {
+                        what: "memfd_create(MFD_HUGETLB)".into(),
+                        source: e.into(),
+                    })?,
+                )
+            }
+        };
+        let file = file.map(|fd| Arc::new(File::from(fd)));
+        if let Some(f) = &file {
+            f.set_len(config.size)
+                .map_err(host_err("sizing the guest memory file"))?;
+        }
+
+        let mut regions = Vec::new();
+        let mut mmap_regions = Vec::new();
+        let mut file_off = 0u64;
+        for (index, (gpa, size)) in pc_layout(config.size).into_iter().enumerate() {
+            let len = usize::try_from(size)
+                .map_err(|_| MemoryError::Config(format!("region of {size} bytes too large")))?;
+            let bitmap = AtomicBitmap::with_len(len);
+            let mut builder = MmapRegionBuilder::new_with_bitmap(len, bitmap)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+            builder = match &file {
+                None => builder
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
+                Some(f) => builder
+                    .with_mmap_flags(libc::MAP_SHARED)
+                    .with_file_offset(FileOffset::from_arc(f.clone(), file_off))
+                    .with_hugetlbfs(config.backend == Backend::Hugetlb),
+            };
+            let region: MmapRegion<AtomicBitmap> =
+                builder.build().map_err(|e| MemoryError::Mmap {
+                    index,
+                    detail: e.to_string(),
+                })?;
+            if config.thp {
+                mm::huge_page(region.as_ptr() as usize, len)
+                    .map_err(|e| MemoryError::Host {
+                        what: "madvise(MADV_HUGEPAGE)".into(),
+                        source: e.into(),
+                    })?;
+            }
+            let guest_region =
+                GuestRegionMmap::new(region, GuestAddress(gpa)).ok_or_else(|| {
+                    MemoryError::Mmap {
+                        index,
+                        detail: "region wraps the guest address space".into(),
+                    }
+                })?;
+            mmap_regions.push(guest_region);
+            regions.push(RamRegion { index, gpa, size });
+            file_off += size;
+        }
+        let mem = GuestMemoryMmap::from_regions(mmap_regions).map_err(|e| MemoryError::Mmap {
+            index: 0,
+            detail: e.to_string(),
+        })?;
+        Ok(GuestRam {
+            mem,
+            regions,
+            config,
+            file,
+        })
+    }
+
+    /// How this RAM was built.
+    pub fn config(&self) -> MemoryConfig {
+        self.config
+    }
+
+    /// Total bytes of RAM.
+    pub fn size(&self) -> u64 {
+        self.config.size
+    }
+
+    /// The regions, in guest-address order.
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    /// The vm-memory view, for device emulation (writes through it are dirty-tracked).
+    pub fn mem(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// The mapping of region `index`, to register with KVM.
+    pub fn mmap_region(&self, index: usize) -> Option<Arc<MmapRegion<AtomicBitmap>>> {
+        self.mem.iter().nth(index).map(|r| r.get_mmap())
+    }
+
+    /// The host ranges of every region.
+    pub fn host_regions(&self) -> Vec<HostRegion> {
+        self.mem
+            .iter()
+            .enumerate()
+            .map(|(index, r)| HostRegion {
+                index,
+                addr: r.as_ptr() as usize,
+                len: r.len() as usize,
+            })
+            .collect()
+    }
+
+    /// The memfd behind guest RAM, for shared backends.
+    pub fn file(&self) -> Option<&Arc<File>> {
+        self.file.as_ref()
+    }
+
+    /// `len` bytes of guest memory at `gpa`, which must lie inside one region.
+    pub fn slice(&self, gpa: u64, len: usize) -> Result<GuestSlice<'_>, MemoryError> {
+        self.mem
+            .get_slice(GuestAddress(gpa), len)
+            .map_err(|_| MemoryError::OutOfRange {
+                gpa,
+                len: len as u64,
+            })
+    }
+
+    /// Which region holds `pages` pages starting at `gpa`, if one does entirely.
+    pub fn region_of(&self, gpa: u64, pages: u64) -> Option<&RamRegion> {
+        let len = pages.checked_mul(PAGE_SIZE)?;
+        let end = gpa.checked_add(len)?;
+        self.regions
+            .iter()
+            .find(|r| gpa >= r.gpa && end <= r.end())
+    }
+
+    /// Takes and resets the bitmap of pages the VMM wrote in region `index` (bit per page).
+    pub fn take_vmm_dirty(&self, index: usize) -> Vec<u64> {
+        self.mem
+            .iter()
+            .nth(index)
+            .map(|r| r.get_mmap().bitmap().get_and_reset())
+            .unwrap_or_default()
+    }
+
+    /// A 64-bit digest per page of guest RAM, in region order: what tests and the
+    /// `--digest-file` option compare across a migration.
+    pub fn page_digests(&self) -> Vec<u64> {
+        let mut out = Vec::with_capacity((self.size() / PAGE_SIZE) as usize);
+        for r in &self.regions {
+            for p in 0..r.pages() {
+                let digest = self
+                    .slice(r.gpa + p * PAGE_SIZE, PAGE_SIZE as usize)
+                    .map(|s| page_digest(&s))
+                    .unwrap_or(0);
+                out.push(digest);
+            }
+        }
+        out
+    }
+}
+
+/// FNV-1a over the page's 64-bit words: cheap and good enough to spot any difference.
+fn page_digest(s: &GuestSlice<'_>) -> u64 {
+    let mut buf = [0u8; PAGE_SIZE as usize];
+    // A copy through vm-memory keeps the read volatile-safe; cost is irrelevant here.
+    if s.copy_to(&mut buf[..]) != buf.len() {
+        return 0;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for w in buf.chunks_exact(8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(w);
+        h ^= u64::from_le_bytes(word);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn layout_splits_at_the_hole() {
+        assert_eq!(pc_layout(512 << 20), vec![(0, 512 << 20)]);
+        assert_eq!(
+            pc_layout(4 << 30),
+            vec![(0, LOW_MEM_LIMIT), (HIGH_MEM_START, (4 << 30) - LOW_MEM_LIMIT)]
+        );
+    }
+
+    #[test]
+    fn vmm_writes_are_tracked() {
+        let ram = GuestRam::new(MemoryConfig {
+            size: 16 << 20,
+            backend: Backend::Anonymous,
+            thp: false,
+        })
+        .unwrap();
+        assert!(ram.take_vmm_dirty(0).iter().all(|w| *w == 0));
+        ram.mem().write_obj(0xdead_u64, GuestAddress(5 * 4096 + 8)).unwrap();
+        let bits = ram.take_vmm_dirty(0);
+        assert_eq!(bits[0], 1 << 5);
+        assert!(ram.take_vmm_dirty(0).iter().all(|w| *w == 0), "reset after take");
+    }
+
+    #[test]
+    fn memfd_backend_and_digests() {
+        let ram = GuestRam::new(MemoryConfig {
+            size: 8 << 20,
+            backend: Backend::Memfd,
+            thp: false,
+        })
+        .unwrap();
+        assert!(ram.file().is_some());
+        let before = ram.page_digests();
+        ram.mem().write_obj(1u8, GuestAddress(3 * 4096)).unwrap();
+        let after = ram.page_digests();
+        let diff: Vec<_> = (0..before.len()).filter(|i| before[*i] != after[*i]).collect();
+        assert_eq!(diff, vec![3]);
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        let err = GuestRam::new(MemoryConfig {
+            size: 4097,
+            backend: Backend::Anonymous,
+            thp: false,
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("multiple of 4 KiB"), "{err}");
+        let err = GuestRam::new(MemoryConfig {
+            size: 3 << 20,
+            backend: Backend::Hugetlb,
+            thp: false,
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("2048 KiB"), "{err}");
+        assert!("bogus".parse::<Backend>().is_err());
+    }
+}

@@ -1,0 +1,511 @@
+//! Frame headers, body encoding and the bounds-checked decoder.
+
+use std::io::{ErrorKind, Read};
+
+use crate::message::{
+    check_batch_pages, runs_body_len, total_pages, FEATURE_LEN, REGION_LEN, RUN_LEN,
+    SECTION_MIN_LEN,
+};
+use crate::{
+    ChannelRole, CpuFeature, Hello, MemRegion, Message, MessageKind, PageRun, ProtoError,
+    StateSection, VmDescription, FRAME_HEADER_LEN, MAGIC, MAX_CPU_FEATURES, MAX_REGIONS, MAX_RUNS,
+    MAX_SECTIONS, MAX_STRING,
+};
+
+/// A decoded and checked frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Kind of the frame.
+    pub kind: MessageKind,
+    /// Length of the body that follows, already checked against
+    /// [`MessageKind::max_body_len`].
+    pub body_len: u32,
+}
+
+/// Decodes a frame header: known kind, zero flags, body length within the
+/// kind's limit. Checking the length here, before the body is read, is what
+/// keeps a lying header from costing memory.
+pub fn decode_header(bytes: &[u8; FRAME_HEADER_LEN]) -> Result<FrameHeader, ProtoError> {
+    let [k0, k1, f0, f1, l0, l1, l2, l3] = *bytes;
+    let raw_kind = u16::from_le_bytes([k0, k1]);
+    let flags = u16::from_le_bytes([f0, f1]);
+    let body_len = u32::from_le_bytes([l0, l1, l2, l3]);
+    let kind = MessageKind::from_u16(raw_kind).ok_or(ProtoError::UnknownKind(raw_kind))?;
+    if flags != 0 {
+        return Err(ProtoError::BadFlags(flags));
+    }
+    check_body_len(kind, u64::from(body_len))?;
+    Ok(FrameHeader { kind, body_len })
+}
+
+/// Decodes and validates the body of a frame of kind `kind`.
+///
+/// `body` must be exactly the body: bytes left after the last field are
+/// [`ProtoError::TrailingBytes`]. A message returned here passes
+/// [`Message::validate`].
+pub fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message, ProtoError> {
+    check_body_len(kind, len64(body.len()))?;
+    let mut r = Reader { rest: body };
+    let msg = match kind {
+        MessageKind::Hello => Message::Hello(read_hello(&mut r)?),
+        MessageKind::Welcome => Message::Welcome {
+            version: r.u32("Welcome version")?,
+            capabilities: r.u64("Welcome capabilities")?,
+        },
+        MessageKind::Setup => Message::Setup(read_setup(&mut r)?),
+        MessageKind::SetupAccepted => Message::SetupAccepted,
+        MessageKind::Refuse => Message::Refuse {
+            reason: r.string("Refuse reason")?,
+        },
+        MessageKind::Pages => {
+            let pass = r.u32("Pages pass")?;
+            let runs = read_runs(&mut r, "Pages run count", "Pages run")?;
+            // Checked before validate() so the limit error is the one reported.
+            check_batch_pages(total_pages(&runs))?;
+            Message::Pages { pass, runs }
+        }
+        MessageKind::ZeroPages => Message::ZeroPages {
+            pass: r.u32("ZeroPages pass")?,
+            runs: read_runs(&mut r, "ZeroPages run count", "ZeroPages run")?,
+        },
+        MessageKind::PassEnd => Message::PassEnd {
+            pass: r.u32("PassEnd pass")?,
+            pages: r.u64("PassEnd pages")?,
+        },
+        MessageKind::State => Message::State {
+            sections: read_sections(&mut r)?,
+        },
+        MessageKind::Complete => Message::Complete {
+            final_pass: r.u32("Complete final_pass")?,
+        },
+        MessageKind::Prepared => Message::Prepared {
+            prepare_us: r.u64("Prepared prepare_us")?,
+            threads: r.u32("Prepared threads")?,
+        },
+        MessageKind::Loaded => Message::Loaded {
+            load_us: r.u64("Loaded load_us")?,
+        },
+        MessageKind::Go => Message::Go,
+        MessageKind::Running => Message::Running {
+            resume_us: r.u64("Running resume_us")?,
+        },
+        MessageKind::Error => Message::Error {
+            reason: r.string("Error reason")?,
+        },
+    };
+    if !r.rest.is_empty() {
+        return Err(ProtoError::TrailingBytes {
+            kind,
+            extra: r.rest.len(),
+        });
+    }
+    msg.validate()?;
+    Ok(msg)
+}
+
+/// Reads one frame (header + body, not the Pages payload) from `r`, reusing
+/// `scratch` for the body.
+///
+/// Never allocates more than the kind's limit, and grows `scratch` only as
+/// body bytes actually arrive, so a header claiming a large body followed
+/// by nothing costs little. A clean EOF before the first header byte is
+/// [`ProtoError::Eof`]; EOF anywhere later is [`ProtoError::Truncated`].
+pub fn read_message<R: Read>(r: &mut R, scratch: &mut Vec<u8>) -> Result<Message, ProtoError> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    let got = read_full(r, &mut header)?;
+    if got == 0 {
+        return Err(ProtoError::Eof);
+    }
+    if got < FRAME_HEADER_LEN {
+        return Err(ProtoError::Truncated {
+            what: "frame header",
+            needed: len64(FRAME_HEADER_LEN),
+            available: len64(got),
+        });
+    }
+    let h = decode_header(&header)?;
+    read_body(r, h, scratch)?;
+    decode_body(h.kind, scratch)
+}
+
+/// Encodes a Pages header for `runs` straight into `out` without building a
+/// [`Message`] (hot path of the sender). The caller then writes the pages'
+/// bytes, `sum(run.pages) * PAGE_SIZE` of them.
+///
+/// Like [`Message::encode`], more than [`MAX_RUNS`] runs or
+/// [`crate::MAX_BATCH_PAGES`] pages is a programming error: debug builds
+/// panic, release builds send a frame the peer rejects.
+pub fn encode_pages_header(pass: u32, runs: &[PageRun], out: &mut Vec<u8>) {
+    debug_assert!(
+        len64(runs.len()) <= u64::from(MAX_RUNS) && check_batch_pages(total_pages(runs)).is_ok(),
+        "encoding an oversized Pages frame: {} runs, {} pages",
+        runs.len(),
+        total_pages(runs)
+    );
+    put_header(out, MessageKind::Pages, runs_body_len(runs));
+    put_runs(out, pass, runs);
+}
+
+/// Encodes a ZeroPages frame for `runs` straight into `out` without building
+/// a [`Message`]. More than [`MAX_RUNS`] runs is a programming error, as for
+/// [`encode_pages_header`].
+pub fn encode_zero_header(pass: u32, runs: &[PageRun], out: &mut Vec<u8>) {
+    debug_assert!(
+        len64(runs.len()) <= u64::from(MAX_RUNS),
+        "encoding an oversized ZeroPages frame: {} runs",
+        runs.len()
+    );
+    put_header(out, MessageKind::ZeroPages, runs_body_len(runs));
+    put_runs(out, pass, runs);
+}
+
+/// `usize` to `u64` without a cast that could truncate on exotic targets.
+pub(crate) fn len64(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+fn check_body_len(kind: MessageKind, len: u64) -> Result<(), ProtoError> {
+    let max = u64::from(kind.max_body_len());
+    if len > max {
+        return Err(ProtoError::TooLong { kind, len, max });
+    }
+    Ok(())
+}
+
+/// First allocation for a body; later growth doubles with the bytes read.
+const BODY_CHUNK: usize = 64 << 10;
+
+/// Reads exactly `h.body_len` bytes into `scratch` (cleared first).
+fn read_body<R: Read>(r: &mut R, h: FrameHeader, scratch: &mut Vec<u8>) -> Result<(), ProtoError> {
+    let len = usize::try_from(h.body_len).unwrap_or(usize::MAX);
+    scratch.clear();
+    while scratch.len() < len {
+        // Grow with what has arrived, never past `len` (itself within the
+        // kind's limit): a lying header costs at most one chunk.
+        let target = len.min(scratch.len().saturating_mul(2).max(BODY_CHUNK));
+        let want = target.saturating_sub(scratch.len());
+        // Exact reservation, then read_to_end bounded by take(): it fills
+        // the spare capacity without zeroing it first and, as the buffer
+        // fits exactly, never grows it.
+        scratch.reserve_exact(want);
+        let got = r.by_ref().take(len64(want)).read_to_end(scratch)?;
+        if got < want {
+            return Err(ProtoError::Truncated {
+                what: body_what(h.kind),
+                needed: u64::from(h.body_len),
+                available: len64(scratch.len()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reads until `buf` is full or the stream ends; returns the bytes read.
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<usize, ProtoError> {
+    let mut filled = 0usize;
+    while let Some(rest) = buf.get_mut(filled..) {
+        if rest.is_empty() {
+            break;
+        }
+        match r.read(rest) {
+            Ok(0) => break,
+            // min() guards against a reader that over-reports.
+            Ok(n) => filled = filled.saturating_add(n.min(rest.len())),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(ProtoError::Io(e)),
+        }
+    }
+    Ok(filled)
+}
+
+/// Name of a kind's body, for truncation errors (must be `'static`).
+fn body_what(kind: MessageKind) -> &'static str {
+    match kind {
+        MessageKind::Hello => "Hello frame body",
+        MessageKind::Welcome => "Welcome frame body",
+        MessageKind::Setup => "Setup frame body",
+        MessageKind::SetupAccepted => "SetupAccepted frame body",
+        MessageKind::Refuse => "Refuse frame body",
+        MessageKind::Pages => "Pages frame body",
+        MessageKind::ZeroPages => "ZeroPages frame body",
+        MessageKind::PassEnd => "PassEnd frame body",
+        MessageKind::State => "State frame body",
+        MessageKind::Complete => "Complete frame body",
+        MessageKind::Prepared => "Prepared frame body",
+        MessageKind::Loaded => "Loaded frame body",
+        MessageKind::Go => "Go frame body",
+        MessageKind::Running => "Running frame body",
+        MessageKind::Error => "Error frame body",
+    }
+}
+
+/// Cursor over a body; every read is bounds checked.
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ProtoError> {
+        let (head, tail) = self
+            .rest
+            .split_at_checked(n)
+            .ok_or_else(|| self.truncated(what, len64(n)))?;
+        self.rest = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], ProtoError> {
+        let (head, tail) = self
+            .rest
+            .split_first_chunk::<N>()
+            .ok_or_else(|| self.truncated(what, len64(N)))?;
+        self.rest = tail;
+        Ok(*head)
+    }
+
+    fn truncated(&self, what: &'static str, needed: u64) -> ProtoError {
+        ProtoError::Truncated {
+            what,
+            needed,
+            available: len64(self.rest.len()),
+        }
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8, ProtoError> {
+        self.array::<1>(what).map(u8::from_le_bytes)
+    }
+
+    fn u16(&mut self, what: &'static str) -> Result<u16, ProtoError> {
+        self.array(what).map(u16::from_le_bytes)
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, ProtoError> {
+        self.array(what).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64, ProtoError> {
+        self.array(what).map(u64::from_le_bytes)
+    }
+
+    /// Reads a vector count and checks it against `max` and against the
+    /// bytes left (each item takes at least `min_item` bytes), so the
+    /// caller may allocate `count` items.
+    fn count(&mut self, what: &'static str, max: u32, min_item: u64) -> Result<usize, ProtoError> {
+        let count = self.u32(what)?;
+        if count > max {
+            return Err(ProtoError::TooMany {
+                what,
+                count: u64::from(count),
+                max: u64::from(max),
+            });
+        }
+        let needed = u64::from(count).saturating_mul(min_item);
+        if needed > len64(self.rest.len()) {
+            return Err(self.truncated(what, needed));
+        }
+        Ok(usize::try_from(count).unwrap_or(usize::MAX))
+    }
+
+    /// `u32` length + UTF-8, at most [`MAX_STRING`] bytes.
+    fn string(&mut self, what: &'static str) -> Result<String, ProtoError> {
+        let len = self.u32(what)?;
+        if len > MAX_STRING {
+            return Err(ProtoError::StringTooLong {
+                what,
+                len: u64::from(len),
+                max: u64::from(MAX_STRING),
+            });
+        }
+        let raw = self.bytes(usize::try_from(len).unwrap_or(usize::MAX), what)?;
+        let s = std::str::from_utf8(raw).map_err(|_| ProtoError::BadUtf8 { what })?;
+        Ok(s.to_owned())
+    }
+}
+
+fn read_hello(r: &mut Reader<'_>) -> Result<Hello, ProtoError> {
+    if r.array::<8>("Hello magic")? != MAGIC {
+        return Err(ProtoError::BadMagic);
+    }
+    // No version check: the layout is frozen so the engine can refuse a
+    // peer of another version with a clear message.
+    let version = r.u32("Hello version")?;
+    let capabilities = r.u64("Hello capabilities")?;
+    let session = r.u64("Hello session")?;
+    let role = r.u8("Hello role")?;
+    let index = r.u16("Hello channel index")?;
+    let data_channels = r.u16("Hello data_channels")?;
+    let role = match role {
+        0 if index == 0 => ChannelRole::Main,
+        // One encoding per message: the main channel's index is always 0.
+        0 => {
+            return Err(ProtoError::Invalid {
+                what: "Hello channel index",
+                detail: format!("{index} for the main channel (must be 0)"),
+            })
+        }
+        1 => ChannelRole::Data { index },
+        other => {
+            return Err(ProtoError::Invalid {
+                what: "Hello role",
+                detail: format!("{other} is not a channel role (0 main, 1 data)"),
+            })
+        }
+    };
+    Ok(Hello {
+        version,
+        capabilities,
+        session,
+        role,
+        data_channels,
+    })
+}
+
+fn read_setup(r: &mut Reader<'_>) -> Result<VmDescription, ProtoError> {
+    let vcpus = r.u32("Setup vcpus")?;
+    let page_size = r.u32("Setup page_size")?;
+    let n = r.count("Setup region count", MAX_REGIONS, REGION_LEN)?;
+    let mut regions = Vec::with_capacity(n);
+    for _ in 0..n {
+        regions.push(MemRegion {
+            gpa: r.u64("Setup region gpa")?,
+            size: r.u64("Setup region size")?,
+        });
+    }
+    let n = r.count("Setup cpu feature count", MAX_CPU_FEATURES, FEATURE_LEN)?;
+    let mut cpu_features = Vec::with_capacity(n);
+    for _ in 0..n {
+        cpu_features.push(CpuFeature {
+            leaf: r.u32("Setup cpu feature leaf")?,
+            subleaf: r.u32("Setup cpu feature subleaf")?,
+            regs: [
+                r.u32("Setup cpu feature eax")?,
+                r.u32("Setup cpu feature ebx")?,
+                r.u32("Setup cpu feature ecx")?,
+                r.u32("Setup cpu feature edx")?,
+            ],
+        });
+    }
+    Ok(VmDescription {
+        vcpus,
+        page_size,
+        regions,
+        cpu_features,
+    })
+}
+
+fn read_runs(
+    r: &mut Reader<'_>,
+    count_what: &'static str,
+    what: &'static str,
+) -> Result<Vec<PageRun>, ProtoError> {
+    let n = r.count(count_what, MAX_RUNS, RUN_LEN)?;
+    let mut runs = Vec::with_capacity(n);
+    for _ in 0..n {
+        runs.push(PageRun {
+            gpa: r.u64(what)?,
+            pages: r.u32(what)?,
+        });
+    }
+    Ok(runs)
+}
+
+fn read_sections(r: &mut Reader<'_>) -> Result<Vec<StateSection>, ProtoError> {
+    let n = r.count("State section count", MAX_SECTIONS, SECTION_MIN_LEN)?;
+    let mut sections = Vec::with_capacity(n);
+    for _ in 0..n {
+        let name = r.string("State section name")?;
+        let len = r.u32("State section data length")?;
+        // bytes() checks the length against what is left before the copy.
+        let data = r
+            .bytes(
+                usize::try_from(len).unwrap_or(usize::MAX),
+                "State section data",
+            )?
+            .to_vec();
+        sections.push(StateSection { name, data });
+    }
+    Ok(sections)
+}
+
+pub(crate) fn put_u8(out: &mut Vec<u8>, v: u8) {
+    out.push(v);
+}
+
+pub(crate) fn put_u16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+pub(crate) fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+pub(crate) fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// Writes a `u32` length or count; past `u32::MAX` it saturates, which the
+/// peer rejects (oversized input is documented as a sender bug).
+fn put_len(out: &mut Vec<u8>, n: usize) {
+    put_u32(out, u32::try_from(n).unwrap_or(u32::MAX));
+}
+
+pub(crate) fn put_header(out: &mut Vec<u8>, kind: MessageKind, body_len: u64) {
+    put_u16(out, kind as u16);
+    put_u16(out, 0);
+    put_u32(out, u32::try_from(body_len).unwrap_or(u32::MAX));
+}
+
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_len(out, s.len());
+    out.extend_from_slice(s.as_bytes());
+}
+
+pub(crate) fn put_hello(out: &mut Vec<u8>, h: &Hello) {
+    out.extend_from_slice(&MAGIC);
+    put_u32(out, h.version);
+    put_u64(out, h.capabilities);
+    put_u64(out, h.session);
+    let (role, index) = match h.role {
+        ChannelRole::Main => (0, 0),
+        ChannelRole::Data { index } => (1, index),
+    };
+    put_u8(out, role);
+    put_u16(out, index);
+    put_u16(out, h.data_channels);
+}
+
+pub(crate) fn put_setup(out: &mut Vec<u8>, d: &VmDescription) {
+    put_u32(out, d.vcpus);
+    put_u32(out, d.page_size);
+    put_len(out, d.regions.len());
+    for r in &d.regions {
+        put_u64(out, r.gpa);
+        put_u64(out, r.size);
+    }
+    put_len(out, d.cpu_features.len());
+    for f in &d.cpu_features {
+        put_u32(out, f.leaf);
+        put_u32(out, f.subleaf);
+        for reg in f.regs {
+            put_u32(out, reg);
+        }
+    }
+}
+
+pub(crate) fn put_runs(out: &mut Vec<u8>, pass: u32, runs: &[PageRun]) {
+    put_u32(out, pass);
+    put_len(out, runs.len());
+    for r in runs {
+        put_u64(out, r.gpa);
+        put_u32(out, r.pages);
+    }
+}
+
+pub(crate) fn put_sections(out: &mut Vec<u8>, sections: &[StateSection]) {
+    put_len(out, sections.len());
+    for s in sections {
+        put_str(out, &s.name);
+        put_len(out, s.data.len());
+        out.extend_from_slice(&s.data);
+    }
+}

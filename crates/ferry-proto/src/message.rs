@@ -1,0 +1,626 @@
+//! The protocol's messages, their validation rules and their encoding.
+
+use std::fmt;
+
+use crate::codec::{self, len64};
+use crate::{
+    ProtoError, MAX_BATCH_PAGES, MAX_CONTROL_LEN, MAX_CPU_FEATURES, MAX_REGIONS, MAX_RUNS,
+    MAX_SECTIONS, MAX_STATE_LEN, MAX_STRING, PAGE_SIZE,
+};
+
+/// What a channel carries; sent in its [`Hello`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelRole {
+    /// The control channel: handshake, setup, state and switchover.
+    Main,
+    /// A memory channel, numbered from 0.
+    Data {
+        /// Index of this data channel among the session's data channels.
+        index: u16,
+    },
+}
+
+/// First frame on every channel, source to destination.
+///
+/// Its layout is frozen across protocol versions so that a peer of another
+/// version can still be decoded and told why it is refused; decoding does
+/// not reject an unknown `version` (the engine compares versions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Protocol version the source speaks.
+    pub version: u32,
+    /// [`crate::caps`] bits the source offers.
+    pub capabilities: u64,
+    /// Identifies the migration, so channels of one session can be grouped.
+    pub session: u64,
+    /// What this channel carries.
+    pub role: ChannelRole,
+    /// How many data channels the session opens.
+    pub data_channels: u16,
+}
+
+/// One guest memory region, in guest physical addresses.
+///
+/// Valid when `gpa` and `size` are page aligned, `size > 0` and
+/// `gpa + size` does not overflow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemRegion {
+    /// Guest physical address of the first byte.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+/// One CPUID entry the guest sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuFeature {
+    /// CPUID leaf (`eax` input).
+    pub leaf: u32,
+    /// CPUID subleaf (`ecx` input).
+    pub subleaf: u32,
+    /// Output registers: `eax`, `ebx`, `ecx`, `edx`.
+    pub regs: [u32; 4],
+}
+
+/// What the VM looks like; the destination builds an identical one.
+///
+/// Valid when `vcpus >= 1`, `page_size == 4096`, there are
+/// 1..=[`MAX_REGIONS`] valid regions and at most [`MAX_CPU_FEATURES`]
+/// CPUID entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmDescription {
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest page size in bytes; must be [`PAGE_SIZE`].
+    pub page_size: u32,
+    /// Guest memory layout.
+    pub regions: Vec<MemRegion>,
+    /// CPUID entries the guest sees.
+    pub cpu_features: Vec<CpuFeature>,
+}
+
+/// A run of consecutive guest pages.
+///
+/// Valid when `gpa` is page aligned, `pages >= 1` and
+/// `gpa + pages * PAGE_SIZE` does not overflow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRun {
+    /// Guest physical address of the first page.
+    pub gpa: u64,
+    /// Number of pages.
+    pub pages: u32,
+}
+
+/// One named blob of device or vCPU state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateSection {
+    /// Non-empty name, at most [`MAX_STRING`] bytes.
+    pub name: String,
+    /// Opaque state bytes.
+    pub data: Vec<u8>,
+}
+
+/// Frame kinds, as the `u16` in the frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum MessageKind {
+    /// [`Message::Hello`].
+    Hello = 1,
+    /// [`Message::Welcome`].
+    Welcome,
+    /// [`Message::Setup`].
+    Setup,
+    /// [`Message::SetupAccepted`].
+    SetupAccepted,
+    /// [`Message::Refuse`].
+    Refuse,
+    /// [`Message::Pages`].
+    Pages,
+    /// [`Message::ZeroPages`].
+    ZeroPages,
+    /// [`Message::PassEnd`].
+    PassEnd,
+    /// [`Message::State`].
+    State,
+    /// [`Message::Complete`].
+    Complete,
+    /// [`Message::Prepared`].
+    Prepared,
+    /// [`Message::Loaded`].
+    Loaded,
+    /// [`Message::Go`].
+    Go,
+    /// [`Message::Running`].
+    Running,
+    /// [`Message::Error`].
+    Error,
+}
+
+impl MessageKind {
+    /// Every kind, in wire order.
+    pub const ALL: [MessageKind; 15] = [
+        MessageKind::Hello,
+        MessageKind::Welcome,
+        MessageKind::Setup,
+        MessageKind::SetupAccepted,
+        MessageKind::Refuse,
+        MessageKind::Pages,
+        MessageKind::ZeroPages,
+        MessageKind::PassEnd,
+        MessageKind::State,
+        MessageKind::Complete,
+        MessageKind::Prepared,
+        MessageKind::Loaded,
+        MessageKind::Go,
+        MessageKind::Running,
+        MessageKind::Error,
+    ];
+
+    /// The kind's name, as in "unexpected Pages in state Setup".
+    pub fn name(self) -> &'static str {
+        match self {
+            MessageKind::Hello => "Hello",
+            MessageKind::Welcome => "Welcome",
+            MessageKind::Setup => "Setup",
+            MessageKind::SetupAccepted => "SetupAccepted",
+            MessageKind::Refuse => "Refuse",
+            MessageKind::Pages => "Pages",
+            MessageKind::ZeroPages => "ZeroPages",
+            MessageKind::PassEnd => "PassEnd",
+            MessageKind::State => "State",
+            MessageKind::Complete => "Complete",
+            MessageKind::Prepared => "Prepared",
+            MessageKind::Loaded => "Loaded",
+            MessageKind::Go => "Go",
+            MessageKind::Running => "Running",
+            MessageKind::Error => "Error",
+        }
+    }
+
+    /// Largest body a frame of this kind may have: [`MAX_STATE_LEN`] for
+    /// State, [`MAX_CONTROL_LEN`] for everything else.
+    pub fn max_body_len(self) -> u32 {
+        match self {
+            MessageKind::State => MAX_STATE_LEN,
+            _ => MAX_CONTROL_LEN,
+        }
+    }
+
+    /// The kind with wire number `v`, if there is one.
+    pub fn from_u16(v: u16) -> Option<Self> {
+        MessageKind::ALL.into_iter().find(|k| *k as u16 == v)
+    }
+}
+
+impl fmt::Display for MessageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One protocol message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Every channel, first frame, source to destination.
+    Hello(Hello),
+    /// Destination to source on the main channel: the Hello is accepted.
+    Welcome {
+        /// Protocol version the destination speaks.
+        version: u32,
+        /// [`crate::caps`] bits the destination accepts.
+        capabilities: u64,
+    },
+    /// Source to destination: what the VM looks like.
+    Setup(VmDescription),
+    /// Destination to source: the Setup is accepted.
+    SetupAccepted,
+    /// Destination to source: handshake or setup refused.
+    Refuse {
+        /// Why, for the operator (at most [`MAX_STRING`] bytes).
+        reason: String,
+    },
+    /// Data channel: guest pages whose contents follow the frame
+    /// ([`Message::payload_len`] raw bytes, run by run, page by page).
+    /// Carries 1..=[`MAX_BATCH_PAGES`] pages in 1..=[`MAX_RUNS`] runs.
+    Pages {
+        /// Copy pass the pages belong to.
+        pass: u32,
+        /// Where the pages go.
+        runs: Vec<PageRun>,
+    },
+    /// Data channel: these pages are all zero; 1..=[`MAX_RUNS`] runs of any
+    /// length, and no payload.
+    ZeroPages {
+        /// Copy pass the pages belong to.
+        pass: u32,
+        /// The zero pages.
+        runs: Vec<PageRun>,
+    },
+    /// Data channel sync marker: everything of `pass` on this channel has
+    /// been sent.
+    PassEnd {
+        /// The pass that ended.
+        pass: u32,
+        /// Pages (data and zero) this channel sent in that pass.
+        pages: u64,
+    },
+    /// Main channel: device and vCPU state.
+    State {
+        /// At most [`MAX_SECTIONS`] named sections.
+        sections: Vec<StateSection>,
+    },
+    /// Source to destination: all memory and state sent.
+    Complete {
+        /// Number of the last pass.
+        final_pass: u32,
+    },
+    /// Destination to source: destination memory preparation finished.
+    Prepared {
+        /// Time the preparation took, in microseconds.
+        prepare_us: u64,
+        /// Threads it used.
+        threads: u32,
+    },
+    /// Destination to source: state loaded, ready to run the guest.
+    Loaded {
+        /// Time loading took, in microseconds.
+        load_us: u64,
+    },
+    /// Source to destination: the source has committed; run the guest.
+    Go,
+    /// Destination to source: the guest runs on the destination.
+    Running {
+        /// Time from Go to the guest running, in microseconds.
+        resume_us: u64,
+    },
+    /// Either side: abort, with the reason.
+    Error {
+        /// Why, for the operator (at most [`MAX_STRING`] bytes).
+        reason: String,
+    },
+}
+
+// Fixed sizes of encoded items, used to size bodies and to check counts
+// against the bytes left before allocating.
+pub(crate) const HELLO_LEN: u64 = 8 + 4 + 8 + 8 + 1 + 2 + 2;
+pub(crate) const RUN_LEN: u64 = 8 + 4;
+pub(crate) const REGION_LEN: u64 = 8 + 8;
+pub(crate) const FEATURE_LEN: u64 = 4 + 4 + 4 * 4;
+/// Smallest encoded section: name length + data length (an empty name is
+/// rejected later with a clearer error than "truncated").
+pub(crate) const SECTION_MIN_LEN: u64 = 4 + 4;
+
+impl Message {
+    /// The message's name ("Hello", "Pages", ...), for "unexpected X in state
+    /// Y" errors.
+    pub fn name(&self) -> &'static str {
+        self.kind().name()
+    }
+
+    /// The frame kind this message is sent as.
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Message::Hello(_) => MessageKind::Hello,
+            Message::Welcome { .. } => MessageKind::Welcome,
+            Message::Setup(_) => MessageKind::Setup,
+            Message::SetupAccepted => MessageKind::SetupAccepted,
+            Message::Refuse { .. } => MessageKind::Refuse,
+            Message::Pages { .. } => MessageKind::Pages,
+            Message::ZeroPages { .. } => MessageKind::ZeroPages,
+            Message::PassEnd { .. } => MessageKind::PassEnd,
+            Message::State { .. } => MessageKind::State,
+            Message::Complete { .. } => MessageKind::Complete,
+            Message::Prepared { .. } => MessageKind::Prepared,
+            Message::Loaded { .. } => MessageKind::Loaded,
+            Message::Go => MessageKind::Go,
+            Message::Running { .. } => MessageKind::Running,
+            Message::Error { .. } => MessageKind::Error,
+        }
+    }
+
+    /// Raw bytes that follow this frame on the stream: total pages times
+    /// [`PAGE_SIZE`] for Pages, 0 for everything else.
+    pub fn payload_len(&self) -> u64 {
+        match self {
+            Message::Pages { runs, .. } => total_pages(runs).saturating_mul(PAGE_SIZE),
+            _ => 0,
+        }
+    }
+
+    /// Appends the frame (header and body, not the Pages payload) to `out`.
+    ///
+    /// `encode` does not validate: a message breaking a semantic rule (say a
+    /// misaligned run) is encoded as is and the peer rejects it. Oversized
+    /// input (strings, counts or a body over their limits) is a programming
+    /// error of the sender: debug builds panic on it, release builds encode
+    /// it anyway (lengths past `u32::MAX` saturate) and the peer rejects the
+    /// frame. Call [`Message::validate`] first to find out without sending.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        debug_assert!(
+            self.check_limits().is_ok(),
+            "encoding an oversized {} frame: {:?}",
+            self.name(),
+            self.check_limits()
+        );
+        let start = out.len();
+        let body_len = self.body_len();
+        codec::put_header(out, self.kind(), body_len);
+        match self {
+            Message::Hello(h) => codec::put_hello(out, h),
+            Message::Welcome {
+                version,
+                capabilities,
+            } => {
+                codec::put_u32(out, *version);
+                codec::put_u64(out, *capabilities);
+            }
+            Message::Setup(d) => codec::put_setup(out, d),
+            Message::SetupAccepted | Message::Go => {}
+            Message::Refuse { reason } | Message::Error { reason } => codec::put_str(out, reason),
+            Message::Pages { pass, runs } | Message::ZeroPages { pass, runs } => {
+                codec::put_runs(out, *pass, runs)
+            }
+            Message::PassEnd { pass, pages } => {
+                codec::put_u32(out, *pass);
+                codec::put_u64(out, *pages);
+            }
+            Message::State { sections } => codec::put_sections(out, sections),
+            Message::Complete { final_pass } => codec::put_u32(out, *final_pass),
+            Message::Prepared {
+                prepare_us,
+                threads,
+            } => {
+                codec::put_u64(out, *prepare_us);
+                codec::put_u32(out, *threads);
+            }
+            Message::Loaded { load_us } => codec::put_u64(out, *load_us),
+            Message::Running { resume_us } => codec::put_u64(out, *resume_us),
+        }
+        debug_assert_eq!(
+            len64(out.len().saturating_sub(start)),
+            body_len.saturating_add(len64(crate::FRAME_HEADER_LEN)),
+            "body_len() disagrees with the encoding of {}",
+            self.name()
+        );
+    }
+
+    /// Checks every rule the decoder enforces, so a sender can refuse to
+    /// send what the peer would reject. `decode_body` returns only messages
+    /// for which this is `Ok`.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        self.check_limits()?;
+        match self {
+            Message::Setup(d) => {
+                if d.vcpus == 0 {
+                    return Err(invalid(
+                        "Setup vcpus",
+                        "0 vCPUs (at least 1 is needed)".into(),
+                    ));
+                }
+                if u64::from(d.page_size) != PAGE_SIZE {
+                    return Err(invalid(
+                        "Setup page_size",
+                        format!("{} is not the supported page size {PAGE_SIZE}", d.page_size),
+                    ));
+                }
+                if d.regions.is_empty() {
+                    return Err(invalid(
+                        "Setup regions",
+                        "no memory regions (at least 1 is needed)".into(),
+                    ));
+                }
+                d.regions.iter().try_for_each(check_region)
+            }
+            Message::Pages { runs, .. } => check_runs("Pages runs", "Pages run", runs),
+            Message::ZeroPages { runs, .. } => check_runs("ZeroPages runs", "ZeroPages run", runs),
+            Message::State { sections } => match sections.iter().position(|s| s.name.is_empty()) {
+                Some(i) => Err(invalid(
+                    "State section name",
+                    format!("section {i} has an empty name"),
+                )),
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    /// Limits whose breach makes a frame oversized (as opposed to
+    /// semantically invalid): string lengths, counts and the body length.
+    fn check_limits(&self) -> Result<(), ProtoError> {
+        match self {
+            Message::Setup(d) => {
+                check_count("Setup region count", d.regions.len(), MAX_REGIONS)?;
+                check_count(
+                    "Setup cpu feature count",
+                    d.cpu_features.len(),
+                    MAX_CPU_FEATURES,
+                )?;
+            }
+            Message::Refuse { reason } => check_string("Refuse reason", reason)?,
+            Message::Error { reason } => check_string("Error reason", reason)?,
+            Message::Pages { runs, .. } => {
+                check_count("Pages run count", runs.len(), MAX_RUNS)?;
+                check_batch_pages(total_pages(runs))?;
+            }
+            Message::ZeroPages { runs, .. } => {
+                check_count("ZeroPages run count", runs.len(), MAX_RUNS)?
+            }
+            Message::State { sections } => {
+                check_count("State section count", sections.len(), MAX_SECTIONS)?;
+                for s in sections {
+                    check_string("State section name", &s.name)?;
+                }
+            }
+            _ => {}
+        }
+        let kind = self.kind();
+        let len = self.body_len();
+        let max = u64::from(kind.max_body_len());
+        if len > max {
+            return Err(ProtoError::TooLong { kind, len, max });
+        }
+        Ok(())
+    }
+
+    /// Length of the encoded body (saturating, so absurd input stays
+    /// detectable as too long instead of wrapping).
+    fn body_len(&self) -> u64 {
+        match self {
+            Message::Hello(_) => HELLO_LEN,
+            Message::Welcome { .. } => 4 + 8,
+            Message::Setup(d) => 4u64
+                .saturating_add(4)
+                .saturating_add(4)
+                .saturating_add(len64(d.regions.len()).saturating_mul(REGION_LEN))
+                .saturating_add(4)
+                .saturating_add(len64(d.cpu_features.len()).saturating_mul(FEATURE_LEN)),
+            Message::SetupAccepted | Message::Go => 0,
+            Message::Refuse { reason } | Message::Error { reason } => {
+                4u64.saturating_add(len64(reason.len()))
+            }
+            Message::Pages { runs, .. } | Message::ZeroPages { runs, .. } => runs_body_len(runs),
+            Message::PassEnd { .. } => 4 + 8,
+            Message::State { sections } => sections.iter().fold(4u64, |acc, s| {
+                acc.saturating_add(SECTION_MIN_LEN)
+                    .saturating_add(len64(s.name.len()))
+                    .saturating_add(len64(s.data.len()))
+            }),
+            Message::Complete { .. } => 4,
+            Message::Prepared { .. } => 8 + 4,
+            Message::Loaded { .. } | Message::Running { .. } => 8,
+        }
+    }
+}
+
+/// Body length of a Pages or ZeroPages frame with these runs.
+pub(crate) fn runs_body_len(runs: &[PageRun]) -> u64 {
+    8u64.saturating_add(len64(runs.len()).saturating_mul(RUN_LEN))
+}
+
+/// Sum of the runs' page counts (cannot overflow for sane input; saturates
+/// rather than wrap for absurd input).
+pub(crate) fn total_pages(runs: &[PageRun]) -> u64 {
+    runs.iter()
+        .map(|r| u64::from(r.pages))
+        .fold(0, u64::saturating_add)
+}
+
+fn invalid(what: &'static str, detail: String) -> ProtoError {
+    ProtoError::Invalid { what, detail }
+}
+
+fn check_count(what: &'static str, count: usize, max: u32) -> Result<(), ProtoError> {
+    let count = len64(count);
+    let max = u64::from(max);
+    if count > max {
+        return Err(ProtoError::TooMany { what, count, max });
+    }
+    Ok(())
+}
+
+fn check_string(what: &'static str, s: &str) -> Result<(), ProtoError> {
+    let len = len64(s.len());
+    let max = u64::from(MAX_STRING);
+    if len > max {
+        return Err(ProtoError::StringTooLong { what, len, max });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_batch_pages(total: u64) -> Result<(), ProtoError> {
+    let max = u64::from(MAX_BATCH_PAGES);
+    if total > max {
+        return Err(ProtoError::TooMany {
+            what: "Pages frame page count",
+            count: total,
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// Non-empty list of valid runs. For Pages this also makes the total page
+/// count at least 1, since every run has at least one page.
+fn check_runs(list: &'static str, what: &'static str, runs: &[PageRun]) -> Result<(), ProtoError> {
+    if runs.is_empty() {
+        return Err(invalid(
+            list,
+            format!("no runs (1 to {MAX_RUNS} are needed)"),
+        ));
+    }
+    runs.iter().try_for_each(|r| check_run(what, r))
+}
+
+fn check_run(what: &'static str, r: &PageRun) -> Result<(), ProtoError> {
+    if !is_page_aligned(r.gpa) {
+        return Err(invalid(
+            what,
+            format!(
+                "gpa {:#x} is not aligned to the {PAGE_SIZE}-byte page size",
+                r.gpa
+            ),
+        ));
+    }
+    if r.pages == 0 {
+        return Err(invalid(
+            what,
+            format!("run at gpa {:#x} has 0 pages", r.gpa),
+        ));
+    }
+    let end = u64::from(r.pages)
+        .checked_mul(PAGE_SIZE)
+        .and_then(|len| r.gpa.checked_add(len));
+    if end.is_none() {
+        return Err(invalid(
+            what,
+            format!(
+                "run at gpa {:#x} of {} pages overflows the 64-bit address space",
+                r.gpa, r.pages
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_region(r: &MemRegion) -> Result<(), ProtoError> {
+    const WHAT: &str = "Setup region";
+    if !is_page_aligned(r.gpa) {
+        return Err(invalid(
+            WHAT,
+            format!(
+                "gpa {:#x} is not aligned to the {PAGE_SIZE}-byte page size",
+                r.gpa
+            ),
+        ));
+    }
+    if r.size == 0 {
+        return Err(invalid(
+            WHAT,
+            format!("region at gpa {:#x} has size 0", r.gpa),
+        ));
+    }
+    if !is_page_aligned(r.size) {
+        return Err(invalid(
+            WHAT,
+            format!(
+                "region at gpa {:#x} has size {:#x}, not a multiple of the {PAGE_SIZE}-byte page size",
+                r.gpa, r.size
+            ),
+        ));
+    }
+    if r.gpa.checked_add(r.size).is_none() {
+        return Err(invalid(
+            WHAT,
+            format!(
+                "region at gpa {:#x} of size {:#x} overflows the 64-bit address space",
+                r.gpa, r.size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Mask test instead of `is_multiple_of`, which is newer than the MSRV.
+fn is_page_aligned(v: u64) -> bool {
+    v & (PAGE_SIZE - 1) == 0
+}
