@@ -1,1 +1,264 @@
-fn main() {}
+//! `ferry`: live migration for KVM virtual machines.
+
+mod client;
+mod demo;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ferry_memory::ram::{Backend, MemoryConfig};
+use ferry_migrate::recv::{PrepareMode, ReceiveParams};
+use ferry_transport::Uri;
+use ferry_vmm::runner::{self, Boot, Outcome, RunConfig, SerialConfig};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Live migration for KVM virtual machines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a VM: boot a multiboot image, restore a snapshot, or wait for a migration.
+    Run(RunArgs),
+    /// Send a command to a running VM's control API.
+    Remote(RemoteArgs),
+    /// Migrate a self-checking workload guest between two ferry processes on this machine.
+    Demo(demo::DemoArgs),
+}
+
+/// Parses sizes like 512M, 1G, 64K or plain bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        Some('T') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("bad size '{s}' (examples: 512M, 1G, 65536)"))
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Multiboot v1 image to boot (ELF32, or flat with load addresses in its header).
+    #[arg(long, value_name = "IMAGE")]
+    kernel: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    append: String,
+    /// Guest RAM.
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest serial output: stdout, file:PATH or null.
+    #[arg(long, default_value = "stdout")]
+    serial: SerialConfig,
+    /// Serve the control API on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Guest memory backend: anonymous, memfd or hugetlb.
+    #[arg(long, default_value = "anonymous")]
+    memory_backend: Backend,
+    /// Back anonymous guest memory with transparent huge pages.
+    #[arg(long)]
+    hugepages: bool,
+    /// Resume a snapshot file instead of booting.
+    #[arg(long, value_name = "FILE", conflicts_with = "kernel")]
+    restore: Option<PathBuf>,
+    /// Wait for an incoming migration on tcp:HOST:PORT or unix:PATH.
+    #[arg(long, value_name = "URI", conflicts_with_all = ["kernel", "restore"])]
+    incoming: Option<Uri>,
+    /// Destination memory preparation while precopy runs: populate, lock or none.
+    #[arg(long, default_value = "populate", requires = "incoming")]
+    prepare: PrepareMode,
+    /// Threads for memory preparation (default: as many as CPU affinity and cgroup quota allow).
+    #[arg(long, requires = "incoming")]
+    prepare_threads: Option<usize>,
+    /// Nice value of the preparation threads (19 yields to vCPUs and transfer threads).
+    #[arg(long, default_value_t = 19, allow_negative_numbers = true, requires = "incoming")]
+    prepare_nice: i32,
+    /// Write a digest of every guest page at the switchover to this file (for verification).
+    #[arg(long, requires = "incoming")]
+    digest_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RemoteArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    #[command(subcommand)]
+    command: RemoteCommand,
+}
+
+#[derive(Subcommand)]
+enum RemoteCommand {
+    /// State, memory, vCPUs, migration progress.
+    Info,
+    /// Pause the guest.
+    Pause,
+    /// Resume the guest.
+    Resume,
+    /// Write a snapshot (memory and complete state) to a file.
+    Snapshot {
+        /// Output file.
+        path: PathBuf,
+    },
+    /// Stop the VM and its process.
+    Quit,
+    /// Live-migrate the VM; waits until it has ended.
+    Migrate(MigrateArgs),
+    /// Cancel a running migration (the guest keeps running here).
+    MigrateCancel,
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    /// Destination: tcp:HOST:PORT or unix:PATH.
+    uri: Uri,
+    /// Parallel data channels.
+    #[arg(long, default_value_t = 4)]
+    channels: u16,
+    /// Downtime target in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    downtime_limit: u64,
+    /// Bandwidth cap over all channels, bytes per second.
+    #[arg(long, value_parser = parse_size)]
+    max_bandwidth: Option<u64>,
+    /// Do not throttle vCPUs when precopy does not converge.
+    #[arg(long)]
+    no_auto_converge: bool,
+    /// Write a digest of every guest page at the switchover to this file.
+    #[arg(long)]
+    digest_file: Option<PathBuf>,
+    /// Print the final statistics as one JSON line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run(args: RunArgs) -> Result<ExitCode> {
+    let boot = match (args.kernel, args.restore, args.incoming) {
+        (Some(path), None, None) => Boot::Kernel {
+            path,
+            append: args.append,
+        },
+        (None, Some(path), None) => Boot::Restore { path },
+        (None, None, Some(uri)) => Boot::Incoming {
+            uri,
+            params: ReceiveParams {
+                prepare: args.prepare,
+                prepare_threads: args.prepare_threads,
+                prepare_nice: args.prepare_nice,
+                digest_file: args.digest_file,
+                ..ReceiveParams::default()
+            },
+        },
+        _ => bail!("give one of --kernel IMAGE, --restore FILE or --incoming URI"),
+    };
+    let cfg = RunConfig {
+        boot,
+        memory: MemoryConfig {
+            size: args.memory,
+            backend: args.memory_backend,
+            thp: args.hugepages,
+        },
+        vcpus: args.vcpus,
+        serial: args.serial,
+        api_socket: args.api_socket,
+    };
+    let outcome = runner::run(cfg, |stats| {
+        eprintln!(
+            "ferry: incoming migration complete: {}",
+            serde_json::to_string(stats).unwrap_or_default()
+        );
+    })?;
+    Ok(match outcome {
+        Outcome::GuestStopped { reason, error } => {
+            eprintln!("ferry: {reason}");
+            if error {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Outcome::Quit | Outcome::MigratedAway => ExitCode::SUCCESS,
+    })
+}
+
+fn remote(args: RemoteArgs) -> Result<ExitCode> {
+    let sock = &args.api_socket;
+    let print = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    match args.command {
+        RemoteCommand::Info => print(client::request(sock, &json!({"command": "info"}), |_| {})?),
+        RemoteCommand::Pause => {
+            client::request(sock, &json!({"command": "pause"}), |_| {})?;
+        }
+        RemoteCommand::Resume => {
+            client::request(sock, &json!({"command": "resume"}), |_| {})?;
+        }
+        RemoteCommand::Quit => {
+            client::request(sock, &json!({"command": "quit"}), |_| {})?;
+        }
+        RemoteCommand::MigrateCancel => {
+            client::request(sock, &json!({"command": "migrate-cancel"}), |_| {})?;
+        }
+        RemoteCommand::Snapshot { path } => {
+            let path = std::path::absolute(&path).context("snapshot path")?;
+            print(client::request(sock, &json!({"command": "snapshot", "path": path}), |_| {})?)
+        }
+        RemoteCommand::Migrate(m) => {
+            let req = json!({
+                "command": "migrate",
+                "uri": m.uri.to_string(),
+                "channels": m.channels,
+                "downtime_limit_ms": m.downtime_limit,
+                "max_bandwidth": m.max_bandwidth,
+                "auto_converge": !m.no_auto_converge,
+                "digest_file": m.digest_file.map(|p| std::path::absolute(&p).unwrap_or(p)),
+            });
+            let show = !m.json && std::io::stderr().is_terminal();
+            let stats = client::migrate(sock, &req, show)?;
+            if m.json {
+                println!("{stats}");
+            } else {
+                print!("{}", client::describe_stats(&stats));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Run(a) => run(a),
+        Command::Remote(a) => remote(a),
+        Command::Demo(a) => demo::run(a),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

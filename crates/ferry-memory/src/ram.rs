@@ -176,6 +176,9 @@ pub struct GuestRam {
     config: MemoryConfig,
     // memfd backing (one file, regions at increasing offsets); kept so it can be handed on.
     file: Option<Arc<File>>,
+    // Guest RAM is only ever reached through volatile slices and raw pointers, so it may be
+    // released (undo of a failed preparation) without breaking Rust references.
+    _volatile: Vec<mm::VolatileRegistration>,
 }
 
 impl std::fmt::Debug for GuestRam {
@@ -298,11 +301,20 @@ impl GuestRam {
             index: 0,
             detail: e.to_string(),
         })?;
+        let volatile = mem
+            .iter()
+            .map(|r| mm::register_mmap_region(r.get_mmap()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| MemoryError::Host {
+                what: "registering guest memory".into(),
+                source: e.into(),
+            })?;
         Ok(GuestRam {
             mem,
             regions,
             config,
             file,
+            _volatile: volatile,
         })
     }
 

@@ -2,7 +2,10 @@
 //! COM1 UART and a test DMA device; saves and restores the complete machine; snapshots;
 //! a JSON control API; and the glue that lets the migration engine move it.
 
+pub mod api;
 pub mod devices;
+pub mod migration;
 pub mod multiboot;
+pub mod runner;
 pub mod vcpu;
 pub mod vm;

@@ -168,6 +168,7 @@ impl VcpuManager {
     /// Stops every vCPU outside `KVM_RUN` and waits until all have parked.
     pub fn pause(&self) -> Result<(), VcpuError> {
         self.ctl.lock().pause = true;
+        self.ctl.cv.notify_all();
         self.kick_all();
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         let mut st = self.ctl.lock();
@@ -291,8 +292,19 @@ fn vcpu_thread(
         }
         let pct = throttle.load(Ordering::Relaxed);
         if pct > 0 && last_throttle.elapsed() >= THROTTLE_SLICE {
-            std::thread::sleep(THROTTLE_SLICE * u32::from(pct) / u32::from(100 - pct));
+            // Sleep off this vCPU's share, but wake at once for a pause or exit.
+            let until = Instant::now() + THROTTLE_SLICE * u32::from(pct) / u32::from(100 - pct);
+            let mut st = ctl.lock();
+            while !st.pause && !st.exit {
+                let now = Instant::now();
+                if now >= until {
+                    break;
+                }
+                st = ctl.cv.wait_timeout(st, until - now).unwrap_or_else(|e| e.into_inner()).0;
+            }
+            drop(st);
             last_throttle = Instant::now();
+            continue;
         }
         let mut guard = lock_fd(&fd);
         let stop = match guard.run() {

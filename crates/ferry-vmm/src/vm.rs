@@ -89,6 +89,9 @@ pub struct Vm {
     devices: Arc<Devices>,
     msrs: Vec<u32>,
     supported_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    // What vCPU 0 reports, read while it is not running: reading it later would have to
+    // wait for the vCPU thread to leave KVM_RUN.
+    guest_cpuid: std::sync::Mutex<Vec<kvm_bindings::kvm_cpuid_entry2>>,
     manual_dirty_log: u64,
     config: VmConfig,
     // Kept open for the VM's lifetime (KVM ioctls on the system fd).
@@ -112,7 +115,7 @@ fn lapic_reg(lapic: &kvm_bindings::kvm_lapic_state, offset: usize) -> u32 {
 }
 
 /// CPUID for vCPU `id` of `count`: APIC IDs, logical CPU count, hypervisor bit.
-fn vcpu_cpuid(base: &[kvm_bindings::kvm_cpuid_entry2], id: u32, count: u32) -> Vec<kvm_bindings::kvm_cpuid_entry2> {
+pub(crate) fn vcpu_cpuid(base: &[kvm_bindings::kvm_cpuid_entry2], id: u32, count: u32) -> Vec<kvm_bindings::kvm_cpuid_entry2> {
     base.iter()
         .map(|e| {
             let mut e = *e;
@@ -207,8 +210,14 @@ impl Vm {
             .first()
             .map(|fd| vcpu::readable_msrs(fd, msr_list.as_slice()))
             .unwrap_or_default();
+        let guest_cpuid = fds
+            .first()
+            .and_then(|fd| fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).ok())
+            .map(|c| c.as_slice().to_vec())
+            .unwrap_or_default();
         let devices = Arc::new(Devices::new(ram.clone(), serial));
         Ok(Vm {
+            guest_cpuid: std::sync::Mutex::new(guest_cpuid),
             vm,
             ram,
             vcpus: VcpuManager::new(fds),
@@ -241,12 +250,9 @@ impl Vm {
         &self.supported_cpuid
     }
 
-    /// The CPUID vCPU 0 was given.
+    /// The CPUID vCPU 0 has (as KVM reports it back).
     pub fn guest_cpuid(&self) -> Vec<kvm_bindings::kvm_cpuid_entry2> {
-        self.vcpus
-            .with_fd(0, |fd| fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map(|c| c.as_slice().to_vec()))
-            .and_then(Result::ok)
-            .unwrap_or_default()
+        self.guest_cpuid.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The MSRs saved per vCPU.
@@ -395,6 +401,9 @@ impl Vm {
             fd.set_irqchip(chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
         }
         self.devices.set_state(&s.devices);
+        if let Some(Ok(c)) = self.vcpus.with_fd(0, |fd| fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES)) {
+            *self.guest_cpuid.lock().unwrap_or_else(|e| e.into_inner()) = c.as_slice().to_vec();
+        }
         // Guest time continues from the saved value, like the TSC restored through its MSR.
         let mut clock = s.vm.clock;
         clock.flags = 0;

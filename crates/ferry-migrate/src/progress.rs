@@ -1,0 +1,269 @@
+//! Live progress (read by the control API while a migration runs), cancellation, and the
+//! final statistics.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// Nothing started.
+    None,
+    /// Connecting and handshaking.
+    Setup,
+    /// Precopy passes.
+    Active,
+    /// Guest paused, last pages and state moving.
+    Switchover,
+    /// Done: the destination runs the guest.
+    Completed,
+    /// Failed; the source runs on.
+    Failed,
+    /// Cancelled; the source runs on.
+    Cancelled,
+}
+
+impl Status {
+    fn from_u8(v: u8) -> Status {
+        match v {
+            1 => Status::Setup,
+            2 => Status::Active,
+            3 => Status::Switchover,
+            4 => Status::Completed,
+            5 => Status::Failed,
+            6 => Status::Cancelled,
+            _ => Status::None,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            Status::None => 0,
+            Status::Setup => 1,
+            Status::Active => 2,
+            Status::Switchover => 3,
+            Status::Completed => 4,
+            Status::Failed => 5,
+            Status::Cancelled => 6,
+        }
+    }
+}
+
+/// Counters updated by the engine as it goes.
+#[derive(Debug, Default)]
+pub struct Progress {
+    status: AtomicU8,
+    /// Current pass.
+    pub pass: AtomicU64,
+    /// Bytes sent or received on all channels.
+    pub bytes: AtomicU64,
+    /// Pages sent as data.
+    pub pages_data: AtomicU64,
+    /// Pages sent as zero runs.
+    pub pages_zero: AtomicU64,
+    /// Pages dirty at the last sync.
+    pub dirty_pages: AtomicU64,
+    /// Bytes the guest dirtied per second in the last pass.
+    pub dirty_rate: AtomicU64,
+    /// Measured bandwidth, bytes/s.
+    pub bandwidth: AtomicU64,
+    /// Downtime estimate, µs.
+    pub expected_downtime_us: AtomicU64,
+    /// vCPU throttle, percent.
+    pub throttle: AtomicU64,
+    /// Guest RAM size.
+    pub ram_bytes: AtomicU64,
+    started: Mutex<Option<Instant>>,
+}
+
+/// A snapshot of [`Progress`], as the API reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgressReport {
+    /// Status.
+    pub status: Status,
+    /// Current pass.
+    pub pass: u64,
+    /// Bytes so far.
+    pub bytes: u64,
+    /// Data pages so far.
+    pub pages_data: u64,
+    /// Zero pages so far.
+    pub pages_zero: u64,
+    /// Dirty pages at the last sync.
+    pub dirty_pages: u64,
+    /// Guest dirty rate, bytes/s.
+    pub dirty_rate: u64,
+    /// Throughput, bytes/s.
+    pub throughput: u64,
+    /// Expected downtime, ms.
+    pub expected_downtime_ms: f64,
+    /// Throttle, percent.
+    pub throttle_percent: u64,
+    /// Time since the start, ms.
+    pub elapsed_ms: u64,
+    /// Guest RAM, bytes.
+    pub ram_bytes: u64,
+}
+
+impl Progress {
+    /// A fresh progress record.
+    pub fn new() -> Arc<Progress> {
+        Arc::new(Progress::default())
+    }
+
+    /// Resets and starts the clock.
+    pub fn begin(&self, ram_bytes: u64) {
+        for c in [
+            &self.pass,
+            &self.bytes,
+            &self.pages_data,
+            &self.pages_zero,
+            &self.dirty_pages,
+            &self.dirty_rate,
+            &self.bandwidth,
+            &self.expected_downtime_us,
+            &self.throttle,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+        self.ram_bytes.store(ram_bytes, Ordering::Relaxed);
+        *self.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        self.set_status(Status::Setup);
+    }
+
+    /// Sets the status.
+    pub fn set_status(&self, s: Status) {
+        self.status.store(s.to_u8(), Ordering::SeqCst);
+    }
+
+    /// The status.
+    pub fn status(&self) -> Status {
+        Status::from_u8(self.status.load(Ordering::SeqCst))
+    }
+
+    /// A consistent-enough snapshot for display.
+    pub fn report(&self) -> ProgressReport {
+        let elapsed = self
+            .started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed())
+            .unwrap_or_default();
+        let bytes = self.bytes.load(Ordering::Relaxed);
+        let secs = elapsed.as_secs_f64();
+        ProgressReport {
+            status: self.status(),
+            pass: self.pass.load(Ordering::Relaxed),
+            bytes,
+            pages_data: self.pages_data.load(Ordering::Relaxed),
+            pages_zero: self.pages_zero.load(Ordering::Relaxed),
+            dirty_pages: self.dirty_pages.load(Ordering::Relaxed),
+            dirty_rate: self.dirty_rate.load(Ordering::Relaxed),
+            throughput: if secs > 0.0 { (bytes as f64 / secs) as u64 } else { 0 },
+            expected_downtime_ms: self.expected_downtime_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            throttle_percent: self.throttle.load(Ordering::Relaxed),
+            elapsed_ms: elapsed.as_millis() as u64,
+            ram_bytes: self.ram_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Cancels a migration from another thread.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token not cancelled yet.
+    pub fn new() -> Self {
+        CancelToken::default()
+    }
+    /// Requests cancellation.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    /// Whether cancellation was requested.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Where the downtime went (source's clock; destination times as it reported them).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DowntimeBreakdown {
+    /// Final dirty-log sync after pausing.
+    pub final_sync_ms: f64,
+    /// Sending the last dirty pages (overlaps with the state).
+    pub final_pages_ms: f64,
+    /// Saving and sending device and vCPU state (overlaps with the pages).
+    pub state_ms: f64,
+    /// From everything sent to the destination's `Loaded`.
+    pub wait_loaded_ms: f64,
+    /// Destination: loading the state (its own clock).
+    pub dest_load_ms: f64,
+    /// From `Go` to the destination's `Running`, guest resume included.
+    pub go_to_running_ms: f64,
+    /// Destination: resuming the vCPUs (its own clock).
+    pub dest_resume_ms: f64,
+}
+
+/// Destination memory preparation as seen from the source.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PrepareStats {
+    /// Whether the destination reported a preparation.
+    pub reported: bool,
+    /// How long it took (destination's clock).
+    pub prepare_ms: f64,
+    /// Helper threads it used.
+    pub threads: u32,
+    /// How much of it fell inside the downtime (0 when the acknowledgement arrived before
+    /// the guest was paused, which the engine waits for).
+    pub in_downtime_ms: f64,
+}
+
+/// Statistics of a finished migration (what `ferry remote migrate --json` prints).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MigrationStats {
+    /// "completed".
+    pub status: String,
+    /// From the start to the destination running the guest.
+    pub total_ms: f64,
+    /// Connecting, handshake, starting the dirty log.
+    pub setup_ms: f64,
+    /// Guest paused on the source until it runs on the destination.
+    pub downtime_ms: f64,
+    /// Where the downtime went.
+    pub downtime: DowntimeBreakdown,
+    /// Downtime limit asked for.
+    pub downtime_limit_ms: f64,
+    /// Downtime estimate at the switchover decision.
+    pub expected_downtime_ms: f64,
+    /// Whether the estimate met the limit (false when throttling at maximum could not get
+    /// there and the engine switched over anyway).
+    pub converged: bool,
+    /// Bytes on all channels.
+    pub bytes: u64,
+    /// Pages sent with their data.
+    pub pages_data: u64,
+    /// Pages sent as zero runs.
+    pub pages_zero: u64,
+    /// Precopy passes, including the final one.
+    pub passes: u64,
+    /// Guest dirty rate in the last precopy pass, bytes/s.
+    pub dirty_rate: u64,
+    /// Bytes per second over the whole migration.
+    pub throughput: u64,
+    /// Bytes per second of pass 0 (all of RAM).
+    pub first_pass_throughput: u64,
+    /// Data channels.
+    pub channels: u16,
+    /// Highest vCPU throttle used, percent.
+    pub max_throttle_percent: u8,
+    /// Destination memory preparation.
+    pub prepare: PrepareStats,
+    /// Guest RAM, bytes.
+    pub ram_bytes: u64,
+}

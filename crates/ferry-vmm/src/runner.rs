@@ -1,0 +1,237 @@
+//! `ferry run`: build the VM (boot an image, restore a snapshot or receive a migration),
+//! serve the control API, and run until the guest stops, `quit`, or a migration hands the
+//! guest to another process.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use ferry_memory::ram::MemoryConfig;
+use ferry_migrate::recv::{receive, start_prepare, ReceiveParams, ReceiveStats};
+use ferry_migrate::{CancelToken, MigrateError, Progress};
+use ferry_transport::{Listener, Uri};
+
+use crate::api;
+use crate::devices::SerialSink;
+use crate::migration::Migratable;
+use crate::vcpu::VcpuEvent;
+use crate::vm::{Vm, VmConfig, VmError};
+
+/// How the VM starts.
+#[derive(Debug, Clone)]
+pub enum Boot {
+    /// Boot a multiboot image.
+    Kernel {
+        /// Image file.
+        path: PathBuf,
+        /// Command line (`--append`).
+        append: String,
+    },
+    /// Resume a snapshot file.
+    Restore {
+        /// Snapshot file.
+        path: PathBuf,
+    },
+    /// Wait for an incoming migration.
+    Incoming {
+        /// Where to listen.
+        uri: Uri,
+        /// Receiver options.
+        params: ReceiveParams,
+    },
+}
+
+/// Where serial output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialConfig {
+    /// This process's stdout.
+    Stdout,
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// Nowhere.
+    Null,
+}
+
+impl std::str::FromStr for SerialConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdout" => Ok(SerialConfig::Stdout),
+            "null" => Ok(SerialConfig::Null),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
+                _ => Err(format!("bad --serial '{s}' (expected stdout, file:PATH or null)")),
+            },
+        }
+    }
+}
+
+/// Everything `ferry run` needs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// How to start.
+    pub boot: Boot,
+    /// RAM (size ignored for `Restore`, which takes it from the file).
+    pub memory: MemoryConfig,
+    /// vCPUs (ignored for `Restore`).
+    pub vcpus: u32,
+    /// Serial output.
+    pub serial: SerialConfig,
+    /// Control API socket.
+    pub api_socket: Option<PathBuf>,
+}
+
+/// Errors of `ferry run`.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Creating, booting or restoring the VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The incoming migration failed.
+    #[error("incoming migration failed: {0}")]
+    Incoming(MigrateError),
+    /// Setup problems (files, sockets, options).
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest stopped (shutdown, halt, triple fault, KVM error).
+    GuestStopped {
+        /// Why.
+        reason: String,
+        /// Whether it is an error.
+        error: bool,
+    },
+    /// `quit` through the API.
+    Quit,
+    /// The guest was migrated to another process, which runs it now.
+    MigratedAway,
+}
+
+/// Events the run loop waits for.
+pub(crate) enum Event {
+    Vcpu(VcpuEvent),
+    Quit,
+    MigratedAway,
+}
+
+/// What the API server and the run loop share.
+pub struct Vmm {
+    pub(crate) vm: Arc<Vm>,
+    pub(crate) events: Mutex<Sender<Event>>,
+    pub(crate) migration: Mutex<Option<(Arc<Progress>, CancelToken)>>,
+    pub(crate) incoming: Mutex<Option<Arc<Progress>>>,
+}
+
+impl Vmm {
+    pub(crate) fn send(&self, e: Event) {
+        let _ = self.events.lock().unwrap_or_else(|p| p.into_inner()).send(e);
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+}
+
+fn serial_sink(cfg: &SerialConfig) -> Result<SerialSink, RunError> {
+    match cfg {
+        SerialConfig::Stdout => {
+            SerialSink::stdout().map_err(|e| RunError::Setup(format!("serial to stdout: {e}")))
+        }
+        SerialConfig::Null => Ok(SerialSink::Null),
+        SerialConfig::File(p) => std::fs::File::create(p)
+            .map(SerialSink::Fd)
+            .map_err(|e| RunError::Setup(format!("serial file {}: {e}", p.display()))),
+    }
+}
+
+/// Runs a VM until it ends. `on_incoming` is told when the incoming migration finished.
+pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Outcome, RunError> {
+    let serial = serial_sink(&cfg.serial)?;
+    let vm_config = VmConfig {
+        memory: cfg.memory,
+        vcpus: cfg.vcpus,
+    };
+    let mut listener = None;
+    let mut prepared = None;
+    let vm = match &cfg.boot {
+        Boot::Kernel { path, append } => {
+            let image = std::fs::read(path)
+                .map_err(|e| RunError::Setup(format!("cannot read image {}: {e}", path.display())))?;
+            let vm = Vm::create(vm_config, serial)?;
+            vm.boot(&image, &path.display().to_string(), append)?;
+            vm
+        }
+        Boot::Restore { path } => Vm::from_snapshot(path, cfg.memory.backend, cfg.memory.thp, serial)?,
+        Boot::Incoming { uri, params } => {
+            // Refuse a preparation this machine cannot do before anything is received.
+            if let Some(kind) = params.prepare.kind() {
+                ferry_memory::prepare::check_feasible(kind, cfg.memory.size)
+                    .map_err(|e| RunError::Setup(format!("--prepare: {e}")))?;
+            }
+            let vm = Vm::create(vm_config, serial)?;
+            listener = Some(Listener::bind(uri).map_err(|e| RunError::Setup(e.to_string()))?);
+            // The layout is known now, so preparation starts now: everything it does before
+            // the source connects is off the migration's critical path entirely.
+            prepared = start_prepare(vm.ram(), params.prepare, params.prepare_threads, params.prepare_nice)
+                .map_err(|e| RunError::Setup(e.to_string()))?;
+            vm
+        }
+    };
+    let vm = Arc::new(vm);
+    let (tx, rx): (Sender<Event>, Receiver<Event>) = channel();
+    let vmm = Arc::new(Vmm {
+        vm: vm.clone(),
+        events: Mutex::new(tx.clone()),
+        migration: Mutex::new(None),
+        incoming: Mutex::new(None),
+    });
+    let vcpu_tx = Mutex::new(tx);
+    vm.start(Arc::new(move |e| {
+        let _ = vcpu_tx.lock().unwrap_or_else(|p| p.into_inner()).send(Event::Vcpu(e));
+    }))?;
+    let _api = match &cfg.api_socket {
+        Some(path) => Some(api::serve(path, vmm.clone()).map_err(|e| RunError::Setup(e.to_string()))?),
+        None => None,
+    };
+
+    if let (Boot::Incoming { params, .. }, Some(listener)) = (&cfg.boot, listener) {
+        let progress = Progress::new();
+        *vmm.incoming.lock().unwrap_or_else(|p| p.into_inner()) = Some(progress.clone());
+        let target = Arc::new(Migratable(vm.clone()));
+        match receive(target, &listener, params, progress, prepared.take()) {
+            Ok(stats) => on_incoming(&stats),
+            Err(MigrateError::HandoverUnconfirmed(msg)) if cfg.api_socket.is_some() => {
+                // The state is complete here and the source may be gone: keep it, paused,
+                // for the operator to resume if the source did not keep the guest.
+                tracing::error!(
+                    "handover unconfirmed: {msg}; the VM is kept paused here; resume it with \
+                     'ferry remote resume' only if the source VM is not running"
+                );
+            }
+            Err(e) => {
+                vm.shutdown();
+                return Err(RunError::Incoming(e));
+            }
+        }
+    } else {
+        vm.resume();
+    }
+
+    let outcome = loop {
+        match rx.recv() {
+            Ok(Event::Vcpu(VcpuEvent::Stopped { reason, error, .. })) => {
+                break Outcome::GuestStopped { reason, error }
+            }
+            Ok(Event::Quit) => break Outcome::Quit,
+            Ok(Event::MigratedAway) => break Outcome::MigratedAway,
+            Err(_) => break Outcome::Quit,
+        }
+    };
+    vm.shutdown();
+    Ok(outcome)
+}
