@@ -24,7 +24,13 @@ fn build(src: &Path, ld_script: &Path, out: &Path, kludge: bool) {
         .arg(&obj)
         .arg(src));
     run(Command::new("ld")
-        .args(["-m", "elf_x86_64", "-nostdlib", "--no-warn-rwx-segments", "-T"])
+        .args([
+            "-m",
+            "elf_x86_64",
+            "-nostdlib",
+            "--no-warn-rwx-segments",
+            "-T",
+        ])
         .arg(ld_script)
         .arg("-o")
         .arg(&elf64)

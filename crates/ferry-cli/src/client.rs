@@ -15,7 +15,8 @@ pub fn request(socket: &Path, req: &Value, mut on_event: impl FnMut(&Value)) -> 
         .with_context(|| format!("cannot connect to the API socket {}", socket.display()))?;
     let mut line = req.to_string();
     line.push('\n');
-    s.write_all(line.as_bytes()).context("sending the request")?;
+    s.write_all(line.as_bytes())
+        .context("sending the request")?;
     let reader = BufReader::new(s.try_clone().context("socket")?);
     for line in reader.lines() {
         let line = line.context("reading the reply")?;
@@ -29,7 +30,9 @@ pub fn request(socket: &Path, req: &Value, mut on_event: impl FnMut(&Value)) -> 
         }
         bail!("{}", v["error"].as_str().unwrap_or("unknown error"));
     }
-    Err(anyhow!("the VMM closed the API connection without replying"))
+    Err(anyhow!(
+        "the VMM closed the API connection without replying"
+    ))
 }
 
 fn human_bytes(b: f64) -> String {
@@ -50,8 +53,10 @@ pub fn migrate(socket: &Path, req: &Value, show_progress: bool) -> Result<Value>
         ProgressBar::hidden()
     };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(Duration::from_millis(100));
     let result = request(socket, req, |ev| {

@@ -79,9 +79,14 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
     let tmp = tempfile::Builder::new().prefix("ferry-demo-").tempdir()?;
     let dir: PathBuf = tmp.path().to_path_buf();
     let image = ferry_guest::write_image(ImageKind::Elf, &dir)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let uri = format!("tcp:127.0.0.1:{port}");
-    let (src_log, dst_log) = (dir.join("source-serial.log"), dir.join("destination-serial.log"));
+    let (src_log, dst_log) = (
+        dir.join("source-serial.log"),
+        dir.join("destination-serial.log"),
+    );
     let (src_api, dst_api) = (dir.join("source.sock"), dir.join("destination.sock"));
     let mem = format!("{}", a.memory);
     let vcpus = a.vcpus.to_string();
@@ -95,23 +100,58 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
     );
     let mut kids = Kids(Vec::new());
     kids.0.push(ferry(
-        &[s("run"), s("--incoming"), uri.clone(), s("--memory"), mem.clone(), s("--vcpus"), vcpus.clone(),
-          s("--serial"), format!("file:{}", dst_log.display()), s("--api-socket"), dst_api.display().to_string()],
+        &[
+            s("run"),
+            s("--incoming"),
+            uri.clone(),
+            s("--memory"),
+            mem.clone(),
+            s("--vcpus"),
+            vcpus.clone(),
+            s("--serial"),
+            format!("file:{}", dst_log.display()),
+            s("--api-socket"),
+            dst_api.display().to_string(),
+        ],
         &dir.join("destination.err"),
     )?);
     kids.0.push(ferry(
-        &[s("run"), s("--kernel"), image.display().to_string(),
-          s("--append"), format!("ws={} hb=1 dma=1 cpus={}", a.ws, a.vcpus),
-          s("--memory"), mem, s("--vcpus"), vcpus,
-          s("--serial"), format!("file:{}", src_log.display()), s("--api-socket"), src_api.display().to_string()],
+        &[
+            s("run"),
+            s("--kernel"),
+            image.display().to_string(),
+            s("--append"),
+            format!("ws={} hb=1 dma=1 cpus={}", a.ws, a.vcpus),
+            s("--memory"),
+            mem,
+            s("--vcpus"),
+            vcpus,
+            s("--serial"),
+            format!("file:{}", src_log.display()),
+            s("--api-socket"),
+            src_api.display().to_string(),
+        ],
         &dir.join("source.err"),
     )?);
-    println!("  source process {} boots the guest; destination process {} waits on {uri}", kids.0[1].id(), kids.0[0].id());
-    wait_until("the guest to fill its memory", Duration::from_secs(120), || {
-        Ok(lines(&src_log).iter().any(|l| matches!(l, GuestLine::Ready { .. })))
-    })?;
+    println!(
+        "  source process {} boots the guest; destination process {} waits on {uri}",
+        kids.0[1].id(),
+        kids.0[0].id()
+    );
+    wait_until(
+        "the guest to fill its memory",
+        Duration::from_secs(120),
+        || {
+            Ok(lines(&src_log)
+                .iter()
+                .any(|l| matches!(l, GuestLine::Ready { .. })))
+        },
+    )?;
     std::thread::sleep(Duration::from_secs(1));
-    println!("  guest running and verifying itself; migrating over {} channels...", a.channels);
+    println!(
+        "  guest running and verifying itself; migrating over {} channels...",
+        a.channels
+    );
 
     let req = json!({"command": "migrate", "uri": uri, "channels": a.channels});
     let stats = client::migrate(&src_api, &req, std::io::stderr().is_terminal())
@@ -140,7 +180,10 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         .skip(before)
         .filter(|l| matches!(l, GuestLine::Status { .. }))
         .count();
-    let beats = std::fs::read_to_string(&dst_log).unwrap_or_default().matches('.').count();
+    let beats = std::fs::read_to_string(&dst_log)
+        .unwrap_or_default()
+        .matches('.')
+        .count();
     let fails: Vec<String> = lines(&src_log)
         .into_iter()
         .chain(after)
@@ -171,5 +214,9 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         let kept = tmp.keep();
         println!("logs kept in {}", kept.display());
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -16,7 +16,11 @@ use ferry_vmm::runner::{self, Boot, Outcome, RunConfig, SerialConfig};
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Live migration for KVM virtual machines")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Live migration for KVM virtual machines"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -87,7 +91,12 @@ struct RunArgs {
     #[arg(long, requires = "incoming")]
     prepare_threads: Option<usize>,
     /// Nice value of the preparation threads (19 yields to vCPUs and transfer threads).
-    #[arg(long, default_value_t = 19, allow_negative_numbers = true, requires = "incoming")]
+    #[arg(
+        long,
+        default_value_t = 19,
+        allow_negative_numbers = true,
+        requires = "incoming"
+    )]
     prepare_nice: i32,
     /// Write a digest of every guest page at the switchover to this file (for verification).
     #[arg(long, requires = "incoming")]
@@ -199,7 +208,8 @@ fn run(args: RunArgs) -> Result<ExitCode> {
 
 fn remote(args: RemoteArgs) -> Result<ExitCode> {
     let sock = &args.api_socket;
-    let print = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    let print =
+        |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     match args.command {
         RemoteCommand::Info => print(client::request(sock, &json!({"command": "info"}), |_| {})?),
         RemoteCommand::Pause => {
@@ -216,7 +226,11 @@ fn remote(args: RemoteArgs) -> Result<ExitCode> {
         }
         RemoteCommand::Snapshot { path } => {
             let path = std::path::absolute(&path).context("snapshot path")?;
-            print(client::request(sock, &json!({"command": "snapshot", "path": path}), |_| {})?)
+            print(client::request(
+                sock,
+                &json!({"command": "snapshot", "path": path}),
+                |_| {},
+            )?)
         }
         RemoteCommand::Migrate(m) => {
             let req = json!({

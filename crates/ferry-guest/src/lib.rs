@@ -124,7 +124,10 @@ mod tests {
     fn parses_lines() {
         assert_eq!(
             GuestLine::parse("...FERRY-GUEST ok sweeps=12 fails=0"),
-            Some(GuestLine::Status { sweeps: 12, fails: 0 })
+            Some(GuestLine::Status {
+                sweeps: 12,
+                fails: 0
+            })
         );
         assert_eq!(
             GuestLine::parse("FERRY-GUEST ready cpus=2"),
@@ -132,7 +135,10 @@ mod tests {
         );
         assert_eq!(
             GuestLine::parse("FERRY-GUEST boot mem=251MiB ws=8MiB tsc_khz=2598887"),
-            Some(GuestLine::Boot { mem_mib: 251, ws_mib: 8 })
+            Some(GuestLine::Boot {
+                mem_mib: 251,
+                ws_mib: 8
+            })
         );
         assert!(matches!(
             GuestLine::parse("FERRY-GUEST FAIL cpu=0 addr=0x1"),

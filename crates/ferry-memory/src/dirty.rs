@@ -272,7 +272,8 @@ impl DirtyTracker {
         let num = u32::try_from(chunk.pages)
             .map_err(|_| DirtyError::Invalid(format!("chunk of {} pages", chunk.pages)))?;
         let t = Instant::now();
-        self.backend.clear(chunk.region, chunk.first_page, num, bits)?;
+        self.backend
+            .clear(chunk.region, chunk.first_page, num, bits)?;
         self.stats.clear.record(t);
         Ok(())
     }
@@ -361,7 +362,10 @@ mod tests {
             tracker.clear_chunk(&snap, c).unwrap();
         }
         // The VMM-only chunk needs no KVM clear.
-        assert_eq!(*log.clears.lock().unwrap(), vec![(0, 0, 256), (0, 512, 256)]);
+        assert_eq!(
+            *log.clears.lock().unwrap(),
+            vec![(0, 0, 256), (0, 512, 256)]
+        );
         assert_eq!(tracker.sync(false).unwrap().dirty_pages(), 0);
         assert_eq!(tracker.stats().clear.get().0, 2);
     }

@@ -202,7 +202,7 @@ impl GuestRam {
             Backend::Hugetlb => HUGE_PAGE_SIZE,
             _ => PAGE_SIZE,
         };
-        if config.size == 0 || config.size % align != 0 {
+        if config.size == 0 || !config.size.is_multiple_of(align) {
             return Err(MemoryError::Config(format!(
                 "size {} is not a non-zero multiple of {} KiB for the {} backend",
                 config.size,
@@ -225,11 +225,12 @@ impl GuestRam {
         let file = match config.backend {
             Backend::Anonymous => None,
             Backend::Memfd => Some(
-                mm::memfd_create("ferry-guest-ram", mm::MemfdOptions { hugetlb: None })
-                    .map_err(|e| MemoryError::Host {
+                mm::memfd_create("ferry-guest-ram", mm::MemfdOptions { hugetlb: None }).map_err(
+                    |e| MemoryError::Host {
                         what: "memfd_create".into(),
                         source: e.into(),
-                    })?,
+                    },
+                )?,
             ),
             Backend::Hugetlb => {
                 let needed = config.size / HUGE_PAGE_SIZE;
@@ -280,11 +281,10 @@ impl GuestRam {
                     detail: e.to_string(),
                 })?;
             if config.thp {
-                mm::huge_page(region.as_ptr() as usize, len)
-                    .map_err(|e| MemoryError::Host {
-                        what: "madvise(MADV_HUGEPAGE)".into(),
-                        source: e.into(),
-                    })?;
+                mm::huge_page(region.as_ptr() as usize, len).map_err(|e| MemoryError::Host {
+                    what: "madvise(MADV_HUGEPAGE)".into(),
+                    source: e.into(),
+                })?;
             }
             let guest_region =
                 GuestRegionMmap::new(region, GuestAddress(gpa)).ok_or_else(|| {
@@ -375,9 +375,7 @@ impl GuestRam {
     pub fn region_of(&self, gpa: u64, pages: u64) -> Option<&RamRegion> {
         let len = pages.checked_mul(PAGE_SIZE)?;
         let end = gpa.checked_add(len)?;
-        self.regions
-            .iter()
-            .find(|r| gpa >= r.gpa && end <= r.end())
+        self.regions.iter().find(|r| gpa >= r.gpa && end <= r.end())
     }
 
     /// Takes and resets the bitmap of pages the VMM wrote in region `index` (bit per page).
@@ -433,7 +431,10 @@ mod tests {
         assert_eq!(pc_layout(512 << 20), vec![(0, 512 << 20)]);
         assert_eq!(
             pc_layout(4 << 30),
-            vec![(0, LOW_MEM_LIMIT), (HIGH_MEM_START, (4 << 30) - LOW_MEM_LIMIT)]
+            vec![
+                (0, LOW_MEM_LIMIT),
+                (HIGH_MEM_START, (4 << 30) - LOW_MEM_LIMIT)
+            ]
         );
     }
 
@@ -446,10 +447,15 @@ mod tests {
         })
         .unwrap();
         assert!(ram.take_vmm_dirty(0).iter().all(|w| *w == 0));
-        ram.mem().write_obj(0xdead_u64, GuestAddress(5 * 4096 + 8)).unwrap();
+        ram.mem()
+            .write_obj(0xdead_u64, GuestAddress(5 * 4096 + 8))
+            .unwrap();
         let bits = ram.take_vmm_dirty(0);
         assert_eq!(bits[0], 1 << 5);
-        assert!(ram.take_vmm_dirty(0).iter().all(|w| *w == 0), "reset after take");
+        assert!(
+            ram.take_vmm_dirty(0).iter().all(|w| *w == 0),
+            "reset after take"
+        );
     }
 
     #[test]
@@ -464,7 +470,9 @@ mod tests {
         let before = ram.page_digests();
         ram.mem().write_obj(1u8, GuestAddress(3 * 4096)).unwrap();
         let after = ram.page_digests();
-        let diff: Vec<_> = (0..before.len()).filter(|i| before[*i] != after[*i]).collect();
+        let diff: Vec<_> = (0..before.len())
+            .filter(|i| before[*i] != after[*i])
+            .collect();
         assert_eq!(diff, vec![3]);
     }
 

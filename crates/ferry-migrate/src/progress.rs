@@ -163,7 +163,11 @@ impl Progress {
             pages_zero: self.pages_zero.load(Ordering::Relaxed),
             dirty_pages: self.dirty_pages.load(Ordering::Relaxed),
             dirty_rate: self.dirty_rate.load(Ordering::Relaxed),
-            throughput: if secs > 0.0 { (bytes as f64 / secs) as u64 } else { 0 },
+            throughput: if secs > 0.0 {
+                (bytes as f64 / secs) as u64
+            } else {
+                0
+            },
             expected_downtime_ms: self.expected_downtime_us.load(Ordering::Relaxed) as f64 / 1000.0,
             throttle_percent: self.throttle.load(Ordering::Relaxed),
             elapsed_ms: elapsed.as_millis() as u64,

@@ -40,7 +40,9 @@ impl std::str::FromStr for PrepareMode {
             "none" => Ok(PrepareMode::None),
             "populate" => Ok(PrepareMode::Populate),
             "lock" => Ok(PrepareMode::Lock),
-            o => Err(format!("unknown preparation mode '{o}' (expected populate, lock or none)")),
+            o => Err(format!(
+                "unknown preparation mode '{o}' (expected populate, lock or none)"
+            )),
         }
     }
 }
@@ -152,7 +154,14 @@ impl Written {
             regions: ram
                 .regions()
                 .iter()
-                .map(|r| (r.gpa, (0..r.pages().div_ceil(64)).map(|_| AtomicU64::new(0)).collect()))
+                .map(|r| {
+                    (
+                        r.gpa,
+                        (0..r.pages().div_ceil(64))
+                            .map(|_| AtomicU64::new(0))
+                            .collect(),
+                    )
+                })
                 .collect(),
         }
     }
@@ -160,7 +169,9 @@ impl Written {
     fn locate(&self, gpa: u64) -> Option<(&AtomicU64, u64)> {
         self.regions.iter().find_map(|(base, words)| {
             let page = gpa.checked_sub(*base)? / PAGE_SIZE;
-            words.get((page / 64) as usize).map(|w| (w, 1u64 << (page % 64)))
+            words
+                .get((page / 64) as usize)
+                .map(|w| (w, 1u64 << (page % 64)))
         })
     }
 
@@ -306,7 +317,10 @@ impl Receiver_ {
     }
 
     /// Accepts connections until the main channel and all its data channels are there.
-    fn accept_channels(&mut self, listener: &Listener) -> Result<(Stream, Hello, Vec<Stream>), MigrateError> {
+    fn accept_channels(
+        &mut self,
+        listener: &Listener,
+    ) -> Result<(Stream, Hello, Vec<Stream>), MigrateError> {
         listener
             .set_nonblocking(true)
             .map_err(io_err("configuring the listener"))?;
@@ -370,10 +384,14 @@ impl Receiver_ {
             match hello.role {
                 ChannelRole::Main => {
                     if main.is_some() {
-                        return Err(MigrateError::Invalid("a second main channel arrived".into()));
+                        return Err(MigrateError::Invalid(
+                            "a second main channel arrived".into(),
+                        ));
                     }
                     if hello.data_channels == 0 {
-                        return Err(MigrateError::Invalid("the source opened no data channel".into()));
+                        return Err(MigrateError::Invalid(
+                            "the source opened no data channel".into(),
+                        ));
                     }
                     let _ = s.set_nodelay();
                     deadline = Some(Instant::now() + self.params.timeout);
@@ -416,11 +434,15 @@ impl Receiver_ {
         let (mut main, hello, data) = self.accept_channels(listener)?;
         let t_start = Instant::now();
         self.progress.begin(self.ram.size());
-        self.streams.push(main.try_clone().map_err(io_err("cloning a socket"))?);
+        self.streams
+            .push(main.try_clone().map_err(io_err("cloning a socket"))?);
         for d in &data {
-            self.streams.push(d.try_clone().map_err(io_err("cloning a socket"))?);
+            self.streams
+                .push(d.try_clone().map_err(io_err("cloning a socket"))?);
         }
-        let writer = Arc::new(Mutex::new(main.try_clone().map_err(io_err("cloning a socket"))?));
+        let writer = Arc::new(Mutex::new(
+            main.try_clone().map_err(io_err("cloning a socket"))?,
+        ));
         self.main = Some(writer.clone());
         let caps = hello.capabilities & caps::ALL;
         self.send_main(&Message::Welcome {
@@ -461,7 +483,9 @@ impl Receiver_ {
                     let r = read_message(&mut main, &mut scratch);
                     let end = r.is_err();
                     let ev = r.map_err(|e| match e {
-                        ProtoError::Eof => MigrateError::Invalid("the source closed the main channel".into()),
+                        ProtoError::Eof => {
+                            MigrateError::Invalid("the source closed the main channel".into())
+                        }
                         source => MigrateError::Proto {
                             channel: "main".into(),
                             state: "receiving",
@@ -507,12 +531,18 @@ impl Receiver_ {
                 .recv()
                 .map_err(|_| MigrateError::Invalid("all receivers stopped".into()))?;
             match ev {
-                Event::Main(Ok(Message::State { sections: s })) if self.state == State::Receiving && sections.is_none() => {
+                Event::Main(Ok(Message::State { sections: s }))
+                    if self.state == State::Receiving && sections.is_none() =>
+                {
                     sections = Some(s);
                 }
-                Event::Main(Ok(Message::Complete { final_pass: fp })) if self.state == State::Receiving => {
+                Event::Main(Ok(Message::Complete { final_pass: fp }))
+                    if self.state == State::Receiving =>
+                {
                     if sections.is_none() {
-                        return Err(MigrateError::Invalid("Complete arrived before the VM state".into()));
+                        return Err(MigrateError::Invalid(
+                            "Complete arrived before the VM state".into(),
+                        ));
                     }
                     final_pass = Some(fp);
                     self.state = State::AwaitChannels;
@@ -520,7 +550,9 @@ impl Receiver_ {
                 Event::Main(Ok(m)) => return Err(self.unexpected("main", &m)),
                 Event::Main(Err(e)) => return Err(e),
                 Event::PassEnd { channel, pass } => {
-                    let slot = last.get_mut(channel).ok_or_else(|| MigrateError::Invalid(format!("channel {channel}")))?;
+                    let slot = last
+                        .get_mut(channel)
+                        .ok_or_else(|| MigrateError::Invalid(format!("channel {channel}")))?;
                     if slot.is_some_and(|p| pass <= p) {
                         return Err(MigrateError::Invalid(format!(
                             "data channel {channel}: pass {pass} ended after pass {}",
@@ -528,7 +560,9 @@ impl Receiver_ {
                         )));
                     }
                     *slot = Some(pass);
-                    self.progress.pass.fetch_max(u64::from(pass), Ordering::Relaxed);
+                    self.progress
+                        .pass
+                        .fetch_max(u64::from(pass), Ordering::Relaxed);
                 }
                 Event::Closed { channel } => {
                     let done = final_pass.is_some_and(|fp| last.get(channel) == Some(&Some(fp)));
@@ -613,7 +647,14 @@ impl Receiver_ {
         };
         let Some(handle) = handle else {
             if ack {
-                send_on(Some(&writer), &Message::Prepared { prepare_us: 0, threads: 0 }, "receiving")?;
+                send_on(
+                    Some(&writer),
+                    &Message::Prepared {
+                        prepare_us: 0,
+                        threads: 0,
+                    },
+                    "receiving",
+                )?;
             }
             let _ = self.tx.send(Event::Prepared(Ok((Duration::ZERO, 0))));
             return Ok(());
@@ -622,9 +663,15 @@ impl Receiver_ {
         std::thread::Builder::new()
             .name("mig-prepare".into())
             .spawn(move || {
-                let r = handle.wait().map_err(|e| MigrateError::Prepare(e.to_string()));
+                let r = handle
+                    .wait()
+                    .map_err(|e| MigrateError::Prepare(e.to_string()));
                 if let Ok(rep) = &r {
-                    tracing::info!(ms = ms(rep.elapsed), threads = rep.threads, "destination memory prepared");
+                    tracing::info!(
+                        ms = ms(rep.elapsed),
+                        threads = rep.threads,
+                        "destination memory prepared"
+                    );
                     if ack {
                         let msg = Message::Prepared {
                             prepare_us: rep.elapsed.as_micros() as u64,
@@ -643,7 +690,11 @@ impl Receiver_ {
     }
 }
 
-fn send_on(main: Option<&Arc<Mutex<Stream>>>, msg: &Message, state: &'static str) -> Result<(), MigrateError> {
+fn send_on(
+    main: Option<&Arc<Mutex<Stream>>>,
+    msg: &Message,
+    state: &'static str,
+) -> Result<(), MigrateError> {
     let main = main.ok_or(MigrateError::Invalid("no main channel".into()))?;
     let mut buf = Vec::new();
     msg.encode(&mut buf);
@@ -668,7 +719,9 @@ static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
 impl DataRx {
     fn run(self, mut stream: Stream) {
         let ev = match self.receive(&mut stream) {
-            Ok(()) => Event::Closed { channel: self.channel },
+            Ok(()) => Event::Closed {
+                channel: self.channel,
+            },
             Err(e) => Event::Failed(e),
         };
         let _ = self.tx.send(ev);
@@ -685,7 +738,9 @@ impl DataRx {
                 self.channel, r.pages, r.gpa
             ))
         };
-        self.ram.region_of(r.gpa, u64::from(r.pages)).ok_or_else(bad)?;
+        self.ram
+            .region_of(r.gpa, u64::from(r.pages))
+            .ok_or_else(bad)?;
         self.ram
             .slice(r.gpa, (u64::from(r.pages) * PAGE_SIZE) as usize)
             .map_err(|_| bad())
@@ -707,11 +762,16 @@ impl DataRx {
             };
             match msg {
                 Message::Pages { runs, .. } => {
-                    let slices = runs.iter().map(|r| self.slice_of(r)).collect::<Result<Vec<_>, _>>()?;
-                    iov::read_exact_volatile(stream.as_fd(), &slices).map_err(|e| MigrateError::Proto {
-                        channel: self.name(),
-                        state: "receiving",
-                        source: ProtoError::Io(e),
+                    let slices = runs
+                        .iter()
+                        .map(|r| self.slice_of(r))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    iov::read_exact_volatile(stream.as_fd(), &slices).map_err(|e| {
+                        MigrateError::Proto {
+                            channel: self.name(),
+                            state: "receiving",
+                            source: ProtoError::Io(e),
+                        }
                     })?;
                     let mut pages = 0u64;
                     for r in &runs {
@@ -721,7 +781,9 @@ impl DataRx {
                         pages += u64::from(r.pages);
                     }
                     self.progress.pages_data.fetch_add(pages, Ordering::Relaxed);
-                    self.progress.bytes.fetch_add(pages * PAGE_SIZE, Ordering::Relaxed);
+                    self.progress
+                        .bytes
+                        .fetch_add(pages * PAGE_SIZE, Ordering::Relaxed);
                 }
                 Message::ZeroPages { runs, .. } => {
                     for r in &runs {
@@ -735,11 +797,20 @@ impl DataRx {
                                     .map_err(|e| MigrateError::Invalid(e.to_string()))?;
                             }
                         }
-                        self.progress.pages_zero.fetch_add(u64::from(r.pages), Ordering::Relaxed);
+                        self.progress
+                            .pages_zero
+                            .fetch_add(u64::from(r.pages), Ordering::Relaxed);
                     }
                 }
                 Message::PassEnd { pass, .. } => {
-                    if self.tx.send(Event::PassEnd { channel: self.channel, pass }).is_err() {
+                    if self
+                        .tx
+                        .send(Event::PassEnd {
+                            channel: self.channel,
+                            pass,
+                        })
+                        .is_err()
+                    {
                         return Ok(());
                     }
                 }

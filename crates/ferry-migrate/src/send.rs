@@ -197,7 +197,11 @@ fn session_id() -> u64 {
 
 /// Global chunk number of a chunk: pages are always assigned to the same channel.
 fn chunk_channel(ram: &GuestRam, c: &DirtyChunk, channels: usize) -> usize {
-    let base = ram.regions().get(c.region).map(|r| r.gpa / PAGE_SIZE).unwrap_or(0);
+    let base = ram
+        .regions()
+        .get(c.region)
+        .map(|r| r.gpa / PAGE_SIZE)
+        .unwrap_or(0);
     (((base + c.first_page) / CHUNK_PAGES) % channels as u64) as usize
 }
 
@@ -206,19 +210,27 @@ impl Source {
         let mut buf = Vec::new();
         msg.encode(&mut buf);
         let state = self.state.name();
-        let main = self.main.as_mut().ok_or(MigrateError::Invalid("no main channel".into()))?;
+        let main = self
+            .main
+            .as_mut()
+            .ok_or(MigrateError::Invalid("no main channel".into()))?;
         main.write_all(&buf).map_err(|source| MigrateError::Send {
             channel: "main".into(),
             state,
             source,
         })?;
-        self.progress.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.progress
+            .bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
     fn read_main(&mut self) -> Result<Message, MigrateError> {
         let state = self.state.name();
-        let main = self.main.as_mut().ok_or(MigrateError::Invalid("no main channel".into()))?;
+        let main = self
+            .main
+            .as_mut()
+            .ok_or(MigrateError::Invalid("no main channel".into()))?;
         let mut scratch = Vec::new();
         read_message(main, &mut scratch).map_err(|e| match e {
             ProtoError::Eof => MigrateError::Invalid(format!(
@@ -256,7 +268,10 @@ impl Source {
         // Connect the main channel, then the data channels.
         let main = connect(uri)?;
         let _ = main.set_nodelay();
-        self.streams.push(main.try_clone().map_err(io_err("cloning the main socket"))?);
+        self.streams.push(
+            main.try_clone()
+                .map_err(io_err("cloning the main socket"))?,
+        );
         self.main = Some(main);
         let hello = |role| {
             Message::Hello(Hello {
@@ -278,7 +293,8 @@ impl Source {
                 state: self.state.name(),
                 source,
             })?;
-            self.streams.push(s.try_clone().map_err(io_err("cloning a data socket"))?);
+            self.streams
+                .push(s.try_clone().map_err(io_err("cloning a data socket"))?);
             data.push(s);
         }
 
@@ -358,12 +374,19 @@ impl Source {
             let sync_time = t_sync.elapsed();
             let dirty_bytes = snap.dirty_pages() * PAGE_SIZE;
             let dirty_rate = (dirty_bytes as f64 / dur.as_secs_f64()) as u64;
-            let estimate = Duration::from_secs_f64((dirty_bytes + state_estimate) as f64 / bandwidth)
-                + sync_time
-                + rtt;
-            self.progress.dirty_pages.store(snap.dirty_pages(), Ordering::Relaxed);
-            self.progress.dirty_rate.store(dirty_rate, Ordering::Relaxed);
-            self.progress.bandwidth.store(bandwidth as u64, Ordering::Relaxed);
+            let estimate =
+                Duration::from_secs_f64((dirty_bytes + state_estimate) as f64 / bandwidth)
+                    + sync_time
+                    + rtt;
+            self.progress
+                .dirty_pages
+                .store(snap.dirty_pages(), Ordering::Relaxed);
+            self.progress
+                .dirty_rate
+                .store(dirty_rate, Ordering::Relaxed);
+            self.progress
+                .bandwidth
+                .store(bandwidth as u64, Ordering::Relaxed);
             self.progress
                 .expected_downtime_us
                 .store(estimate.as_micros() as u64, Ordering::Relaxed);
@@ -419,9 +442,15 @@ impl Source {
                     not_shrinking = 0;
                 }
                 if not_shrinking >= 2 && throttle < 99 {
-                    throttle = if throttle == 0 { 20 } else { (throttle + 10).min(99) };
+                    throttle = if throttle == 0 {
+                        20
+                    } else {
+                        (throttle + 10).min(99)
+                    };
                     self.vm.set_throttle(throttle);
-                    self.progress.throttle.store(u64::from(throttle), Ordering::Relaxed);
+                    self.progress
+                        .throttle
+                        .store(u64::from(throttle), Ordering::Relaxed);
                     self.stats.max_throttle_percent = throttle;
                     tracing::info!(throttle, "auto-converge: throttling vCPUs");
                     not_shrinking = 0;
@@ -452,10 +481,11 @@ impl Source {
         self.stats.passes = u64::from(final_pass) + 1;
 
         self.state = State::AwaitLoaded;
-        let load_us = match self.wait_peer(self.params.timeout, "for the destination to load the state")? {
-            Message::Loaded { load_us } => load_us,
-            m => return Err(self.unexpected(&m)),
-        };
+        let load_us =
+            match self.wait_peer(self.params.timeout, "for the destination to load the state")? {
+                Message::Loaded { load_us } => load_us,
+                m => return Err(self.unexpected(&m)),
+            };
         let t_loaded = Instant::now();
 
         // The point of no return: after this the source never resumes the guest itself.
@@ -468,21 +498,22 @@ impl Source {
             ))
         })?;
         self.state = State::AwaitRunning;
-        let resume_us = match self.wait_peer(self.params.timeout, "for the destination to run the guest") {
-            Ok(Message::Running { resume_us }) => resume_us,
-            Ok(m) => {
-                return Err(MigrateError::HandoverUnconfirmed(format!(
-                    "expected Running, got {}; the VM is paused here with its complete state",
-                    m.name()
-                )))
-            }
-            Err(e) => {
-                return Err(MigrateError::HandoverUnconfirmed(format!(
-                    "{e}; the destination has the complete state and was told to run it; the \
+        let resume_us =
+            match self.wait_peer(self.params.timeout, "for the destination to run the guest") {
+                Ok(Message::Running { resume_us }) => resume_us,
+                Ok(m) => {
+                    return Err(MigrateError::HandoverUnconfirmed(format!(
+                        "expected Running, got {}; the VM is paused here with its complete state",
+                        m.name()
+                    )))
+                }
+                Err(e) => {
+                    return Err(MigrateError::HandoverUnconfirmed(format!(
+                        "{e}; the destination has the complete state and was told to run it; the \
                      VM is paused here too"
-                )))
-            }
-        };
+                    )))
+                }
+            };
         let t_running = Instant::now();
         self.state = State::Done;
 
@@ -556,7 +587,10 @@ impl Source {
     }
 
     fn spawn_workers(&mut self, data: Vec<Stream>, tracker: &Arc<DirtyTracker>) {
-        let limiter = self.params.max_bandwidth.map(|r| Arc::new(RateLimiter::new(r)));
+        let limiter = self
+            .params
+            .max_bandwidth
+            .map(|r| Arc::new(RateLimiter::new(r)));
         for (index, stream) in data.into_iter().enumerate() {
             let (tx, rx) = crossbeam_channel::unbounded::<WorkItem>();
             let ctx = WorkerCtx {
@@ -751,7 +785,11 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> MigrateError {
 
 /// Writes one little-endian u64 digest per guest page.
 pub fn write_digests(ram: &GuestRam, path: &std::path::Path) -> Result<(), MigrateError> {
-    let bytes: Vec<u8> = ram.page_digests().iter().flat_map(|d| d.to_le_bytes()).collect();
+    let bytes: Vec<u8> = ram
+        .page_digests()
+        .iter()
+        .flat_map(|d| d.to_le_bytes())
+        .collect();
     std::fs::write(path, bytes).map_err(|source| MigrateError::Io {
         what: format!("writing the memory digest to {}", path.display()),
         source,
@@ -789,7 +827,14 @@ impl WorkerCtx {
         for item in rx.iter() {
             match self.send_pass(&mut stream, &item) {
                 Ok(totals) => {
-                    if self.events.send(Event::Done { pass: item.pass, totals }).is_err() {
+                    if self
+                        .events
+                        .send(Event::Done {
+                            pass: item.pass,
+                            totals,
+                        })
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -824,7 +869,11 @@ impl WorkerCtx {
         let mut pages = 0u64;
         for r in runs.iter() {
             let len = u64::from(r.pages) * PAGE_SIZE;
-            slices.push(self.ram.slice(r.gpa, len as usize).map_err(|e| MigrateError::Invalid(e.to_string()))?);
+            slices.push(
+                self.ram
+                    .slice(r.gpa, len as usize)
+                    .map_err(|e| MigrateError::Invalid(e.to_string()))?,
+            );
             pages += u64::from(r.pages);
         }
         header.clear();
@@ -833,7 +882,8 @@ impl WorkerCtx {
         if let Some(l) = &self.limiter {
             l.take(bytes);
         }
-        iov::write_all_volatile(stream.as_fd(), header, &slices).map_err(self.send_err(item.state))?;
+        iov::write_all_volatile(stream.as_fd(), header, &slices)
+            .map_err(self.send_err(item.state))?;
         totals.bytes += bytes;
         self.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
         self.progress.pages_data.fetch_add(pages, Ordering::Relaxed);
@@ -854,10 +904,14 @@ impl WorkerCtx {
         }
         header.clear();
         encode_zero_header(item.pass, runs, header);
-        stream.write_all(header).map_err(self.send_err(item.state))?;
+        stream
+            .write_all(header)
+            .map_err(self.send_err(item.state))?;
         let pages: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
         totals.bytes += header.len() as u64;
-        self.progress.bytes.fetch_add(header.len() as u64, Ordering::Relaxed);
+        self.progress
+            .bytes
+            .fetch_add(header.len() as u64, Ordering::Relaxed);
         self.progress.pages_zero.fetch_add(pages, Ordering::Relaxed);
         runs.clear();
         Ok(())
@@ -911,9 +965,13 @@ impl WorkerCtx {
             pages: totals.data_pages + totals.zero_pages,
         }
         .encode(&mut header);
-        stream.write_all(&header).map_err(self.send_err(item.state))?;
+        stream
+            .write_all(&header)
+            .map_err(self.send_err(item.state))?;
         totals.bytes += header.len() as u64;
-        self.progress.bytes.fetch_add(header.len() as u64, Ordering::Relaxed);
+        self.progress
+            .bytes
+            .fetch_add(header.len() as u64, Ordering::Relaxed);
         Ok(totals)
     }
 }

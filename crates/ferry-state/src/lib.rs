@@ -182,7 +182,11 @@ impl VcpuState {
         );
         // MSRs one by one so a mismatch names the MSR.
         if self.msrs.len() != other.msrs.len() {
-            out.push(format!("{p}msrs (count {} vs {})", self.msrs.len(), other.msrs.len()));
+            out.push(format!(
+                "{p}msrs (count {} vs {})",
+                self.msrs.len(),
+                other.msrs.len()
+            ));
         } else {
             for (a, b) in self.msrs.iter().zip(&other.msrs) {
                 if a.index != b.index || a.data != b.data {
@@ -211,7 +215,13 @@ impl MachineState {
         for (a, b) in self.vcpus.iter().zip(&other.vcpus) {
             out.extend(a.diff(b));
         }
-        diff_fields!(out, "vm.", self.vm, other.vm, [pic_master, pic_slave, ioapic, pit, clock]);
+        diff_fields!(
+            out,
+            "vm.",
+            self.vm,
+            other.vm,
+            [pic_master, pic_slave, ioapic, pit, clock]
+        );
         diff_fields!(out, "devices.", self.devices, other.devices, [serial, dma]);
         out
     }
@@ -267,9 +277,11 @@ pub(crate) mod tests {
     use super::*;
 
     pub fn sample() -> MachineState {
-        let mut regs = kvm_regs::default();
-        regs.rip = 0x100000;
-        regs.rax = 0x2BAD_B002;
+        let regs = kvm_regs {
+            rip: 0x100000,
+            rax: 0x2BAD_B002,
+            ..Default::default()
+        };
         let vcpu = VcpuState {
             id: 0,
             cpuid: vec![kvm_cpuid_entry2 {
@@ -334,7 +346,10 @@ pub(crate) mod tests {
         ));
         let mut bad = bytes.clone();
         bad[0] = b'X';
-        assert!(matches!(MachineState::decode(&bad), Err(StateError::BadMagic)));
+        assert!(matches!(
+            MachineState::decode(&bad),
+            Err(StateError::BadMagic)
+        ));
         let mut v2 = bytes.clone();
         v2[8] = 2;
         let err = MachineState::decode(&v2).unwrap_err();

@@ -135,10 +135,11 @@ impl SnapshotHeader {
 
     /// Writes the header at the current position of `w`.
     pub fn write_to<W: Write>(&self, w: &mut W) -> Result<(), SnapshotError> {
-        w.write_all(&self.encode()).map_err(|source| SnapshotError::Io {
-            what: "writing the header",
-            source,
-        })
+        w.write_all(&self.encode())
+            .map_err(|source| SnapshotError::Io {
+                what: "writing the header",
+                source,
+            })
     }
 
     /// Reads and validates a header from a file of `file_len` bytes.

@@ -66,7 +66,10 @@ pub fn write_all_volatile<B: BitmapSlice>(
             return Err(err);
         }
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "writev wrote 0 bytes"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "writev wrote 0 bytes",
+            ));
         }
         advance(&mut iovs, n as usize);
     }
@@ -79,7 +82,10 @@ pub fn read_exact_volatile<B: BitmapSlice>(
     fd: BorrowedFd<'_>,
     slices: &[VolatileSlice<'_, B>],
 ) -> io::Result<()> {
-    let guards: Vec<_> = slices.iter().map(|s| (s.ptr_guard_mut(), s.len())).collect();
+    let guards: Vec<_> = slices
+        .iter()
+        .map(|s| (s.ptr_guard_mut(), s.len()))
+        .collect();
     let mut iovs: Vec<libc::iovec> = guards
         .iter()
         .filter(|(_, len)| *len > 0)
@@ -119,7 +125,7 @@ pub fn is_zero<B: BitmapSlice>(slice: &VolatileSlice<'_, B>) -> bool {
     let len = slice.len();
     let words = len / 8;
     let base = ptr as usize;
-    if base % 8 != 0 {
+    if !base.is_multiple_of(8) {
         return (0..len).all(|i| {
             // SAFETY: i < len, inside the slice's mapped memory.
             unsafe { ptr.add(i).read_volatile() == 0 }
@@ -163,7 +169,7 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
-    use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
     #[test]
     fn round_trip_through_socket() {
@@ -172,14 +178,15 @@ mod tests {
         let dst: GuestMemoryMmap<()> =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * 4096)]).unwrap();
         for p in 0..64u64 {
-            src.write_obj(p * 7 + 1, GuestAddress(p * 4096 + 8)).unwrap();
+            src.write_obj(p * 7 + 1, GuestAddress(p * 4096 + 8))
+                .unwrap();
         }
         let (a, b) = UnixStream::pair().unwrap();
-        let slices: Vec<_> = (0..64u64)
-            .step_by(2)
-            .map(|p| src.get_slice(GuestAddress(p * 4096), 4096).unwrap())
-            .collect();
         let writer = std::thread::spawn(move || {
+            let slices: Vec<_> = (0..64u64)
+                .step_by(2)
+                .map(|p| src.get_slice(GuestAddress(p * 4096), 4096).unwrap())
+                .collect();
             write_all_volatile(a.as_fd(), b"HDR!", &slices).unwrap();
         });
         let mut hdr = [0u8; 4];
@@ -197,7 +204,9 @@ mod tests {
         }
         assert!(!is_zero(&dst.get_slice(GuestAddress(0), 4096).unwrap()));
         assert!(is_zero(&dst.get_slice(GuestAddress(4096), 4096).unwrap()));
-        assert!(is_zero(&dst.get_slice(GuestAddress(4096 + 8), 100).unwrap()));
+        assert!(is_zero(
+            &dst.get_slice(GuestAddress(4096 + 8), 100).unwrap()
+        ));
     }
 
     #[test]

@@ -143,7 +143,7 @@ impl<B: Bitmap> Vm<B> {
         log_dirty: bool,
     ) -> Result<SlotInfo, KvmError> {
         let size = backing.size() as u64;
-        if size == 0 || size % PAGE_SIZE != 0 || gpa % PAGE_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) || !gpa.is_multiple_of(PAGE_SIZE) {
             return Err(KvmError::Invalid {
                 op: "KVM_SET_USER_MEMORY_REGION",
                 detail: format!("slot {slot}: gpa {gpa:#x} size {size:#x} not page aligned"),
@@ -273,9 +273,11 @@ impl<B: Bitmap> Vm<B> {
     ) -> Result<(), KvmError> {
         let info = self.slot_info(slot)?;
         let end = first_page.checked_add(u64::from(num_pages));
-        let valid = first_page % 64 == 0
+        let valid = first_page.is_multiple_of(64)
             && num_pages > 0
-            && end.is_some_and(|e| e <= info.pages() && (num_pages % 64 == 0 || e == info.pages()))
+            && end.is_some_and(|e| {
+                e <= info.pages() && (num_pages.is_multiple_of(64) || e == info.pages())
+            })
             && bitmap.len() as u64 >= u64::from(num_pages).div_ceil(64);
         if !valid {
             return Err(KvmError::Invalid {
@@ -331,7 +333,9 @@ impl<B: Bitmap> Drop for Vm<B> {
 /// The XSAVE area size this host's KVM uses (`KVM_CAP_XSAVE2`), at least 4096.
 pub fn xsave_size(vm: &VmFd) -> usize {
     let n = vm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_XSAVE2));
-    usize::try_from(n).unwrap_or(0).max(std::mem::size_of::<kvm_bindings::kvm_xsave>())
+    usize::try_from(n)
+        .unwrap_or(0)
+        .max(std::mem::size_of::<kvm_bindings::kvm_xsave>())
 }
 
 /// `KVM_SET_XSAVE` with the fixed 4 KiB area, refused on hosts whose XSAVE state is larger

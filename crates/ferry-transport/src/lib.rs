@@ -61,7 +61,8 @@ impl std::str::FromStr for Uri {
             if host.is_empty() {
                 return Err(bad("empty host"));
             }
-            port.parse::<u16>().map_err(|_| bad("port is not a number 0-65535"))?;
+            port.parse::<u16>()
+                .map_err(|_| bad("port is not a number 0-65535"))?;
             Ok(Uri::Tcp(addr.to_string()))
         } else if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
@@ -189,7 +190,10 @@ impl Listener {
             source,
         };
         match uri {
-            Uri::Tcp(addr) => Ok(Listener::Tcp(TcpListener::bind(addr).map_err(err)?, uri.clone())),
+            Uri::Tcp(addr) => Ok(Listener::Tcp(
+                TcpListener::bind(addr).map_err(err)?,
+                uri.clone(),
+            )),
             Uri::Unix(path) => {
                 if std::fs::symlink_metadata(path)
                     .map(|m| {
@@ -261,10 +265,26 @@ mod tests {
 
     #[test]
     fn parses_uris() {
-        assert_eq!("tcp:127.0.0.1:4444".parse::<Uri>().unwrap(), Uri::Tcp("127.0.0.1:4444".into()));
-        assert_eq!("tcp:[::1]:80".parse::<Uri>().unwrap(), Uri::Tcp("[::1]:80".into()));
-        assert_eq!("unix:/tmp/x".parse::<Uri>().unwrap(), Uri::Unix("/tmp/x".into()));
-        for bad in ["tcp:1.2.3.4", "tcp::80", "tcp:h:99999", "udp:h:1", "unix:", "/tmp/x"] {
+        assert_eq!(
+            "tcp:127.0.0.1:4444".parse::<Uri>().unwrap(),
+            Uri::Tcp("127.0.0.1:4444".into())
+        );
+        assert_eq!(
+            "tcp:[::1]:80".parse::<Uri>().unwrap(),
+            Uri::Tcp("[::1]:80".into())
+        );
+        assert_eq!(
+            "unix:/tmp/x".parse::<Uri>().unwrap(),
+            Uri::Unix("/tmp/x".into())
+        );
+        for bad in [
+            "tcp:1.2.3.4",
+            "tcp::80",
+            "tcp:h:99999",
+            "udp:h:1",
+            "unix:",
+            "/tmp/x",
+        ] {
             let e = bad.parse::<Uri>().unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }

@@ -97,7 +97,9 @@ fn write_line(w: &Mutex<UnixStream>, v: &Value) -> std::io::Result<()> {
 }
 
 fn connection(conn: UnixStream, vmm: Arc<Vmm>) {
-    let Ok(read_half) = conn.try_clone() else { return };
+    let Ok(read_half) = conn.try_clone() else {
+        return;
+    };
     let writer = Arc::new(Mutex::new(conn));
     for line in BufReader::new(read_half).lines() {
         let Ok(line) = line else { return };
@@ -126,7 +128,8 @@ fn connection(conn: UnixStream, vmm: Arc<Vmm>) {
 
 /// A successful migration ends this process, but only after the client got the result.
 fn after_reply(v: &Value) -> Option<Event> {
-    (v["ok"] == json!(true) && v["result"]["status"] == json!("completed")).then_some(Event::MigratedAway)
+    (v["ok"] == json!(true) && v["result"]["status"] == json!("completed"))
+        .then_some(Event::MigratedAway)
 }
 
 fn handle(req: Request, vmm: &Arc<Vmm>, writer: &Arc<Mutex<UnixStream>>) -> Result<Value, String> {
@@ -145,7 +148,11 @@ fn handle(req: Request, vmm: &Arc<Vmm>, writer: &Arc<Mutex<UnixStream>>) -> Resu
                 .unwrap_or_else(|e| e.into_inner())
                 .as_ref()
                 .map(|(p, _)| p.clone());
-            let incoming = vmm.incoming.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let incoming = vmm
+                .incoming
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             Ok(json!({
                 "state": if vm.is_paused() { "paused" } else { "running" },
                 "vcpus": cfg.vcpus,
@@ -174,7 +181,12 @@ fn handle(req: Request, vmm: &Arc<Vmm>, writer: &Arc<Mutex<UnixStream>>) -> Resu
         Request::MigrateCancel => {
             let m = vmm.migration.lock().unwrap_or_else(|e| e.into_inner());
             match m.as_ref() {
-                Some((p, c)) if matches!(p.status(), Status::Setup | Status::Active | Status::Switchover) => {
+                Some((p, c))
+                    if matches!(
+                        p.status(),
+                        Status::Setup | Status::Active | Status::Switchover
+                    ) =>
+                {
                     c.cancel();
                     Ok(json!({}))
                 }
@@ -189,7 +201,9 @@ fn handle(req: Request, vmm: &Arc<Vmm>, writer: &Arc<Mutex<UnixStream>>) -> Resu
             auto_converge,
             digest_file,
         } => {
-            let uri: Uri = uri.parse().map_err(|e: ferry_transport::TransportError| e.to_string())?;
+            let uri: Uri = uri
+                .parse()
+                .map_err(|e: ferry_transport::TransportError| e.to_string())?;
             let defaults = SendParams::default();
             let params = SendParams {
                 channels: channels.unwrap_or(defaults.channels),
@@ -209,7 +223,10 @@ fn handle(req: Request, vmm: &Arc<Vmm>, writer: &Arc<Mutex<UnixStream>>) -> Resu
             {
                 let mut m = vmm.migration.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some((p, _)) = m.as_ref() {
-                    if matches!(p.status(), Status::Setup | Status::Active | Status::Switchover) {
+                    if matches!(
+                        p.status(),
+                        Status::Setup | Status::Active | Status::Switchover
+                    ) {
                         return Err("a migration is already running".into());
                     }
                     if p.status() == Status::Completed {
@@ -234,7 +251,13 @@ fn handle(req: Request, vmm: &Arc<Vmm>, writer: &Arc<Mutex<UnixStream>>) -> Resu
                     }
                 })
             };
-            let result = migrate(Arc::new(Migratable(vm.clone())), &uri, &params, progress, cancel);
+            let result = migrate(
+                Arc::new(Migratable(vm.clone())),
+                &uri,
+                &params,
+                progress,
+                cancel,
+            );
             done.store(true, Ordering::SeqCst);
             let _ = ticker.join();
             result

@@ -101,7 +101,12 @@ impl MigrationSource for Migratable {
     }
 
     fn save_state(&self) -> Result<Vec<StateSection>, VmError> {
-        let data = self.0.save_state().map_err(vm_err)?.encode().map_err(vm_err)?;
+        let data = self
+            .0
+            .save_state()
+            .map_err(vm_err)?
+            .encode()
+            .map_err(vm_err)?;
         Ok(vec![StateSection {
             name: MACHINE_SECTION.into(),
             data,
@@ -116,7 +121,10 @@ impl MigrationTarget for Migratable {
         // show vCPUs more than KVM_GET_SUPPORTED_CPUID lists).
         let mut cpuid = vcpu_cpuid(self.0.supported_cpuid(), 0, self.0.config().vcpus);
         for g in self.0.guest_cpuid() {
-            match cpuid.iter_mut().find(|e| e.function == g.function && e.index == g.index) {
+            match cpuid
+                .iter_mut()
+                .find(|e| e.function == g.function && e.index == g.index)
+            {
                 Some(e) => {
                     e.eax |= g.eax;
                     e.ebx |= g.ebx;

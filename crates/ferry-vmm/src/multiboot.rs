@@ -83,7 +83,8 @@ fn u32_at(b: &[u8], off: usize) -> Option<u32> {
 }
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    b.get(off..off + 2).map(|s| u16::from_le_bytes([s[0], s[1]]))
+    b.get(off..off + 2)
+        .map(|s| u16::from_le_bytes([s[0], s[1]]))
 }
 
 /// The multiboot header: offset in the file and flags.
@@ -186,14 +187,17 @@ fn load_elf32(image: &[u8]) -> Result<(Vec<Segment>, u32), MultibootError> {
     if image.get(5) != Some(&1) {
         return Err(bad("not little-endian"));
     }
-    let machine = u16_at(image, 18).ok_or_else(|| MultibootError::Truncated("ELF header".into()))?;
+    let machine =
+        u16_at(image, 18).ok_or_else(|| MultibootError::Truncated("ELF header".into()))?;
     if machine != 3 {
         return Err(bad(&format!("machine {machine} is not x86 (EM_386 = 3)")));
     }
-    let hdr = |off| u32_at(image, off).ok_or_else(|| MultibootError::Truncated("ELF header".into()));
+    let hdr =
+        |off| u32_at(image, off).ok_or_else(|| MultibootError::Truncated("ELF header".into()));
     let entry = hdr(24)?;
     let phoff = hdr(28)? as usize;
-    let phentsize = u16_at(image, 42).ok_or_else(|| MultibootError::Truncated("ELF header".into()))?;
+    let phentsize =
+        u16_at(image, 42).ok_or_else(|| MultibootError::Truncated("ELF header".into()))?;
     let phnum = u16_at(image, 44).ok_or_else(|| MultibootError::Truncated("ELF header".into()))?;
     if phentsize < 32 {
         return Err(bad(&format!("program header size {phentsize} < 32")));
@@ -206,7 +210,9 @@ fn load_elf32(image: &[u8]) -> Result<(Vec<Segment>, u32), MultibootError> {
             .ok_or_else(|| bad("program header offset overflows"))?;
         let ph = |field: usize| {
             u32_at(image, base + field).ok_or_else(|| {
-                MultibootError::Truncated(format!("program header {i} lies past the end of the file"))
+                MultibootError::Truncated(format!(
+                    "program header {i} lies past the end of the file"
+                ))
             })
         };
         if ph(0)? != 1 {
@@ -217,7 +223,9 @@ fn load_elf32(image: &[u8]) -> Result<(Vec<Segment>, u32), MultibootError> {
             continue;
         }
         if filesz > memsz {
-            return Err(bad(&format!("segment {i}: file size {filesz} > memory size {memsz}")));
+            return Err(bad(&format!(
+                "segment {i}: file size {filesz} > memory size {memsz}"
+            )));
         }
         let start = offset as usize;
         let end = start
@@ -298,11 +306,7 @@ pub fn plan(image: &[u8], ram: &[RamRange], cmdline: &str) -> Result<LoadPlan, M
 
 fn build_info(addr: u64, ram: &[RamRange], cmdline: &str) -> Segment {
     const INFO_LEN: usize = 128; // struct (116 bytes with framebuffer fields), padded
-    let low_end = ram
-        .iter()
-        .find(|r| r.0 == 0)
-        .map(|r| r.1)
-        .unwrap_or(0);
+    let low_end = ram.iter().find(|r| r.0 == 0).map(|r| r.1).unwrap_or(0);
     let mem_lower: u32 = 639;
     let mem_upper = u32::try_from(low_end.saturating_sub(1 << 20) / 1024).unwrap_or(u32::MAX);
 
@@ -384,7 +388,11 @@ mod tests {
             let p = plan(img, RAM, "img ws=1M").unwrap();
             assert!(p.entry >= 0x10_0000);
             assert!(p.info_addr as u64 >= p.segments[0].gpa);
-            let total: u64 = p.segments.iter().map(|s| s.data.len() as u64 + s.zero).sum();
+            let total: u64 = p
+                .segments
+                .iter()
+                .map(|s| s.data.len() as u64 + s.zero)
+                .sum();
             assert!(total > 1 << 20, "bss included");
             // cmdline is there
             let info = &p.info.data;
@@ -416,8 +424,14 @@ mod tests {
 
     #[test]
     fn rejects_garbage_and_truncation() {
-        assert_eq!(plan(b"hello world, not an image", RAM, ""), Err(MultibootError::NoHeader));
-        assert_eq!(plan(&[0u8; 100_000], RAM, ""), Err(MultibootError::NoHeader));
+        assert_eq!(
+            plan(b"hello world, not an image", RAM, ""),
+            Err(MultibootError::NoHeader)
+        );
+        assert_eq!(
+            plan(&[0u8; 100_000], RAM, ""),
+            Err(MultibootError::NoHeader)
+        );
         let elf = ferry_guest::WORKLOAD_ELF;
         // Cut inside the loadable data.
         let err = plan(&elf[..elf.len() / 2], RAM, "").unwrap_err();

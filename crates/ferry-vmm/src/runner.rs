@@ -60,7 +60,9 @@ impl std::str::FromStr for SerialConfig {
             "null" => Ok(SerialConfig::Null),
             _ => match s.strip_prefix("file:") {
                 Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
-                _ => Err(format!("bad --serial '{s}' (expected stdout, file:PATH or null)")),
+                _ => Err(format!(
+                    "bad --serial '{s}' (expected stdout, file:PATH or null)"
+                )),
             },
         }
     }
@@ -128,7 +130,11 @@ pub struct Vmm {
 
 impl Vmm {
     pub(crate) fn send(&self, e: Event) {
-        let _ = self.events.lock().unwrap_or_else(|p| p.into_inner()).send(e);
+        let _ = self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(e);
     }
 
     /// The VM.
@@ -160,13 +166,16 @@ pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Ou
     let mut prepared = None;
     let vm = match &cfg.boot {
         Boot::Kernel { path, append } => {
-            let image = std::fs::read(path)
-                .map_err(|e| RunError::Setup(format!("cannot read image {}: {e}", path.display())))?;
+            let image = std::fs::read(path).map_err(|e| {
+                RunError::Setup(format!("cannot read image {}: {e}", path.display()))
+            })?;
             let vm = Vm::create(vm_config, serial)?;
             vm.boot(&image, &path.display().to_string(), append)?;
             vm
         }
-        Boot::Restore { path } => Vm::from_snapshot(path, cfg.memory.backend, cfg.memory.thp, serial)?,
+        Boot::Restore { path } => {
+            Vm::from_snapshot(path, cfg.memory.backend, cfg.memory.thp, serial)?
+        }
         Boot::Incoming { uri, params } => {
             // Refuse a preparation this machine cannot do before anything is received.
             if let Some(kind) = params.prepare.kind() {
@@ -177,8 +186,13 @@ pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Ou
             listener = Some(Listener::bind(uri).map_err(|e| RunError::Setup(e.to_string()))?);
             // The layout is known now, so preparation starts now: everything it does before
             // the source connects is off the migration's critical path entirely.
-            prepared = start_prepare(vm.ram(), params.prepare, params.prepare_threads, params.prepare_nice)
-                .map_err(|e| RunError::Setup(e.to_string()))?;
+            prepared = start_prepare(
+                vm.ram(),
+                params.prepare,
+                params.prepare_threads,
+                params.prepare_nice,
+            )
+            .map_err(|e| RunError::Setup(e.to_string()))?;
             vm
         }
     };
@@ -192,10 +206,15 @@ pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Ou
     });
     let vcpu_tx = Mutex::new(tx);
     vm.start(Arc::new(move |e| {
-        let _ = vcpu_tx.lock().unwrap_or_else(|p| p.into_inner()).send(Event::Vcpu(e));
+        let _ = vcpu_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(Event::Vcpu(e));
     }))?;
     let _api = match &cfg.api_socket {
-        Some(path) => Some(api::serve(path, vmm.clone()).map_err(|e| RunError::Setup(e.to_string()))?),
+        Some(path) => {
+            Some(api::serve(path, vmm.clone()).map_err(|e| RunError::Setup(e.to_string()))?)
+        }
         None => None,
     };
 
@@ -222,15 +241,12 @@ pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Ou
         vm.resume();
     }
 
-    let outcome = loop {
-        match rx.recv() {
-            Ok(Event::Vcpu(VcpuEvent::Stopped { reason, error, .. })) => {
-                break Outcome::GuestStopped { reason, error }
-            }
-            Ok(Event::Quit) => break Outcome::Quit,
-            Ok(Event::MigratedAway) => break Outcome::MigratedAway,
-            Err(_) => break Outcome::Quit,
+    let outcome = match rx.recv() {
+        Ok(Event::Vcpu(VcpuEvent::Stopped { reason, error, .. })) => {
+            Outcome::GuestStopped { reason, error }
         }
+        Ok(Event::Quit) | Err(_) => Outcome::Quit,
+        Ok(Event::MigratedAway) => Outcome::MigratedAway,
     };
     vm.shutdown();
     Ok(outcome)

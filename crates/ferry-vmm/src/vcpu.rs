@@ -175,7 +175,11 @@ impl VcpuManager {
         while st.parked < st.threads {
             let now = Instant::now();
             if now >= deadline {
-                return Err(VcpuError::PauseTimeout(PAUSE_TIMEOUT, st.parked, st.threads));
+                return Err(VcpuError::PauseTimeout(
+                    PAUSE_TIMEOUT,
+                    st.parked,
+                    st.threads,
+                ));
             }
             st = self
                 .ctl
@@ -207,7 +211,10 @@ impl VcpuManager {
         }
         // A ticker kicks the vCPUs every slice so each gets out of KVM_RUN to sleep its share,
         // even a guest that never exits on its own.
-        let mut slot = self.throttle_thread.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self
+            .throttle_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if slot.as_ref().is_some_and(|h| !h.is_finished()) {
             return; // the running ticker sees the new value
         }
@@ -235,7 +242,12 @@ impl VcpuManager {
     /// Stops and joins every vCPU thread.
     pub fn shutdown(&self) {
         self.throttle.store(0, Ordering::SeqCst);
-        if let Some(h) = self.throttle_thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(h) = self
+            .throttle_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             let _ = h.join();
         }
         {
@@ -300,7 +312,11 @@ fn vcpu_thread(
                 if now >= until {
                     break;
                 }
-                st = ctl.cv.wait_timeout(st, until - now).unwrap_or_else(|e| e.into_inner()).0;
+                st = ctl
+                    .cv
+                    .wait_timeout(st, until - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
             drop(st);
             last_throttle = Instant::now();
@@ -330,9 +346,10 @@ fn vcpu_thread(
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 Some((format!("guest requested system event {kind}"), false))
             }
-            Ok(VcpuExit::InternalError) => {
-                Some(("KVM internal error (instruction emulation failed)".to_string(), true))
-            }
+            Ok(VcpuExit::InternalError) => Some((
+                "KVM internal error (instruction emulation failed)".to_string(),
+                true,
+            )),
             Ok(VcpuExit::FailEntry(reason, cpu)) => Some((
                 format!("VM entry failed (hardware reason {reason:#x} on cpu {cpu})"),
                 true,
@@ -368,11 +385,7 @@ pub fn readable_msrs(fd: &VcpuFd, msr_list: &[u32]) -> Vec<u32> {
     let mut ok = Vec::with_capacity(msr_list.len());
     let mut pending: Vec<u32> = msr_list.to_vec();
     while !pending.is_empty() {
-        let chunk: Vec<u32> = pending
-            .iter()
-            .take(KVM_MAX_MSR_ENTRIES)
-            .copied()
-            .collect();
+        let chunk: Vec<u32> = pending.iter().take(KVM_MAX_MSR_ENTRIES).copied().collect();
         let entries: Vec<kvm_msr_entry> = chunk
             .iter()
             .map(|&index| kvm_msr_entry {
@@ -393,14 +406,21 @@ pub fn readable_msrs(fd: &VcpuFd, msr_list: &[u32]) -> Vec<u32> {
 }
 
 /// Saves vCPU `id`'s state. The vCPU must not be running.
-pub fn save_vcpu(fd: &VcpuFd, id: u32, msr_list: &[u32], cpuid_entries: usize) -> Result<VcpuState, VcpuError> {
+pub fn save_vcpu(
+    fd: &VcpuFd,
+    id: u32,
+    msr_list: &[u32],
+    cpuid_entries: usize,
+) -> Result<VcpuState, VcpuError> {
     // Order matters; see the crate docs of ferry-state.
     let mp_state = fd.get_mp_state().map_err(kvm_err(id, "KVM_GET_MP_STATE"))?;
     let regs = fd.get_regs().map_err(kvm_err(id, "KVM_GET_REGS"))?;
     let sregs = fd.get_sregs().map_err(kvm_err(id, "KVM_GET_SREGS"))?;
     let xsave = fd.get_xsave().map_err(kvm_err(id, "KVM_GET_XSAVE"))?;
     let xcrs = fd.get_xcrs().map_err(kvm_err(id, "KVM_GET_XCRS"))?;
-    let debugregs = fd.get_debug_regs().map_err(kvm_err(id, "KVM_GET_DEBUGREGS"))?;
+    let debugregs = fd
+        .get_debug_regs()
+        .map_err(kvm_err(id, "KVM_GET_DEBUGREGS"))?;
     let lapic = fd.get_lapic().map_err(kvm_err(id, "KVM_GET_LAPIC"))?;
     let tsc_khz = fd.get_tsc_khz().ok();
     let cpuid = fd
@@ -430,7 +450,9 @@ pub fn save_vcpu(fd: &VcpuFd, id: u32, msr_list: &[u32], cpuid_entries: usize) -
         }
         msrs.extend_from_slice(m.as_slice());
     }
-    let events = fd.get_vcpu_events().map_err(kvm_err(id, "KVM_GET_VCPU_EVENTS"))?;
+    let events = fd
+        .get_vcpu_events()
+        .map_err(kvm_err(id, "KVM_GET_VCPU_EVENTS"))?;
     Ok(VcpuState {
         id,
         cpuid,
@@ -464,7 +486,8 @@ pub fn restore_vcpu(vm: &VmFd, fd: &VcpuFd, s: &VcpuState) -> Result<(), VcpuErr
         vcpu: id,
         detail: format!("CPUID of {} entries: {e:?}", s.cpuid.len()),
     })?;
-    fd.set_cpuid2(&cpuid).map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
+    fd.set_cpuid2(&cpuid)
+        .map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
     for chunk in s.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
         let m = Msrs::from_entries(chunk).map_err(|e| VcpuError::Other {
             vcpu: id,
@@ -478,7 +501,8 @@ pub fn restore_vcpu(vm: &VmFd, fd: &VcpuFd, s: &VcpuState) -> Result<(), VcpuErr
             });
         }
     }
-    fd.set_sregs(&s.sregs).map_err(kvm_err(id, "KVM_SET_SREGS"))?;
+    fd.set_sregs(&s.sregs)
+        .map_err(kvm_err(id, "KVM_SET_SREGS"))?;
     fd.set_regs(&s.regs).map_err(kvm_err(id, "KVM_SET_REGS"))?;
     ferry_sys::kvm::set_xsave(vm, fd, &s.xsave).map_err(|e| VcpuError::Other {
         vcpu: id,
@@ -487,7 +511,8 @@ pub fn restore_vcpu(vm: &VmFd, fd: &VcpuFd, s: &VcpuState) -> Result<(), VcpuErr
     fd.set_xcrs(&s.xcrs).map_err(kvm_err(id, "KVM_SET_XCRS"))?;
     fd.set_debug_regs(&s.debugregs)
         .map_err(kvm_err(id, "KVM_SET_DEBUGREGS"))?;
-    fd.set_lapic(&s.lapic).map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
+    fd.set_lapic(&s.lapic)
+        .map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
     fd.set_mp_state(s.mp_state)
         .map_err(kvm_err(id, "KVM_SET_MP_STATE"))?;
     fd.set_vcpu_events(&s.events)

@@ -115,7 +115,11 @@ fn lapic_reg(lapic: &kvm_bindings::kvm_lapic_state, offset: usize) -> u32 {
 }
 
 /// CPUID for vCPU `id` of `count`: APIC IDs, logical CPU count, hypervisor bit.
-pub(crate) fn vcpu_cpuid(base: &[kvm_bindings::kvm_cpuid_entry2], id: u32, count: u32) -> Vec<kvm_bindings::kvm_cpuid_entry2> {
+pub(crate) fn vcpu_cpuid(
+    base: &[kvm_bindings::kvm_cpuid_entry2],
+    id: u32,
+    count: u32,
+) -> Vec<kvm_bindings::kvm_cpuid_entry2> {
     base.iter()
         .map(|e| {
             let mut e = *e;
@@ -252,7 +256,10 @@ impl Vm {
 
     /// The CPUID vCPU 0 has (as KVM reports it back).
     pub fn guest_cpuid(&self) -> Vec<kvm_bindings::kvm_cpuid_entry2> {
-        self.guest_cpuid.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.guest_cpuid
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The MSRs saved per vCPU.
@@ -331,7 +338,9 @@ impl Vm {
         for i in 0..self.vcpus.count() {
             let s = self
                 .vcpus
-                .with_fd(i, |fd| vcpu::save_vcpu(fd, i as u32, &self.msrs, KVM_MAX_CPUID_ENTRIES))
+                .with_fd(i, |fd| {
+                    vcpu::save_vcpu(fd, i as u32, &self.msrs, KVM_MAX_CPUID_ENTRIES)
+                })
                 .ok_or_else(|| VmError::Config(format!("no vCPU {i}")))??;
             vcpus.push(s);
         }
@@ -401,7 +410,10 @@ impl Vm {
             fd.set_irqchip(chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
         }
         self.devices.set_state(&s.devices);
-        if let Some(Ok(c)) = self.vcpus.with_fd(0, |fd| fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES)) {
+        if let Some(Ok(c)) = self
+            .vcpus
+            .with_fd(0, |fd| fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES))
+        {
             *self.guest_cpuid.lock().unwrap_or_else(|e| e.into_inner()) = c.as_slice().to_vec();
         }
         // Guest time continues from the saved value, like the TSC restored through its MSR.
@@ -543,7 +555,10 @@ fn write_nonzero_pages(file: &File, chunk: &[u8], file_offset: u64) -> std::io::
     let mut run_start: Option<usize> = None;
     let pages = chunk.len().div_ceil(page);
     for p in 0..=pages {
-        let nonzero = p < pages && chunk[p * page..((p + 1) * page).min(chunk.len())].iter().any(|b| *b != 0);
+        let nonzero = p < pages
+            && chunk[p * page..((p + 1) * page).min(chunk.len())]
+                .iter()
+                .any(|b| *b != 0);
         match (nonzero, run_start) {
             (true, None) => run_start = Some(p),
             (false, Some(s)) => {
@@ -649,7 +664,13 @@ impl DirtyLogBackend for KvmDirtyLog {
             .map_err(|e| DirtyError::Backend(e.to_string()))
     }
 
-    fn clear(&self, region: usize, first_page: u64, num_pages: u32, bitmap: &[u64]) -> Result<(), DirtyError> {
+    fn clear(
+        &self,
+        region: usize,
+        first_page: u64,
+        num_pages: u32,
+        bitmap: &[u64],
+    ) -> Result<(), DirtyError> {
         if !self.manual {
             return Ok(());
         }

@@ -12,7 +12,8 @@ fn run_workload(vcpus: u32, image: &'static [u8], append: &str) {
     let (path, sink) = serial_file(dir.path(), "serial.txt");
     let vm = std::sync::Arc::new(ferry_vmm::vm::Vm::create(config(64, vcpus), sink).unwrap());
     vm.boot(image, "workload", append).unwrap();
-    vm.start(std::sync::Arc::new(|e| panic!("vcpu event: {e:?}"))).unwrap();
+    vm.start(std::sync::Arc::new(|e| panic!("vcpu event: {e:?}")))
+        .unwrap();
     vm.resume();
     wait_for(&path, Duration::from_secs(20), "ready", |l| {
         l.iter().any(|l| matches!(l, GuestLine::Ready { .. }))

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::*;
 use ferry_guest::GuestLine;
-use ferry_vmm::devices::SerialSink;
 use ferry_state::MachineState;
+use ferry_vmm::devices::SerialSink;
 use ferry_vmm::vm::Vm;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -25,8 +25,14 @@ fn copy_memory(from: &Vm, to: &Vm) {
         let mut off = 0;
         while off < r.size {
             let n = (r.size - off).min(buf.len() as u64) as usize;
-            from.ram().mem().read_slice(&mut buf[..n], GuestAddress(r.gpa + off)).unwrap();
-            to.ram().mem().write_slice(&buf[..n], GuestAddress(r.gpa + off)).unwrap();
+            from.ram()
+                .mem()
+                .read_slice(&mut buf[..n], GuestAddress(r.gpa + off))
+                .unwrap();
+            to.ram()
+                .mem()
+                .write_slice(&buf[..n], GuestAddress(r.gpa + off))
+                .unwrap();
             off += n as u64;
         }
     }
@@ -39,10 +45,14 @@ fn copy_memory(from: &Vm, to: &Vm) {
 fn assert_state_equal(saved: &MachineState, back: &MachineState, elapsed_ns: u64) {
     let mut diff = saved.diff(back);
     for (a, b) in saved.vcpus.iter().zip(&back.vcpus) {
-        let tsc = |s: &ferry_state::VcpuState| s.msrs.iter().find(|m| m.index == 0x10).map(|m| m.data);
+        let tsc =
+            |s: &ferry_state::VcpuState| s.msrs.iter().find(|m| m.index == 0x10).map(|m| m.data);
         let (ta, tb) = (tsc(a).unwrap(), tsc(b).unwrap());
         let khz = u64::from(a.tsc_khz.unwrap_or(4_000_000));
-        assert!(tb >= ta && tb - ta <= elapsed_ns * khz / 1_000_000 * 2, "TSC {ta} -> {tb}");
+        assert!(
+            tb >= ta && tb - ta <= elapsed_ns * khz / 1_000_000 * 2,
+            "TSC {ta} -> {tb}"
+        );
         diff.retain(|d| d != &format!("vcpu{}.msr[0x10]", a.id));
     }
     let (ca, cb) = (saved.vm.clock.clock, back.vm.clock.clock);
@@ -86,13 +96,26 @@ fn state_restores_field_by_field() {
     b.resume();
     std::thread::sleep(Duration::from_millis(100));
     let before = std::fs::read_to_string(&path_b).unwrap().len();
-    wait_for(&path_b, Duration::from_secs(20), "status lines after restore", |l| {
-        l.iter().filter(|l| matches!(l, GuestLine::Status { .. })).count() >= 2
-    });
+    wait_for(
+        &path_b,
+        Duration::from_secs(20),
+        "status lines after restore",
+        |l| {
+            l.iter()
+                .filter(|l| matches!(l, GuestLine::Status { .. }))
+                .count()
+                >= 2
+        },
+    );
     b.shutdown();
     assert!(fails(&path_b).is_empty(), "{:?}", fails(&path_b));
     assert!(std::fs::read_to_string(&path_b).unwrap().len() > before);
-    assert!(lines(&path_b).iter().all(|l| !matches!(l, GuestLine::Boot { .. })), "no reboot");
+    assert!(
+        lines(&path_b)
+            .iter()
+            .all(|l| !matches!(l, GuestLine::Boot { .. })),
+        "no reboot"
+    );
 }
 
 #[test]
@@ -112,20 +135,38 @@ fn snapshot_file_round_trip_and_bad_files() {
     let (path_b, sink_b) = serial_file(dir.path(), "b.txt");
     let b = Vm::from_snapshot(&snap, Backend::Anonymous, false, sink_b).unwrap();
     let file_len = std::fs::metadata(&snap).unwrap().len();
-    let used = std::fs::metadata(&snap).map(|m| {
-        use std::os::unix::fs::MetadataExt;
-        m.blocks() * 512
-    }).unwrap();
-    assert!(used < file_len, "zero pages are holes ({used} of {file_len} bytes allocated)");
+    let used = std::fs::metadata(&snap)
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks() * 512
+        })
+        .unwrap();
+    assert!(
+        used < file_len,
+        "zero pages are holes ({used} of {file_len} bytes allocated)"
+    );
     b.start(Arc::new(|e| panic!("vcpu event: {e:?}"))).unwrap();
     b.resume();
-    wait_for(&path_b, Duration::from_secs(20), "status after restore", |l| {
-        l.iter().filter(|l| matches!(l, GuestLine::Status { .. })).count() >= 2
-    });
+    wait_for(
+        &path_b,
+        Duration::from_secs(20),
+        "status after restore",
+        |l| {
+            l.iter()
+                .filter(|l| matches!(l, GuestLine::Status { .. }))
+                .count()
+                >= 2
+        },
+    );
     b.shutdown();
     a.shutdown();
     assert!(fails(&path_b).is_empty(), "{:?}", fails(&path_b));
-    assert!(lines(&path_b).iter().all(|l| !matches!(l, GuestLine::Boot { .. })), "no reboot");
+    assert!(
+        lines(&path_b)
+            .iter()
+            .all(|l| !matches!(l, GuestLine::Boot { .. })),
+        "no reboot"
+    );
 
     let bytes = std::fs::read(&snap).unwrap();
     let restore = |name: &str, data: &[u8]| {
@@ -144,7 +185,10 @@ fn snapshot_file_round_trip_and_bad_files() {
     v[8] = 7;
     let e = restore("version", &v);
     assert!(e.contains("version 7"), "{e}");
-    let e = restore("notsnap", b"this is not a snapshot at all, just some text......");
+    let e = restore(
+        "notsnap",
+        b"this is not a snapshot at all, just some text......",
+    );
     assert!(e.contains("not a Ferry snapshot"), "{e}");
     // Flip a byte inside guest memory: the region checksum catches it.
     let mut m = bytes.clone();

@@ -77,8 +77,10 @@ pub fn max_sweeps(path: &Path) -> u64 {
 
 pub fn boot(cfg: VmConfig, serial: SerialSink, append: &str) -> Arc<Vm> {
     let vm = Arc::new(Vm::create(cfg, serial).unwrap());
-    vm.boot(ferry_guest::WORKLOAD_ELF, "workload.elf", append).unwrap();
-    vm.start(Arc::new(|e| eprintln!("vcpu event: {e:?}"))).unwrap();
+    vm.boot(ferry_guest::WORKLOAD_ELF, "workload.elf", append)
+        .unwrap();
+    vm.start(Arc::new(|e| eprintln!("vcpu event: {e:?}")))
+        .unwrap();
     vm.resume();
     vm
 }
