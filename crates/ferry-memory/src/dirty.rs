@@ -136,6 +136,31 @@ impl DirtySnapshot {
             .sum()
     }
 
+    /// Adds `other`'s dirty pages to this snapshot. A snapshot holds the only record of the
+    /// pages the VMM wrote before it was taken, so one that will not be sent on its own must
+    /// be merged into the next.
+    pub fn merge(&mut self, other: &DirtySnapshot) -> Result<(), DirtyError> {
+        if self.regions.len() != other.regions.len() {
+            return Err(DirtyError::Invalid(
+                "merging snapshots of different layouts".into(),
+            ));
+        }
+        for (a, b) in self.regions.iter_mut().zip(&other.regions) {
+            if a.index != b.index || a.pages != b.pages {
+                return Err(DirtyError::Invalid(
+                    "merging snapshots of different layouts".into(),
+                ));
+            }
+            for (x, y) in a.all.iter_mut().zip(&b.all) {
+                *x |= y;
+            }
+            for (x, y) in a.kvm.iter_mut().zip(&b.kvm) {
+                *x |= y;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether page `page` of region `region` is dirty.
     pub fn is_dirty(&self, region: usize, page: u64) -> bool {
         self.regions
@@ -368,5 +393,36 @@ mod tests {
         );
         assert_eq!(tracker.sync(false).unwrap().dirty_pages(), 0);
         assert_eq!(tracker.stats().clear.get().0, 2);
+    }
+
+    #[test]
+    fn a_skipped_snapshot_keeps_vmm_pages_through_merge() {
+        let ram = Arc::new(
+            GuestRam::new(MemoryConfig {
+                size: 1 << 20,
+                backend: Backend::Anonymous,
+                thp: false,
+            })
+            .unwrap(),
+        );
+        let log = Arc::new(FakeLog {
+            bits: Mutex::new(vec![vec![0u64; 4]]),
+            clears: Mutex::new(Vec::new()),
+        });
+        let tracker = DirtyTracker::new(log, ram.clone());
+        tracker.start().unwrap();
+        tracker.sync(true).unwrap();
+        ram.mem().write_obj(1u64, GuestAddress(7 * 4096)).unwrap();
+        // A precopy sync sees the VMM write, then the engine decides to switch over.
+        let skipped = tracker.sync(false).unwrap();
+        assert!(skipped.is_dirty(0, 7));
+        let mut last = tracker.sync(false).unwrap();
+        assert!(
+            !last.is_dirty(0, 7),
+            "the VMM bit was consumed by the skipped sync"
+        );
+        last.merge(&skipped).unwrap();
+        assert!(last.is_dirty(0, 7));
+        assert_eq!(last.dirty_pages(), 1);
     }
 }

@@ -467,7 +467,11 @@ impl Source {
             self.vm.pause()?;
             self.paused_by_us = true;
         }
-        let final_snap = Arc::new(tracker.sync(false)?);
+        // The last precopy sync's snapshot was never sent: the pages the VMM wrote are in it
+        // and nowhere else (KVM's bits would still be in the log, the VMM's were taken).
+        let mut final_snap = tracker.sync(false)?;
+        final_snap.merge(&snap)?;
+        let final_snap = Arc::new(final_snap);
         let t_synced = Instant::now();
         let final_pass = pass;
         self.dispatch(final_pass, &final_snap);

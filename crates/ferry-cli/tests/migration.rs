@@ -1,0 +1,634 @@
+//! Live migration end to end, through the real `ferry` binary: a self-verifying workload
+//! guest moves between two processes over TCP and unix sockets, and every injected failure
+//! leaves the source guest running.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ferry_guest::{GuestLine, ImageKind};
+use serde_json::Value;
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+const MEM: &str = "128M";
+
+/// Every test here runs guests that keep CPUs busy: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial_guard() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Proc {
+    name: &'static str,
+    child: Child,
+    serial: PathBuf,
+    api: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn lines(&self) -> Vec<GuestLine> {
+        std::fs::read_to_string(&self.serial)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(GuestLine::parse)
+            .collect()
+    }
+
+    fn sweeps(&self) -> Vec<u64> {
+        self.lines()
+            .iter()
+            .filter_map(|l| match l {
+                GuestLine::Status { sweeps, .. } => Some(*sweeps),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn fails(&self) -> Vec<String> {
+        self.lines()
+            .into_iter()
+            .filter_map(|l| match l {
+                GuestLine::Fail(f) => Some(f),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn wait_for(&self, what: &str, timeout: Duration, f: impl Fn(&Proc) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !f(self) {
+            if Instant::now() > deadline {
+                panic!(
+                    "{}: timed out waiting for {what}\nserial:\n{}\nstderr:\n{}",
+                    self.name,
+                    std::fs::read_to_string(&self.serial).unwrap_or_default(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn wait_ready(&self) {
+        self.wait_for("the guest to be ready", Duration::from_secs(60), |p| {
+            p.lines()
+                .iter()
+                .any(|l| matches!(l, GuestLine::Ready { .. }))
+        });
+    }
+
+    /// Waits for `n` more status lines: the guest is alive and checking itself.
+    fn wait_progress(&self, n: usize) {
+        let start = self.sweeps().len();
+        self.wait_for("the guest to make progress", Duration::from_secs(60), |p| {
+            p.sweeps().len() >= start + n
+        });
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn info(&self) -> Value {
+        let out = remote(&self.api, &["info"]);
+        assert!(
+            out.status.success(),
+            "info failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+fn spawn(name: &'static str, dir: &Path, args: &[String]) -> Proc {
+    let serial = dir.join(format!("{name}.serial"));
+    let api = dir.join(format!("{name}.sock"));
+    let stderr = dir.join(format!("{name}.stderr"));
+    let mut all = vec![
+        "run".to_string(),
+        "--serial".into(),
+        format!("file:{}", serial.display()),
+        "--api-socket".into(),
+        api.display().to_string(),
+    ];
+    all.extend_from_slice(args);
+    let child = Command::new(FERRY)
+        .args(&all)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let p = Proc {
+        name,
+        child,
+        serial,
+        api,
+        stderr,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !p.api.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{name} never opened its API socket: {}",
+            p.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    p
+}
+
+fn s(v: &str) -> String {
+    v.to_string()
+}
+
+fn source(dir: &Path, vcpus: u32) -> Proc {
+    let img = ferry_guest::write_image(ImageKind::Elf, dir).unwrap();
+    let p = spawn(
+        "source",
+        dir,
+        &[
+            s("--kernel"),
+            img.display().to_string(),
+            s("--append"),
+            format!("ws=8M hb=1 dma=1 cpus={vcpus}"),
+            s("--memory"),
+            s(MEM),
+            s("--vcpus"),
+            vcpus.to_string(),
+        ],
+    );
+    p.wait_ready();
+    p.wait_progress(1);
+    p
+}
+
+fn destination(
+    dir: &Path,
+    name: &'static str,
+    uri: &str,
+    mem: &str,
+    vcpus: u32,
+    extra: &[String],
+) -> Proc {
+    let mut args = vec![
+        s("--incoming"),
+        s(uri),
+        s("--memory"),
+        s(mem),
+        s("--vcpus"),
+        vcpus.to_string(),
+    ];
+    args.extend_from_slice(extra);
+    spawn(name, dir, &args)
+}
+
+fn remote(api: &Path, args: &[&str]) -> Output {
+    Command::new(FERRY)
+        .arg("remote")
+        .arg("--api-socket")
+        .arg(api)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn tcp_uri() -> String {
+    format!("tcp:127.0.0.1:{}", free_port())
+}
+
+/// The source is alive after a failure: running, heartbeating, still verifying itself.
+fn assert_source_unharmed(src: &mut Proc) {
+    assert!(
+        src.wait_exit(Duration::from_millis(10)).is_none(),
+        "source process exited"
+    );
+    assert_eq!(src.info()["state"], "running", "source guest resumed");
+    src.wait_progress(2);
+    assert!(
+        src.fails().is_empty(),
+        "source guest verification: {:?}",
+        src.fails()
+    );
+}
+
+fn migrate_json(src: &Proc, uri: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["migrate", uri, "--json"];
+    args.extend_from_slice(extra);
+    remote(&src.api, &args)
+}
+
+fn read_digests(p: &Path) -> Vec<u64> {
+    std::fs::read(p)
+        .unwrap()
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn migrate_case(uri_kind: &str, channels: u16, vcpus: u32) {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = if uri_kind == "tcp" {
+        tcp_uri()
+    } else {
+        format!("unix:{}", dir.path().join("mig.sock").display())
+    };
+    let dst_digest = dir.path().join("dst.digest");
+    let src_digest = dir.path().join("src.digest");
+    let mut dst = destination(
+        dir.path(),
+        "destination",
+        &uri,
+        MEM,
+        vcpus,
+        &[s("--digest-file"), dst_digest.display().to_string()],
+    );
+    let mut src = source(dir.path(), vcpus);
+    let before = *src.sweeps().last().unwrap();
+
+    let out = migrate_json(
+        &src,
+        &uri,
+        &[
+            "--channels",
+            &channels.to_string(),
+            "--digest-file",
+            src_digest.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nsource: {}\ndestination: {}",
+        String::from_utf8_lossy(&out.stderr),
+        src.stderr(),
+        dst.stderr()
+    );
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["status"], "completed");
+    assert_eq!(stats["channels"], channels);
+    assert!(stats["pages_data"].as_u64().unwrap() > 10_000, "{stats}");
+    assert!(stats["downtime_ms"].as_f64().unwrap() > 0.0);
+
+    // The source hands over and exits cleanly.
+    let st = src
+        .wait_exit(Duration::from_secs(10))
+        .expect("source did not exit");
+    assert!(st.success(), "source exit status {st}: {}", src.stderr());
+
+    // Memory at the switchover is identical on both sides, page for page.
+    let (a, b) = (read_digests(&src_digest), read_digests(&dst_digest));
+    assert_eq!(a.len(), (128u64 << 20) as usize / 4096);
+    let differ: Vec<usize> = (0..a.len()).filter(|i| a[*i] != b[*i]).take(10).collect();
+    let zero = {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for _ in 0..512 {
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
+    };
+    assert!(
+        differ.is_empty(),
+        "pages differ (first page numbers): {:?}",
+        differ
+            .iter()
+            .map(|i| format!(
+                "{i:#x}: src {:x}{} dst {:x}{}",
+                a[*i],
+                if a[*i] == zero { " (zero)" } else { "" },
+                b[*i],
+                if b[*i] == zero { " (zero)" } else { "" }
+            ))
+            .collect::<Vec<_>>()
+    );
+
+    // The guest runs on the destination, carries on from where it was, and its own checks hold.
+    dst.wait_progress(2);
+    let after = dst.sweeps();
+    assert!(
+        after.iter().all(|s| *s >= before),
+        "sweeps went back: {before} then {after:?}"
+    );
+    assert!(
+        dst.fails().is_empty(),
+        "destination guest verification: {:?}",
+        dst.fails()
+    );
+    assert!(
+        src.fails().is_empty(),
+        "source guest verification: {:?}",
+        src.fails()
+    );
+    assert!(
+        dst.lines()
+            .iter()
+            .all(|l| !matches!(l, GuestLine::Boot { .. })),
+        "guest rebooted"
+    );
+    assert_eq!(dst.info()["state"], "running");
+    assert!(
+        dst.stderr().contains("incoming migration complete"),
+        "{}",
+        dst.stderr()
+    );
+    assert!(remote(&dst.api, &["quit"]).status.success());
+    assert!(dst
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+}
+
+#[test]
+fn migrates_over_tcp_one_channel_one_vcpu() {
+    migrate_case("tcp", 1, 1);
+}
+
+#[test]
+fn migrates_over_tcp_four_channels_two_vcpus() {
+    migrate_case("tcp", 4, 2);
+}
+
+#[test]
+fn migrates_over_unix_one_channel_two_vcpus() {
+    migrate_case("unix", 1, 2);
+}
+
+#[test]
+fn migrates_over_unix_four_channels_one_vcpu() {
+    migrate_case("unix", 4, 1);
+}
+
+#[test]
+fn killed_destination_leaves_the_source_running_and_usable() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = tcp_uri();
+    let mut dst = destination(dir.path(), "destination", &uri, MEM, 1, &[]);
+    let mut src = source(dir.path(), 1);
+    // A slow link, so there is a migration in flight to kill.
+    let api = src.api.clone();
+    let u = uri.clone();
+    let mig = std::thread::spawn(move || {
+        remote(&api, &["migrate", &u, "--max-bandwidth", "8M", "--json"])
+    });
+    src.wait_for("bytes to flow", Duration::from_secs(30), |p| {
+        p.info()["migration"]["bytes"].as_u64().unwrap_or(0) > 4 << 20
+    });
+    dst.child.kill().unwrap();
+    let _ = dst.child.wait();
+    let out = mig.join().unwrap();
+    assert!(
+        !out.status.success(),
+        "migrate must fail when the destination dies"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("closed") || err.contains("Broken pipe") || err.contains("reset"),
+        "unclear error: {err}"
+    );
+    assert_source_unharmed(&mut src);
+    assert_eq!(src.info()["migration"]["status"], "failed");
+
+    // Still usable: migrate again, to a new destination.
+    let uri2 = tcp_uri();
+    let dst2 = destination(dir.path(), "destination2", &uri2, MEM, 1, &[]);
+    let out = migrate_json(&src, &uri2, &[]);
+    assert!(
+        out.status.success(),
+        "second migration: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dst2.wait_progress(2);
+    assert!(dst2.fails().is_empty(), "{:?}", dst2.fails());
+}
+
+#[test]
+fn mismatched_destination_is_refused_with_the_reason() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = tcp_uri();
+    let mut dst = destination(dir.path(), "destination", &uri, "256M", 1, &[]);
+    let mut src = source(dir.path(), 1);
+    let out = migrate_json(&src, &uri, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refused") && err.contains("--memory 128M"),
+        "source error: {err}"
+    );
+    let st = dst
+        .wait_exit(Duration::from_secs(10))
+        .expect("destination keeps running");
+    assert!(!st.success());
+    assert!(
+        dst.stderr().contains("128 MiB"),
+        "destination reason: {}",
+        dst.stderr()
+    );
+    assert_source_unharmed(&mut src);
+}
+
+#[test]
+fn cancel_leaves_the_source_running() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = tcp_uri();
+    let mut dst = destination(dir.path(), "destination", &uri, MEM, 1, &[]);
+    let mut src = source(dir.path(), 1);
+    let api = src.api.clone();
+    let u = uri.clone();
+    let mig = std::thread::spawn(move || remote(&api, &["migrate", &u, "--max-bandwidth", "8M"]));
+    src.wait_for("bytes to flow", Duration::from_secs(30), |p| {
+        p.info()["migration"]["bytes"].as_u64().unwrap_or(0) > 2 << 20
+    });
+    assert!(remote(&src.api, &["migrate-cancel"]).status.success());
+    let out = mig.join().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled"));
+    assert_source_unharmed(&mut src);
+    assert_eq!(src.info()["migration"]["status"], "cancelled");
+    let st = dst
+        .wait_exit(Duration::from_secs(10))
+        .expect("destination exits");
+    assert!(!st.success());
+    assert!(
+        dst.stderr().contains("cancelled"),
+        "destination reason: {}",
+        dst.stderr()
+    );
+}
+
+#[test]
+fn garbage_from_the_destination_fails_cleanly() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    // Not a Ferry destination: it answers every connection with noise.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri = format!("tcp:{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let _ = c.write_all(&[0xAB; 4096]);
+        }
+    });
+    let mut src = source(dir.path(), 1);
+    let out = migrate_json(&src, &uri, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("main channel") && err.contains("kind"),
+        "error: {err}"
+    );
+    assert_source_unharmed(&mut src);
+}
+
+#[test]
+fn garbage_to_the_destination_is_refused() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = tcp_uri();
+    let mut dst = destination(dir.path(), "destination", &uri, MEM, 1, &[]);
+    let mut c = TcpStream::connect(uri.strip_prefix("tcp:").unwrap()).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let st = dst
+        .wait_exit(Duration::from_secs(10))
+        .expect("destination exits");
+    assert!(!st.success());
+    let err = dst.stderr();
+    assert!(
+        err.contains("incoming migration failed") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+#[test]
+fn other_protocol_version_is_refused_by_name() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = tcp_uri();
+    let mut dst = destination(dir.path(), "destination", &uri, MEM, 1, &[]);
+    let mut c = TcpStream::connect(uri.strip_prefix("tcp:").unwrap()).unwrap();
+    let mut buf = Vec::new();
+    ferry_proto::Message::Hello(ferry_proto::Hello {
+        version: 99,
+        capabilities: 0,
+        session: 1,
+        role: ferry_proto::ChannelRole::Main,
+        data_channels: 1,
+    })
+    .encode(&mut buf);
+    c.write_all(&buf).unwrap();
+    let reply = ferry_proto::read_message(&mut c, &mut Vec::new()).unwrap();
+    match reply {
+        ferry_proto::Message::Refuse { reason } => {
+            assert!(reason.contains("version 99"), "{reason}")
+        }
+        m => panic!("expected Refuse, got {m:?}"),
+    }
+    let st = dst
+        .wait_exit(Duration::from_secs(10))
+        .expect("destination exits");
+    assert!(!st.success());
+    assert!(dst.stderr().contains("version 99"), "{}", dst.stderr());
+}
+
+/// Forwards connections to `target`, but cuts every connection once `limit` bytes went from
+/// the source towards the destination.
+fn cutting_proxy(target: String, limit: u64) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri = format!("tcp:{}", l.local_addr().unwrap());
+    let sent = Arc::new(AtomicU64::new(0));
+    let cut = Arc::new(AtomicBool::new(false));
+    let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    std::thread::spawn(move || {
+        for a in l.incoming().flatten() {
+            let b = TcpStream::connect(&target).unwrap();
+            conns.lock().unwrap().push(a.try_clone().unwrap());
+            conns.lock().unwrap().push(b.try_clone().unwrap());
+            let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+            let (sent, cut2, conns2) = (sent.clone(), cut.clone(), conns.clone());
+            std::thread::spawn(move || {
+                let (mut a, mut b) = (a, b);
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match a.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if sent.fetch_add(n as u64, Ordering::SeqCst) + n as u64 > limit {
+                        cut2.store(true, Ordering::SeqCst);
+                        for c in conns2.lock().unwrap().iter() {
+                            let _ = c.shutdown(std::net::Shutdown::Both);
+                        }
+                        break;
+                    }
+                    if b.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut b2, &mut a2);
+            });
+            let _ = &cut;
+        }
+    });
+    uri
+}
+
+#[test]
+fn truncated_stream_fails_both_sides_cleanly() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = tcp_uri();
+    let mut dst = destination(dir.path(), "destination", &uri, MEM, 1, &[]);
+    let proxy = cutting_proxy(uri.strip_prefix("tcp:").unwrap().to_string(), 20 << 20);
+    let mut src = source(dir.path(), 1);
+    let out = migrate_json(&src, &proxy, &["--channels", "2"]);
+    assert!(
+        !out.status.success(),
+        "migration through a cut link must fail"
+    );
+    assert_source_unharmed(&mut src);
+    let st = dst
+        .wait_exit(Duration::from_secs(10))
+        .expect("destination exits");
+    assert!(!st.success());
+    let err = dst.stderr();
+    assert!(
+        err.contains("closed") || err.contains("truncated") || err.contains("ended"),
+        "destination reason: {err}"
+    );
+}
