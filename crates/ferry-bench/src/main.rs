@@ -1,1 +1,275 @@
-fn main() {}
+//! `ferry-bench`: Ferry's benchmarks, side by side with QEMU and the machine's limits.
+//!
+//! - `migrate`: the issue 3 case (1 GiB guest, 64 MiB hot working set) migrated on
+//!   loopback by QEMU 7.2 and by Ferry, alternating, with memcpy and loopback TCP
+//!   bandwidth measured in the same run.
+//! - `prepare`: destination memory preparation throughput (issue 4).
+//! - `migrate-prepare`: a 4 GiB Ferry migration with destination preparation off and on.
+//!
+//! Build both binaries first: `cargo build --release -p ferry-cli -p ferry-bench`, then
+//! `target/release/ferry-bench SUBCOMMAND`. See BENCHMARKS.md.
+
+mod bench;
+mod ferry;
+mod limits;
+mod prepare;
+mod qemu;
+mod serial;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::bench::{Case, Plan};
+
+#[derive(Parser)]
+#[command(
+    name = "ferry-bench",
+    about = "Ferry benchmarks: side by side with QEMU and the machine's limits"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Live migration of the same guest by QEMU and by Ferry, alternating (issue 3).
+    Migrate(MigrateArgs),
+    /// Memory preparation (MADV_POPULATE_WRITE) by size, page kind and threads (issue 4).
+    Prepare(PrepareArgs),
+    /// A large Ferry migration with destination memory preparation off and on (issue 4).
+    MigratePrepare(MigratePrepareArgs),
+}
+
+/// Options shared by the two migration benchmarks.
+#[derive(Args)]
+struct Common {
+    /// vCPUs of the guest (both systems).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Channels: QEMU multifd channels (1 = QEMU's single stream) and Ferry data channels.
+    #[arg(long, default_value_t = 2)]
+    channels: u32,
+    /// Hot working set the guest rewrites continuously (`ws=`).
+    #[arg(long, default_value = "64M")]
+    ws: String,
+    /// Downtime limit for both systems, ms (default: each system's own, QEMU 300, Ferry 50).
+    #[arg(long)]
+    downtime_limit: Option<u64>,
+    /// Seconds the guest runs after its ready line before the migration starts.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Add the Ferry variant with the destination's preparation helpers at nice 0
+    /// (on by default with 2 or more vCPUs, whose busy vCPUs starve nice-19 helpers).
+    #[arg(long)]
+    nice0: bool,
+    /// The ferry binary (default: `ferry` next to this program, i.e. target/release/ferry).
+    #[arg(long, value_name = "PATH")]
+    ferry: Option<PathBuf>,
+    /// Print every raw run and the summaries as one JSON document on stdout (the tables
+    /// then go to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Repetitions (each runs every row once).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory_mib: u64,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64", value_name = "PATH")]
+    qemu: PathBuf,
+    /// Ferry rows only (no QEMU; no ratios).
+    #[arg(long)]
+    no_qemu: bool,
+}
+
+#[derive(Args)]
+struct MigratePrepareArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Repetitions (each runs every row once).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Guest memory, GiB.
+    #[arg(long, default_value_t = 4)]
+    memory_gib: u64,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PageKind {
+    /// 4 KiB pages.
+    #[value(name = "4k")]
+    Small,
+    /// Transparent huge pages (MADV_HUGEPAGE).
+    Thp,
+}
+
+#[derive(Args)]
+struct PrepareArgs {
+    /// Sizes in GiB.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    sizes: Vec<u64>,
+    /// Helper thread counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Page kinds.
+    #[arg(long, value_delimiter = ',', default_value = "4k,thp")]
+    pages: Vec<PageKind>,
+    /// Repetitions per configuration.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Print the rows as JSON on stdout (the table then goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+/// The ferry binary: `explicit`, or `ferry` next to this program.
+fn locate_ferry(explicit: Option<PathBuf>) -> Result<PathBuf> {
+    let path = match explicit {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .context("locating this program")?
+            .with_file_name("ferry"),
+    };
+    if !path.is_file() {
+        bail!(
+            "no ferry binary at {}: build it first with `cargo build --release -p ferry-cli` \
+             (or give --ferry PATH)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Prints the human report on stdout, or on stderr with the JSON on stdout.
+fn emit(text: &str, json: Option<serde_json::Value>) {
+    match json {
+        Some(j) => {
+            eprintln!("{text}");
+            println!("{j}");
+        }
+        None => println!("{text}"),
+    }
+}
+
+fn case(c: &Common, mem_mib: u64, qemu: PathBuf, image: &Path) -> Result<Case> {
+    if c.vcpus == 0 || c.channels == 0 {
+        bail!("--vcpus and --channels must be at least 1");
+    }
+    Ok(Case {
+        mem_mib,
+        cpus: c.vcpus,
+        ws: c.ws.clone(),
+        channels: c.channels,
+        downtime_limit_ms: c.downtime_limit,
+        warmup: Duration::try_from_secs_f64(c.warmup).context("--warmup")?,
+        ferry: locate_ferry(c.ferry.clone())?,
+        qemu,
+        image: image.to_path_buf(),
+    })
+}
+
+fn migrate(a: MigrateArgs) -> Result<()> {
+    let dir = qemu::WorkDir::new()?;
+    let image = ferry_guest::write_image(ferry_guest::ImageKind::Elf, &dir.0)?;
+    let case = case(&a.common, a.memory_mib, a.qemu, &image)?;
+    let nice0 = a.common.nice0 || a.common.vcpus >= 2;
+    let plan = Plan {
+        rows: bench::migrate_rows(case.channels, !a.no_qemu, nice0),
+        case,
+        reps: a.reps,
+        limits: true,
+    };
+    let report = bench::run(&plan)?;
+    emit(
+        &report.migrate_text(),
+        a.common.json.then(|| report.to_json("migrate")),
+    );
+    Ok(())
+}
+
+fn migrate_prepare(a: MigratePrepareArgs) -> Result<()> {
+    let dir = qemu::WorkDir::new()?;
+    let image = ferry_guest::write_image(ferry_guest::ImageKind::Elf, &dir.0)?;
+    let mem_mib = a
+        .memory_gib
+        .checked_mul(1024)
+        .filter(|&m| m > 0)
+        .context("--memory-gib must be at least 1")?;
+    let case = case(
+        &a.common,
+        mem_mib,
+        PathBuf::from("qemu-system-x86_64"),
+        &image,
+    )?;
+    let nice0 = a.common.nice0 || a.common.vcpus >= 2;
+    let plan = Plan {
+        rows: bench::migrate_prepare_rows(nice0),
+        case,
+        reps: a.reps,
+        limits: false,
+    };
+    let report = bench::run(&plan)?;
+    emit(
+        &report.migrate_prepare_text(),
+        a.common.json.then(|| report.to_json("migrate-prepare")),
+    );
+    Ok(())
+}
+
+fn prepare_bench(a: PrepareArgs) -> Result<()> {
+    let huge: Vec<bool> = a.pages.iter().map(|p| matches!(p, PageKind::Thp)).collect();
+    let load = bench::other_load(Duration::from_secs(1))?;
+    eprintln!(
+        "other load before the first run: {load:.2} CPUs busy (of {})",
+        bench::cpu_count()
+    );
+    let started = bench::utc_now();
+    let rows = prepare::run(&a.sizes, &a.threads, &huge, a.reps).map_err(anyhow::Error::msg)?;
+    let text = format!(
+        "ferry-bench prepare: MADV_POPULATE_WRITE through ferry_memory::prepare ({started} UTC)\n\
+         machine: {} CPUs; other load before the first run {load:.2} CPUs\n{}",
+        bench::cpu_count(),
+        prepare::table(&rows)
+    );
+    let json = a.json.then(|| {
+        serde_json::json!({
+            "benchmark": "prepare",
+            "started_utc": started,
+            "machine": { "cpus": bench::cpu_count() },
+            "load_before_cpus": load,
+            "reps": a.reps,
+            "rows": rows,
+        })
+    });
+    emit(&text, json);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Cmd::Migrate(a) => migrate(a),
+        Cmd::Prepare(a) => prepare_bench(a),
+        Cmd::MigratePrepare(a) => migrate_prepare(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-bench: BENCHMARK FAILED: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

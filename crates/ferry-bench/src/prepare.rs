@@ -14,7 +14,7 @@ use ferry_sys::mm::{self, MapOptions, Mmap};
 const GIB: u64 = 1 << 30;
 
 /// One line of results: a size, page kind and thread count over all repetitions.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PrepareRow {
     /// Memory populated per repetition, GiB.
     pub size_gib: u64,
@@ -176,9 +176,12 @@ pub fn run(
     Ok(rows)
 }
 
-/// Prints the rows as a table on stdout.
-pub fn print_table(rows: &[PrepareRow]) {
-    println!(
+/// The rows as a table, with a short note on what was measured.
+pub fn table(rows: &[PrepareRow]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "{:>5} {:>5} {:>8} {:>5} {:>9} {:>9} {:>9} {:>8} {:>8} {:>6}",
         "GiB",
         "pages",
@@ -198,7 +201,8 @@ pub fn print_table(rows: &[PrepareRow]) {
             format!("{}({})", r.threads, r.threads_used)
         };
         let speedup = r.speedup.map_or_else(|| "-".into(), |s| format!("{s:.2}x"));
-        println!(
+        let _ = writeln!(
+            out,
             "{:>5} {:>5} {:>8} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>8.2} {:>8} {:>5.0}%",
             r.size_gib,
             if r.thp { "THP" } else { "4K" },
@@ -213,7 +217,10 @@ pub fn print_table(rows: &[PrepareRow]) {
         );
     }
     if rows.iter().any(|r| r.threads_used != r.threads) {
-        println!("threads shown as asked(used): the CPU budget allowed fewer helpers");
+        out += "threads shown as asked(used): the CPU budget allowed fewer helpers\n";
     }
-    println!("first-touch of fresh anonymous memory, helpers at nice 19; not pre-warmed");
+    out +=
+        "speedup = median with 1 thread / median with N (target >= 0.8 x N up to the core count)\n";
+    out += "first-touch of fresh anonymous memory, helpers at nice 19; not pre-warmed\n";
+    out
 }

@@ -59,6 +59,12 @@ pub struct QemuConfig {
     /// 0.3 GiB/s and dominate QEMU's total time: 1 GiB took 4-9 s without prealloc and
     /// 0.5-1.4 s with it.
     pub dest_prealloc: bool,
+    /// Quit the source QEMU (QMP `quit`) as soon as the migration has completed, before
+    /// the watch. Default true: a Ferry source exits by itself after a migration, and
+    /// tearing down a process with 1 GiB of guest memory stalls other work on this 2-CPU
+    /// machine for tens of ms, so both sources go away at the same point, inside the
+    /// window where the guest's heartbeat is watched.
+    pub quit_source: bool,
     /// Extra arguments for both QEMUs.
     pub extra_args: Vec<String>,
     /// How long the guest runs after its `ready` line before `migrate` (default 2 s), so
@@ -89,6 +95,7 @@ impl QemuConfig {
             max_bandwidth: Some(1_000_000_000_000),
             nodefaults: true,
             dest_prealloc: false,
+            quit_source: true,
             extra_args: Vec::new(),
             warmup: Duration::from_secs(2),
             watch: Duration::from_secs(2),
@@ -229,6 +236,10 @@ pub fn run_migration(cfg: &QemuConfig) -> Result<QemuResult> {
     let t_complete = Instant::now();
     let cpu_after = CpuSample::take(&pids)?;
     let info = final_migration_info(&mut src_qmp)?;
+    if cfg.quit_source {
+        // The reply may or may not arrive before QEMU closes the socket; either is fine.
+        let _ = src_qmp.execute("quit", None);
+    }
 
     thread::sleep(cfg.watch);
     let t_end = Instant::now();
@@ -344,20 +355,20 @@ fn set_migration_params(qmp: &mut Qmp, cfg: &QemuConfig) -> Result<()> {
 
 /// A free loopback port. Another process could take it before QEMU binds it, but nothing
 /// else here allocates ports in that moment.
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr()?.port())
 }
 
-/// A private directory for the QMP sockets, removed on drop.
-struct WorkDir(PathBuf);
+/// A private directory for the QMP and API sockets, removed on drop.
+pub(crate) struct WorkDir(pub(crate) PathBuf);
 
 impl WorkDir {
-    fn new() -> Result<WorkDir> {
+    pub(crate) fn new() -> Result<WorkDir> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         // Short: a unix socket path must fit in 108 bytes.
-        let path = std::env::temp_dir().join(format!("ferry-qemu-{}-{n}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("ferry-bench-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(WorkDir(path))
     }
@@ -488,7 +499,7 @@ impl QemuProc {
 }
 
 /// Kills and reaps the child on drop.
-struct ChildGuard(Child);
+pub(crate) struct ChildGuard(pub(crate) Child);
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {

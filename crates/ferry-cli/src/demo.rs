@@ -19,8 +19,9 @@ pub struct DemoArgs {
     /// Guest RAM.
     #[arg(long, default_value = "1G", value_parser = crate::parse_size)]
     memory: u64,
-    /// vCPUs.
-    #[arg(long, default_value_t = 2)]
+    /// vCPUs. With 2 on a 2-CPU host the source guest leaves no CPU for the destination's
+    /// low-priority memory preparation, which then finishes late.
+    #[arg(long, default_value_t = 1)]
     vcpus: u32,
     /// Hot working set the guest rewrites continuously.
     #[arg(long, default_value = "64M")]

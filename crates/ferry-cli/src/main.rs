@@ -60,12 +60,12 @@ struct RunArgs {
     /// Kernel command line.
     #[arg(long, default_value = "")]
     append: String,
-    /// Guest RAM.
-    #[arg(long, default_value = "512M", value_parser = parse_size)]
-    memory: u64,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u32,
+    /// Guest RAM [default: 512M] (a restored snapshot brings its own).
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Number of vCPUs [default: 1] (a restored snapshot brings its own).
+    #[arg(long)]
+    vcpus: Option<u32>,
     /// Guest serial output: stdout, file:PATH or null.
     #[arg(long, default_value = "stdout")]
     serial: SerialConfig,
@@ -163,7 +163,14 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             path,
             append: args.append,
         },
-        (None, Some(path), None) => Boot::Restore { path },
+        (None, Some(path), None) => {
+            if args.memory.is_some() || args.vcpus.is_some() {
+                bail!(
+                    "--memory and --vcpus come from the snapshot; do not give them with --restore"
+                );
+            }
+            Boot::Restore { path }
+        }
         (None, None, Some(uri)) => Boot::Incoming {
             uri,
             params: ReceiveParams {
@@ -179,11 +186,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let cfg = RunConfig {
         boot,
         memory: MemoryConfig {
-            size: args.memory,
+            size: args.memory.unwrap_or(512 << 20),
             backend: args.memory_backend,
             thp: args.hugepages,
         },
-        vcpus: args.vcpus,
+        vcpus: args.vcpus.unwrap_or(1),
         serial: args.serial,
         api_socket: args.api_socket,
     };
@@ -254,6 +261,23 @@ fn remote(args: RemoteArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The error and its causes, each once: most of Ferry's errors already include their cause
+/// in their own message.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if out.contains(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+    }
+    out
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -271,7 +295,7 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ferry: error: {e:#}");
+            eprintln!("ferry: error: {}", report(&e));
             ExitCode::FAILURE
         }
     }

@@ -11,7 +11,7 @@
 //! All integers little-endian. Every length and offset is checked against the file size
 //! before anything is read or allocated.
 
-use std::io::{Read, Write};
+use std::io::Read;
 
 /// Snapshot file format version.
 pub const SNAPSHOT_VERSION: u32 = 1;
@@ -26,10 +26,12 @@ const ALIGN: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     /// I/O error.
-    #[error("snapshot: {what}: {source}")]
+    #[error("snapshot {}: {what}: {source}", path.display())]
     Io {
         /// What was being done.
         what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
         /// The error.
         source: std::io::Error,
     },
@@ -133,23 +135,21 @@ impl SnapshotHeader {
         out
     }
 
-    /// Writes the header at the current position of `w`.
-    pub fn write_to<W: Write>(&self, w: &mut W) -> Result<(), SnapshotError> {
-        w.write_all(&self.encode())
-            .map_err(|source| SnapshotError::Io {
-                what: "writing the header",
-                source,
-            })
-    }
-
     /// Reads and validates a header from a file of `file_len` bytes.
     pub fn read_from<R: Read>(r: &mut R, file_len: u64) -> Result<SnapshotHeader, SnapshotError> {
         let mut fixed = [0u8; FIXED_LEN];
-        read_exact(r, &mut fixed, "the header")?;
-        let mut c = Cursor(&fixed[..]);
-        if c.take::<8>() != MAGIC {
+        let got = read_up_to(r, &mut fixed)?;
+        // The magic decides "not a snapshot" before any length does "truncated".
+        if got < MAGIC.len() || fixed[..MAGIC.len()] != MAGIC {
             return Err(SnapshotError::BadMagic);
         }
+        if got < FIXED_LEN {
+            return Err(SnapshotError::Corrupt(
+                "file ends inside the header (truncated)".into(),
+            ));
+        }
+        let mut c = Cursor(&fixed[..]);
+        let _magic: [u8; 8] = c.take();
         let version = u32::from_le_bytes(c.take());
         if version != SNAPSHOT_VERSION {
             return Err(SnapshotError::Version {
@@ -242,6 +242,25 @@ impl SnapshotHeader {
     }
 }
 
+fn read_up_to<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<usize, SnapshotError> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(SnapshotError::Io {
+                    what: "reading the header",
+                    path: std::path::PathBuf::new(),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(n)
+}
+
 fn read_exact<R: Read>(r: &mut R, buf: &mut [u8], what: &'static str) -> Result<(), SnapshotError> {
     r.read_exact(buf).map_err(|source| {
         if source.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -249,6 +268,7 @@ fn read_exact<R: Read>(r: &mut R, buf: &mut [u8], what: &'static str) -> Result<
         } else {
             SnapshotError::Io {
                 what: "reading the header",
+                path: std::path::PathBuf::new(),
                 source,
             }
         }
@@ -288,6 +308,10 @@ mod tests {
         // Truncated header.
         let err = SnapshotHeader::read_from(&mut &bytes[..20], file_len).unwrap_err();
         assert!(err.to_string().contains("truncated"), "{err}");
+        assert!(matches!(
+            SnapshotHeader::read_from(&mut &b"hello\n"[..], 6),
+            Err(SnapshotError::BadMagic)
+        ));
         // Flipped byte: checksum.
         let mut bad = bytes.clone();
         bad[30] ^= 1;

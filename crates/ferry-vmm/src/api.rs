@@ -54,26 +54,52 @@ enum Request {
     MigrateCancel,
 }
 
-/// The running API server; removes its socket when dropped.
+/// The running API server; removes its socket when dropped (if it is still its own).
 pub struct ApiServer {
     path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.id.is_some() && file_id(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
-/// Starts serving `path`.
+/// Starts serving `path`. A stale socket left by a dead VMM is replaced; a socket another
+/// VMM still serves, or any other kind of file, is refused.
 pub fn serve(path: &Path, vmm: Arc<Vmm>) -> std::io::Result<ApiServer> {
-    if path.exists() {
-        // A stale socket from a dead process; a live one would be a misconfiguration anyway.
-        let _ = std::fs::remove_file(path);
+    use std::os::unix::fs::FileTypeExt;
+    let err = |kind, msg: String| {
+        std::io::Error::new(kind, format!("API socket {}: {msg}", path.display()))
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(err(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket".into(),
+            ));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(err(
+                std::io::ErrorKind::AddrInUse,
+                "another running VMM serves this socket".into(),
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| err(e.kind(), format!("removing the stale socket: {e}")))?;
     }
-    let listener = UnixListener::bind(path).map_err(|e| {
-        std::io::Error::new(e.kind(), format!("API socket {}: {e}", path.display()))
-    })?;
+    let listener = UnixListener::bind(path).map_err(|e| err(e.kind(), e.to_string()))?;
+    let id = file_id(path);
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -86,6 +112,7 @@ pub fn serve(path: &Path, vmm: Arc<Vmm>) -> std::io::Result<ApiServer> {
         })?;
     Ok(ApiServer {
         path: path.to_path_buf(),
+        id,
     })
 }
 

@@ -437,13 +437,29 @@ impl Vm {
     }
 
     fn write_snapshot(&self, path: &Path) -> Result<(), VmError> {
-        let io = |what: &'static str| move |source| SnapshotError::Io { what, source };
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".partial");
+        let tmp = path.with_file_name(name);
+        let r = self.write_snapshot_to(&tmp, path);
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
+    }
+
+    fn write_snapshot_to(&self, tmp: &Path, path: &Path) -> Result<(), VmError> {
+        let io = |what: &'static str| {
+            move |source| SnapshotError::Io {
+                what,
+                path: path.to_path_buf(),
+                source,
+            }
+        };
         let state = self.save_state()?.encode()?;
         let regions: Vec<(u64, u64)> = self.ram.regions().iter().map(|r| (r.gpa, r.size)).collect();
         let mut header = SnapshotHeader::layout(state.len() as u64, &regions);
         header.state_crc = crc32fast::hash(&state);
-        let tmp = path.with_extension("partial");
-        let file = File::create(&tmp).map_err(io("creating the snapshot file"))?;
+        let file = File::create(tmp).map_err(io("creating the snapshot file"))?;
         let end = header
             .regions
             .last()
@@ -471,7 +487,7 @@ impl Vm {
         file.write_all_at(&header.encode(), 0)
             .map_err(io("writing the header"))?;
         file.sync_all().map_err(io("syncing the snapshot file"))?;
-        std::fs::rename(&tmp, path).map_err(io("renaming the snapshot file into place"))?;
+        std::fs::rename(tmp, path).map_err(io("renaming the snapshot file into place"))?;
         Ok(())
     }
 
@@ -483,7 +499,13 @@ impl Vm {
         thp: bool,
         serial: SerialSink,
     ) -> Result<Vm, VmError> {
-        let io = |what: &'static str| move |source| SnapshotError::Io { what, source };
+        let io = |what: &'static str| {
+            move |source| SnapshotError::Io {
+                what,
+                path: path.to_path_buf(),
+                source,
+            }
+        };
         let mut file = File::open(path).map_err(io("opening the snapshot file"))?;
         let len = file
             .metadata()

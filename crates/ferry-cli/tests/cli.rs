@@ -1,0 +1,439 @@
+//! The workload guest through the real `ferry` binary (and under QEMU, to judge the guest
+//! itself): booting on one and two vCPUs, snapshot and restore across processes, and the
+//! control API.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ferry_guest::ImageKind;
+use serde_json::{json, Value};
+
+/// A small guest: 4 MiB hot working set, a heartbeat every millisecond.
+const APPEND: &str = "ws=4M hb=1";
+
+/// Fewest heartbeat dots between two status lines (about a second apart; ~1000 when the
+/// guest has a CPU to itself) that still count as "the heartbeat keeps coming".
+const MIN_DOTS_PER_SECOND: usize = 20;
+
+/// Checks the workload is up on `cpus` CPUs and keeps running: status lines advance, the
+/// heartbeat keeps coming, no verification failure.
+fn assert_workload_healthy(g: &mut Guest, cpus: u64) {
+    g.wait_ready();
+    let ready = g.serial().ready();
+    assert_eq!(
+        ready,
+        Some(cpus),
+        "Ready line with the wrong CPU count\n{}",
+        g.describe()
+    );
+    g.wait_for("3 status lines after Ready", GUEST_TIMEOUT, |s| {
+        s.sweeps_after_ready().len() >= 3
+    });
+    let s = g.serial();
+    assert_eq!(
+        s.boots(),
+        1,
+        "the guest booted more than once\n{}",
+        g.describe()
+    );
+    let sweeps = s.sweeps_after_ready();
+    assert!(
+        sweeps.windows(2).all(|w| w[0] <= w[1]) && sweeps.last() > sweeps.first(),
+        "sweeps do not advance: {sweeps:?}\n{}",
+        g.describe()
+    );
+    let dots = s.dots_per_status_interval();
+    assert!(
+        dots.len() >= 2 && dots.iter().all(|&d| d >= MIN_DOTS_PER_SECOND),
+        "the heartbeat stalled: dots between status lines {dots:?}\n{}",
+        g.describe()
+    );
+    g.assert_no_fails();
+}
+
+fn run_under_ferry(vcpus: u32, append: &str) {
+    let _heavy = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let image = ferry_guest::write_image(ImageKind::Elf, dir.path()).unwrap();
+    let mut g = Guest::ferry(
+        &format!("ferry-{vcpus}cpu"),
+        dir.path(),
+        &kernel_args(&image, append, "64M", vcpus),
+        false,
+    );
+    assert_workload_healthy(&mut g, u64::from(vcpus));
+    assert!(
+        g.running(),
+        "ferry exited under a healthy guest\n{}",
+        g.describe()
+    );
+}
+
+#[test]
+fn workload_runs_on_one_vcpu() {
+    run_under_ferry(1, APPEND);
+}
+
+#[test]
+fn workload_runs_on_two_vcpus() {
+    run_under_ferry(2, &format!("{APPEND} cpus=2"));
+}
+
+/// Whether to run QEMU: it must be installed unless FERRY_SKIP_QEMU=1 says to skip.
+fn qemu_wanted() -> bool {
+    if std::env::var("FERRY_SKIP_QEMU").as_deref() == Ok("1") {
+        eprintln!("note: FERRY_SKIP_QEMU=1: skipping the QEMU test");
+        return false;
+    }
+    match Command::new("qemu-system-x86_64").arg("--version").output() {
+        Ok(out) if out.status.success() => true,
+        Ok(out) => panic!(
+            "qemu-system-x86_64 --version failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => panic!(
+            "qemu-system-x86_64 is needed to check the workload guest under QEMU but cannot \
+             be run ({e}); install it with `apt-get install qemu-system-x86` (CI does), or \
+             set FERRY_SKIP_QEMU=1 to skip this test"
+        ),
+    }
+}
+
+fn run_under_qemu(kind: ImageKind) {
+    if !qemu_wanted() {
+        return;
+    }
+    let _heavy = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let image = ferry_guest::write_image(kind, dir.path()).unwrap();
+    let serial = dir.path().join("qemu.serial");
+    let qemu_args = args(&[
+        "-accel",
+        "kvm",
+        "-m",
+        "128",
+        "-smp",
+        "1",
+        "-kernel",
+        &image.display().to_string(),
+        "-append",
+        APPEND,
+        "-serial",
+        &format!("file:{}", serial.display()),
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-nodefaults",
+        "-no-reboot",
+    ]);
+    let mut g = Guest::spawn(
+        &format!("qemu-{kind:?}"),
+        "qemu-system-x86_64",
+        &qemu_args,
+        dir.path(),
+        serial,
+        None,
+    );
+    g.wait_ready();
+    assert_eq!(g.serial().ready(), Some(1), "{}", g.describe());
+    g.wait_for("2 status lines after Ready", GUEST_TIMEOUT, |s| {
+        s.sweeps_after_ready().len() >= 2
+    });
+    let s = g.serial();
+    let sweeps = s.sweeps_after_ready();
+    assert!(
+        sweeps.last() > sweeps.first(),
+        "sweeps do not advance under QEMU: {sweeps:?}\n{}",
+        g.describe()
+    );
+    assert_eq!(s.boots(), 1, "{}", g.describe());
+    assert!(s.dots() > 0, "no heartbeat under QEMU\n{}", g.describe());
+    g.assert_no_fails();
+}
+
+#[test]
+fn elf_workload_runs_under_qemu() {
+    run_under_qemu(ImageKind::Elf);
+}
+
+#[test]
+fn flat_workload_runs_under_qemu() {
+    run_under_qemu(ImageKind::Flat);
+}
+
+#[test]
+fn snapshot_restores_in_a_new_process() {
+    let _heavy = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let image = ferry_guest::write_image(ImageKind::Elf, dir.path()).unwrap();
+    // Not the defaults (512M, 1 vCPU), so the restored size and vCPU count must come from
+    // the file.
+    let mem: u64 = 96 << 20;
+    let mut src = Guest::ferry(
+        "source",
+        dir.path(),
+        &kernel_args(&image, &format!("{APPEND} cpus=2"), "96M", 2),
+        true,
+    );
+    src.wait_ready();
+    src.wait_status_lines(2);
+    src.wait_api();
+    let seen = *src.serial().sweeps().last().unwrap();
+
+    // A relative path: `ferry remote` makes it absolute against its own directory.
+    let mut cmd = Command::new(FERRY);
+    cmd.current_dir(dir.path())
+        .arg("remote")
+        .arg("--api-socket")
+        .arg(src.api())
+        .args(["snapshot", "vm.snap"]);
+    let out = run_cmd(cmd);
+    assert!(
+        out.status.success(),
+        "snapshot failed ({}): {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        src.describe()
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "snapshot printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let snap = dir.path().join("vm.snap");
+    let reported = result["path"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no path in the snapshot result: {result}"));
+    assert!(
+        Path::new(reported).is_absolute(),
+        "snapshot path not absolute: {result}"
+    );
+    assert_eq!(
+        std::fs::canonicalize(reported).unwrap(),
+        std::fs::canonicalize(&snap).unwrap(),
+        "snapshot result names another file: {result}"
+    );
+    assert!(result["ms"].is_number(), "no duration: {result}");
+    let len = std::fs::metadata(&snap).unwrap().len();
+    assert!(
+        len >= mem,
+        "snapshot file of {len} bytes for {mem} bytes of RAM"
+    );
+    assert!(
+        !dir.path().join("vm.partial").exists(),
+        "temporary file left behind"
+    );
+    // The source keeps running after the snapshot.
+    src.wait_status_lines(1);
+    assert_eq!(src.info()["state"], "running");
+    src.assert_no_fails();
+
+    src.child.kill().unwrap();
+    let st = src.wait_exit(CMD_TIMEOUT);
+    assert_eq!(st.signal(), Some(9), "source was not SIGKILLed: {st}");
+
+    let mut dst = Guest::ferry(
+        "restored",
+        dir.path(),
+        &args(&["--restore", &snap.display().to_string()]),
+        true,
+    );
+    dst.wait_api();
+    dst.wait_status_lines(2);
+    let s = dst.serial();
+    assert_eq!(
+        s.boots(),
+        0,
+        "the restored guest rebooted\n{}",
+        dst.describe()
+    );
+    assert_eq!(
+        s.ready(),
+        None,
+        "the restored guest started over\n{}",
+        dst.describe()
+    );
+    let sweeps = s.sweeps();
+    const MARGIN: u64 = 2;
+    assert!(
+        sweeps[0] + MARGIN >= seen,
+        "restored guest's sweeps {sweeps:?} start below {seen} seen before the snapshot\n{}",
+        dst.describe()
+    );
+    assert!(
+        sweeps.windows(2).all(|w| w[0] <= w[1]) && sweeps.last() > sweeps.first(),
+        "restored guest's sweeps do not advance: {sweeps:?}\n{}",
+        dst.describe()
+    );
+    let info = dst.info();
+    assert_eq!(info["memory_bytes"], json!(mem), "{info}");
+    assert_eq!(info["vcpus"], json!(2), "{info}");
+    assert_eq!(info["state"], "running", "{info}");
+    dst.assert_no_fails();
+    dst.remote_ok(&["quit"]);
+    let st = dst.wait_exit(CMD_TIMEOUT);
+    assert!(st.success(), "restored VM exited with {st}");
+}
+
+/// Serial output size, sampled a few times over `d`: the sizes seen.
+fn serial_sizes(p: &Path, d: Duration) -> Vec<u64> {
+    let end = Instant::now() + d;
+    let mut out = Vec::new();
+    loop {
+        out.push(std::fs::metadata(p).map(|m| m.len()).unwrap_or(0));
+        if Instant::now() >= end {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn api_info_pause_resume_quit_and_unknown_commands() {
+    let _heavy = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let image = ferry_guest::write_image(ImageKind::Elf, dir.path()).unwrap();
+    let mut run_args = kernel_args(&image, APPEND, "64M", 1);
+    run_args.extend(args(&["--memory-backend", "memfd"]));
+    let mut g = Guest::ferry("api", dir.path(), &run_args, true);
+    g.wait_ready();
+    g.wait_api();
+
+    let info = g.info();
+    assert_eq!(info["state"], "running", "{info}");
+    assert_eq!(info["vcpus"], json!(1), "{info}");
+    assert_eq!(info["memory_bytes"], json!(64u64 << 20), "{info}");
+    assert_eq!(info["memory_backend"], "memfd", "{info}");
+
+    // Unknown command: an error naming the known ones; the connection stays usable.
+    let reply = raw_request(g.api(), r#"{"command":"bogus"}"#);
+    assert_eq!(reply["ok"], json!(false), "{reply}");
+    let err = reply["error"].as_str().unwrap_or_else(|| panic!("{reply}"));
+    assert!(err.contains("bogus"), "{err}");
+    for c in [
+        "info",
+        "pause",
+        "resume",
+        "snapshot",
+        "quit",
+        "migrate",
+        "migrate-cancel",
+    ] {
+        assert!(err.contains(c), "error does not name {c}: {err}");
+    }
+    {
+        let mut s = UnixStream::connect(g.api()).unwrap();
+        s.set_read_timeout(Some(CMD_TIMEOUT)).unwrap();
+        s.write_all(b"this is not json\n{\"command\":\"info\"}\n")
+            .unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["ok"], json!(false), "{v}");
+        assert!(
+            v["error"].as_str().is_some_and(|e| e.contains("info")),
+            "{v}"
+        );
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["ok"], json!(true), "after a bad request: {v}");
+        assert_eq!(v["result"]["state"], "running", "{v}");
+    }
+
+    // Pause: the guest stops printing.
+    g.remote_ok(&["pause"]);
+    assert_eq!(g.info()["state"], "paused");
+    let sizes = serial_sizes(&g.serial, Duration::from_millis(300));
+    assert!(
+        sizes.windows(2).all(|w| w[0] == w[1]),
+        "serial output grew while paused: {sizes:?}"
+    );
+    // Resume: it prints again.
+    g.remote_ok(&["resume"]);
+    assert_eq!(g.info()["state"], "running");
+    let paused_len = *sizes.last().unwrap() as usize;
+    g.wait_for("output after resume", GUEST_TIMEOUT, |s| {
+        s.raw.len() > paused_len + 10
+    });
+    g.wait_status_lines(1);
+    g.assert_no_fails();
+
+    g.remote_ok(&["quit"]);
+    let st = g.wait_exit(CMD_TIMEOUT);
+    assert_eq!(st.code(), Some(0), "quit: {st}\n{}", g.describe());
+    assert!(
+        !g.api().exists(),
+        "the API socket was left behind after quit"
+    );
+}
+
+#[test]
+fn remote_with_a_bad_socket_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.sock");
+    let out = remote(&missing, &["info"]);
+    assert_clean_failure(
+        "remote to a missing socket",
+        &out,
+        &[
+            "ferry: error: cannot connect to the API socket",
+            &missing.display().to_string(),
+            "No such file",
+        ],
+    );
+    assert!(out.stdout.is_empty());
+    let not_socket = dir.path().join("plain-file");
+    std::fs::write(&not_socket, "x").unwrap();
+    let out = remote(&not_socket, &["pause"]);
+    assert_clean_failure(
+        "remote to a file that is not a socket",
+        &out,
+        &[
+            "cannot connect to the API socket",
+            &not_socket.display().to_string(),
+        ],
+    );
+}
+
+/// `--api-socket` never clobbers a regular file, and never steals a live VM's socket.
+#[test]
+fn api_socket_is_not_taken_from_others() {
+    let _heavy = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let image = ferry_guest::write_image(ImageKind::Elf, dir.path()).unwrap();
+    let kernel = kernel_args(&image, "ws=1M hb=10", "32M", 1);
+
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "keep me").unwrap();
+    let mut a = vec!["run".to_string()];
+    a.extend(kernel.iter().cloned());
+    a.extend(args(&["--serial", "null", "--api-socket", file.to_str().unwrap()]));
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let out = ferry(&refs);
+    assert_clean_failure("regular file as API socket", &out, &["exists and is not a socket"]);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+
+    let mut first = Guest::ferry("first", dir.path(), &kernel, true);
+    first.wait_api();
+    let sock = first.api().to_path_buf();
+    let mut b = vec!["run".to_string()];
+    b.extend(kernel.iter().cloned());
+    b.extend(args(&["--serial", "null", "--api-socket", sock.to_str().unwrap()]));
+    let refs: Vec<&str> = b.iter().map(String::as_str).collect();
+    let out = ferry(&refs);
+    assert_clean_failure("second VM on a live socket", &out, &["another running VMM serves this socket"]);
+    // The first VM is still reachable on its socket.
+    assert_eq!(first.info()["state"], "running");
+}
