@@ -373,7 +373,8 @@ mod tests {
             vec![
                 GuestLine::Status {
                     sweeps: 1,
-                    fails: 0
+                    fails: 0,
+                    stall_us: None
                 },
                 GuestLine::Ready { cpus: 2 }
             ]

@@ -632,3 +632,165 @@ fn truncated_stream_fails_both_sides_cleanly() {
         "destination reason: {err}"
     );
 }
+
+/// Reserves 2 MiB huge pages for a test and gives them back afterwards.
+struct HugePages(u64);
+
+impl HugePages {
+    fn reserve(pages: u64) -> HugePages {
+        const P: &str = "/proc/sys/vm/nr_hugepages";
+        let old: u64 = std::fs::read_to_string(P).unwrap().trim().parse().unwrap();
+        if let Err(e) = std::fs::write(P, (old + pages).to_string()) {
+            panic!("cannot reserve {pages} huge pages in {P} ({e}); the hugetlb tests need root");
+        }
+        let got: u64 = std::fs::read_to_string(P).unwrap().trim().parse().unwrap();
+        let r = HugePages(old);
+        assert!(
+            got >= old + pages,
+            "only {} huge pages could be reserved",
+            got - old
+        );
+        r
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.0.to_string());
+    }
+}
+
+fn migrate_backend(src_extra: &[String], dst_extra: &[String]) {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = tcp_uri();
+    let dst_digest = dir.path().join("dst.digest");
+    let src_digest = dir.path().join("src.digest");
+    let mut extra = dst_extra.to_vec();
+    extra.extend([s("--digest-file"), dst_digest.display().to_string()]);
+    let dst = destination(dir.path(), "destination", &uri, MEM, 1, &extra);
+    let img = ferry_guest::write_image(ImageKind::Elf, dir.path()).unwrap();
+    let mut args = vec![
+        s("--kernel"),
+        img.display().to_string(),
+        s("--append"),
+        s("ws=8M hb=1 dma=1"),
+        s("--memory"),
+        s(MEM),
+    ];
+    args.extend_from_slice(src_extra);
+    let mut src = spawn("source", dir.path(), &args);
+    src.wait_ready();
+    src.wait_progress(1);
+    let out = migrate_json(&src, &uri, &["--digest-file", src_digest.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\ndestination: {}",
+        String::from_utf8_lossy(&out.stderr),
+        dst.stderr()
+    );
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["prepare"]["reported"], true, "{stats}");
+    assert_eq!(stats["prepare"]["in_downtime_ms"], 0.0, "{stats}");
+    assert!(src
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    assert_eq!(
+        read_digests(&src_digest),
+        read_digests(&dst_digest),
+        "memory differs"
+    );
+    dst.wait_progress(2);
+    assert!(dst.fails().is_empty(), "{:?}", dst.fails());
+    let info = dst.info();
+    assert_eq!(info["state"], "running");
+    info.get("memory_backend").expect("info names the backend");
+}
+
+#[test]
+fn migrates_transparent_huge_page_memory() {
+    let _g = serial_guard();
+    migrate_backend(&[s("--hugepages")], &[s("--hugepages")]);
+}
+
+#[test]
+fn migrates_hugetlb_memory_with_locked_destination() {
+    let _g = serial_guard();
+    // 128 MiB on each side.
+    let _pages = HugePages::reserve(128);
+    migrate_backend(
+        &[s("--memory-backend"), s("hugetlb")],
+        &[
+            s("--memory-backend"),
+            s("hugetlb"),
+            s("--prepare"),
+            s("lock"),
+        ],
+    );
+}
+
+#[test]
+fn hugetlb_destination_without_reserved_pages_is_refused_before_listening() {
+    let _g = serial_guard();
+    // More than the free huge pages, whatever the machine has reserved.
+    let free: u64 =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .map(|s| s.trim().parse().unwrap_or(0))
+            .unwrap_or(0);
+    let mem = format!("{}M", (free + 8) * 2);
+    let port = free_port();
+    let out = Command::new(FERRY)
+        .args([
+            "run",
+            "--incoming",
+            &format!("tcp:127.0.0.1:{port}"),
+            "--memory",
+            &mem,
+        ])
+        .args(["--memory-backend", "hugetlb", "--serial", "null"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("huge pages") && err.contains("nr_hugepages"),
+        "{err}"
+    );
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "it must not have listened"
+    );
+}
+
+#[test]
+fn lock_preparation_beyond_the_memlock_limit_is_refused_before_listening() {
+    let _g = serial_guard();
+    let port = free_port();
+    // No CAP_IPC_LOCK (dropped from the bounding and inheritable sets) and a 1 MiB limit.
+    let out = Command::new("setpriv")
+        .args(["--bounding-set", "-ipc_lock", "--inh-caps", "-ipc_lock"])
+        .args(["prlimit", "--memlock=1048576:1048576", FERRY])
+        .args([
+            "run",
+            "--incoming",
+            &format!("tcp:127.0.0.1:{port}"),
+            "--memory",
+            "64M",
+        ])
+        .args(["--prepare", "lock", "--serial", "null"])
+        .output()
+        .expect("setpriv and prlimit (util-linux) are needed for this test");
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--prepare") && err.contains("MEMLOCK"),
+        "{err}"
+    );
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "it must not have listened"
+    );
+}

@@ -6,7 +6,9 @@
 #   - sweep its slice of the hot working set: check each page holds what this vCPU last
 #     wrote there, then write the next generation (two qwords per page: offset 0 and 4088);
 #   - verify a batch of its cold (never rewritten) pages;
-#   - the BSP emits a heartbeat byte every `hb` ms and a status line about once a second.
+#   - the BSP emits a heartbeat byte every `hb` ms and a status line about once a second,
+#     "FERRY-GUEST ok sweeps=N fails=F stall_us=S", S being the longest time in that second
+#     the BSP went without progress (host preemption, dirty-log calls, migration pauses).
 # Any page that does not hold the value last written is reported on the serial port as
 #   FERRY-GUEST FAIL cpu=N addr=0x... expected=0x... got=0x...
 #
@@ -18,6 +20,7 @@
 #   cold=N     cold pages each vCPU verifies per sweep, default 256
 #   dma=0|1    exercise the Ferry test DMA device (VMM writes guest memory), default 0
 #   cpus=N     wait for exactly N CPUs (default: whoever answers the SIPI in 100 ms)
+#   fill=0|1   fill (and later verify) the cold memory, default 1; fill=0 leaves it as it is
 #
 # Built twice: as ELF32 (QEMU's default path) and as a flat image that uses the multiboot
 # header's load-address fields (flag bit 16), selected by KLUDGE.
@@ -275,10 +278,12 @@ cpu_main:
     mov     rdi, [hot_lo + r15 * 8]
     mov     rcx, [hot_hi + r15 * 8]
     call    fill_range
+    cmp     byte ptr [fill_on], 0
+    je      1f
     mov     rdi, [cold_lo + r15 * 8]
     mov     rcx, [cold_hi + r15 * 8]
     call    fill_range
-    lock inc dword ptr [filled]
+1:  lock inc dword ptr [filled]
 .Lfill_wait:
     pause
     mov     eax, [filled]
@@ -298,6 +303,7 @@ cpu_main:
     or      rax, rdx
     mov     [next_status], rax
     mov     [next_hb], rax
+    mov     [last_tick], rax
 .Lready_done:
     rdtsc
     shl     rdx, 32
@@ -481,7 +487,17 @@ tick_nopace:
     test    r15, r15
     jnz     9f
     push    rdi
-    call    heartbeat_maybe
+    # Longest gap between ticks (a tick is 16 pages): how long the vCPU made no progress.
+    rdtsc
+    shl     rdx, 32
+    or      rax, rdx
+    mov     rdx, rax
+    sub     rax, [last_tick]
+    mov     [last_tick], rdx
+    cmp     rax, [stall_max]
+    jbe     1f
+    mov     [stall_max], rax
+1:  call    heartbeat_maybe
     pop     rdi
 9:  ret
 
@@ -536,6 +552,15 @@ heartbeat_maybe:
     call    puts
     mov     eax, [fails]
     call    put_dec
+    lea     rsi, [rip + msg_stall]
+    call    puts
+    mov     rax, [stall_max]          # TSC ticks -> microseconds
+    imul    rax, rax, 1000
+    xor     edx, edx
+    mov     rcx, [tsc_per_ms]
+    div     rcx
+    call    put_dec
+    mov     qword ptr [stall_max], 0
     lea     rsi, [rip + msg_nl]
     call    puts_locked_end
     pop     rbx
@@ -737,9 +762,15 @@ parse_cmdline:
     jmp     8f
 7:  lea     rdi, [rip + key_cpus]
     call    match_key
-    jc      8f
+    jc      10f
     call    parse_size
     mov     [want_cpus], eax
+    jmp     8f
+10: lea     rdi, [rip + key_fill]
+    call    match_key
+    jc      8f
+    call    parse_size
+    mov     [fill_on], al
 8:  # skip to the end of the token
     mov     al, [rsi]
     test    al, al
@@ -748,7 +779,10 @@ parse_cmdline:
     je      1b
     inc     rsi
     jmp     8b
-9:  ret
+9:  cmp     byte ptr [fill_on], 0     # unfilled cold memory holds nothing to verify
+    jne     11f
+    mov     dword ptr [cold_batch], 0
+11: ret
 
 # match_key: rsi = token, rdi = "key=" string. CF clear and rsi past the key on a match,
 # CF set and rsi unchanged otherwise.
@@ -1116,6 +1150,7 @@ msg_mib_tsc:   .asciz "MiB tsc_khz="
 msg_ready:     .asciz "\nFERRY-GUEST ready cpus="
 msg_status:    .asciz "\nFERRY-GUEST ok sweeps="
 msg_fails:     .asciz " fails="
+msg_stall:     .asciz " stall_us="
 msg_fail:      .asciz "\nFERRY-GUEST FAIL cpu="
 msg_addr:      .asciz " addr="
 msg_expected:  .asciz " expected="
@@ -1128,6 +1163,7 @@ key_hb:        .asciz "hb="
 key_cold:      .asciz "cold="
 key_dma:       .asciz "dma="
 key_cpus:      .asciz "cpus="
+key_fill:      .asciz "fill="
 
 .section .data
 .align 8
@@ -1136,6 +1172,7 @@ rate:          .quad 0
 hb_ms:         .quad 1
 cold_batch:    .long 256
 dma_on:        .byte 0
+fill_on:       .byte 1
 .align 4
 want_cpus:     .long 0
 
@@ -1167,6 +1204,8 @@ tsc_per_ms:    .quad 0
 hb_ticks:      .quad 0
 next_hb:       .quad 0
 next_status:   .quad 0
+last_tick:     .quad 0
+stall_max:     .quad 0
 mem_total_pages: .quad 0
 hot_pages:     .quad 0
 reg_start:     .skip 8 * MAX_REGIONS

@@ -55,8 +55,16 @@ pub enum GuestLine {
     Boot { mem_mib: u64, ws_mib: u64 },
     /// `FERRY-GUEST ready cpus=N`: memory filled, every vCPU in its loop.
     Ready { cpus: u64 },
-    /// `FERRY-GUEST ok sweeps=N fails=F`, about once a second.
-    Status { sweeps: u64, fails: u64 },
+    /// `FERRY-GUEST ok sweeps=N fails=F stall_us=S`, about once a second; `stall_us` is
+    /// the longest time in that second the boot vCPU made no progress.
+    Status {
+        /// Sweeps of the boot vCPU's working set.
+        sweeps: u64,
+        /// Verification failures so far.
+        fails: u64,
+        /// Longest progress gap in the last second, µs (absent before the first).
+        stall_us: Option<u64>,
+    },
     /// `FERRY-GUEST FAIL ...`: a page did not hold what the guest last wrote there.
     Fail(String),
     /// Anything else.
@@ -95,7 +103,11 @@ impl GuestLine {
         } else if rest.starts_with("ok") {
             field(line, "sweeps=")
                 .zip(field(line, "fails="))
-                .map(|(sweeps, fails)| GuestLine::Status { sweeps, fails })
+                .map(|(sweeps, fails)| GuestLine::Status {
+                    sweeps,
+                    fails,
+                    stall_us: field(line, "stall_us="),
+                })
         } else {
             None
         };
@@ -123,10 +135,11 @@ mod tests {
     #[test]
     fn parses_lines() {
         assert_eq!(
-            GuestLine::parse("...FERRY-GUEST ok sweeps=12 fails=0"),
+            GuestLine::parse("...FERRY-GUEST ok sweeps=12 fails=0 stall_us=340"),
             Some(GuestLine::Status {
                 sweeps: 12,
-                fails: 0
+                fails: 0,
+                stall_us: Some(340)
             })
         );
         assert_eq!(
