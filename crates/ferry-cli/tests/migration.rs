@@ -169,6 +169,10 @@ fn s(v: &str) -> String {
 }
 
 fn source(dir: &Path, vcpus: u32) -> Proc {
+    source_with(dir, vcpus, MEM, "ws=8M")
+}
+
+fn source_with(dir: &Path, vcpus: u32, mem: &str, ws: &str) -> Proc {
     let img = ferry_guest::write_image(ImageKind::Elf, dir).unwrap();
     let p = spawn(
         "source",
@@ -177,9 +181,9 @@ fn source(dir: &Path, vcpus: u32) -> Proc {
             s("--kernel"),
             img.display().to_string(),
             s("--append"),
-            format!("ws=8M hb=1 dma=1 cpus={vcpus}"),
+            format!("{ws} hb=1 dma=1 cpus={vcpus}"),
             s("--memory"),
-            s(MEM),
+            s(mem),
             s("--vcpus"),
             vcpus.to_string(),
         ],
@@ -792,5 +796,38 @@ fn lock_preparation_beyond_the_memlock_limit_is_refused_before_listening() {
     assert!(
         TcpStream::connect(("127.0.0.1", port)).is_err(),
         "it must not have listened"
+    );
+}
+
+#[test]
+fn auto_converge_throttles_a_guest_that_outruns_the_link() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = tcp_uri();
+    let dst = destination(dir.path(), "destination", &uri, "32M", 1, &[]);
+    let src = source_with(dir.path(), 1, "32M", "ws=4M");
+    // The guest rewrites its 4 MiB working set every ~20 ms; 6 MB/s cannot keep up.
+    let out = migrate_json(
+        &src,
+        &uri,
+        &["--max-bandwidth", "6M", "--downtime-limit", "30"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        stats["max_throttle_percent"].as_u64().unwrap() >= 20,
+        "{stats}"
+    );
+    assert!(stats["passes"].as_u64().unwrap() >= 4, "{stats}");
+    dst.wait_progress(2);
+    assert!(dst.fails().is_empty(), "{:?}", dst.fails());
+    assert_eq!(
+        dst.info()["throttle_percent"],
+        0,
+        "the destination runs unthrottled"
     );
 }
