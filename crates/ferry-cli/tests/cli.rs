@@ -419,10 +419,19 @@ fn api_socket_is_not_taken_from_others() {
     std::fs::write(&file, "keep me").unwrap();
     let mut a = vec!["run".to_string()];
     a.extend(kernel.iter().cloned());
-    a.extend(args(&["--serial", "null", "--api-socket", file.to_str().unwrap()]));
+    a.extend(args(&[
+        "--serial",
+        "null",
+        "--api-socket",
+        file.to_str().unwrap(),
+    ]));
     let refs: Vec<&str> = a.iter().map(String::as_str).collect();
     let out = ferry(&refs);
-    assert_clean_failure("regular file as API socket", &out, &["exists and is not a socket"]);
+    assert_clean_failure(
+        "regular file as API socket",
+        &out,
+        &["exists and is not a socket"],
+    );
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
 
     let mut first = Guest::ferry("first", dir.path(), &kernel, true);
@@ -430,10 +439,19 @@ fn api_socket_is_not_taken_from_others() {
     let sock = first.api().to_path_buf();
     let mut b = vec!["run".to_string()];
     b.extend(kernel.iter().cloned());
-    b.extend(args(&["--serial", "null", "--api-socket", sock.to_str().unwrap()]));
+    b.extend(args(&[
+        "--serial",
+        "null",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]));
     let refs: Vec<&str> = b.iter().map(String::as_str).collect();
     let out = ferry(&refs);
-    assert_clean_failure("second VM on a live socket", &out, &["another running VMM serves this socket"]);
+    assert_clean_failure(
+        "second VM on a live socket",
+        &out,
+        &["another running VMM serves this socket"],
+    );
     // The first VM is still reachable on its socket.
     assert_eq!(first.info()["state"], "running");
 }
