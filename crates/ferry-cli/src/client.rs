@@ -126,12 +126,17 @@ pub fn describe_stats(s: &Value) -> String {
     );
     let p = &s["prepare"];
     if p["reported"] == Value::Bool(true) {
-        out += &format!(
-            "  destination memory prepared in {:.0} ms on {} threads ({:.1} ms inside the downtime)\n",
-            f(&p["prepare_ms"]),
-            f(&p["threads"]),
-            f(&p["in_downtime_ms"])
-        );
+        out += &if f(&p["threads"]) == 0.0 {
+            "  destination memory not prepared in advance (--prepare none)\n".to_string()
+        } else {
+            format!(
+                "  destination memory prepared in {:.0} ms on {} threads ({:.1} ms inside the downtime; the switchover waited {:.0} ms for it)\n",
+                f(&p["prepare_ms"]),
+                f(&p["threads"]),
+                f(&p["in_downtime_ms"]),
+                f(&p["waited_ms"])
+            )
+        };
     }
     out
 }

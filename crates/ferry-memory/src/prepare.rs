@@ -582,7 +582,9 @@ struct Job {
     first_error: Mutex<Option<(HostRange, io::Error)>>,
     phase: Mutex<Phase>,
     phase_changed: Condvar,
-    nice: i32,
+    nice: std::sync::atomic::AtomicI32,
+    // Helper thread ids, so their priority can be changed while they run.
+    tids: Mutex<Vec<libc::pid_t>>,
     started: Instant,
 }
 
@@ -646,6 +648,10 @@ impl Job {
         struct Guard<'a>(&'a Job, bool);
         impl Drop for Guard<'_> {
             fn drop(&mut self) {
+                // Under the lock `NiceControl::set` holds, so it never renices a thread id
+                // the kernel has handed to another thread after this one exited.
+                let me = sched::gettid();
+                lock(&self.0.tids).retain(|t| *t != me);
                 if !self.1 {
                     self.0.fail(
                         HostRange::new(0, 0),
@@ -657,8 +663,12 @@ impl Job {
         }
         let mut guard = Guard(self, false);
 
-        if let Err(e) = sched::set_thread_nice(self.nice) {
-            tracing::warn!(nice = self.nice, error = %e, "prepare: cannot set helper nice value");
+        // Registered before the nice value is read, so a change made in between still
+        // reaches this thread through `set_nice`.
+        lock(&self.tids).push(sched::gettid());
+        let nice = self.nice.load(Ordering::SeqCst);
+        if let Err(e) = sched::set_thread_nice(nice) {
+            tracing::warn!(nice, error = %e, "prepare: cannot set helper nice value");
         }
         let mut done: Vec<HostRange> = Vec::new();
         while !self.stop.load(Ordering::Acquire) {
@@ -807,7 +817,8 @@ pub fn start(
             finished_at: None,
         }),
         phase_changed: Condvar::new(),
-        nice: opts.nice,
+        nice: std::sync::atomic::AtomicI32::new(opts.nice),
+        tids: Mutex::new(Vec::new()),
         started: Instant::now(),
     });
 
@@ -848,7 +859,36 @@ pub fn start(
     })
 }
 
+/// Changes the priority of a running job's helpers, e.g. to finish faster once nothing else
+/// needs the CPUs (a migration waiting only for the preparation).
+#[derive(Clone)]
+pub struct NiceControl(Arc<Job>);
+
+impl NiceControl {
+    /// Sets every helper's nice value, now and for helpers yet to start. Returns how many
+    /// running helpers were changed (raising priority needs CAP_SYS_NICE).
+    pub fn set(&self, nice: i32) -> usize {
+        self.0.nice.store(nice, Ordering::SeqCst);
+        let tids = lock(&self.0.tids);
+        tids.iter()
+            .filter(|&&tid| match sched::set_nice_of(tid, nice) {
+                Ok(()) => true,
+                Err(e) => {
+                    // ESRCH: the helper has finished.
+                    tracing::debug!(tid, nice, error = %e, "prepare: cannot renice helper");
+                    false
+                }
+            })
+            .count()
+    }
+}
+
 impl PrepareHandle {
+    /// A control to change the helpers' priority while the job runs.
+    pub fn nice_control(&self) -> NiceControl {
+        NiceControl(self.job.clone())
+    }
+
     /// How far the job has got.
     pub fn progress(&self) -> Progress {
         Progress {

@@ -322,6 +322,26 @@ fn helpers_run_at_nice_19_and_the_caller_is_untouched() {
 }
 
 #[test]
+fn helpers_can_be_reniced_while_they_run() {
+    let m = map(16 * MIB);
+    let rec = Arc::new(Recorder {
+        delay: Duration::from_millis(20),
+        ..Recorder::default()
+    });
+    let handle = start(vec![range(&m)], rec.clone(), opts(MIB)).expect("start");
+    let control = handle.nice_control();
+    while rec.calls.load(Ordering::SeqCst) < 4 {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(control.set(0) >= 1, "no running helper was reniced");
+    handle.wait().expect("prepare");
+    let nices = rec.nices.lock().expect("lock").clone();
+    assert_eq!(nices.len(), 16);
+    assert_eq!(nices.first(), Some(&19), "{nices:?}");
+    assert_eq!(nices.last(), Some(&0), "{nices:?}");
+}
+
+#[test]
 fn cancel_stops_promptly_and_undoes() {
     let m = map(64 * MIB);
     let rec = Arc::new(Recorder {

@@ -221,8 +221,10 @@ pub struct PrepareStats {
     pub reported: bool,
     /// How long it took (destination's clock).
     pub prepare_ms: f64,
-    /// Helper threads it used.
+    /// Helper threads it used (0: the destination did not prepare memory).
     pub threads: u32,
+    /// How long the switchover was held back waiting for it, after precopy had converged.
+    pub waited_ms: f64,
     /// How much of it fell inside the downtime (0 when the acknowledgement arrived before
     /// the guest was paused, which the engine waits for).
     pub in_downtime_ms: f64,

@@ -65,7 +65,10 @@ pub struct ReceiveParams {
     pub prepare: PrepareMode,
     /// Helper threads for it (`None`: as many as affinity and cgroup quota allow).
     pub prepare_threads: Option<usize>,
-    /// Nice value of the helpers (19: they yield to vCPUs and transfer threads).
+    /// Nice value of the helpers while the destination waits for a source (19: they yield
+    /// to whatever else runs on the host). Once a migration is accepted they are raised to
+    /// nice 0: from then on unprepared memory slows every received page, and the switchover
+    /// waits for the preparation.
     pub prepare_nice: i32,
     /// Write a digest of every guest page here once all memory has arrived (tests).
     pub digest_file: Option<PathBuf>,
@@ -645,6 +648,12 @@ impl Receiver_ {
                 self.params.prepare_nice,
             )?,
         };
+        if let Some(h) = &handle {
+            // A migration is on: unprepared memory now slows every page received, and the
+            // switchover waits for the preparation. Low priority was for the idle wait.
+            let n = h.nice_control().set(0);
+            tracing::info!(helpers = n, "migration accepted: preparation raised to nice 0");
+        }
         let Some(handle) = handle else {
             if ack {
                 send_on(

@@ -355,6 +355,7 @@ impl Source {
         let mut throttle = 0u8;
         let mut passes_at_max = 0u32;
         let mut extra_passes = 0u32;
+        let mut converged_at: Option<Instant> = None;
         let estimate = loop {
             self.progress.pass.store(u64::from(pass), Ordering::Relaxed);
             let t_pass = Instant::now();
@@ -416,6 +417,7 @@ impl Source {
                     self.stats.converged = true;
                     break estimate;
                 }
+                converged_at.get_or_insert_with(Instant::now);
                 // Keep the dirty set small while the destination finishes preparing, without
                 // spinning on empty passes.
                 self.wait_events(Duration::from_millis(20))?;
@@ -535,6 +537,9 @@ impl Source {
             self.stats.prepare.prepare_ms = us as f64 / 1000.0;
             self.stats.prepare.threads = threads;
             self.stats.prepare.in_downtime_ms = ms(at.saturating_duration_since(t_pause));
+            self.stats.prepare.waited_ms = converged_at
+                .map(|c| ms(at.saturating_duration_since(c)))
+                .unwrap_or(0.0);
         }
         self.stats.total_ms = ms(t_start.elapsed());
         self.stats.bytes = self.progress.bytes.load(Ordering::Relaxed);

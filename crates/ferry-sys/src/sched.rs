@@ -115,9 +115,13 @@ pub fn set_affinity(cpus: &[usize]) -> Result<(), SchedError> {
 /// The kernel clamps it to -20..=19; lowering it below the current value needs
 /// CAP_SYS_NICE (or RLIMIT_NICE room).
 pub fn set_thread_nice(nice: i32) -> Result<(), SchedError> {
-    let tid = gettid() as libc::id_t;
+    set_nice_of(gettid(), nice)
+}
+
+/// Sets the nice value of thread `tid` of this process (same rules as [`set_thread_nice`]).
+pub fn set_nice_of(tid: libc::pid_t, nice: i32) -> Result<(), SchedError> {
     // SAFETY: setpriority has no memory-safety preconditions.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
     if rc != 0 {
         return Err(SchedError::last("setpriority"));
     }

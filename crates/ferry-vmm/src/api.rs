@@ -9,7 +9,6 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -262,17 +261,18 @@ fn handle(req: Request, vmm: &Arc<Vmm>, writer: &Arc<Mutex<UnixStream>>) -> Resu
                 }
                 *m = Some((progress.clone(), cancel.clone()));
             }
-            // Stream progress to this client while the migration runs.
-            let done = Arc::new(AtomicBool::new(false));
+            // Stream progress to this client while the migration runs; dropping `stop`
+            // wakes the ticker at once, so the result is not held back.
+            let (stop, stopped) = std::sync::mpsc::channel::<()>();
             let ticker = {
-                let done = done.clone();
                 let progress = progress.clone();
                 let writer = writer.clone();
                 std::thread::spawn(move || {
-                    while !done.load(Ordering::SeqCst) {
-                        std::thread::sleep(Duration::from_millis(200));
+                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                        stopped.recv_timeout(Duration::from_millis(200))
+                    {
                         let v = json!({"event": "progress", "progress": progress.report()});
-                        if done.load(Ordering::SeqCst) || write_line(&writer, &v).is_err() {
+                        if write_line(&writer, &v).is_err() {
                             return;
                         }
                     }
@@ -285,7 +285,7 @@ fn handle(req: Request, vmm: &Arc<Vmm>, writer: &Arc<Mutex<UnixStream>>) -> Resu
                 progress,
                 cancel,
             );
-            done.store(true, Ordering::SeqCst);
+            drop(stop);
             let _ = ticker.join();
             result
                 .map(|stats| serde_json::to_value(stats).unwrap_or(Value::Null))
