@@ -23,8 +23,15 @@ use crate::stats::{table_row, Summary};
 pub enum Variant {
     /// A QEMU migration; `prealloc` starts the destination with `-mem-prealloc`.
     Qemu { prealloc: bool },
-    /// A Ferry migration with these extra destination arguments.
-    Ferry { dest_args: Vec<String> },
+    /// A Ferry migration with these extra destination arguments; `pause_source` pauses the
+    /// source guest before migrating (no vCPU then competes for the CPUs: what the engine
+    /// alone does against the link).
+    Ferry {
+        /// Extra destination arguments.
+        dest_args: Vec<String>,
+        /// Pause the source guest first.
+        pause_source: bool,
+    },
 }
 
 /// One line of a results table.
@@ -53,6 +60,7 @@ impl Row {
             label: label.to_string(),
             variant: Variant::Ferry {
                 dest_args: dest_args.iter().map(|s| s.to_string()).collect(),
+                pause_source: false,
             },
         }
     }
@@ -98,6 +106,16 @@ pub fn migrate_rows(channels: u32, with_qemu: bool, nice0: bool) -> Vec<Row> {
             &["--prepare-nice", "0"],
         ));
     }
+    let mut paused = Row::ferry(
+        "ferry-paused",
+        "Ferry, source guest paused (engine vs link; downtime columns not meaningful)",
+        &[],
+    );
+    paused.variant = Variant::Ferry {
+        dest_args: Vec::new(),
+        pause_source: true,
+    };
+    rows.push(paused);
     rows
 }
 
@@ -444,8 +462,13 @@ fn run_one(case: &Case, row: &Row) -> Result<Outcome> {
             let p = qemu_problems(&r);
             (Outcome::Qemu(Box::new(r)), p)
         }
-        Variant::Ferry { dest_args } => {
-            let r = ferry::run_migration(&case.ferry_config(dest_args))?;
+        Variant::Ferry {
+            dest_args,
+            pause_source,
+        } => {
+            let mut cfg = case.ferry_config(dest_args);
+            cfg.pause_source = *pause_source;
+            let r = ferry::run_migration(&cfg)?;
             let p = r.problems();
             (Outcome::Ferry(Box::new(r)), p)
         }
@@ -787,8 +810,12 @@ impl Report {
                 });
                 match &r.variant {
                     Variant::Qemu { prealloc } => v["dest_prealloc"] = json!(prealloc),
-                    Variant::Ferry { dest_args } => {
+                    Variant::Ferry {
+                        dest_args,
+                        pause_source,
+                    } => {
                         v["dest_args"] = json!(dest_args);
+                        v["pause_source"] = json!(pause_source);
                         v["first_pass_throughput_bytes_per_s"] =
                             json!(self.ferry_column(k, |f| f.first_pass_throughput_bytes_per_s));
                         v["prepare_ms"] = json!(self.ferry_column(k, |f| f.prepare_ms));
@@ -888,16 +915,26 @@ mod tests {
         let keys: Vec<_> = r.iter().map(|r| r.key).collect();
         assert_eq!(
             keys,
-            ["qemu", "ferry", "qemu-prealloc", "ferry-prepare-none"]
+            [
+                "qemu",
+                "ferry",
+                "qemu-prealloc",
+                "ferry-prepare-none",
+                "ferry-paused"
+            ]
         );
         assert!(r[0].label.contains("multifd x2"));
         let r = migrate_rows(1, false, true);
         let keys: Vec<_> = r.iter().map(|r| r.key).collect();
-        assert_eq!(keys, ["ferry", "ferry-prepare-none", "ferry-nice0"]);
+        assert_eq!(
+            keys,
+            ["ferry", "ferry-prepare-none", "ferry-nice0", "ferry-paused"]
+        );
         assert_eq!(
             r[2].variant,
             Variant::Ferry {
-                dest_args: vec!["--prepare-nice".into(), "0".into()]
+                dest_args: vec!["--prepare-nice".into(), "0".into()],
+                pause_source: false,
             }
         );
         assert_eq!(migrate_prepare_rows(false).len(), 2);

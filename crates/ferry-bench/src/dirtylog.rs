@@ -122,12 +122,17 @@ impl HugeReservation {
     /// Reserves at least `pages` huge pages.
     pub fn new(pages: u64) -> Result<HugeReservation> {
         let old: u64 = read(Path::new(NR_HUGEPAGES)).trim().parse().unwrap_or(0);
-        std::fs::write(NR_HUGEPAGES, (old + pages).to_string())
-            .with_context(|| format!("reserving {pages} huge pages in {NR_HUGEPAGES} (needs root)"))?;
+        std::fs::write(NR_HUGEPAGES, (old + pages).to_string()).with_context(|| {
+            format!("reserving {pages} huge pages in {NR_HUGEPAGES} (needs root)")
+        })?;
         let got: u64 = read(Path::new(NR_HUGEPAGES)).trim().parse().unwrap_or(0);
         let r = HugeReservation { old };
         if got < old + pages {
-            bail!("only {} of {} huge pages could be reserved", got - old, pages);
+            bail!(
+                "only {} of {} huge pages could be reserved",
+                got - old,
+                pages
+            );
         }
         Ok(r)
     }
@@ -225,7 +230,13 @@ pub fn measure(gib: u64, kind: Kind, dir: &Path) -> Result<Row> {
     wait_lines(&serial, n_before + 2, Duration::from_secs(30))?;
     tracker.stop()?;
     let during = status_stalls(&read(&serial));
-    let stall_during_us = during.iter().skip(n_before).take(2).copied().max().unwrap_or(0);
+    let stall_during_us = during
+        .iter()
+        .skip(n_before)
+        .take(2)
+        .copied()
+        .max()
+        .unwrap_or(0);
     let (_, enable_ns, _) = stats.enable.get();
     vm.shutdown();
     if let Some(e) = stopped.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -268,8 +279,18 @@ pub fn run(sizes: &[u64], kinds: &[Kind]) -> Result<Vec<Row>> {
 pub fn print_table(rows: &[Row]) {
     println!(
         "{:>4} {:<11} {:>6} {:>9} {:>9} {:>7} {:>10} {:>9} {:>9} {:>10} {:>11} {:>11}",
-        "GiB", "pages", "huge%", "enable ms", "get ms", "clears", "clear ms", "clear max",
-        "get2 ms", "clear2 max", "stall pre", "stall log"
+        "GiB",
+        "pages",
+        "huge%",
+        "enable ms",
+        "get ms",
+        "clears",
+        "clear ms",
+        "clear max",
+        "get2 ms",
+        "clear2 max",
+        "stall pre",
+        "stall log"
     );
     for r in rows {
         println!(

@@ -53,6 +53,9 @@ pub struct FerryConfig {
     pub downtime_limit_ms: Option<u64>,
     /// Extra arguments for the destination (`--prepare none`, `--prepare-nice 0`, ...).
     pub dest_args: Vec<String>,
+    /// Pause the source guest before migrating (measures the engine without a vCPU
+    /// competing for the CPUs).
+    pub pause_source: bool,
     /// How long the guest runs after its `ready` line before `migrate` (default 2 s, as
     /// for QEMU), so the working set is hot.
     pub warmup: Duration,
@@ -77,6 +80,7 @@ impl FerryConfig {
             channels: 2,
             downtime_limit_ms: None,
             dest_args: Vec::new(),
+            pause_source: false,
             warmup: Duration::from_secs(2),
             watch: Duration::from_secs(2),
             start_timeout: Duration::from_secs(180),
@@ -293,6 +297,17 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
     thread::sleep(cfg.warmup);
     src.check_alive()?;
     dst.check_alive()?;
+    if cfg.pause_source {
+        let out = remote(
+            &cfg.binary,
+            &src.api,
+            &[s("pause")],
+            Duration::from_secs(30),
+        )?;
+        if !out.succeeded() {
+            bail!("src: pausing the guest failed: {}", out.status_text());
+        }
+    }
 
     let pids = [src.child.0.id(), dst.child.0.id()];
     let mut args = vec![
@@ -415,14 +430,15 @@ impl RemoteOutput {
 /// Runs `ferry remote --api-socket API ARGS...`, killing it after `timeout`.
 fn remote(binary: &Path, api: &Path, args: &[String], timeout: Duration) -> Result<RemoteOutput> {
     let mut cmd = Command::new(binary);
-    cmd.arg("remote")
+    cmd.env("NO_COLOR", "1")
+        .arg("remote")
         .arg("--api-socket")
         .arg(api)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = ChildGuard(
+    let mut child = ChildGuard::new(
         cmd.spawn()
             .with_context(|| format!("starting {} remote", binary.display()))?,
     );
@@ -488,11 +504,13 @@ struct FerryProc {
 impl FerryProc {
     fn spawn(binary: &Path, name: &'static str, args: &[String], api: PathBuf) -> Result<Self> {
         let mut cmd = Command::new(binary);
-        cmd.args(args)
+        // Plain text in the stderr we quote in error messages.
+        cmd.env("NO_COLOR", "1")
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = ChildGuard(
+        let mut child = ChildGuard::new(
             cmd.spawn()
                 .with_context(|| format!("starting {}", binary.display()))?,
         );

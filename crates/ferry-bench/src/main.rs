@@ -5,11 +5,15 @@
 //!   bandwidth measured in the same run.
 //! - `prepare`: destination memory preparation throughput (issue 4).
 //! - `migrate-prepare`: a 4 GiB Ferry migration with destination preparation off and on.
+//! - `dirty-log`: the time of each KVM dirty-log call and the guest's worst stall, by RAM
+//!   size and page kind (issue 4).
 //!
 //! Build both binaries first: `cargo build --release -p ferry-cli -p ferry-bench`, then
 //! `target/release/ferry-bench SUBCOMMAND`. See BENCHMARKS.md.
 
 mod bench;
+mod cleanup;
+mod dirtylog;
 mod ferry;
 mod limits;
 mod prepare;
@@ -44,6 +48,32 @@ enum Cmd {
     Prepare(PrepareArgs),
     /// A large Ferry migration with destination memory preparation off and on (issue 4).
     MigratePrepare(MigratePrepareArgs),
+    /// KVM dirty-log call times and guest stalls by RAM size and page kind (issue 4).
+    DirtyLog(DirtyLogArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogPages {
+    /// 4 KiB pages.
+    #[value(name = "4k")]
+    Small,
+    /// Transparent huge pages.
+    Thp,
+    /// hugetlb 2 MiB pages (reserved for the run through /proc/sys/vm/nr_hugepages; root).
+    Hugetlb,
+}
+
+#[derive(Args)]
+struct DirtyLogArgs {
+    /// Guest RAM sizes in GiB.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    sizes: Vec<u64>,
+    /// Page kinds.
+    #[arg(long, value_delimiter = ',', default_value = "4k,thp,hugetlb")]
+    pages: Vec<LogPages>,
+    /// Print the rows as JSON on stdout (the table then goes to stderr).
+    #[arg(long)]
+    json: bool,
 }
 
 /// Options shared by the two migration benchmarks.
@@ -130,6 +160,10 @@ struct PrepareArgs {
     /// Repetitions per configuration.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Do not pre-warm: measure first touch of memory the outer host may not back yet
+    /// (slower and much more variable on this nested machine).
+    #[arg(long)]
+    cold: bool,
     /// Print the rows as JSON on stdout (the table then goes to stderr).
     #[arg(long)]
     json: bool,
@@ -181,7 +215,24 @@ fn case(c: &Common, mem_mib: u64, qemu: PathBuf, image: &Path) -> Result<Case> {
     })
 }
 
+/// Whether `bin` names an executable file (as a path, or found in `PATH`).
+fn executable_exists(bin: &Path) -> bool {
+    if bin.components().count() > 1 {
+        return bin.is_file();
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false)
+}
+
 fn migrate(a: MigrateArgs) -> Result<()> {
+    if !a.no_qemu && !executable_exists(&a.qemu) {
+        bail!(
+            "{} not found: install QEMU 7.2 with `apt-get install qemu-system-x86` (or run \
+             crates/ferry-bench/run.sh, which does), give --qemu PATH, or use --no-qemu",
+            a.qemu.display()
+        );
+    }
     let dir = qemu::WorkDir::new()?;
     let image = ferry_guest::write_image(ferry_guest::ImageKind::Elf, &dir.0)?;
     let case = case(&a.common, a.memory_mib, a.qemu, &image)?;
@@ -237,7 +288,8 @@ fn prepare_bench(a: PrepareArgs) -> Result<()> {
         bench::cpu_count()
     );
     let started = bench::utc_now();
-    let rows = prepare::run(&a.sizes, &a.threads, &huge, a.reps).map_err(anyhow::Error::msg)?;
+    let rows =
+        prepare::run(&a.sizes, &a.threads, &huge, a.reps, !a.cold).map_err(anyhow::Error::msg)?;
     let text = format!(
         "ferry-bench prepare: MADV_POPULATE_WRITE through ferry_memory::prepare ({started} UTC)\n\
          machine: {} CPUs; other load before the first run {load:.2} CPUs\n{}",
@@ -251,6 +303,7 @@ fn prepare_bench(a: PrepareArgs) -> Result<()> {
             "machine": { "cpus": bench::cpu_count() },
             "load_before_cpus": load,
             "reps": a.reps,
+            "prewarmed": !a.cold,
             "rows": rows,
         })
     });
@@ -258,12 +311,36 @@ fn prepare_bench(a: PrepareArgs) -> Result<()> {
     Ok(())
 }
 
+fn dirty_log(a: DirtyLogArgs) -> Result<()> {
+    let kinds: Vec<dirtylog::Kind> = a
+        .pages
+        .iter()
+        .map(|p| match p {
+            LogPages::Small => dirtylog::Kind::Small,
+            LogPages::Thp => dirtylog::Kind::Thp,
+            LogPages::Hugetlb => dirtylog::Kind::Hugetlb,
+        })
+        .collect();
+    let rows = dirtylog::run(&a.sizes, &kinds)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        dirtylog::print_table(&rows);
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = cleanup::install() {
+        eprintln!("ferry-bench: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let r = match cli.command {
         Cmd::Migrate(a) => migrate(a),
         Cmd::Prepare(a) => prepare_bench(a),
         Cmd::MigratePrepare(a) => migrate_prepare(a),
+        Cmd::DirtyLog(a) => dirty_log(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -271,5 +348,51 @@ fn main() -> ExitCode {
             eprintln!("ferry-bench: BENCHMARK FAILED: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_executables() {
+        assert!(executable_exists(Path::new("sh")));
+        assert!(!executable_exists(Path::new("no-such-binary-ferry-bench")));
+        assert!(!executable_exists(Path::new("/nonexistent/qemu")));
+        assert!(locate_ferry(Some("/nonexistent/ferry".into())).is_err());
+    }
+
+    #[test]
+    fn parses_arguments() {
+        let cli =
+            Cli::try_parse_from(["ferry-bench", "prepare", "--sizes", "1,4", "--pages", "thp"])
+                .unwrap();
+        match cli.command {
+            Cmd::Prepare(a) => {
+                assert_eq!(a.sizes, [1, 4]);
+                assert_eq!(a.threads, [1, 2]);
+                assert!(matches!(a.pages[..], [PageKind::Thp]));
+                assert_eq!(a.reps, 3);
+            }
+            _ => panic!("wrong subcommand"),
+        }
+        let cli = Cli::try_parse_from(["ferry-bench", "migrate", "--vcpus", "2"]).unwrap();
+        match cli.command {
+            Cmd::Migrate(a) => {
+                assert_eq!((a.common.vcpus, a.common.channels, a.reps), (2, 2, 5));
+                assert_eq!(a.memory_mib, 1024);
+            }
+            _ => panic!("wrong subcommand"),
+        }
+        let cli = Cli::try_parse_from(["ferry-bench", "migrate-prepare"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Cmd::MigratePrepare(MigratePrepareArgs {
+                reps: 3,
+                memory_gib: 4,
+                ..
+            })
+        ));
     }
 }

@@ -2,9 +2,11 @@
 //! (`ferry_memory::prepare`), by size, page kind (4 KiB pages or THP) and helper count.
 //!
 //! Every repetition maps fresh anonymous memory and populates it once, so the figures are
-//! first-touch costs. Nothing is pre-warmed: on this machine memory the outer host has not
-//! backed yet is several times slower than recently freed memory, and free-page reporting
-//! makes freed memory cold again within seconds, so expect a wide min..max range.
+//! first-touch costs. On this machine memory the outer host has not backed yet is several
+//! times slower than recently freed memory, and free-page reporting makes freed memory cold
+//! again within seconds: by default each timed repetition is therefore pre-warmed (the same
+//! size populated and freed just before), which measures the kernel's own cost; without
+//! pre-warming the outer host's cost is included and the min..max range is wide.
 
 use std::sync::Arc;
 
@@ -26,6 +28,8 @@ pub struct PrepareRow {
     pub threads_used: usize,
     /// Repetitions.
     pub reps: usize,
+    /// Each repetition followed a pre-warming populate of the same size.
+    pub prewarmed: bool,
     /// Median seconds per repetition.
     pub median_s: f64,
     /// Fastest repetition, seconds.
@@ -113,12 +117,40 @@ fn one_rep(len: usize, thp: bool, threads: usize) -> Result<(f64, usize, u64), S
     Ok((report.elapsed.as_secs_f64(), report.threads, huge))
 }
 
+/// Maps `len` bytes, populates them with every helper the engine allows and unmaps them,
+/// so the outer host backs that much memory again just before a timed repetition (the
+/// freed pages are what the next mapping gets).
+fn prewarm(len: usize, thp: bool) -> Result<(), String> {
+    let m = Mmap::anonymous(len, MapOptions::default()).map_err(|e| e.to_string())?;
+    if thp {
+        mm::huge_page(m.addr(), m.len()).map_err(|e| e.to_string())?;
+    }
+    let opts = PrepareOptions {
+        nice: 0,
+        ..PrepareOptions::default()
+    };
+    prepare::start(
+        vec![HostRange::new(m.addr(), m.len())],
+        Arc::new(Populate),
+        opts,
+    )
+    .and_then(|h| h.wait())
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// Measures every size × page kind × thread count, `reps` times each, on fresh mappings.
+///
+/// Within a size and page kind the thread counts alternate repetition by repetition
+/// (1, 2, 1, 2, ...), so memory warming up or cooling down over the run biases none of
+/// them. With `prewarm`, each timed repetition follows [`prewarm`] of the same size, which
+/// measures the kernel's populate cost rather than the outer host backing cold memory.
 pub fn run(
     sizes_gib: &[u64],
     threads: &[usize],
     huge: &[bool],
     reps: usize,
+    prewarm_first: bool,
 ) -> Result<Vec<PrepareRow>, String> {
     if sizes_gib.is_empty() || threads.is_empty() || huge.is_empty() {
         return Err("prepare bench: sizes, threads and page kinds must not be empty".into());
@@ -133,33 +165,40 @@ pub fn run(
             .and_then(|b| usize::try_from(b).ok())
             .ok_or_else(|| format!("prepare bench: {size_gib} GiB does not fit in memory"))?;
         for &thp in huge {
-            let first = rows.len();
-            for &t in threads {
-                let mut secs = Vec::with_capacity(reps);
-                let mut used = 0;
-                let mut huge_bytes = 0;
-                for _ in 0..reps {
-                    let (s, u, h) = one_rep(len, thp, t)
-                        .map_err(|e| format!("prepare bench, {size_gib} GiB, {t} threads: {e}"))?;
-                    secs.push(s);
-                    used = u;
-                    huge_bytes = h;
+            let mut secs = vec![Vec::with_capacity(reps); threads.len()];
+            let mut used = vec![0; threads.len()];
+            let mut huge_bytes = vec![0; threads.len()];
+            for _ in 0..reps {
+                for (i, &t) in threads.iter().enumerate() {
+                    let what = || format!("prepare bench, {size_gib} GiB, {t} threads");
+                    if prewarm_first {
+                        prewarm(len, thp).map_err(|e| format!("{}: pre-warming: {e}", what()))?;
+                    }
+                    let (s, u, h) = one_rep(len, thp, t).map_err(|e| format!("{}: {e}", what()))?;
+                    secs[i].push(s);
+                    used[i] = u;
+                    huge_bytes[i] = h;
                 }
-                let min_s = secs.iter().copied().fold(f64::INFINITY, f64::min);
-                let max_s = secs.iter().copied().fold(0.0, f64::max);
-                let median_s = median(&mut secs);
+            }
+            let first = rows.len();
+            for (i, &t) in threads.iter().enumerate() {
+                let v = &mut secs[i];
+                let min_s = v.iter().copied().fold(f64::INFINITY, f64::min);
+                let max_s = v.iter().copied().fold(0.0, f64::max);
+                let median_s = median(v);
                 rows.push(PrepareRow {
                     size_gib,
                     thp,
                     threads: t,
-                    threads_used: used,
+                    threads_used: used[i],
                     reps,
+                    prewarmed: prewarm_first,
                     median_s,
                     min_s,
                     max_s,
                     gib_per_s: size_gib as f64 / median_s,
                     speedup: None,
-                    huge_fraction: huge_bytes as f64 / len as f64,
+                    huge_fraction: huge_bytes[i] as f64 / len as f64,
                 });
             }
             let base = rows[first..]
@@ -221,6 +260,48 @@ pub fn table(rows: &[PrepareRow]) -> String {
     }
     out +=
         "speedup = median with 1 thread / median with N (target >= 0.8 x N up to the core count)\n";
-    out += "first-touch of fresh anonymous memory, helpers at nice 19; not pre-warmed\n";
+    if rows.iter().any(|r| r.prewarmed) {
+        out += "fresh anonymous mappings, helpers at nice 19; each timed run right after \
+                populating and freeing the same size (pre-warmed: the kernel's populate cost)\n";
+    } else {
+        out += "first-touch of fresh anonymous memory, helpers at nice 19; not pre-warmed \
+                (includes the outer host backing cold memory)\n";
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_empty_or_zero() {
+        assert!(run(&[], &[1], &[false], 1, false).is_err());
+        assert!(run(&[1], &[0], &[false], 1, false).is_err());
+        assert!(run(&[1], &[1], &[false], 0, false).is_err());
+    }
+
+    #[test]
+    fn table_shows_speedup_and_budget() {
+        let row = |threads, used, median_s, speedup| PrepareRow {
+            size_gib: 4,
+            thp: true,
+            threads,
+            threads_used: used,
+            reps: 3,
+            prewarmed: true,
+            median_s,
+            min_s: median_s,
+            max_s: median_s,
+            gib_per_s: 4.0 / median_s,
+            speedup,
+            huge_fraction: 1.0,
+        };
+        let t = table(&[row(1, 1, 0.5, Some(1.0)), row(2, 1, 0.5, Some(1.0))]);
+        assert!(t.contains("   THP        1"), "{t}");
+        assert!(t.contains("2(1)"), "{t}");
+        assert!(t.contains("asked(used)"), "{t}");
+        assert!(t.contains("pre-warmed"), "{t}");
+        assert!(t.contains("100%"), "{t}");
+    }
 }

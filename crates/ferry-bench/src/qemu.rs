@@ -370,12 +370,14 @@ impl WorkDir {
         // Short: a unix socket path must fit in 108 bytes.
         let path = std::env::temp_dir().join(format!("ferry-bench-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        crate::cleanup::register_dir(path.clone());
         Ok(WorkDir(path))
     }
 }
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
+        crate::cleanup::unregister_dir(&self.0);
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -422,7 +424,7 @@ impl QemuProc {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = ChildGuard(
+        let mut child = ChildGuard::new(
             cmd.spawn()
                 .with_context(|| format!("starting {}", cfg.binary.display()))?,
         );
@@ -498,11 +500,21 @@ impl QemuProc {
     }
 }
 
-/// Kills and reaps the child on drop.
+/// Kills and reaps the child on drop (and on a signal, through [`crate::cleanup`]).
 pub(crate) struct ChildGuard(pub(crate) Child);
+
+impl ChildGuard {
+    /// Takes ownership of a just-spawned child.
+    pub(crate) fn new(child: Child) -> ChildGuard {
+        crate::cleanup::register_pid(child.id());
+        ChildGuard(child)
+    }
+}
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
+        // Before reaping, so the signal thread never kills a pid that is no longer ours.
+        crate::cleanup::unregister_pid(self.0.id());
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

@@ -652,7 +652,10 @@ impl Receiver_ {
             // A migration is on: unprepared memory now slows every page received, and the
             // switchover waits for the preparation. Low priority was for the idle wait.
             let n = h.nice_control().set(0);
-            tracing::info!(helpers = n, "migration accepted: preparation raised to nice 0");
+            tracing::info!(
+                helpers = n,
+                "migration accepted: preparation raised to nice 0"
+            );
         }
         let Some(handle) = handle else {
             if ack {
