@@ -753,16 +753,7 @@ fn hugetlb_destination_without_reserved_pages_is_refused_before_listening() {
         .args(["--memory-backend", "hugetlb", "--serial", "null"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("huge pages") && err.contains("nr_hugepages"),
-        "{err}"
-    );
-    assert!(
-        TcpStream::connect(("127.0.0.1", port)).is_err(),
-        "it must not have listened"
-    );
+    assert_refused_before_listening(&out, port, &["huge pages", "nr_hugepages"]);
 }
 
 #[test]
@@ -783,16 +774,17 @@ fn lock_preparation_beyond_the_memlock_limit_is_refused_before_listening() {
         .args(["--prepare", "lock", "--serial", "null"])
         .output()
         .expect("setpriv and prlimit (util-linux) are needed for this test");
-    assert!(
-        !out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_refused_before_listening(&out, port, &["--prepare", "MEMLOCK"]);
+}
+
+/// A destination that cannot do what it was asked fails at once, says why, and never
+/// listened: no source could have started sending to it.
+fn assert_refused_before_listening(out: &Output, port: u16, phrases: &[&str]) {
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("--prepare") && err.contains("MEMLOCK"),
-        "{err}"
-    );
+    assert!(!out.status.success(), "{err}");
+    for p in phrases {
+        assert!(err.contains(p), "missing '{p}' in: {err}");
+    }
     assert!(
         TcpStream::connect(("127.0.0.1", port)).is_err(),
         "it must not have listened"

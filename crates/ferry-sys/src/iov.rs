@@ -29,6 +29,32 @@ fn advance(iovs: &mut Vec<libc::iovec>, mut n: usize) {
     iovs.drain(..drop_front);
 }
 
+/// Runs `op` (readv or writev) until every iovec is done: retries interrupted calls and
+/// short transfers; a transfer of 0 bytes is `zero_kind`.
+fn drive(
+    iovs: &mut Vec<libc::iovec>,
+    zero_msg: &'static str,
+    zero_kind: io::ErrorKind,
+    mut op: impl FnMut(*const libc::iovec, libc::c_int) -> isize,
+) -> io::Result<()> {
+    while !iovs.is_empty() {
+        let count = iovs.len().min(IOV_MAX) as libc::c_int;
+        let n = op(iovs.as_ptr(), count);
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(io::Error::new(zero_kind, zero_msg));
+        }
+        advance(iovs, n as usize);
+    }
+    Ok(())
+}
+
 /// Writes `header` followed by every slice, in order, completely (retrying short writes).
 pub fn write_all_volatile<B: BitmapSlice>(
     fd: BorrowedFd<'_>,
@@ -52,28 +78,17 @@ pub fn write_all_volatile<B: BitmapSlice>(
             });
         }
     }
-    while !iovs.is_empty() {
-        let count = iovs.len().min(IOV_MAX);
-        // SAFETY: every iovec points to memory that stays valid for this call: `header` is
-        // borrowed, and each guest slice is a VolatileSlice borrowed for the call whose
-        // mapping outlives it. writev only reads from the buffers.
-        let n = unsafe { libc::writev(fd.as_raw_fd(), iovs.as_ptr(), count as libc::c_int) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "writev wrote 0 bytes",
-            ));
-        }
-        advance(&mut iovs, n as usize);
-    }
-    Ok(())
+    drive(
+        &mut iovs,
+        "writev wrote 0 bytes",
+        io::ErrorKind::WriteZero,
+        |iov, count| {
+            // SAFETY: every iovec points to memory that stays valid for this call: `header` is
+            // borrowed, and each guest slice is a VolatileSlice borrowed for the call whose
+            // mapping outlives it. writev only reads from the buffers.
+            unsafe { libc::writev(fd.as_raw_fd(), iov, count) }
+        },
+    )
 }
 
 /// Fills every slice, in order, from `fd` (retrying short reads). Reaching end of stream
@@ -94,27 +109,16 @@ pub fn read_exact_volatile<B: BitmapSlice>(
             iov_len: *len,
         })
         .collect();
-    while !iovs.is_empty() {
-        let count = iovs.len().min(IOV_MAX);
-        // SAFETY: each iovec covers a VolatileSlice of mapped guest memory borrowed for the
-        // duration of this call; the kernel writes at most iov_len bytes into each.
-        let n = unsafe { libc::readv(fd.as_raw_fd(), iovs.as_ptr(), count as libc::c_int) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "stream ended in the middle of page data",
-            ));
-        }
-        advance(&mut iovs, n as usize);
-    }
-    Ok(())
+    drive(
+        &mut iovs,
+        "stream ended in the middle of page data",
+        io::ErrorKind::UnexpectedEof,
+        |iov, count| {
+            // SAFETY: each iovec covers a VolatileSlice of mapped guest memory borrowed for
+            // the duration of this call; the kernel writes at most iov_len bytes into each.
+            unsafe { libc::readv(fd.as_raw_fd(), iov, count) }
+        },
+    )
 }
 
 /// Whether every byte of `slice` is zero. Reads with volatile loads (the guest may be
