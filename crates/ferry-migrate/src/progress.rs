@@ -258,7 +258,7 @@ pub struct MigrationStats {
     pub pages_zero: u64,
     /// Precopy passes, including the final one.
     pub passes: u64,
-    /// Guest dirty rate in the last precopy pass, bytes/s.
+    /// Guest dirty rate, bytes/s, measured over the longest precopy pass after pass 0.
     pub dirty_rate: u64,
     /// Bytes per second over the whole migration.
     pub throughput: u64,

@@ -356,6 +356,7 @@ impl Source {
         let mut passes_at_max = 0u32;
         let mut extra_passes = 0u32;
         let mut converged_at: Option<Instant> = None;
+        let mut rate_window = Duration::ZERO;
         let estimate = loop {
             self.progress.pass.store(u64::from(pass), Ordering::Relaxed);
             let t_pass = Instant::now();
@@ -391,7 +392,12 @@ impl Source {
             self.progress
                 .expected_downtime_us
                 .store(estimate.as_micros() as u64, Ordering::Relaxed);
-            self.stats.dirty_rate = dirty_rate;
+            // Pass 0 saturates at the working set; among later passes the longest is the
+            // steadiest measure of how fast the guest dirties memory.
+            if pass > 1 && dur > rate_window {
+                rate_window = dur;
+                self.stats.dirty_rate = dirty_rate;
+            }
             tracing::info!(
                 pass = pass - 1,
                 sent = totals.bytes,
