@@ -96,17 +96,7 @@ fn state_restores_field_by_field() {
     b.resume();
     std::thread::sleep(Duration::from_millis(100));
     let before = std::fs::read_to_string(&path_b).unwrap().len();
-    wait_for(
-        &path_b,
-        Duration::from_secs(20),
-        "status lines after restore",
-        |l| {
-            l.iter()
-                .filter(|l| matches!(l, GuestLine::Status { .. }))
-                .count()
-                >= 2
-        },
-    );
+    wait_status_lines(&path_b, 2);
     b.shutdown();
     assert!(fails(&path_b).is_empty(), "{:?}", fails(&path_b));
     assert!(std::fs::read_to_string(&path_b).unwrap().len() > before);
@@ -147,17 +137,7 @@ fn snapshot_file_round_trip_and_bad_files() {
     );
     b.start(Arc::new(|e| panic!("vcpu event: {e:?}"))).unwrap();
     b.resume();
-    wait_for(
-        &path_b,
-        Duration::from_secs(20),
-        "status after restore",
-        |l| {
-            l.iter()
-                .filter(|l| matches!(l, GuestLine::Status { .. }))
-                .count()
-                >= 2
-        },
-    );
+    wait_status_lines(&path_b, 2);
     b.shutdown();
     a.shutdown();
     assert!(fails(&path_b).is_empty(), "{:?}", fails(&path_b));

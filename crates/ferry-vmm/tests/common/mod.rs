@@ -84,3 +84,13 @@ pub fn boot(cfg: VmConfig, serial: SerialSink, append: &str) -> Arc<Vm> {
     vm.resume();
     vm
 }
+
+/// Waits until the guest has printed at least `n` status lines.
+pub fn wait_status_lines(path: &Path, n: usize) {
+    wait_for(path, Duration::from_secs(20), "status lines", |l| {
+        l.iter()
+            .filter(|l| matches!(l, GuestLine::Status { .. }))
+            .count()
+            >= n
+    });
+}
