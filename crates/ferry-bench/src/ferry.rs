@@ -25,7 +25,7 @@ use serde_json::Value;
 
 use crate::limits::CpuSample;
 use crate::qemu::{free_port, ChildGuard, WorkDir};
-use crate::serial::{beat_interval, longest_gap_at, Recorder};
+use ferry_testkit::serial::{beat_interval, longest_gap_at, Recorder};
 
 /// Most of a ferry process's stderr kept for error messages; the rest is read and dropped
 /// (the completion line is always kept, wherever it comes).

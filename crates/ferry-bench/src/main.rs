@@ -7,6 +7,8 @@
 //! - `migrate-prepare`: a 4 GiB Ferry migration with destination preparation off and on.
 //! - `dirty-log`: the time of each KVM dirty-log call and the guest's worst stall, by RAM
 //!   size and page kind (issue 4).
+//! - `faults`: the fault matrix (issue 7): faults and hostile operations against real
+//!   `ferry` processes at every moment of a migration, each case several times.
 //!
 //! Build both binaries first: `cargo build --release -p ferry-cli -p ferry-bench`, then
 //! `target/release/ferry-bench SUBCOMMAND`. See BENCHMARKS.md.
@@ -14,11 +16,11 @@
 mod bench;
 mod cleanup;
 mod dirtylog;
+mod faults;
 mod ferry;
 mod limits;
 mod prepare;
 mod qemu;
-mod serial;
 mod stats;
 
 use std::path::{Path, PathBuf};
@@ -50,6 +52,21 @@ enum Cmd {
     MigratePrepare(MigratePrepareArgs),
     /// KVM dirty-log call times and guest stalls by RAM size and page kind (issue 4).
     DirtyLog(DirtyLogArgs),
+    /// The fault matrix: faults and hostile API use at every moment of a migration (issue 7).
+    Faults(FaultArgs),
+}
+
+#[derive(Args)]
+struct FaultArgs {
+    /// Runs of every case.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Only the cases whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+    /// The ferry binary (default: `ferry` next to this program).
+    #[arg(long, value_name = "PATH")]
+    ferry: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -330,6 +347,23 @@ fn dirty_log(a: DirtyLogArgs) -> Result<()> {
     Ok(())
 }
 
+fn fault_matrix(a: FaultArgs) -> Result<()> {
+    let cfg = ferry_testkit::matrix::Config {
+        ferry: locate_ferry(a.ferry)?,
+    };
+    let started = bench::utc_now();
+    let table = faults::run(&cfg, a.reps.max(1), a.only.as_deref())?;
+    println!(
+        "ferry-bench faults ({started} UTC): every case {} times; switchover timeout {} ms, \
+         progress timeout {} ms, handshake timeout {} ms\n{table}",
+        a.reps.max(1),
+        ferry_testkit::matrix::SWITCHOVER_MS,
+        ferry_testkit::matrix::PROGRESS_MS,
+        ferry_testkit::matrix::HANDSHAKE_MS
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = cleanup::install() {
@@ -341,6 +375,7 @@ fn main() -> ExitCode {
         Cmd::Prepare(a) => prepare_bench(a),
         Cmd::MigratePrepare(a) => migrate_prepare(a),
         Cmd::DirtyLog(a) => dirty_log(a),
+        Cmd::Faults(a) => fault_matrix(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

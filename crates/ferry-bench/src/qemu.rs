@@ -26,7 +26,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::limits::CpuSample;
-use crate::serial::{beat_interval, longest_gap_at, Recorder};
+use ferry_testkit::serial::{beat_interval, longest_gap_at, Recorder};
 
 /// How one QEMU migration is run. [`QemuConfig::new`] gives the defaults.
 #[derive(Debug, Clone)]

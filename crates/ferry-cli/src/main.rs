@@ -98,9 +98,15 @@ struct RunArgs {
         requires = "incoming"
     )]
     prepare_nice: i32,
-    /// Write a digest of every guest page at the switchover to this file (for verification).
+    /// Write a digest of every guest page at the switchover to this file (for verification;
+    /// the hashing happens inside the switchover, so give the source a --switchover-timeout
+    /// long enough for it).
     #[arg(long, requires = "incoming")]
     digest_file: Option<PathBuf>,
+    /// Milliseconds a connection to --incoming has to complete the Ferry handshake (and a
+    /// migration's channels to follow its first one); others are dropped.
+    #[arg(long, default_value_t = 10_000, requires = "incoming")]
+    handshake_timeout: u64,
 }
 
 #[derive(Args)]
@@ -119,14 +125,24 @@ enum RemoteCommand {
     /// Pause the guest.
     Pause,
     /// Resume the guest.
-    Resume,
+    Resume {
+        /// After an unconfirmed hand-over: resume here anyway, accepting that the other
+        /// side may run the guest too.
+        #[arg(long)]
+        force: bool,
+    },
     /// Write a snapshot (memory and complete state) to a file.
     Snapshot {
         /// Output file.
         path: PathBuf,
     },
-    /// Stop the VM and its process.
-    Quit,
+    /// Stop the VM and its process (a migration in progress is aborted first).
+    Quit {
+        /// After an unconfirmed hand-over: quit anyway, accepting that this may be the only
+        /// copy of the guest.
+        #[arg(long)]
+        force: bool,
+    },
     /// Live-migrate the VM; waits until it has ended.
     Migrate(MigrateArgs),
     /// Cancel a running migration (the guest keeps running here).
@@ -152,6 +168,16 @@ struct MigrateArgs {
     /// Write a digest of every guest page at the switchover to this file.
     #[arg(long)]
     digest_file: Option<PathBuf>,
+    /// Milliseconds to connect and complete the handshake with the destination.
+    #[arg(long, default_value_t = 10_000)]
+    handshake_timeout: u64,
+    /// Milliseconds precopy may go without the destination acknowledging any progress.
+    #[arg(long, default_value_t = 30_000)]
+    progress_timeout: u64,
+    /// Milliseconds the guest may stay paused here before the hand-over commits; past it
+    /// the migration is aborted and the guest resumes here.
+    #[arg(long, default_value_t = 2_000)]
+    switchover_timeout: u64,
     /// Print the final statistics as one JSON line.
     #[arg(long)]
     json: bool,
@@ -178,7 +204,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
                 prepare_threads: args.prepare_threads,
                 prepare_nice: args.prepare_nice,
                 digest_file: args.digest_file,
-                ..ReceiveParams::default()
+                handshake_timeout: std::time::Duration::from_millis(args.handshake_timeout),
             },
         },
         _ => bail!("give one of --kernel IMAGE, --restore FILE or --incoming URI"),
@@ -222,14 +248,26 @@ fn remote(args: RemoteArgs) -> Result<ExitCode> {
         RemoteCommand::Pause => {
             client::request(sock, &json!({"command": "pause"}), |_| {})?;
         }
-        RemoteCommand::Resume => {
-            client::request(sock, &json!({"command": "resume"}), |_| {})?;
+        RemoteCommand::Resume { force } => {
+            say(client::request(
+                sock,
+                &json!({"command": "resume", "force": force}),
+                |_| {},
+            )?);
         }
-        RemoteCommand::Quit => {
-            client::request(sock, &json!({"command": "quit"}), |_| {})?;
+        RemoteCommand::Quit { force } => {
+            say(client::request(
+                sock,
+                &json!({"command": "quit", "force": force}),
+                |_| {},
+            )?);
         }
         RemoteCommand::MigrateCancel => {
-            client::request(sock, &json!({"command": "migrate-cancel"}), |_| {})?;
+            say(client::request(
+                sock,
+                &json!({"command": "migrate-cancel"}),
+                |_| {},
+            )?);
         }
         RemoteCommand::Snapshot { path } => {
             let path = std::path::absolute(&path).context("snapshot path")?;
@@ -248,6 +286,9 @@ fn remote(args: RemoteArgs) -> Result<ExitCode> {
                 "max_bandwidth": m.max_bandwidth,
                 "auto_converge": !m.no_auto_converge,
                 "digest_file": m.digest_file.map(|p| std::path::absolute(&p).unwrap_or(p)),
+                "handshake_timeout_ms": m.handshake_timeout,
+                "progress_timeout_ms": m.progress_timeout,
+                "switchover_timeout_ms": m.switchover_timeout,
             });
             let show = !m.json && std::io::stderr().is_terminal();
             let stats = client::migrate(sock, &req, show)?;
@@ -259,6 +300,14 @@ fn remote(args: RemoteArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints what the engine said it did, when it said something (a command handled by a
+/// running migration).
+fn say(result: serde_json::Value) {
+    if let Some(m) = result.get("message").and_then(|m| m.as_str()) {
+        eprintln!("ferry: {m}");
+    }
 }
 
 /// The error and its causes, each once: most of Ferry's errors already include their cause

@@ -455,3 +455,79 @@ fn api_socket_is_not_taken_from_others() {
     // The first VM is still reachable on its socket.
     assert_eq!(first.info()["state"], "running");
 }
+
+/// The control API's limits: a private socket whatever the umask, bounded requests, a
+/// bounded number of connections.
+#[test]
+fn api_socket_is_private_and_bounded() {
+    use std::os::unix::fs::PermissionsExt;
+    let _heavy = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let image = ferry_guest::write_image(ImageKind::Elf, dir.path()).unwrap();
+    let sock = dir.path().join("api.sock");
+    // umask 000 would make a plainly bound socket world-writable.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 000 && exec {FERRY} run --kernel '{}' --append 'ws=1M hb=10' --memory 32M \
+             --serial null --api-socket '{}'",
+            image.display(),
+            sock.display()
+        ))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".ferry-api"))
+        .collect();
+    assert!(leftovers.is_empty(), "private bind directory left behind");
+
+    // A request over 64 KiB is refused and its connection closed.
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(CMD_TIMEOUT)).unwrap();
+    let big = format!(
+        "{{\"command\":\"info\",\"x\":\"{}\"}}\n",
+        "a".repeat(70_000)
+    );
+    let _ = s.write_all(big.as_bytes());
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    assert!(line.contains("longer than 65536 bytes"), "{line}");
+
+    // At most 16 connections at once; the 17th is told why.
+    let held: Vec<UnixStream> = (0..16)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = UnixStream::connect(&sock).unwrap();
+    extra.set_read_timeout(Some(CMD_TIMEOUT)).unwrap();
+    let mut line = String::new();
+    BufReader::new(&mut extra).read_line(&mut line).unwrap();
+    assert!(line.contains("too many API connections"), "{line}");
+    drop(held);
+    // Freed slots serve again.
+    let deadline = Instant::now() + CMD_TIMEOUT;
+    loop {
+        let out = remote(&sock, &["info"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = remote(&sock, &["quit"]);
+    let _ = wait_timeout(&mut child, CMD_TIMEOUT);
+    let _ = child.kill();
+}

@@ -1,10 +1,75 @@
-//! Errors of a migration. Each says which side, channel and state it happened in.
+//! Errors of a migration. Each says which side, channel and phase it happened in.
+
+use std::fmt;
+use std::time::Duration;
 
 use ferry_memory::dirty::DirtyError;
+use ferry_memory::prepare::PrepareError;
+use ferry_memory::ram::MemoryError;
 use ferry_proto::ProtoError;
 use ferry_transport::TransportError;
 
 use crate::vm::VmError;
+
+/// A channel of a migration, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// The control channel.
+    Main,
+    /// A data channel.
+    Data(u16),
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Channel::Main => f.write_str("main"),
+            Channel::Data(i) => write!(f, "data {i}"),
+        }
+    }
+}
+
+/// Who ended a migration early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortCause {
+    /// `migrate-cancel`.
+    Cancel,
+    /// `quit` while the migration ran: it is aborted, then the process quits.
+    Quit,
+}
+
+/// What a side stopped waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waited {
+    /// Connecting and opening every channel.
+    Connect,
+    /// The destination's `Welcome`.
+    Welcome,
+    /// The destination's `SetupAccepted`.
+    SetupAccepted,
+    /// The source's data channels and `Setup`, after its main channel.
+    Handshake,
+    /// The destination to acknowledge progress during precopy.
+    Progress,
+    /// Anything from the source while receiving.
+    Source,
+    /// The destination's `Loaded` within the switchover timeout.
+    Loaded,
+}
+
+impl fmt::Display for Waited {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Waited::Connect => "for the connections to the destination",
+            Waited::Welcome => "for the destination to answer the handshake",
+            Waited::SetupAccepted => "for the destination to accept the VM description",
+            Waited::Handshake => "for the source's data channels and VM description",
+            Waited::Progress => "for the destination to acknowledge any data (it stopped making progress)",
+            Waited::Source => "for the source to send anything (it stopped making progress)",
+            Waited::Loaded => "for the destination to load the state (switchover timeout); the guest was resumed on the source",
+        })
+    }
+}
 
 /// Why a migration failed.
 #[derive(Debug, thiserror::Error)]
@@ -13,34 +78,44 @@ pub enum MigrateError {
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// A stream could not be read or decoded.
-    #[error("{channel} channel, in state {state}: {source}")]
-    Proto {
-        /// Which channel ("main", "data 2").
-        channel: String,
-        /// State of the state machine.
-        state: &'static str,
+    #[error("{channel} channel, in phase {phase}: {source}")]
+    Receive {
+        /// Which channel.
+        channel: Channel,
+        /// Phase of the side that read.
+        phase: &'static str,
         /// The decoding or I/O error.
         source: ProtoError,
     },
+    /// The peer closed a channel.
+    #[error("the {side} closed the {channel} channel in phase {phase}")]
+    Closed {
+        /// "source" or "destination".
+        side: &'static str,
+        /// Which channel.
+        channel: Channel,
+        /// Phase of this side.
+        phase: &'static str,
+    },
     /// Writing to a channel failed.
-    #[error("{channel} channel, in state {state}: sending failed: {source}")]
+    #[error("{channel} channel, in phase {phase}: sending failed: {source}")]
     Send {
         /// Which channel.
-        channel: String,
-        /// State.
-        state: &'static str,
+        channel: Channel,
+        /// Phase.
+        phase: &'static str,
         /// The I/O error.
         source: std::io::Error,
     },
-    /// A message that makes no sense in the current state.
-    #[error("unexpected {message} message on the {channel} channel in state {state}")]
+    /// A message that makes no sense in the current phase.
+    #[error("unexpected {message} message on the {channel} channel in phase {phase}")]
     Unexpected {
         /// Message name.
         message: &'static str,
-        /// State.
-        state: &'static str,
+        /// Phase.
+        phase: &'static str,
         /// Channel.
-        channel: String,
+        channel: Channel,
     },
     /// The peer speaks another protocol version.
     #[error("protocol version mismatch: the peer speaks version {peer}, this Ferry speaks version {ours}")]
@@ -54,39 +129,119 @@ pub enum MigrateError {
     #[error("the destination refused the migration: {0}")]
     Refused(String),
     /// The peer aborted and said why.
-    #[error("the {side} reported an error: {reason}")]
+    #[error("the {side} aborted the migration: {reason}")]
     Peer {
         /// "destination" or "source".
         side: &'static str,
         /// Its reason.
         reason: String,
     },
-    /// The stream carried something invalid (pages outside RAM, bad channel index...).
-    #[error("invalid migration stream: {0}")]
-    Invalid(String),
+    /// Pages announced on a data channel that are not inside guest RAM.
+    #[error("{channel} channel: {pages} pages at {gpa:#x} are not inside guest RAM")]
+    OutsideRam {
+        /// Which channel.
+        channel: Channel,
+        /// First page.
+        gpa: u64,
+        /// Page count.
+        pages: u32,
+    },
+    /// A data channel with an index past the announced count, or announced twice.
+    #[error("data channel index {index} is {problem} (the source announced {count} channels)")]
+    BadChannel {
+        /// The index.
+        index: u16,
+        /// "out of range" or "a duplicate".
+        problem: &'static str,
+        /// Channels announced.
+        count: u16,
+    },
+    /// A channel count this side does not accept.
+    #[error("the source asked for {asked} data channels; this destination accepts 1 to {max}")]
+    ChannelCount {
+        /// Asked for.
+        asked: u16,
+        /// Limit.
+        max: u16,
+    },
+    /// Passes ending out of order on a data channel.
+    #[error("data channel {channel}: pass {pass} ended after pass {after}")]
+    PassOrder {
+        /// Channel index.
+        channel: u16,
+        /// The pass that ended.
+        pass: u32,
+        /// The pass that had ended before.
+        after: u32,
+    },
+    /// A pass's page count on a data channel does not match what arrived (a frame lost).
+    #[error(
+        "data channel {channel}: pass {pass} announced {announced} pages but {arrived} arrived"
+    )]
+    PassPages {
+        /// Channel index.
+        channel: u16,
+        /// The pass.
+        pass: u32,
+        /// Pages its PassEnd announced.
+        announced: u64,
+        /// Pages that arrived.
+        arrived: u64,
+    },
+    /// A data channel closed before the migration had sent everything.
+    #[error("data channel {channel} closed in phase {phase} before the migration completed")]
+    DataClosed {
+        /// Channel index.
+        channel: u16,
+        /// Phase.
+        phase: &'static str,
+    },
+    /// `Complete` arrived before the state.
+    #[error("the source sent Complete before the VM state")]
+    CompleteBeforeState,
     /// This side refused the other (incompatible VM).
     #[error("incompatible VM: {0}")]
     Incompatible(String),
     /// The VM failed.
-    #[error("VM: {0}")]
-    Vm(#[from] VmError),
+    #[error("VM: {op}: {source}")]
+    Vm {
+        /// What was being done.
+        op: &'static str,
+        /// Its error.
+        source: VmError,
+    },
     /// Dirty logging failed.
     #[error(transparent)]
     Dirty(#[from] DirtyError),
+    /// Guest memory could not be accessed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A data channel sender reported a pass other than the one running (an engine bug).
+    #[error("a data channel finished pass {got} while pass {expected} was running")]
+    WorkerOutOfStep {
+        /// The pass running.
+        expected: u32,
+        /// The pass reported.
+        got: u32,
+    },
     /// Destination memory preparation failed.
     #[error("destination memory preparation: {0}")]
-    Prepare(String),
-    /// Cancelled by the user.
-    #[error("migration cancelled")]
-    Cancelled,
-    /// A peer did not answer in time.
-    #[error("timed out {0}")]
-    Timeout(String),
-    /// The handover could not be confirmed after the source committed: the VM is paused on
-    /// this side with its complete state, and must be resumed by hand on exactly one side.
-    #[error("handover unconfirmed: {0}")]
-    HandoverUnconfirmed(String),
-    /// Local I/O (digest files).
+    Prepare(#[from] PrepareError),
+    /// Cancelled by the user, or aborted because the user asked the process to quit.
+    #[error("migration {}", match .0 { AbortCause::Cancel => "cancelled", AbortCause::Quit => "aborted: the process was asked to quit" })]
+    Aborted(AbortCause),
+    /// The peer did not answer or progress in time.
+    #[error("timed out after {:.1} s waiting {what}", .after.as_secs_f64())]
+    Timeout {
+        /// What.
+        what: Waited,
+        /// After how long.
+        after: Duration,
+    },
+    /// Parameters that cannot work together.
+    #[error("invalid migration parameters: {0}")]
+    Params(String),
+    /// Local I/O (digest files, threads).
     #[error("{what}: {source}")]
     Io {
         /// What.
@@ -94,4 +249,16 @@ pub enum MigrateError {
         /// Error.
         source: std::io::Error,
     },
+}
+
+impl MigrateError {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrateError {
+        let what = what.into();
+        move |source| MigrateError::Io { what, source }
+    }
+
+    /// Whether the peer already knows (it sent the reason), so telling it is pointless.
+    pub(crate) fn came_from_peer(&self) -> bool {
+        matches!(self, MigrateError::Peer { .. } | MigrateError::Refused(_))
+    }
 }

@@ -3,35 +3,43 @@
 //! The engine moves a VM it sees only through two traits, [`MigrationSource`] and
 //! [`MigrationTarget`], over a main channel plus N data channels ([`ferry_proto`] on
 //! [`ferry_transport`] sockets). The sender ([`send::migrate`]) and the receiver
-//! ([`recv::receive`]) are explicit state machines: any message that arrives in a state
-//! where it has no meaning aborts the migration with an error naming both.
+//! ([`recv::receive`]) are phase machines, each driven by one event loop: a phase holds its
+//! own data and turns each event (a peer's message, a data channel's report, an API
+//! [`control::Command`], the clock) into the next phase. A message or command with no
+//! meaning in a phase is refused with an error naming both.
 //!
 //! Precopy: pass 0 sends all RAM, later passes what the dirty log reports. Each guest page
 //! always travels on the same data channel (pages are partitioned by 1 MiB chunk), so a
-//! page's newer copy can never overtake an older one and channels need no cross-channel
-//! ordering; `PassEnd` markers tell the destination when a pass is complete on a channel.
-//! Switchover happens when the estimated downtime (what is still dirty plus the state,
-//! at the measured bandwidth) is under the limit and the destination has acknowledged that
-//! its memory is prepared. Vcpu throttling (auto-converge) kicks in when passes stop
-//! shrinking.
+//! page's newer copy can never overtake an older one; `PassEnd` markers tell the
+//! destination when a pass is complete on a channel, and its `Ack`s tell the source that
+//! the destination is making progress. Whether to pass again, throttle or switch over is a
+//! pure function of what was measured ([`policy`]).
 //!
-//! The handover cannot lose the VM: the source pauses, sends the last pages and the state,
-//! and waits for the destination's `Loaded`. Only then does it commit and send `Go`; the
-//! destination runs the guest only after `Go`. Any failure before the commit resumes the
-//! source. A failure after it (the `Go`/`Running` exchange cut) leaves the VM paused on both
-//! sides, with the full state on each, for an operator to resume the right one.
+//! Ownership: exactly one side may run the guest at any instant (see `docs/ownership.md`).
+//! The source owns it until it has the destination's `Loaded` and has written `Go`; the
+//! destination runs it only after `Go`. Every wait has a deadline: a stalled destination
+//! fails precopy after the progress timeout, and a switchover not committed within the
+//! switchover timeout is aborted with the guest resumed on the source. A hand-over whose
+//! `Go` was sent but never confirmed leaves the guest paused on both sides until one side
+//! learns the outcome or an operator resumes one side with force.
 
 pub mod compat;
+pub mod control;
 pub mod error;
+pub mod files;
+pub mod policy;
 pub mod progress;
 pub mod recv;
 pub mod send;
 pub mod vm;
 
+mod events;
 mod limit;
+mod wire;
 
+pub use control::{Command, CommandError, Commander};
 pub use error::MigrateError;
-pub use progress::{CancelToken, MigrationStats, Progress, ProgressReport, Status};
+pub use progress::{MigrationStats, Progress, ProgressReport, Status};
 pub use vm::{MigrationSource, MigrationTarget, VmError};
 
 /// Pages per chunk: the unit of channel partitioning and of `KVM_CLEAR_DIRTY_LOG`.

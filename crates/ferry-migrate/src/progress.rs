@@ -1,7 +1,7 @@
 //! Live progress (read by the control API while a migration runs), cancellation, and the
 //! final statistics.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -25,6 +25,11 @@ pub enum Status {
     Failed,
     /// Cancelled; the source runs on.
     Cancelled,
+    /// `Go` was sent but the destination never confirmed it runs the guest: both sides keep
+    /// it paused until one learns the outcome or an operator resumes one with force.
+    Unconfirmed,
+    /// Destination: waiting for a migration to arrive.
+    Listening,
 }
 
 impl Status {
@@ -36,6 +41,8 @@ impl Status {
             4 => Status::Completed,
             5 => Status::Failed,
             6 => Status::Cancelled,
+            7 => Status::Unconfirmed,
+            8 => Status::Listening,
             _ => Status::None,
         }
     }
@@ -49,12 +56,14 @@ impl Status {
             Status::Completed => 4,
             Status::Failed => 5,
             Status::Cancelled => 6,
+            Status::Unconfirmed => 7,
+            Status::Listening => 8,
         }
     }
 }
 
 /// Counters updated by the engine as it goes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Progress {
     status: AtomicU8,
     /// Current pass.
@@ -78,6 +87,8 @@ pub struct Progress {
     /// Guest RAM size.
     pub ram_bytes: AtomicU64,
     started: Mutex<Option<Instant>>,
+    phase: Mutex<&'static str>,
+    error: Mutex<Option<String>>,
 }
 
 /// A snapshot of [`Progress`], as the API reports it.
@@ -107,6 +118,32 @@ pub struct ProgressReport {
     pub elapsed_ms: u64,
     /// Guest RAM, bytes.
     pub ram_bytes: u64,
+    /// The engine's phase ("precopy", "awaiting-go", ...).
+    pub phase: &'static str,
+    /// Why the migration failed or is unconfirmed, when it did or is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            status: AtomicU8::new(0),
+            pass: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            pages_data: AtomicU64::new(0),
+            pages_zero: AtomicU64::new(0),
+            dirty_pages: AtomicU64::new(0),
+            dirty_rate: AtomicU64::new(0),
+            bandwidth: AtomicU64::new(0),
+            expected_downtime_us: AtomicU64::new(0),
+            throttle: AtomicU64::new(0),
+            ram_bytes: AtomicU64::new(0),
+            started: Mutex::new(None),
+            phase: Mutex::new("none"),
+            error: Mutex::new(None),
+        }
+    }
 }
 
 impl Progress {
@@ -132,7 +169,28 @@ impl Progress {
         }
         self.ram_bytes.store(ram_bytes, Ordering::Relaxed);
         *self.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        *self.error.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.set_status(Status::Setup);
+    }
+
+    /// Records the engine's phase, for `info`.
+    pub fn set_phase(&self, phase: &'static str) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+    }
+
+    /// The engine's phase.
+    pub fn phase(&self) -> &'static str {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records why the migration failed or is unconfirmed.
+    pub fn set_error(&self, e: &impl std::fmt::Display) {
+        *self.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+    }
+
+    /// Why the migration failed or is unconfirmed, if it did or is.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Sets the status.
@@ -172,26 +230,9 @@ impl Progress {
             throttle_percent: self.throttle.load(Ordering::Relaxed),
             elapsed_ms: elapsed.as_millis() as u64,
             ram_bytes: self.ram_bytes.load(Ordering::Relaxed),
+            phase: self.phase(),
+            error: self.error(),
         }
-    }
-}
-
-/// Cancels a migration from another thread.
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
-
-impl CancelToken {
-    /// A token not cancelled yet.
-    pub fn new() -> Self {
-        CancelToken::default()
-    }
-    /// Requests cancellation.
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-    /// Whether cancellation was requested.
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
     }
 }
 
@@ -272,4 +313,7 @@ pub struct MigrationStats {
     pub prepare: PrepareStats,
     /// Guest RAM, bytes.
     pub ram_bytes: u64,
+    /// True when `Running` came only after the switchover timeout (the hand-over was
+    /// unconfirmed for a while).
+    pub confirmed_late: bool,
 }

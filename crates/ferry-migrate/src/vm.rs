@@ -7,10 +7,18 @@ use ferry_memory::dirty::DirtyLogBackend;
 use ferry_memory::ram::GuestRam;
 use ferry_proto::{StateSection, VmDescription};
 
-/// An error from the VM side, as text (the engine only reports it).
+/// An error from the VM side. The engine does not look inside it: it reports it with the
+/// operation that failed ([`crate::MigrateError::Vm`]).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct VmError(pub String);
+#[error(transparent)]
+pub struct VmError(pub Box<dyn std::error::Error + Send + Sync>);
+
+impl VmError {
+    /// Wraps any error of the VMM.
+    pub fn new(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        VmError(e.into())
+    }
+}
 
 /// A running VM that can be migrated away.
 pub trait MigrationSource: Send + Sync {
@@ -38,7 +46,8 @@ pub trait MigrationTarget: Send + Sync {
     fn description(&self) -> VmDescription;
     /// Guest RAM.
     fn ram(&self) -> Arc<GuestRam>;
-    /// Loads device and vCPU state (the guest stays paused).
+    /// Loads device and vCPU state (the guest stays paused). May be called again by a later
+    /// attempt when an earlier one was aborted after loading.
     fn load_state(&self, sections: &[StateSection]) -> Result<(), VmError>;
     /// Runs the guest.
     fn resume(&self) -> Result<(), VmError>;

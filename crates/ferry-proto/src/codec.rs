@@ -7,9 +7,9 @@ use crate::message::{
     SECTION_MIN_LEN,
 };
 use crate::{
-    ChannelRole, CpuFeature, Hello, MemRegion, Message, MessageKind, PageRun, ProtoError,
-    StateSection, VmDescription, FRAME_HEADER_LEN, MAGIC, MAX_CPU_FEATURES, MAX_REGIONS, MAX_RUNS,
-    MAX_SECTIONS, MAX_STRING,
+    ChannelRole, CpuFeature, Hello, MemRegion, Message, MessageKind, PageRun, ProtoError, Setup,
+    StateSection, Timeouts, VmDescription, FRAME_HEADER_LEN, MAGIC, MAX_CPU_FEATURES, MAX_REGIONS,
+    MAX_RUNS, MAX_SECTIONS, MAX_STRING,
 };
 
 /// A decoded and checked frame header.
@@ -53,6 +53,10 @@ pub fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message, ProtoError
             capabilities: r.u64("Welcome capabilities")?,
         },
         MessageKind::Setup => Message::Setup(read_setup(&mut r)?),
+        MessageKind::Ack => Message::Ack {
+            passes: r.u32("Ack passes")?,
+            bytes: r.u64("Ack bytes")?,
+        },
         MessageKind::SetupAccepted => Message::SetupAccepted,
         MessageKind::Refuse => Message::Refuse {
             reason: r.string("Refuse reason")?,
@@ -236,6 +240,7 @@ fn body_what(kind: MessageKind) -> &'static str {
         MessageKind::Go => "Go frame body",
         MessageKind::Running => "Running frame body",
         MessageKind::Error => "Error frame body",
+        MessageKind::Ack => "Ack frame body",
     }
 }
 
@@ -360,7 +365,7 @@ fn read_hello(r: &mut Reader<'_>) -> Result<Hello, ProtoError> {
     })
 }
 
-fn read_setup(r: &mut Reader<'_>) -> Result<VmDescription, ProtoError> {
+fn read_setup(r: &mut Reader<'_>) -> Result<Setup, ProtoError> {
     let vcpus = r.u32("Setup vcpus")?;
     let page_size = r.u32("Setup page_size")?;
     let n = r.count("Setup region count", MAX_REGIONS, REGION_LEN)?;
@@ -385,11 +390,18 @@ fn read_setup(r: &mut Reader<'_>) -> Result<VmDescription, ProtoError> {
             ],
         });
     }
-    Ok(VmDescription {
-        vcpus,
-        page_size,
-        regions,
-        cpu_features,
+    let timeouts = Timeouts {
+        progress_ms: r.u32("Setup progress timeout")?,
+        switchover_ms: r.u32("Setup switchover timeout")?,
+    };
+    Ok(Setup {
+        vm: VmDescription {
+            vcpus,
+            page_size,
+            regions,
+            cpu_features,
+        },
+        timeouts,
     })
 }
 
@@ -474,7 +486,8 @@ pub(crate) fn put_hello(out: &mut Vec<u8>, h: &Hello) {
     put_u16(out, h.data_channels);
 }
 
-pub(crate) fn put_setup(out: &mut Vec<u8>, d: &VmDescription) {
+pub(crate) fn put_setup(out: &mut Vec<u8>, s: &Setup) {
+    let d = &s.vm;
     put_u32(out, d.vcpus);
     put_u32(out, d.page_size);
     put_len(out, d.regions.len());
@@ -490,6 +503,8 @@ pub(crate) fn put_setup(out: &mut Vec<u8>, d: &VmDescription) {
             put_u32(out, reg);
         }
     }
+    put_u32(out, s.timeouts.progress_ms);
+    put_u32(out, s.timeouts.switchover_ms);
 }
 
 pub(crate) fn put_runs(out: &mut Vec<u8>, pass: u32, runs: &[PageRun]) {

@@ -33,11 +33,11 @@ pub enum ProtoError {
     BadMagic,
 
     /// The header's `kind` is not a known [`MessageKind`].
-    #[error("unknown frame kind {0} (known kinds are 1 to 15)")]
+    #[error("unknown frame kind {0} (known kinds are 1 to 16)")]
     UnknownKind(u16),
 
     /// The header's `flags` are not 0.
-    #[error("frame flags {0:#06x} are not allowed (must be 0 in protocol version 1)")]
+    #[error("frame flags {0:#06x} are not allowed (must be 0)")]
     BadFlags(u16),
 
     /// A frame body is longer than its kind allows.

@@ -11,7 +11,7 @@
 //! | bytes | field      | meaning                                          |
 //! |-------|------------|--------------------------------------------------|
 //! | 0..2  | `kind`     | [`MessageKind`] as `u16`                         |
-//! | 2..4  | `flags`    | must be 0 in version 1                           |
+//! | 2..4  | `flags`    | must be 0                           |
 //! | 4..8  | `body_len` | body bytes, at most [`MessageKind::max_body_len`] |
 //!
 //! Strings are a `u32` byte length then UTF-8 (at most [`MAX_STRING`] bytes);
@@ -50,16 +50,18 @@ pub use codec::{
 };
 pub use error::ProtoError;
 pub use message::{
-    ChannelRole, CpuFeature, Hello, MemRegion, Message, MessageKind, PageRun, StateSection,
-    VmDescription,
+    ChannelRole, CpuFeature, Hello, MemRegion, Message, MessageKind, PageRun, Setup, StateSection,
+    Timeouts, VmDescription,
 };
 
 /// First bytes of every [`Hello`] body: identifies a Ferry migration stream.
 pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 /// Protocol version spoken by this crate.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Guest page size; page runs and memory regions are in units of it.
 pub const PAGE_SIZE: u64 = 4096;
+/// Length of a whole [`Hello`] frame (header and body), which never changes.
+pub const HELLO_FRAME_LEN: usize = FRAME_HEADER_LEN + 33;
 /// Length of the fixed frame header (`kind`, `flags`, `body_len`).
 pub const FRAME_HEADER_LEN: usize = 8;
 /// Most data pages one [`Message::Pages`] frame may announce.

@@ -79,6 +79,30 @@ pub struct VmDescription {
     pub cpu_features: Vec<CpuFeature>,
 }
 
+/// The source's deadlines for this migration, announced in [`Setup`] so that
+/// both sides give up on a silent peer at the same time.
+///
+/// Valid when both are at least 1 ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Longest time without progress (no data acknowledged by the
+    /// destination, no message from the source) before a side gives up, ms.
+    pub progress_ms: u32,
+    /// Longest time the source guest stays paused before the hand-over is
+    /// committed (or, after `Go`, confirmed), ms.
+    pub switchover_ms: u32,
+}
+
+/// What the source announces once the channels are up: the VM to build and
+/// the deadlines both sides keep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setup {
+    /// The VM.
+    pub vm: VmDescription,
+    /// The deadlines.
+    pub timeouts: Timeouts,
+}
+
 /// A run of consecutive guest pages.
 ///
 /// Valid when `gpa` is page aligned, `pages >= 1` and
@@ -134,11 +158,13 @@ pub enum MessageKind {
     Running,
     /// [`Message::Error`].
     Error,
+    /// [`Message::Ack`].
+    Ack,
 }
 
 impl MessageKind {
     /// Every kind, in wire order.
-    pub const ALL: [MessageKind; 15] = [
+    pub const ALL: [MessageKind; 16] = [
         MessageKind::Hello,
         MessageKind::Welcome,
         MessageKind::Setup,
@@ -154,6 +180,7 @@ impl MessageKind {
         MessageKind::Go,
         MessageKind::Running,
         MessageKind::Error,
+        MessageKind::Ack,
     ];
 
     /// The kind's name, as in "unexpected Pages in state Setup".
@@ -174,6 +201,7 @@ impl MessageKind {
             MessageKind::Go => "Go",
             MessageKind::Running => "Running",
             MessageKind::Error => "Error",
+            MessageKind::Ack => "Ack",
         }
     }
 
@@ -210,8 +238,8 @@ pub enum Message {
         /// [`crate::caps`] bits the destination accepts.
         capabilities: u64,
     },
-    /// Source to destination: what the VM looks like.
-    Setup(VmDescription),
+    /// Source to destination: what the VM looks like, and the deadlines.
+    Setup(Setup),
     /// Destination to source: the Setup is accepted.
     SetupAccepted,
     /// Destination to source: handshake or setup refused.
@@ -267,16 +295,28 @@ pub enum Message {
         load_us: u64,
     },
     /// Source to destination: the source has committed; run the guest.
+    /// After sending it the source never runs the guest on its own again.
     Go,
     /// Destination to source: the guest runs on the destination.
     Running {
         /// Time from Go to the guest running, in microseconds.
         resume_us: u64,
     },
-    /// Either side: abort, with the reason.
+    /// Either side: abort, with the reason. It is also a promise: a source
+    /// sends it only before `Go` and then keeps the guest; a destination
+    /// sends it only before running the guest and then never runs it.
     Error {
         /// Why, for the operator (at most [`MAX_STRING`] bytes).
         reason: String,
+    },
+    /// Destination to source, on the main channel: what has arrived. Sent
+    /// whenever a pass completes on every channel and periodically while
+    /// bytes arrive, so the source can tell a slow link from a stalled peer.
+    Ack {
+        /// Passes complete on every data channel.
+        passes: u32,
+        /// Bytes received so far on all channels.
+        bytes: u64,
     },
 }
 
@@ -286,11 +326,41 @@ pub(crate) const HELLO_LEN: u64 = 8 + 4 + 8 + 8 + 1 + 2 + 2;
 pub(crate) const RUN_LEN: u64 = 8 + 4;
 pub(crate) const REGION_LEN: u64 = 8 + 8;
 pub(crate) const FEATURE_LEN: u64 = 4 + 4 + 4 * 4;
+pub(crate) const TIMEOUTS_LEN: u64 = 4 + 4;
 /// Smallest encoded section: name length + data length (an empty name is
 /// rejected later with a clearer error than "truncated").
 pub(crate) const SECTION_MIN_LEN: u64 = 4 + 4;
 
+/// `s` cut to at most [`MAX_STRING`] bytes, at a character boundary.
+fn bounded(s: impl Into<String>) -> String {
+    let mut s = s.into();
+    let max = MAX_STRING as usize;
+    if s.len() > max {
+        let cut = (0..=max)
+            .rev()
+            .find(|&i| s.is_char_boundary(i))
+            .unwrap_or(0);
+        s.truncate(cut);
+    }
+    s
+}
+
 impl Message {
+    /// An `Error` with `reason`, cut to the protocol's string limit if need be (a reason
+    /// may quote peer input).
+    pub fn error(reason: impl Into<String>) -> Message {
+        Message::Error {
+            reason: bounded(reason),
+        }
+    }
+
+    /// A `Refuse` with `reason`, cut to the protocol's string limit if need be.
+    pub fn refuse(reason: impl Into<String>) -> Message {
+        Message::Refuse {
+            reason: bounded(reason),
+        }
+    }
+
     /// The message's name ("Hello", "Pages", ...), for "unexpected X in state
     /// Y" errors.
     pub fn name(&self) -> &'static str {
@@ -315,6 +385,7 @@ impl Message {
             Message::Go => MessageKind::Go,
             Message::Running { .. } => MessageKind::Running,
             Message::Error { .. } => MessageKind::Error,
+            Message::Ack { .. } => MessageKind::Ack,
         }
     }
 
@@ -354,7 +425,7 @@ impl Message {
                 codec::put_u32(out, *version);
                 codec::put_u64(out, *capabilities);
             }
-            Message::Setup(d) => codec::put_setup(out, d),
+            Message::Setup(s) => codec::put_setup(out, s),
             Message::SetupAccepted | Message::Go => {}
             Message::Refuse { reason } | Message::Error { reason } => codec::put_str(out, reason),
             Message::Pages { pass, runs } | Message::ZeroPages { pass, runs } => {
@@ -375,6 +446,10 @@ impl Message {
             }
             Message::Loaded { load_us } => codec::put_u64(out, *load_us),
             Message::Running { resume_us } => codec::put_u64(out, *resume_us),
+            Message::Ack { passes, bytes } => {
+                codec::put_u32(out, *passes);
+                codec::put_u64(out, *bytes);
+            }
         }
         debug_assert_eq!(
             len64(out.len().saturating_sub(start)),
@@ -390,7 +465,8 @@ impl Message {
     pub fn validate(&self) -> Result<(), ProtoError> {
         self.check_limits()?;
         match self {
-            Message::Setup(d) => {
+            Message::Setup(Setup { vm: d, timeouts }) => {
+                check_timeouts(timeouts)?;
                 if d.vcpus == 0 {
                     return Err(invalid(
                         "Setup vcpus",
@@ -428,7 +504,7 @@ impl Message {
     /// semantically invalid): string lengths, counts and the body length.
     fn check_limits(&self) -> Result<(), ProtoError> {
         match self {
-            Message::Setup(d) => {
+            Message::Setup(Setup { vm: d, .. }) => {
                 check_count("Setup region count", d.regions.len(), MAX_REGIONS)?;
                 check_count(
                     "Setup cpu feature count",
@@ -468,12 +544,13 @@ impl Message {
         match self {
             Message::Hello(_) => HELLO_LEN,
             Message::Welcome { .. } => 4 + 8,
-            Message::Setup(d) => 4u64
+            Message::Setup(Setup { vm: d, .. }) => 4u64
                 .saturating_add(4)
                 .saturating_add(4)
                 .saturating_add(len64(d.regions.len()).saturating_mul(REGION_LEN))
                 .saturating_add(4)
-                .saturating_add(len64(d.cpu_features.len()).saturating_mul(FEATURE_LEN)),
+                .saturating_add(len64(d.cpu_features.len()).saturating_mul(FEATURE_LEN))
+                .saturating_add(TIMEOUTS_LEN),
             Message::SetupAccepted | Message::Go => 0,
             Message::Refuse { reason } | Message::Error { reason } => {
                 4u64.saturating_add(len64(reason.len()))
@@ -488,6 +565,7 @@ impl Message {
             Message::Complete { .. } => 4,
             Message::Prepared { .. } => 8 + 4,
             Message::Loaded { .. } | Message::Running { .. } => 8,
+            Message::Ack { .. } => 4 + 8,
         }
     }
 }
@@ -576,6 +654,19 @@ fn check_run(what: &'static str, r: &PageRun) -> Result<(), ProtoError> {
             format!(
                 "run at gpa {:#x} of {} pages overflows the 64-bit address space",
                 r.gpa, r.pages
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_timeouts(t: &Timeouts) -> Result<(), ProtoError> {
+    if t.progress_ms == 0 || t.switchover_ms == 0 {
+        return Err(invalid(
+            "Setup timeouts",
+            format!(
+                "progress {} ms, switchover {} ms (both must be at least 1 ms)",
+                t.progress_ms, t.switchover_ms
             ),
         ));
     }

@@ -70,7 +70,7 @@ fn hello_bad_role_and_main_index() {
 
 #[test]
 fn unknown_kind() {
-    for kind in [0u16, 16, 0x7fff, u16::MAX] {
+    for kind in [0u16, 17, 0x7fff, u16::MAX] {
         let e = err(&frame(kind, 0, 0, &[]));
         assert!(matches!(e, ProtoError::UnknownKind(k) if k == kind), "{e}");
         assert!(e.to_string().contains(&kind.to_string()));
@@ -511,6 +511,11 @@ fn setup_rules() {
         "Setup page_size",
         "65536",
     );
+    // Timeouts of 0 ms: a deadline that has passed before anything started.
+    let mut zero = setup_body(1, 4096, &[(0, 4096)], 0).frame(K::Setup);
+    let n = zero.len();
+    zero[n - 8..].fill(0);
+    assert_invalid(&zero, "Setup timeouts", "at least 1 ms");
     // At the limits it decodes.
     let regions: Vec<(u64, u64)> = (0..MAX_REGIONS as u64).map(|i| (i << 20, 4096)).collect();
     assert!(read(&setup_body(1, 4096, &regions, MAX_CPU_FEATURES).frame(K::Setup)).is_ok());

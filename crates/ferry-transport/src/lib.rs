@@ -1,12 +1,19 @@
 //! Migration transports: `tcp:HOST:PORT` and `unix:PATH` URIs, a listener that accepts the
 //! channels of a migration, and a stream type over both socket kinds.
+//!
+//! Nothing here waits without a bound: connecting takes a deadline, [`write_all_by`] gives
+//! up at its deadline, [`Listener::accept_timeout`] and [`wait_readable`] return when their
+//! timeout passes, and [`close_gracefully`] drains a closing socket for a bounded time.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
 
 /// Errors of URIs and connections.
 #[derive(Debug, thiserror::Error)]
@@ -102,11 +109,46 @@ impl Stream {
         };
     }
 
+    /// Shuts down the sending direction only: the peer reads what was sent, then EOF.
+    pub fn shutdown_write(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Write),
+            Stream::Unix(s) => s.shutdown(Shutdown::Write),
+        };
+    }
+
     /// Sets the read timeout.
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Sets the write timeout (a blocked write returns `WouldBlock` after it).
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// Makes reads and writes return `WouldBlock` instead of waiting.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(on),
+            Stream::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
+    /// Who is on the other end, for logs ("127.0.0.1:4242", or "a local process").
+    pub fn peer(&self) -> String {
+        match self {
+            Stream::Tcp(s) => s
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "an unknown TCP peer".into()),
+            Stream::Unix(_) => "a local process (unix socket)".into(),
         }
     }
 
@@ -149,8 +191,8 @@ impl AsFd for Stream {
     }
 }
 
-/// Connects to `uri`.
-pub fn connect(uri: &Uri) -> Result<Stream, TransportError> {
+/// Connects to `uri`, giving up at `deadline`.
+pub fn connect(uri: &Uri, deadline: Instant) -> Result<Stream, TransportError> {
     let err = |source| TransportError::Io {
         what: "connecting to",
         uri: uri.to_string(),
@@ -161,15 +203,121 @@ pub fn connect(uri: &Uri) -> Result<Stream, TransportError> {
             let addrs: Vec<_> = addr.to_socket_addrs().map_err(err)?.collect();
             let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
             for a in addrs {
-                match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    last = io::Error::new(io::ErrorKind::TimedOut, "connection timed out");
+                    break;
+                }
+                match TcpStream::connect_timeout(&a, left) {
                     Ok(s) => return Ok(Stream::Tcp(s)),
                     Err(e) => last = e,
                 }
             }
             Err(err(last))
         }
+        // A unix connect does not wait for the peer to accept (the backlog takes it).
         Uri::Unix(path) => UnixStream::connect(path).map(Stream::Unix).map_err(err),
     }
+}
+
+/// Writes all of `buf`, giving up at `deadline` with `TimedOut`. A stalled peer (its
+/// receive window closed) therefore costs bounded time. Leaves a write timeout set: clear
+/// it with [`Stream::set_write_timeout`] before handing the stream to blocking writers.
+pub fn write_all_by(stream: &mut Stream, mut buf: &[u8], deadline: Instant) -> io::Result<()> {
+    while !buf.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer did not take the data in time",
+            ));
+        }
+        // A zero timeout means "forever" to the kernel: never pass one.
+        stream.set_write_timeout(Some(left.max(Duration::from_millis(1))))?;
+        match stream.write(buf) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes")),
+            Ok(n) => buf = buf.get(n..).unwrap_or_default(),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Most sockets lingering at once; beyond it a closing socket is shut down at once (a peer
+/// that opens and abandons connections in a loop cannot pile up threads).
+pub const MAX_LINGERING: usize = 32;
+
+static LINGERING: AtomicUsize = AtomicUsize::new(0);
+
+/// Closes `stream` so that what was written still reaches the peer: shuts down the sending
+/// side (FIN after the data), then reads and drops whatever the peer still sends until it
+/// closes too or `linger` passes, and finally shuts the socket down both ways (which also
+/// ends any other thread still reading a clone of it). Closing a socket with unread data
+/// would instead reset the connection and discard data not yet sent. Runs on its own
+/// thread.
+pub fn close_gracefully(stream: Stream, linger: Duration) {
+    stream.shutdown_write();
+    if LINGERING.fetch_add(1, Ordering::SeqCst) >= MAX_LINGERING {
+        LINGERING.fetch_sub(1, Ordering::SeqCst);
+        stream.shutdown();
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("mig-linger".into())
+        .spawn(move || {
+            drain(&stream, linger);
+            stream.shutdown();
+            LINGERING.fetch_sub(1, Ordering::SeqCst);
+        });
+    if spawned.is_err() {
+        LINGERING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Reads and drops until the peer closes, an error, or `linger` passes.
+fn drain(stream: &Stream, linger: Duration) {
+    let deadline = Instant::now() + linger;
+    let Ok(mut s) = stream.try_clone() else {
+        return;
+    };
+    let mut sink = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match s.read(&mut sink) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Waits until one of `fds` is readable (or closed), or `timeout` passes. Returns which are.
+pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Vec<bool>> {
+    let mut polls: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::new(fd, PollFlags::IN))
+        .collect();
+    let ts = Timespec {
+        tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: i64::from(timeout.subsec_nanos()),
+    };
+    match rustix::event::poll(&mut polls, Some(&ts)) {
+        Ok(_) => {}
+        Err(rustix::io::Errno::INTR) => return Ok(vec![false; fds.len()]),
+        Err(e) => return Err(e.into()),
+    }
+    Ok(polls.iter().map(|p| !p.revents().is_empty()).collect())
 }
 
 /// A bound listener.
@@ -241,6 +389,56 @@ impl Listener {
             Listener::Unix(l, _, _) => l.set_nonblocking(on),
         }
     }
+
+    /// Waits up to `timeout` for a connection; `None` when none came. The stream returned
+    /// is blocking.
+    pub fn accept_timeout(&self, timeout: Duration) -> Result<Option<Stream>, TransportError> {
+        let ready =
+            wait_readable(&[self.as_fd()], timeout).map_err(|source| TransportError::Io {
+                what: "waiting for connections on",
+                uri: self.local_uri().to_string(),
+                source,
+            })?;
+        if !ready.first().copied().unwrap_or(false) {
+            return Ok(None);
+        }
+        self.set_nonblocking(true)
+            .map_err(|source| TransportError::Io {
+                what: "configuring",
+                uri: self.local_uri().to_string(),
+                source,
+            })?;
+        match self.accept() {
+            Ok(s) => {
+                set_blocking(&s).map_err(|source| TransportError::Io {
+                    what: "configuring a connection on",
+                    uri: self.local_uri().to_string(),
+                    source,
+                })?;
+                Ok(Some(s))
+            }
+            Err(TransportError::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::Interrupted
+                        | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l, _) => l.as_fd(),
+            Listener::Unix(l, _, _) => l.as_fd(),
+        }
+    }
 }
 
 impl Drop for Listener {
@@ -297,15 +495,55 @@ mod tests {
             let l = Listener::bind(&uri).unwrap();
             let target = l.local_uri();
             let t = std::thread::spawn(move || {
-                let mut s = connect(&target).unwrap();
+                let mut s = connect(&target, Instant::now() + Duration::from_secs(5)).unwrap();
                 s.write_all(b"hi").unwrap();
             });
-            let mut s = l.accept().unwrap();
+            let mut s = l.accept_timeout(Duration::from_secs(5)).unwrap().unwrap();
             let mut b = [0u8; 2];
             s.read_exact(&mut b).unwrap();
             assert_eq!(&b, b"hi");
             t.join().unwrap();
         }
         assert!(!dir.exists(), "unix socket removed on drop");
+    }
+
+    #[test]
+    fn accept_times_out_without_a_peer() {
+        let l = Listener::bind(&Uri::Tcp("127.0.0.1:0".into())).unwrap();
+        let t = Instant::now();
+        assert!(l
+            .accept_timeout(Duration::from_millis(50))
+            .unwrap()
+            .is_none());
+        assert!(t.elapsed() >= Duration::from_millis(45));
+    }
+
+    #[test]
+    fn a_write_to_a_peer_that_never_reads_gives_up_at_the_deadline() {
+        let l = Listener::bind(&Uri::Tcp("127.0.0.1:0".into())).unwrap();
+        let mut s = connect(&l.local_uri(), Instant::now() + Duration::from_secs(5)).unwrap();
+        let _peer = l.accept_timeout(Duration::from_secs(5)).unwrap().unwrap();
+        let big = vec![0u8; 64 << 20];
+        let t = Instant::now();
+        let e =
+            write_all_by(&mut s, &big, Instant::now() + Duration::from_millis(200)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn graceful_close_delivers_what_was_written() {
+        let l = Listener::bind(&Uri::Tcp("127.0.0.1:0".into())).unwrap();
+        let mut s = connect(&l.local_uri(), Instant::now() + Duration::from_secs(5)).unwrap();
+        let mut peer = l.accept_timeout(Duration::from_secs(5)).unwrap().unwrap();
+        // Unread data on the closing side would turn a plain close into a reset.
+        peer.write_all(b"unread").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        s.write_all(b"bye").unwrap();
+        close_gracefully(s, Duration::from_secs(2));
+        let mut got = Vec::new();
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        peer.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"bye");
     }
 }

@@ -2,23 +2,36 @@
 //! (`{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`). `migrate` also streams
 //! `{"event":"progress","progress":{...}}` lines while it runs.
 //!
-//! Commands: `info`, `pause`, `resume`, `snapshot {path}`, `quit`,
-//! `migrate {uri, channels?, downtime_limit_ms?, max_bandwidth?, auto_converge?, digest_file?}`,
+//! Commands: `info`, `pause`, `resume {force?}`, `snapshot {path}`, `quit {force?}`,
+//! `migrate {uri, channels?, downtime_limit_ms?, max_bandwidth?, auto_converge?,
+//! digest_file?, handshake_timeout_ms?, progress_timeout_ms?, switchover_timeout_ms?}`,
 //! `migrate-cancel`.
+//!
+//! While a migration runs, `pause`, `resume`, `snapshot`, `quit` and `migrate-cancel` are
+//! decided by the migration's phase ([`crate::owner`]): refused, or turned into a clean
+//! abort; never queued to act after the hand-over. `force` is only meaningful after an
+//! unconfirmed hand-over.
+//!
+//! Limits: requests of at most [`MAX_REQUEST`] bytes, at most [`MAX_CONNECTIONS`]
+//! connections at once, idle connections closed after [`IDLE_TIMEOUT`]; the socket is
+//! created with mode 0600 whatever the umask.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_migrate::send::{migrate, SendParams};
-use ferry_migrate::{CancelToken, Progress, Status};
+use ferry_migrate::control::Command;
+use ferry_migrate::send::SendParams;
+use ferry_migrate::Progress;
 use ferry_transport::Uri;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::migration::Migratable;
+use crate::owner::{client_answer, Role};
 use crate::runner::{Event, Vmm};
 
 /// Every command, for the error on an unknown one.
@@ -32,16 +45,29 @@ pub const COMMANDS: &[&str] = &[
     "migrate-cancel",
 ];
 
+/// Longest request line, in bytes.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Most API connections served at once.
+pub const MAX_CONNECTIONS: usize = 16;
+/// A connection that sends nothing for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
 enum Request {
     Info,
     Pause,
-    Resume,
+    Resume {
+        #[serde(default)]
+        force: bool,
+    },
     Snapshot {
         path: PathBuf,
     },
-    Quit,
+    Quit {
+        #[serde(default)]
+        force: bool,
+    },
     Migrate {
         uri: String,
         channels: Option<u16>,
@@ -49,6 +75,9 @@ enum Request {
         max_bandwidth: Option<u64>,
         auto_converge: Option<bool>,
         digest_file: Option<PathBuf>,
+        handshake_timeout_ms: Option<u64>,
+        progress_timeout_ms: Option<u64>,
+        switchover_timeout_ms: Option<u64>,
     },
     MigrateCancel,
 }
@@ -74,45 +103,95 @@ impl Drop for ApiServer {
     }
 }
 
+fn api_err(path: &Path, kind: std::io::ErrorKind, msg: String) -> std::io::Error {
+    std::io::Error::new(kind, format!("API socket {}: {msg}", path.display()))
+}
+
+/// Removes a stale socket left by a dead VMM; refuses a live one or any other file.
+fn clear_stale(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        let msg = "exists and is not a socket".into();
+        return Err(api_err(path, std::io::ErrorKind::AlreadyExists, msg));
+    }
+    if UnixStream::connect(path).is_ok() {
+        let msg = "another running VMM serves this socket".into();
+        return Err(api_err(path, std::io::ErrorKind::AddrInUse, msg));
+    }
+    std::fs::remove_file(path)
+        .map_err(|e| api_err(path, e.kind(), format!("removing the stale socket: {e}")))
+}
+
+/// Binds `path` with mode 0600 regardless of the umask: the socket is created in a new
+/// private (0700) directory beside it, its mode set, then renamed into place, so nobody
+/// else can connect in between.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    let err = |e: std::io::Error| api_err(path, e.kind(), e.to_string());
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let private = dir.join(format!(".ferry-api.{}.{stamp:x}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(err)?;
+    let inner = private.join("sock");
+    let r = UnixListener::bind(&inner)
+        .and_then(|l| {
+            std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+            std::fs::rename(&inner, path)?;
+            Ok(l)
+        })
+        .map_err(err);
+    let _ = std::fs::remove_file(&inner);
+    let _ = std::fs::remove_dir(&private);
+    r
+}
+
 /// Starts serving `path`. A stale socket left by a dead VMM is replaced; a socket another
 /// VMM still serves, or any other kind of file, is refused.
 pub fn serve(path: &Path, vmm: Arc<Vmm>) -> std::io::Result<ApiServer> {
-    use std::os::unix::fs::FileTypeExt;
-    let err = |kind, msg: String| {
-        std::io::Error::new(kind, format!("API socket {}: {msg}", path.display()))
-    };
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(err(
-                std::io::ErrorKind::AlreadyExists,
-                "exists and is not a socket".into(),
-            ));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(err(
-                std::io::ErrorKind::AddrInUse,
-                "another running VMM serves this socket".into(),
-            ));
-        }
-        std::fs::remove_file(path)
-            .map_err(|e| err(e.kind(), format!("removing the stale socket: {e}")))?;
-    }
-    let listener = UnixListener::bind(path).map_err(|e| err(e.kind(), e.to_string()))?;
+    clear_stale(path)?;
+    let listener = bind_private(path)?;
     let id = file_id(path);
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
-                let vmm = vmm.clone();
-                let _ = std::thread::Builder::new()
-                    .name("api-conn".into())
-                    .spawn(move || connection(conn, vmm));
+                admit(conn, &vmm);
             }
         })?;
     Ok(ApiServer {
         path: path.to_path_buf(),
         id,
     })
+}
+
+/// Serves `conn` on its own thread, unless too many connections are open.
+fn admit(conn: UnixStream, vmm: &Arc<Vmm>) {
+    if vmm.api_connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+        vmm.api_connections.fetch_sub(1, Ordering::SeqCst);
+        let mut c = conn;
+        let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
+        let msg = json!({"ok": false, "error": format!("too many API connections (at most {MAX_CONNECTIONS})")});
+        let _ = c.write_all(format!("{msg}\n").as_bytes());
+        return;
+    }
+    let v = vmm.clone();
+    let spawned = std::thread::Builder::new()
+        .name("api-conn".into())
+        .spawn(move || {
+            connection(conn, &v);
+            v.api_connections.fetch_sub(1, Ordering::SeqCst);
+        });
+    if spawned.is_err() {
+        vmm.api_connections.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn write_line(w: &Mutex<UnixStream>, v: &Value) -> std::io::Result<()> {
@@ -122,103 +201,136 @@ fn write_line(w: &Mutex<UnixStream>, v: &Value) -> std::io::Result<()> {
     s.write_all(line.as_bytes())
 }
 
-fn connection(conn: UnixStream, vmm: Arc<Vmm>) {
+/// Counts a request from parsing until its reply is written (see [`Vmm::drain_api`]).
+struct InFlight<'a>(&'a Vmm);
+
+impl<'a> InFlight<'a> {
+    fn new(vmm: &'a Vmm) -> Self {
+        vmm.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(vmm)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Reads one request line of at most [`MAX_REQUEST`] bytes; `None` at the end.
+fn read_request(r: &mut impl BufRead) -> Option<Result<String, String>> {
+    let mut buf = Vec::new();
+    match r
+        .by_ref()
+        .take(MAX_REQUEST as u64 + 1)
+        .read_until(b'\n', &mut buf)
+    {
+        Ok(0) | Err(_) => None,
+        Ok(_) if buf.len() > MAX_REQUEST => Some(Err(format!(
+            "request longer than {MAX_REQUEST} bytes; closing the connection"
+        ))),
+        Ok(_) => Some(String::from_utf8(buf).map_err(|_| "request is not UTF-8".into())),
+    }
+}
+
+fn connection(conn: UnixStream, vmm: &Arc<Vmm>) {
+    let _ = conn.set_read_timeout(Some(IDLE_TIMEOUT));
     let Ok(read_half) = conn.try_clone() else {
         return;
     };
     let writer = Arc::new(Mutex::new(conn));
-    for line in BufReader::new(read_half).lines() {
-        let Ok(line) = line else { return };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => handle(req, &vmm, &writer),
-            Err(e) => Err(format!(
-                "bad request: {e} (commands: {})",
-                COMMANDS.join(", ")
-            )),
+    let mut reader = BufReader::new(read_half);
+    while let Some(line) = read_request(&mut reader) {
+        let _busy = InFlight::new(vmm);
+        let (reply, close) = match line {
+            Err(e) => (Err(e), true),
+            Ok(line) if line.trim().is_empty() => continue,
+            Ok(line) => match serde_json::from_str::<Request>(&line) {
+                Ok(req) => (handle(req, vmm, &writer), false),
+                Err(e) => (
+                    Err(format!(
+                        "bad request: {e} (commands: {})",
+                        COMMANDS.join(", ")
+                    )),
+                    false,
+                ),
+            },
         };
         let v = match reply {
             Ok(result) => json!({"ok": true, "result": result}),
             Err(error) => json!({"ok": false, "error": error}),
         };
-        if write_line(&writer, &v).is_err() {
+        if write_line(&writer, &v).is_err() || close {
             return;
-        }
-        if let Some(Event::MigratedAway) = after_reply(&v) {
-            vmm.send(Event::MigratedAway);
         }
     }
 }
 
-/// A successful migration ends this process, but only after the client got the result.
-fn after_reply(v: &Value) -> Option<Event> {
-    (v["ok"] == json!(true) && v["result"]["status"] == json!("completed"))
-        .then_some(Event::MigratedAway)
+fn report(p: Option<Arc<Progress>>) -> Value {
+    p.map(|p| serde_json::to_value(p.report()).unwrap_or(Value::Null))
+        .unwrap_or(Value::Null)
+}
+
+fn info(vmm: &Vmm) -> Value {
+    let vm = &vmm.vm;
+    let cfg = vm.config();
+    let role = vmm.role.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let last = vmm
+        .last_migration
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let incoming = match &role {
+        Role::Incoming(e) => Some(e.progress.clone()),
+        _ => vmm
+            .incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
+    };
+    json!({
+        "state": if vm.is_paused() { "paused" } else { "running" },
+        "role": role.name(),
+        "vcpus": cfg.vcpus,
+        "memory_bytes": cfg.memory.size,
+        "memory_backend": cfg.memory.backend.name(),
+        "hugepages": cfg.memory.thp,
+        "throttle_percent": vm.vcpus().throttle(),
+        "migration": report(last),
+        "incoming": report(incoming),
+    })
 }
 
 fn handle(req: Request, vmm: &Arc<Vmm>, writer: &Arc<Mutex<UnixStream>>) -> Result<Value, String> {
-    let vm = &vmm.vm;
     match req {
-        Request::Info => {
-            let cfg = vm.config();
-            let report = |p: &Option<Arc<Progress>>| {
-                p.as_ref()
-                    .map(|p| serde_json::to_value(p.report()).unwrap_or(Value::Null))
-                    .unwrap_or(Value::Null)
-            };
-            let migration = vmm
-                .migration
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .map(|(p, _)| p.clone());
-            let incoming = vmm
-                .incoming
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            Ok(json!({
-                "state": if vm.is_paused() { "paused" } else { "running" },
-                "vcpus": cfg.vcpus,
-                "memory_bytes": cfg.memory.size,
-                "memory_backend": cfg.memory.backend.name(),
-                "hugepages": cfg.memory.thp,
-                "throttle_percent": vm.vcpus().throttle(),
-                "migration": report(&migration),
-                "incoming": report(&incoming),
-            }))
-        }
-        Request::Pause => vm.pause().map(|_| json!({})).map_err(|e| e.to_string()),
-        Request::Resume => {
-            vm.resume();
-            Ok(json!({}))
-        }
-        Request::Snapshot { path } => {
-            let t = Instant::now();
-            vm.snapshot(&path).map_err(|e| e.to_string())?;
-            Ok(json!({"path": path, "ms": t.elapsed().as_secs_f64() * 1000.0}))
-        }
-        Request::Quit => {
-            vmm.send(Event::Quit);
-            Ok(json!({}))
-        }
-        Request::MigrateCancel => {
-            let m = vmm.migration.lock().unwrap_or_else(|e| e.into_inner());
-            match m.as_ref() {
-                Some((p, c))
-                    if matches!(
-                        p.status(),
-                        Status::Setup | Status::Active | Status::Switchover
-                    ) =>
-                {
-                    c.cancel();
-                    Ok(json!({}))
-                }
-                _ => Err("no migration is running".into()),
-            }
-        }
+        Request::Info => Ok(info(vmm)),
+        Request::Pause => vmm.command(
+            Command::Pause,
+            Box::new(|vm| vm.pause().map(|_| json!({})).map_err(|e| e.to_string())),
+        ),
+        Request::Resume { force } => vmm.command(
+            Command::Resume { force },
+            Box::new(|vm| {
+                vm.resume();
+                Ok(json!({}))
+            }),
+        ),
+        Request::Snapshot { path } => vmm.command(
+            Command::Snapshot,
+            Box::new(move |vm| {
+                let t = Instant::now();
+                vm.snapshot(&path).map_err(|e| e.to_string())?;
+                Ok(json!({"path": path, "ms": t.elapsed().as_secs_f64() * 1000.0}))
+            }),
+        ),
+        Request::Quit { force } => vmm.command(
+            Command::Quit { force },
+            Box::new(|_| {
+                vmm.send(Event::Quit);
+                Ok(json!({}))
+            }),
+        ),
+        Request::MigrateCancel => vmm.command(Command::Cancel, Box::new(|_| Ok(json!({})))),
         Request::Migrate {
             uri,
             channels,
@@ -226,70 +338,46 @@ fn handle(req: Request, vmm: &Arc<Vmm>, writer: &Arc<Mutex<UnixStream>>) -> Resu
             max_bandwidth,
             auto_converge,
             digest_file,
+            handshake_timeout_ms,
+            progress_timeout_ms,
+            switchover_timeout_ms,
         } => {
             let uri: Uri = uri
                 .parse()
                 .map_err(|e: ferry_transport::TransportError| e.to_string())?;
-            let defaults = SendParams::default();
+            let d = SendParams::default();
+            let ms = |v: Option<u64>, def: Duration| v.map(Duration::from_millis).unwrap_or(def);
             let params = SendParams {
-                channels: channels.unwrap_or(defaults.channels),
-                downtime_limit: downtime_limit_ms
-                    .map(Duration::from_millis)
-                    .unwrap_or(defaults.downtime_limit),
+                channels: channels.unwrap_or(d.channels),
+                downtime_limit: ms(downtime_limit_ms, d.downtime_limit),
                 max_bandwidth,
                 auto_converge: auto_converge.unwrap_or(true),
                 digest_file,
-                ..defaults
+                handshake_timeout: ms(handshake_timeout_ms, d.handshake_timeout),
+                progress_timeout: ms(progress_timeout_ms, d.progress_timeout),
+                switchover_timeout: ms(switchover_timeout_ms, d.switchover_timeout),
             };
-            if params.channels == 0 {
-                return Err("channels must be at least 1".into());
-            }
-            let progress = Progress::new();
-            let cancel = CancelToken::new();
-            {
-                let mut m = vmm.migration.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some((p, _)) = m.as_ref() {
-                    if matches!(
-                        p.status(),
-                        Status::Setup | Status::Active | Status::Switchover
-                    ) {
-                        return Err("a migration is already running".into());
-                    }
-                    if p.status() == Status::Completed {
-                        return Err("this VM was already migrated away".into());
-                    }
-                }
-                *m = Some((progress.clone(), cancel.clone()));
-            }
-            // Stream progress to this client while the migration runs; dropping `stop`
-            // wakes the ticker at once, so the result is not held back.
-            let (stop, stopped) = std::sync::mpsc::channel::<()>();
-            let ticker = {
-                let progress = progress.clone();
-                let writer = writer.clone();
-                std::thread::spawn(move || {
-                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                        stopped.recv_timeout(Duration::from_millis(200))
-                    {
-                        let v = json!({"event": "progress", "progress": progress.report()});
-                        if write_line(&writer, &v).is_err() {
-                            return;
-                        }
-                    }
-                })
-            };
-            let result = migrate(
-                Arc::new(Migratable(vm.clone())),
-                &uri,
-                &params,
-                progress,
-                cancel,
-            );
-            drop(stop);
-            let _ = ticker.join();
-            result
-                .map(|stats| serde_json::to_value(stats).unwrap_or(Value::Null))
-                .map_err(|e| e.to_string())
+            let (progress, result) = vmm.start_migration(uri, params)?;
+            follow(&progress, &result, writer)
+        }
+    }
+}
+
+/// Streams progress to the client until the migration has an answer for it. A client that
+/// goes away stops only this stream; the migration goes on.
+fn follow(
+    progress: &Progress,
+    result: &crossbeam_channel::Receiver<Result<Value, String>>,
+    writer: &Mutex<UnixStream>,
+) -> Result<Value, String> {
+    let mut client = true;
+    loop {
+        if let Some(answer) = client_answer(progress, result, Duration::from_millis(200)) {
+            return answer;
+        }
+        if client {
+            let v = json!({"event": "progress", "progress": progress.report()});
+            client = write_line(writer, &v).is_ok();
         }
     }
 }

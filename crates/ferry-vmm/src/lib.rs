@@ -6,6 +6,7 @@ pub mod api;
 pub mod devices;
 pub mod migration;
 pub mod multiboot;
+pub mod owner;
 pub mod runner;
 pub mod vcpu;
 pub mod vm;

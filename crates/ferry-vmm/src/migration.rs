@@ -63,8 +63,17 @@ fn describe(vm: &Vm, cpuid: &[kvm_cpuid_entry2]) -> VmDescription {
     }
 }
 
-fn vm_err(e: impl std::fmt::Display) -> VmError {
-    VmError(e.to_string())
+fn vm_err(e: impl std::error::Error + Send + Sync + 'static) -> VmError {
+    VmError::new(e)
+}
+
+/// Why a received state cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+enum SectionError {
+    #[error("no '{MACHINE_SECTION}' state section")]
+    Missing,
+    #[error("unknown state section '{0}'")]
+    Unknown(String),
 }
 
 /// A [`Vm`] as a migration source or target.
@@ -145,9 +154,9 @@ impl MigrationTarget for Migratable {
         let machine = sections
             .iter()
             .find(|s| s.name == MACHINE_SECTION)
-            .ok_or_else(|| VmError(format!("no '{MACHINE_SECTION}' state section")))?;
+            .ok_or_else(|| vm_err(SectionError::Missing))?;
         if let Some(other) = sections.iter().find(|s| s.name != MACHINE_SECTION) {
-            return Err(VmError(format!("unknown state section '{}'", other.name)));
+            return Err(vm_err(SectionError::Unknown(other.name.clone())));
         }
         let state = MachineState::decode(&machine.data).map_err(vm_err)?;
         self.0.restore_state(&state).map_err(vm_err)

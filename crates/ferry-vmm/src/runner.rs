@@ -3,17 +3,20 @@
 //! guest to another process.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ferry_memory::ram::MemoryConfig;
-use ferry_migrate::recv::{receive, start_prepare, ReceiveParams, ReceiveStats};
-use ferry_migrate::{CancelToken, MigrateError, Progress};
+use ferry_migrate::recv::{receive, start_prepare, ReceiveParams, ReceiveStats, RecvOutcome};
+use ferry_migrate::{control, MigrateError, Progress};
 use ferry_transport::{Listener, Uri};
 
 use crate::api;
 use crate::devices::SerialSink;
 use crate::migration::Migratable;
+use crate::owner::{Engine, Role};
 use crate::vcpu::VcpuEvent;
 use crate::vm::{Vm, VmConfig, VmError};
 
@@ -120,12 +123,23 @@ pub(crate) enum Event {
     MigratedAway,
 }
 
-/// What the API server and the run loop share.
+/// How long the process waits, before exiting, for API replies still being written.
+const API_DRAIN: Duration = Duration::from_secs(2);
+
+/// What the API server, the migration thread and the run loop share.
 pub struct Vmm {
     pub(crate) vm: Arc<Vm>,
     pub(crate) events: Mutex<Sender<Event>>,
-    pub(crate) migration: Mutex<Option<(Arc<Progress>, CancelToken)>>,
+    /// Who may run the guest; every run-state command is checked against it.
+    pub(crate) role: Mutex<Role>,
+    /// The last outgoing migration's progress (for `info` after it ended).
+    pub(crate) last_migration: Mutex<Option<Arc<Progress>>>,
+    /// The incoming migration's progress, kept after it completed.
     pub(crate) incoming: Mutex<Option<Arc<Progress>>>,
+    /// API requests whose reply is not written yet.
+    pub(crate) in_flight: AtomicUsize,
+    /// API connections open.
+    pub(crate) api_connections: AtomicUsize,
 }
 
 impl Vmm {
@@ -140,6 +154,15 @@ impl Vmm {
     /// The VM.
     pub fn vm(&self) -> &Arc<Vm> {
         &self.vm
+    }
+
+    /// Who may run the guest right now.
+    pub fn role(&self) -> Role {
+        self.role.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_role(&self, r: Role) {
+        *self.role.lock().unwrap_or_else(|e| e.into_inner()) = r;
     }
 }
 
@@ -198,11 +221,25 @@ pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Ou
     };
     let vm = Arc::new(vm);
     let (tx, rx): (Sender<Event>, Receiver<Event>) = channel();
+    let incoming = matches!(cfg.boot, Boot::Incoming { .. });
+    let (commander, commands) = control::channel();
+    let in_progress = Progress::new();
+    let role = if incoming {
+        Role::Incoming(Engine {
+            commander,
+            progress: in_progress.clone(),
+        })
+    } else {
+        Role::Owner
+    };
     let vmm = Arc::new(Vmm {
         vm: vm.clone(),
         events: Mutex::new(tx.clone()),
-        migration: Mutex::new(None),
-        incoming: Mutex::new(None),
+        role: Mutex::new(role),
+        last_migration: Mutex::new(None),
+        incoming: Mutex::new(incoming.then(|| in_progress.clone())),
+        in_flight: AtomicUsize::new(0),
+        api_connections: AtomicUsize::new(0),
     });
     let vcpu_tx = Mutex::new(tx);
     vm.start(Arc::new(move |e| {
@@ -219,18 +256,26 @@ pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Ou
     };
 
     if let (Boot::Incoming { params, .. }, Some(listener)) = (&cfg.boot, listener) {
-        let progress = Progress::new();
-        *vmm.incoming.lock().unwrap_or_else(|p| p.into_inner()) = Some(progress.clone());
         let target = Arc::new(Migratable(vm.clone()));
-        match receive(target, &listener, params, progress, prepared.take()) {
-            Ok(stats) => on_incoming(&stats),
-            Err(MigrateError::HandoverUnconfirmed(msg)) if cfg.api_socket.is_some() => {
-                // The state is complete here and the source may be gone: keep it, paused,
-                // for the operator to resume if the source did not keep the guest.
-                tracing::error!(
-                    "handover unconfirmed: {msg}; the VM is kept paused here; resume it with \
-                     'ferry remote resume' only if the source VM is not running"
-                );
+        let r = receive(
+            target,
+            &listener,
+            params,
+            in_progress,
+            prepared.take(),
+            commands,
+        );
+        drop(listener);
+        match r {
+            Ok(RecvOutcome::Running(stats)) => {
+                vmm.set_role(Role::Owner);
+                on_incoming(&stats);
+            }
+            Ok(RecvOutcome::Quit) => {
+                vmm.set_role(Role::Quitting);
+                vmm.drain_api(API_DRAIN);
+                vm.shutdown();
+                return Ok(Outcome::Quit);
             }
             Err(e) => {
                 vm.shutdown();
@@ -248,6 +293,8 @@ pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Ou
         Ok(Event::Quit) | Err(_) => Outcome::Quit,
         Ok(Event::MigratedAway) => Outcome::MigratedAway,
     };
+    // Let the client that asked (quit, migrate) read its answer before the process ends.
+    vmm.drain_api(API_DRAIN);
     vm.shutdown();
     Ok(outcome)
 }

@@ -436,18 +436,23 @@ impl Vm {
         result
     }
 
+    /// Writes the snapshot to a new temporary file beside `path` (never an existing file or
+    /// a symlink planted at its name), then renames it into place.
     fn write_snapshot(&self, path: &Path) -> Result<(), VmError> {
-        let mut name = path.file_name().unwrap_or_default().to_os_string();
-        name.push(".partial");
-        let tmp = path.with_file_name(name);
-        let r = self.write_snapshot_to(&tmp, path);
+        let (file, tmp) =
+            ferry_migrate::files::create_temp_beside(path).map_err(|source| SnapshotError::Io {
+                what: "creating the snapshot file",
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let r = self.write_snapshot_to(file, &tmp, path);
         if r.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
         r
     }
 
-    fn write_snapshot_to(&self, tmp: &Path, path: &Path) -> Result<(), VmError> {
+    fn write_snapshot_to(&self, file: File, tmp: &Path, path: &Path) -> Result<(), VmError> {
         let io = |what: &'static str| {
             move |source| SnapshotError::Io {
                 what,
@@ -459,7 +464,6 @@ impl Vm {
         let regions: Vec<(u64, u64)> = self.ram.regions().iter().map(|r| (r.gpa, r.size)).collect();
         let mut header = SnapshotHeader::layout(state.len() as u64, &regions);
         header.state_crc = crc32fast::hash(&state);
-        let file = File::create(tmp).map_err(io("creating the snapshot file"))?;
         let end = header
             .regions
             .last()

@@ -33,45 +33,57 @@ pub fn samples() -> Vec<Message> {
             version: VERSION,
             capabilities: caps::SWITCHOVER_ACK,
         },
-        Message::Setup(VmDescription {
-            vcpus: 4,
-            page_size: 4096,
-            regions: vec![
-                MemRegion {
-                    gpa: 0,
-                    size: 0xc000_0000,
-                },
-                MemRegion {
-                    gpa: 0x1_0000_0000,
-                    size: 0x4000_0000,
-                },
-                // Ends exactly at the top of the address space minus a page.
-                MemRegion {
-                    gpa: 0xffff_ffff_ffff_e000,
-                    size: 0x1000,
-                },
-            ],
-            cpu_features: vec![
-                CpuFeature {
-                    leaf: 0,
-                    subleaf: 0,
-                    regs: [0xd, 0x756e_6547, 0x6c65_746e, 0x4965_6e69],
-                },
-                CpuFeature {
-                    leaf: 7,
-                    subleaf: 1,
-                    regs: [1, 2, 3, u32::MAX],
-                },
-            ],
+        Message::Setup(Setup {
+            timeouts: Timeouts {
+                progress_ms: 30_000,
+                switchover_ms: 2_000,
+            },
+            vm: VmDescription {
+                vcpus: 4,
+                page_size: 4096,
+                regions: vec![
+                    MemRegion {
+                        gpa: 0,
+                        size: 0xc000_0000,
+                    },
+                    MemRegion {
+                        gpa: 0x1_0000_0000,
+                        size: 0x4000_0000,
+                    },
+                    // Ends exactly at the top of the address space minus a page.
+                    MemRegion {
+                        gpa: 0xffff_ffff_ffff_e000,
+                        size: 0x1000,
+                    },
+                ],
+                cpu_features: vec![
+                    CpuFeature {
+                        leaf: 0,
+                        subleaf: 0,
+                        regs: [0xd, 0x756e_6547, 0x6c65_746e, 0x4965_6e69],
+                    },
+                    CpuFeature {
+                        leaf: 7,
+                        subleaf: 1,
+                        regs: [1, 2, 3, u32::MAX],
+                    },
+                ],
+            },
         }),
-        Message::Setup(VmDescription {
-            vcpus: 1,
-            page_size: 4096,
-            regions: vec![MemRegion {
-                gpa: 0x10_0000,
-                size: 0x1000,
-            }],
-            cpu_features: vec![],
+        Message::Setup(Setup {
+            timeouts: Timeouts {
+                progress_ms: 1,
+                switchover_ms: u32::MAX,
+            },
+            vm: VmDescription {
+                vcpus: 1,
+                page_size: 4096,
+                regions: vec![MemRegion {
+                    gpa: 0x10_0000,
+                    size: 0x1000,
+                }],
+                cpu_features: vec![],
+            },
         }),
         Message::SetupAccepted,
         Message::Refuse {
@@ -132,6 +144,14 @@ pub fn samples() -> Vec<Message> {
         Message::PassEnd {
             pass: 3,
             pages: 1 << 40,
+        },
+        Message::Ack {
+            passes: 0,
+            bytes: 0,
+        },
+        Message::Ack {
+            passes: u32::MAX,
+            bytes: u64::MAX,
         },
         Message::State { sections: vec![] },
         Message::State {
@@ -271,5 +291,6 @@ pub fn setup_body(vcpus: u32, page_size: u32, regions: &[(u64, u64)], features: 
     for i in 0..features {
         b = b.u32(i).u32(0).u32(1).u32(2).u32(3).u32(4);
     }
-    b
+    // Timeouts: progress 30 s, switchover 2 s.
+    b.u32(30_000).u32(2_000)
 }

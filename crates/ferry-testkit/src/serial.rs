@@ -18,8 +18,26 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
 use ferry_guest::{GuestLine, HEARTBEAT};
+
+/// Why waiting for a serial line failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// The stream ended first (the process exited).
+    #[error("serial {0}: stream closed before the line we waited for")]
+    Closed(String),
+    /// Nothing matched in time.
+    #[error("serial {name}: timed out after {timeout:?} waiting for a line")]
+    Timeout {
+        /// Which stream.
+        name: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// The reader thread could not start.
+    #[error("serial {0}: cannot start the reader thread: {1}")]
+    Thread(String, std::io::Error),
+}
 
 /// Longest text line kept; a longer run without `\n` is cut here (garbage, not the guest).
 const MAX_LINE: usize = 4096;
@@ -123,7 +141,10 @@ impl Recorder {
     /// Bytes are read as they come into a small buffer and timestamped per read. Every
     /// beat in one read gets the same timestamp; with a pipe written one byte per guest
     /// `OUT`, a read normally holds one beat unless this thread was late.
-    pub fn spawn<R: Read + Send + 'static>(name: &str, mut reader: R) -> Result<Recorder> {
+    pub fn spawn<R: Read + Send + 'static>(
+        name: &str,
+        mut reader: R,
+    ) -> Result<Recorder, SerialError> {
         let shared = Arc::new(Shared::default());
         let theirs = Arc::clone(&shared);
         thread::Builder::new()
@@ -144,7 +165,8 @@ impl Recorder {
                 }
                 theirs.lock().closed = true;
                 theirs.changed.notify_all();
-            })?;
+            })
+            .map_err(|e| SerialError::Thread(name.to_string(), e))?;
         Ok(Recorder {
             name: name.to_string(),
             shared,
@@ -160,6 +182,11 @@ impl Recorder {
     pub fn beats_between(&self, from: Instant, to: Instant) -> usize {
         let log = self.shared.lock();
         log.beats.iter().filter(|&&t| t >= from && t <= to).count()
+    }
+
+    /// Whether the stream has ended (the process exited).
+    pub fn closed(&self) -> bool {
+        self.shared.lock().closed
     }
 
     /// Every complete text line so far.
@@ -179,7 +206,7 @@ impl Recorder {
     /// Waits until a line (already received or new) satisfies `pred`; returns the first such.
     ///
     /// Fails on timeout or when the stream closes without one.
-    pub fn wait_for<F>(&self, mut pred: F, timeout: Duration) -> Result<LogLine>
+    pub fn wait_for<F>(&self, mut pred: F, timeout: Duration) -> Result<LogLine, SerialError>
     where
         F: FnMut(&GuestLine) -> bool,
     {
@@ -192,17 +219,14 @@ impl Recorder {
             }
             checked = log.lines.len();
             if log.closed {
-                bail!(
-                    "serial {}: stream closed before the line we waited for",
-                    self.name
-                );
+                return Err(SerialError::Closed(self.name.clone()));
             }
             let now = Instant::now();
             if now >= deadline {
-                bail!(
-                    "serial {}: timed out after {timeout:?} waiting for a line",
-                    self.name
-                );
+                return Err(SerialError::Timeout {
+                    name: self.name.clone(),
+                    timeout,
+                });
             }
             log = self
                 .shared
@@ -254,7 +278,6 @@ pub fn longest_gap_at(sources: &[&[Instant]], window: (Instant, Instant)) -> Gap
 }
 
 /// The guest-observed downtime: [`longest_gap_at`]'s length.
-#[allow(dead_code)] // the benches need the gap's start too; the tests use this form
 pub fn longest_gap(sources: &[&[Instant]], window: (Instant, Instant)) -> Duration {
     longest_gap_at(sources, window).len
 }
@@ -274,7 +297,14 @@ pub fn beat_interval(beats: &[Instant], from: Instant, to: Instant) -> Option<Du
     if gaps.is_empty() {
         return None;
     }
-    Some(Duration::from_secs_f64(crate::stats::median(&mut gaps)))
+    gaps.sort_by(f64::total_cmp);
+    let mid = gaps.len() / 2;
+    let median = if gaps.len() % 2 == 1 {
+        gaps[mid]
+    } else {
+        (gaps[mid - 1] + gaps[mid]) / 2.0
+    };
+    Some(Duration::from_secs_f64(median))
 }
 
 #[cfg(test)]

@@ -1,0 +1,158 @@
+//! Commands from the control API into a running migration's event loop. Whether a command
+//! is legal follows from the phase the loop is in, so the answer is always consistent with
+//! what the engine does next: a command is handled between two events, never queued to act
+//! after a hand-over.
+
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+/// What an operator asks of a VM while a migration owns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// `migrate-cancel`: abort the migration; the source keeps the guest.
+    Cancel,
+    /// `quit`: abort the migration, then end the process. `force` is needed when this side
+    /// may hold the only copy of the guest (an unconfirmed hand-over).
+    Quit {
+        /// Accept the risk of losing the guest.
+        force: bool,
+    },
+    /// `resume`: only allowed with `force` after an unconfirmed hand-over.
+    Resume {
+        /// Accept the risk of running the guest twice.
+        force: bool,
+    },
+    /// `pause`.
+    Pause,
+    /// `snapshot`.
+    Snapshot,
+}
+
+impl Command {
+    /// The API's name for the command.
+    pub fn name(self) -> &'static str {
+        match self {
+            Command::Cancel => "migrate-cancel",
+            Command::Quit { .. } => "quit",
+            Command::Resume { .. } => "resume",
+            Command::Pause => "pause",
+            Command::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// The engine's answer: what it did (`Ok`), or why it refused (`Err`).
+pub type Reply = Result<String, String>;
+
+/// A command with the channel its answer goes back on.
+#[derive(Debug)]
+pub struct Request {
+    /// The command.
+    pub command: Command,
+    reply: Sender<Reply>,
+    /// The requester stops waiting then; an engine that sees the request later drops it
+    /// rather than act on a command whose requester was told there was no answer.
+    expires: Instant,
+}
+
+impl Request {
+    /// Whether the requester has given up waiting.
+    pub fn expired(&self) -> bool {
+        Instant::now() >= self.expires
+    }
+
+    /// Answers the request (a requester that gave up is fine).
+    pub fn answer(self, reply: Reply) {
+        let _ = self.reply.send(reply);
+    }
+
+    /// Refuses the command in `phase`, saying why.
+    pub fn refuse(self, phase: &str, why: &str) {
+        let name = self.command.name();
+        self.answer(Err(format!(
+            "{name} refused in migration phase {phase}: {why}"
+        )));
+    }
+}
+
+/// Why a command got no answer from the engine.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CommandError {
+    /// The engine refused it.
+    #[error("{0}")]
+    Refused(String),
+    /// The migration ended before it saw the command; ask again (the VM's new state
+    /// decides).
+    #[error("the migration ended while this command waited; nothing was done, send it again")]
+    Ended,
+    /// The engine did not answer in time.
+    #[error("the migration engine did not answer within {0:?}")]
+    NoAnswer(Duration),
+}
+
+/// The API's end: sends commands to a running engine.
+#[derive(Debug, Clone)]
+pub struct Commander {
+    tx: Sender<Request>,
+}
+
+impl Commander {
+    /// Sends `command` and waits up to `timeout` for the engine's answer.
+    pub fn send(&self, command: Command, timeout: Duration) -> Result<String, CommandError> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        let expires = Instant::now() + timeout;
+        self.tx
+            .send(Request {
+                command,
+                reply,
+                expires,
+            })
+            .map_err(|_| CommandError::Ended)?;
+        match answer.recv_timeout(timeout) {
+            Ok(Ok(done)) => Ok(done),
+            Ok(Err(refusal)) => Err(CommandError::Refused(refusal)),
+            Err(RecvTimeoutError::Disconnected) => Err(CommandError::Ended),
+            Err(RecvTimeoutError::Timeout) => Err(CommandError::NoAnswer(timeout)),
+        }
+    }
+}
+
+/// A command channel: the [`Commander`] for the API, the receiver for the engine.
+pub fn channel() -> (Commander, Receiver<Request>) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    (Commander { tx }, rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_refusals_and_an_ended_engine() {
+        let (c, rx) = channel();
+        let engine = std::thread::spawn(move || {
+            let r = rx.recv().unwrap();
+            r.refuse("precopy", "cancel the migration first");
+            let r = rx.recv().unwrap();
+            r.answer(Ok("cancelled".into()));
+            // Dropping the receiver ends the engine.
+        });
+        let e = c
+            .send(Command::Resume { force: false }, Duration::from_secs(5))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "resume refused in migration phase precopy: cancel the migration first"
+        );
+        assert_eq!(
+            c.send(Command::Cancel, Duration::from_secs(5)).unwrap(),
+            "cancelled"
+        );
+        engine.join().unwrap();
+        assert_eq!(
+            c.send(Command::Pause, Duration::from_secs(5)),
+            Err(CommandError::Ended)
+        );
+    }
+}

@@ -1,0 +1,259 @@
+//! The destination's front door. Every connection gets a short deadline to send one
+//! complete Ferry `Hello`; only connections that do reach the event loop. Anything else (a
+//! port scan, a health check, garbage, a peer that says nothing) is dropped and logged, and
+//! the destination keeps listening. A peer of another protocol version is told why.
+//!
+//! Peer authentication (TLS) slots in here: a connection becomes a candidate only once it
+//! has authenticated and greeted.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use ferry_proto::{
+    decode_body, decode_header, Hello, Message, MessageKind, FRAME_HEADER_LEN, HELLO_FRAME_LEN,
+    VERSION,
+};
+use ferry_transport::{set_blocking, wait_readable, Listener, Stream};
+
+use crate::wire::send_by;
+
+/// Connections waiting for their Hello at once; the oldest is dropped beyond this.
+pub(crate) const MAX_PENDING: usize = 64;
+/// How often the acceptor looks at its stop flag.
+const POLL: Duration = Duration::from_millis(100);
+
+/// A connection that sent a valid Hello of this protocol version.
+pub(crate) struct Greeted {
+    pub(crate) hello: Hello,
+    pub(crate) stream: Stream,
+    pub(crate) peer: String,
+}
+
+/// A connection whose Hello is still arriving.
+struct Pending {
+    stream: Stream,
+    peer: String,
+    buf: [u8; HELLO_FRAME_LEN],
+    filled: usize,
+    deadline: Instant,
+}
+
+/// What a pending connection's bytes amount to so far.
+enum Progress {
+    Incomplete,
+    Greeted(Hello),
+    /// Drop it; the text says why (for the log).
+    Drop(String),
+    /// A Ferry peer of another version: refuse with this reason, then drop.
+    Refuse(String),
+}
+
+/// Accepts and greets connections on `listener` until `stop` is set. Each good one goes to
+/// `tx` as `wrap(Greeted)`; each dropped one counts in `strays`.
+pub(crate) fn run<E>(
+    listener: &Listener,
+    timeout: Duration,
+    stop: &AtomicBool,
+    strays: &AtomicU64,
+    tx: &Sender<E>,
+    wrap: fn(Greeted) -> E,
+) {
+    let mut pending: Vec<Pending> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let wait = pending
+            .iter()
+            .map(|p| p.deadline.saturating_duration_since(Instant::now()))
+            .min()
+            .unwrap_or(POLL)
+            .min(POLL);
+        let ready = {
+            let mut fds: Vec<BorrowedFd<'_>> = vec![listener.as_fd()];
+            fds.extend(pending.iter().map(|p| p.stream.as_fd()));
+            match wait_readable(&fds, wait) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("incoming migration listener: {e}");
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+            }
+        };
+        let mut survivors = Vec::with_capacity(pending.len());
+        for (p, readable) in pending.into_iter().zip(ready.iter().skip(1)) {
+            if let Some(p) = step(p, *readable, strays, tx, wrap) {
+                survivors.push(p);
+            }
+        }
+        pending = survivors;
+        if ready.first().copied().unwrap_or(false) {
+            accept_all(listener, timeout, &mut pending, strays);
+        }
+    }
+}
+
+/// Takes every connection waiting in the backlog.
+fn accept_all(
+    listener: &Listener,
+    timeout: Duration,
+    pending: &mut Vec<Pending>,
+    strays: &AtomicU64,
+) {
+    while let Ok(Some(stream)) = listener.accept_timeout(Duration::ZERO) {
+        if stream.set_nonblocking(true).is_err() {
+            continue;
+        }
+        if pending.len() >= MAX_PENDING {
+            let old = pending.remove(0);
+            drop_conn(
+                old.peer,
+                "too many connections waiting for their handshake",
+                strays,
+            );
+        }
+        pending.push(Pending {
+            peer: stream.peer(),
+            stream,
+            buf: [0; HELLO_FRAME_LEN],
+            filled: 0,
+            deadline: Instant::now() + timeout,
+        });
+    }
+}
+
+/// Advances one pending connection; returns it if it is still pending.
+fn step<E>(
+    mut p: Pending,
+    readable: bool,
+    strays: &AtomicU64,
+    tx: &Sender<E>,
+    wrap: fn(Greeted) -> E,
+) -> Option<Pending> {
+    let progress = if readable {
+        read_some(&mut p)
+    } else if Instant::now() >= p.deadline {
+        Progress::Drop("no Ferry handshake before the deadline".into())
+    } else {
+        Progress::Incomplete
+    };
+    match progress {
+        Progress::Incomplete if Instant::now() >= p.deadline => {
+            drop_conn(
+                p.peer,
+                "no complete Ferry handshake before the deadline",
+                strays,
+            );
+            None
+        }
+        Progress::Incomplete => Some(p),
+        Progress::Drop(why) => {
+            drop_conn(p.peer, &why, strays);
+            None
+        }
+        Progress::Refuse(reason) => {
+            let deadline = Instant::now() + Duration::from_secs(1);
+            let _ = p.stream.set_nonblocking(false);
+            let _ = send_by(&mut p.stream, &Message::refuse(reason.clone()), deadline);
+            drop_conn(p.peer, &reason, strays);
+            None
+        }
+        Progress::Greeted(hello) => {
+            if set_blocking(&p.stream).is_err() {
+                drop_conn(p.peer, "could not configure the socket", strays);
+                return None;
+            }
+            let g = Greeted {
+                hello,
+                stream: p.stream,
+                peer: p.peer,
+            };
+            let _ = tx.send(wrap(g));
+            None
+        }
+    }
+}
+
+fn drop_conn(peer: String, why: &str, strays: &AtomicU64) {
+    strays.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!("dropped a connection from {peer}: {why}; still waiting for a migration");
+}
+
+/// Reads what has arrived (never past the Hello frame) and judges it.
+fn read_some(p: &mut Pending) -> Progress {
+    use std::io::Read;
+    let Some(room) = p.buf.get_mut(p.filled..) else {
+        return Progress::Drop("internal: Hello buffer overrun".into());
+    };
+    match p.stream.read(room) {
+        Ok(0) => return Progress::Drop("closed before completing the Ferry handshake".into()),
+        Ok(n) => p.filled += n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+        Err(e) => return Progress::Drop(format!("read error before the handshake: {e}")),
+    }
+    judge(&p.buf[..p.filled.min(HELLO_FRAME_LEN)])
+}
+
+/// Whether `bytes` (the start of a connection) are, or can still become, a Hello.
+fn judge(bytes: &[u8]) -> Progress {
+    let Some(header) = bytes.first_chunk::<FRAME_HEADER_LEN>() else {
+        return Progress::Incomplete;
+    };
+    let h = match decode_header(header) {
+        Ok(h) if h.kind == MessageKind::Hello => h,
+        Ok(h) => return Progress::Drop(format!("first frame is {}, not a Ferry Hello", h.kind)),
+        Err(e) => return Progress::Drop(format!("not a Ferry migration connection: {e}")),
+    };
+    let Some(body) = bytes.get(FRAME_HEADER_LEN..) else {
+        return Progress::Incomplete;
+    };
+    if usize::try_from(h.body_len).ok() != Some(HELLO_FRAME_LEN - FRAME_HEADER_LEN) {
+        return Progress::Drop(format!("a Hello of {} bytes is malformed", h.body_len));
+    }
+    if bytes.len() < HELLO_FRAME_LEN {
+        return Progress::Incomplete;
+    }
+    match decode_body(MessageKind::Hello, body) {
+        Ok(Message::Hello(hello)) if hello.version == VERSION => Progress::Greeted(hello),
+        Ok(Message::Hello(hello)) => Progress::Refuse(format!(
+            "protocol version {} is not supported; this destination speaks version {VERSION}",
+            hello.version
+        )),
+        Ok(m) => Progress::Drop(format!("first frame is {}, not a Hello", m.name())),
+        Err(e) => Progress::Drop(format!("bad Hello: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_proto::{caps, ChannelRole};
+
+    fn hello(version: u32) -> Vec<u8> {
+        let mut b = Vec::new();
+        Message::Hello(Hello {
+            version,
+            capabilities: caps::ALL,
+            session: 7,
+            role: ChannelRole::Main,
+            data_channels: 2,
+        })
+        .encode(&mut b);
+        b
+    }
+
+    #[test]
+    fn judges_partial_good_garbage_and_other_versions() {
+        let h = hello(VERSION);
+        assert_eq!(h.len(), HELLO_FRAME_LEN);
+        assert!(matches!(judge(&h[..3]), Progress::Incomplete));
+        assert!(matches!(judge(&h[..20]), Progress::Incomplete));
+        assert!(matches!(judge(&h), Progress::Greeted(g) if g.session == 7));
+        assert!(matches!(judge(b"GET / HTTP/1.1\r\n"), Progress::Drop(_)));
+        assert!(matches!(judge(&hello(VERSION + 1)), Progress::Refuse(r) if r.contains("version")));
+        let mut go = Vec::new();
+        Message::Go.encode(&mut go);
+        assert!(matches!(judge(&go), Progress::Drop(r) if r.contains("Go")));
+    }
+}

@@ -1,0 +1,1070 @@
+//! The receiver's phases:
+//!
+//! ```text
+//! listening -> handshake -> receiving -> (loading) -> awaiting-go -> (running)
+//!     ^            |            |                       |    \
+//!     +------------+------------+-----------------------+     +-> unconfirmed -> (running)
+//!        attempt failed or aborted by the source: discard, listen again
+//! ```
+//!
+//! The guest runs here only after `Go`. Before that, any failure discards the attempt and
+//! tells the source (an `Error` from here is the promise never to run it).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ferry_proto::{
+    caps, ChannelRole, Hello, Message, ProtoError, Setup, StateSection, Timeouts, VERSION,
+};
+use ferry_transport::{close_gracefully, Stream};
+
+use super::accept::{Greeted, MAX_PENDING};
+use super::data::{Activity, DataEvent, DataRx};
+use super::{Event, ReceiveStats, Receiver_, RecvOutcome, MAX_CHANNELS};
+use crate::control::{Command, Request};
+use crate::error::{Channel, MigrateError, Waited};
+use crate::progress::Status;
+use crate::wire::{send_by, spawn_reader, ReaderGuard};
+
+/// How long telling the source why an attempt ends may take.
+const ERROR_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a closed control channel still delivers what was written to it.
+const LINGER: Duration = Duration::from_secs(5);
+/// Acknowledgements go out at most this often (and at every completed pass).
+const ACK_EVERY: Duration = Duration::from_millis(250);
+
+/// What a phase returns.
+pub(super) enum Step {
+    Next(Phase),
+    End(RecvOutcome),
+}
+
+/// Where the receiver is.
+pub(super) enum Phase {
+    Listening(Listening),
+    Handshake(Box<Handshake>),
+    Receiving(Box<Receiving>),
+    AwaitGo(Box<AwaitGo>),
+    Unconfirmed(Box<Unconfirmed>),
+}
+
+/// An attempt's failure: it is discarded and the receiver listens again.
+type Attempted<T> = Result<T, (Box<Attempt>, MigrateError)>;
+
+impl Phase {
+    pub(super) fn listening() -> Phase {
+        Phase::Listening(Listening {
+            pending: Vec::new(),
+        })
+    }
+
+    pub(super) fn name(&self) -> &'static str {
+        match self {
+            Phase::Listening(_) => "listening",
+            Phase::Handshake(_) => "handshake",
+            Phase::Receiving(r) if r.final_pass.is_some() => "receiving-final-pass",
+            Phase::Receiving(_) => "receiving",
+            Phase::AwaitGo(_) => "awaiting-go",
+            Phase::Unconfirmed(_) => "unconfirmed",
+        }
+    }
+
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        match self {
+            Phase::Handshake(h) => Some(h.deadline),
+            Phase::AwaitGo(a) => Some(a.deadline),
+            _ => None,
+        }
+    }
+
+    pub(super) fn on(self, ev: Event, rx: &mut Receiver_) -> Step {
+        let name = self.name();
+        let r = match self {
+            Phase::Listening(p) => return p.on(ev, rx),
+            Phase::Handshake(p) => p.on(ev, rx),
+            Phase::Receiving(p) => p.on(ev, rx),
+            Phase::AwaitGo(p) => p.on(ev, rx),
+            Phase::Unconfirmed(p) => return p.on(ev, rx),
+        };
+        match r {
+            Ok(step) => step,
+            Err((att, e)) => {
+                let quit = matches!(e, MigrateError::Aborted(crate::error::AbortCause::Quit));
+                let step = rx.discard(*att, e, name);
+                if quit {
+                    Step::End(RecvOutcome::Quit)
+                } else {
+                    step
+                }
+            }
+        }
+    }
+
+    /// A failure no attempt can recover from: tell the source, if one is connected.
+    pub(super) fn fail(self, rx: &mut Receiver_, e: MigrateError) -> MigrateError {
+        let name = self.name();
+        let att = match self {
+            Phase::Listening(_) => None,
+            Phase::Handshake(p) => Some(p.att),
+            Phase::Receiving(p) => Some(p.att),
+            Phase::AwaitGo(p) => Some(p.att),
+            Phase::Unconfirmed(p) => Some(p.att),
+        };
+        if let Some(mut att) = att {
+            att.tell_error(&e, name);
+            att.end();
+        }
+        rx.progress.set_error(&e);
+        rx.progress.set_status(Status::Failed);
+        e
+    }
+}
+
+/// One source's migration: its channels and what it has told us.
+pub(super) struct Attempt {
+    id: u64,
+    hello: Hello,
+    peer: String,
+    main: Stream,
+    reader: ReaderGuard,
+    data: Vec<Stream>,
+    receivers: Vec<JoinHandle<()>>,
+    activity: Arc<Activity>,
+    timeouts: Timeouts,
+    started: Instant,
+}
+
+impl Attempt {
+    fn send(
+        &mut self,
+        msg: &Message,
+        phase: &'static str,
+        deadline: Instant,
+    ) -> Result<(), MigrateError> {
+        send_by(&mut self.main, msg, deadline)
+            .map(|_| ())
+            .map_err(|source| MigrateError::Send {
+                channel: Channel::Main,
+                phase,
+                source,
+            })
+    }
+
+    /// Tells the source why this side gives up (a promise not to run the guest).
+    fn tell_error(&mut self, e: &MigrateError, phase: &'static str) {
+        if !e.came_from_peer() {
+            let _ = self.send(
+                &Message::error(format!("destination: {e}")),
+                phase,
+                Instant::now() + ERROR_SEND_TIMEOUT,
+            );
+        }
+    }
+
+    /// Closes the data channels and waits for their receivers, so none writes into guest
+    /// memory after this.
+    fn stop_data(&mut self) {
+        for d in &self.data {
+            d.shutdown();
+        }
+        for r in self.receivers.drain(..) {
+            let _ = r.join();
+        }
+    }
+
+    /// Stops the data channels, then closes the main channel gracefully.
+    fn end(mut self) {
+        self.stop_data();
+        self.reader.stop();
+        close_gracefully(self.main, LINGER);
+    }
+
+    fn is_main(&self, id: u64) -> bool {
+        self.id == id
+    }
+}
+
+impl Receiver_ {
+    /// Drops a failed attempt and listens again.
+    fn discard(&mut self, mut att: Attempt, e: MigrateError, phase: &'static str) -> Step {
+        tracing::warn!(
+            phase,
+            source = att.peer.as_str(),
+            "incoming migration failed: {e}; the guest was not run here; waiting for another migration"
+        );
+        att.tell_error(&e, phase);
+        att.end();
+        self.progress.set_error(&e);
+        self.progress.set_status(Status::Listening);
+        Step::Next(Phase::listening())
+    }
+
+    /// A command while an attempt is on and the guest has not run here: cancel and quit
+    /// abort the attempt, the rest is refused.
+    fn attempt_command(
+        &mut self,
+        req: Request,
+        att: Box<Attempt>,
+        phase: &'static str,
+    ) -> Attempted<Box<Attempt>> {
+        match req.command {
+            Command::Cancel => {
+                req.answer(Ok(
+                    "incoming migration cancelled; the source keeps the guest".into(),
+                ));
+                Err((att, MigrateError::Aborted(crate::error::AbortCause::Cancel)))
+            }
+            Command::Quit { .. } => {
+                // Handled by the caller, which must end, not listen again.
+                req.answer(Ok(
+                    "incoming migration aborted (the source keeps the guest); quitting".into(),
+                ));
+                Err((att, MigrateError::Aborted(crate::error::AbortCause::Quit)))
+            }
+            Command::Resume { .. } | Command::Pause | Command::Snapshot => {
+                req.refuse(
+                    phase,
+                    "an incoming migration is running; the guest runs here only when the source \
+                     hands it over (migrate-cancel aborts it)",
+                );
+                Ok(att)
+            }
+        }
+    }
+
+    /// A connection that greeted while an attempt is on.
+    fn busy(&self, g: Greeted, att: &Attempt) -> Option<Greeted> {
+        match g.hello.role {
+            ChannelRole::Data { .. } if g.hello.session == att.hello.session => Some(g),
+            ChannelRole::Main => {
+                let mut s = g.stream;
+                let reason = "this destination is already receiving a migration".to_string();
+                let _ = send_by(
+                    &mut s,
+                    &Message::refuse(reason),
+                    Instant::now() + ERROR_SEND_TIMEOUT,
+                );
+                self.stray(
+                    &g.peer,
+                    "a second migration while one is in progress (refused)",
+                );
+                None
+            }
+            ChannelRole::Data { index } => {
+                self.stray(
+                    &g.peer,
+                    &format!("data channel {index} of an unknown migration"),
+                );
+                None
+            }
+        }
+    }
+
+    /// A data channel failing usually means the source gave up; its own reason (sent on the
+    /// main channel just before it closed the channels) is the useful one. Other events met
+    /// while looking go back in the queue.
+    fn prefer_source_reason(&self, attempt: u64, e: MigrateError) -> MigrateError {
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let mut others = Vec::new();
+        let mut found = None;
+        while let Ok(ev) = self
+            .inputs
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            match ev {
+                Event::Main {
+                    attempt: a,
+                    msg: Ok(Message::Error { reason }),
+                } if a == attempt => {
+                    found = Some(MigrateError::Peer {
+                        side: "source",
+                        reason,
+                    });
+                    break;
+                }
+                Event::Main { attempt: a, .. } | Event::Data { attempt: a, .. } if a == attempt => {
+                }
+                ev => others.push(ev),
+            }
+        }
+        for ev in others {
+            let _ = self.events_tx.send(ev);
+        }
+        found.unwrap_or(e)
+    }
+
+    fn stray(&self, peer: &str, why: &str) {
+        self.strays.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("dropped a connection from {peer}: {why}");
+    }
+
+    fn stats(&self, att: &Attempt) -> ReceiveStats {
+        let p = &self.progress;
+        ReceiveStats {
+            total_ms: att.started.elapsed().as_secs_f64() * 1000.0,
+            bytes: p.bytes.load(Ordering::Relaxed),
+            pages_data: p.pages_data.load(Ordering::Relaxed),
+            pages_zero: p.pages_zero.load(Ordering::Relaxed),
+            passes: p.pass.load(Ordering::Relaxed) + 1,
+            prepare_mode: format!("{:?}", self.params.prepare).to_lowercase(),
+            prepare_ms: self
+                .prepared
+                .map(|p| p.elapsed.as_secs_f64() * 1000.0)
+                .unwrap_or(0.0),
+            prepare_threads: self.prepared.map(|p| p.threads).unwrap_or(0),
+            load_ms: 0.0,
+            resume_ms: 0.0,
+            attempts: self.attempts,
+            stray_connections: self.strays(),
+            confirmed_late: false,
+        }
+    }
+}
+
+/// No migration: waiting for a main channel. Data channels that arrive first wait here.
+pub(super) struct Listening {
+    pending: Vec<(Greeted, Instant)>,
+}
+
+impl Listening {
+    fn on(mut self, ev: Event, rx: &mut Receiver_) -> Step {
+        match ev {
+            Event::Greeted(g) if g.hello.role == ChannelRole::Main => {
+                if let Some(h) = Handshake::begin(rx, g, &mut self.pending) {
+                    return Step::Next(Phase::Handshake(Box::new(h)));
+                }
+            }
+            Event::Greeted(g) => {
+                if self.pending.len() >= MAX_PENDING {
+                    let (old, _) = self.pending.remove(0);
+                    rx.stray(
+                        &old.peer,
+                        "too many data channels waiting for their main channel",
+                    );
+                }
+                self.pending.push((g, Instant::now()));
+            }
+            Event::Command(req) => match req.command {
+                Command::Quit { .. } => {
+                    req.answer(Ok("quitting (no migration was in progress)".into()));
+                    return Step::End(RecvOutcome::Quit);
+                }
+                Command::Cancel => req.refuse("listening", "no incoming migration is running"),
+                _ => req.refuse(
+                    "listening",
+                    "there is no guest here yet: this VM waits for an incoming migration",
+                ),
+            },
+            // Leftovers of discarded attempts, and preparation finishing.
+            Event::Main { .. } | Event::Data { .. } | Event::Prepared(_) | Event::Tick => {}
+        }
+        let timeout = rx.params.handshake_timeout;
+        let (keep, expired): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|(_, since)| since.elapsed() < timeout);
+        for (g, _) in expired {
+            rx.stray(&g.peer, "a data channel whose main channel never came");
+        }
+        self.pending = keep;
+        Step::Next(Phase::Listening(self))
+    }
+}
+
+/// A main channel greeted; waiting for its data channels and its Setup.
+pub(super) struct Handshake {
+    att: Box<Attempt>,
+    data: Vec<Option<Stream>>,
+    setup: Option<Setup>,
+    deadline: Instant,
+}
+
+impl Handshake {
+    /// Accepts `g` as a new migration, or refuses it (and returns `None`).
+    fn begin(
+        rx: &mut Receiver_,
+        g: Greeted,
+        pending: &mut Vec<(Greeted, Instant)>,
+    ) -> Option<Handshake> {
+        let Greeted {
+            hello,
+            mut stream,
+            peer,
+        } = g;
+        let n = hello.data_channels;
+        if n == 0 || n > MAX_CHANNELS {
+            let e = MigrateError::ChannelCount {
+                asked: n,
+                max: MAX_CHANNELS,
+            };
+            let _ = send_by(
+                &mut stream,
+                &Message::refuse(e.to_string()),
+                Instant::now() + ERROR_SEND_TIMEOUT,
+            );
+            rx.stray(&peer, &e.to_string());
+            return None;
+        }
+        // Control messages are small and latency-bound (Loaded, Running): no Nagle delay.
+        let _ = stream.set_nodelay();
+        let id = rx.next_attempt();
+        rx.progress.set_status(Status::Setup);
+        tracing::info!(source = peer.as_str(), channels = n, "incoming migration");
+        let reader = match attempt_reader(rx, &stream, id) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("{e}");
+                return None;
+            }
+        };
+        let mut h = Handshake {
+            att: Box::new(Attempt {
+                id,
+                hello,
+                peer,
+                main: stream,
+                reader,
+                data: Vec::new(),
+                receivers: Vec::new(),
+                activity: Arc::new(Activity::new()),
+                timeouts: Timeouts {
+                    progress_ms: 30_000,
+                    switchover_ms: 2_000,
+                },
+                started: Instant::now(),
+            }),
+            data: (0..n).map(|_| None).collect(),
+            setup: None,
+            deadline: Instant::now() + rx.params.handshake_timeout,
+        };
+        let welcome = Message::Welcome {
+            version: VERSION,
+            capabilities: h.att.hello.capabilities & caps::ALL,
+        };
+        let deadline = h.deadline;
+        if let Err(e) = h.att.send(&welcome, "handshake", deadline) {
+            rx.discard(*h.att, e, "handshake");
+            return None;
+        }
+        for (g, _) in std::mem::take(pending) {
+            if let Some(g) = rx.busy(g, &h.att) {
+                if let Err(e) = h.attach(g) {
+                    rx.discard(*h.att, e, "handshake");
+                    return None;
+                }
+            }
+        }
+        Some(h)
+    }
+
+    /// Takes a data channel of this migration.
+    fn attach(&mut self, g: Greeted) -> Result<(), MigrateError> {
+        let ChannelRole::Data { index } = g.hello.role else {
+            return Ok(());
+        };
+        let count = self.att.hello.data_channels;
+        let slot = self
+            .data
+            .get_mut(usize::from(index))
+            .ok_or(MigrateError::BadChannel {
+                index,
+                problem: "out of range",
+                count,
+            })?;
+        if slot.is_some() {
+            return Err(MigrateError::BadChannel {
+                index,
+                problem: "a duplicate",
+                count,
+            });
+        }
+        *slot = Some(g.stream);
+        Ok(())
+    }
+
+    fn on(mut self: Box<Self>, ev: Event, rx: &mut Receiver_) -> Attempted<Step> {
+        match ev {
+            Event::Greeted(g) => {
+                if let Some(g) = rx.busy(g, &self.att) {
+                    if let Err(e) = self.attach(g) {
+                        return Err((self.att, e));
+                    }
+                }
+            }
+            Event::Main { attempt, msg } if self.att.is_main(attempt) => {
+                self.att.activity.touch();
+                match msg {
+                    Ok(Message::Setup(s)) if self.setup.is_none() => self.setup = Some(s),
+                    Ok(m) => return Err((self.att, unexpected(m, "handshake"))),
+                    Err(e) => return Err((self.att, read_error(e, "handshake"))),
+                }
+            }
+            Event::Command(req) => {
+                self.att = rx.attempt_command(req, self.att, "handshake")?;
+            }
+            Event::Tick if Instant::now() >= self.deadline => {
+                let e = MigrateError::Timeout {
+                    what: Waited::Handshake,
+                    after: rx.params.handshake_timeout,
+                };
+                return Err((self.att, e));
+            }
+            _ => {}
+        }
+        if self.setup.is_some() && self.data.iter().all(Option::is_some) {
+            return Receiving::begin(*self, rx).map(|r| Step::Next(Phase::Receiving(Box::new(r))));
+        }
+        Ok(Step::Next(Phase::Handshake(self)))
+    }
+}
+
+/// Starts reading attempt `id`'s main channel into the event loop.
+fn attempt_reader(rx: &Receiver_, main: &Stream, id: u64) -> Result<ReaderGuard, MigrateError> {
+    let reader = main
+        .try_clone()
+        .map_err(MigrateError::io("cloning the main socket"))?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let join = spawn_reader(
+        reader,
+        "mig-main-rx",
+        stop.clone(),
+        rx.events_tx.clone(),
+        move |msg| Event::Main { attempt: id, msg },
+    )?;
+    Ok(ReaderGuard {
+        stop,
+        join: Some(join),
+    })
+}
+
+fn unexpected(m: Message, phase: &'static str) -> MigrateError {
+    match m {
+        Message::Error { reason } => MigrateError::Peer {
+            side: "source",
+            reason,
+        },
+        m => MigrateError::Unexpected {
+            message: m.name(),
+            phase,
+            channel: Channel::Main,
+        },
+    }
+}
+
+fn read_error(e: ProtoError, phase: &'static str) -> MigrateError {
+    match e {
+        ProtoError::Eof => MigrateError::Closed {
+            side: "source",
+            channel: Channel::Main,
+            phase,
+        },
+        source => MigrateError::Receive {
+            channel: Channel::Main,
+            phase,
+            source,
+        },
+    }
+}
+
+/// Pages stream into guest memory; waiting for the state, `Complete`, every channel's last
+/// pass and the memory preparation.
+pub(super) struct Receiving {
+    att: Box<Attempt>,
+    sections: Option<Vec<StateSection>>,
+    final_pass: Option<u32>,
+    last: Vec<Option<u32>>,
+    acked: (u32, u64),
+    acked_at: Instant,
+    ack_prepared: bool,
+    prepared_sent: bool,
+}
+
+impl Receiving {
+    /// Checks the VM description, starts the data receivers, accepts.
+    fn begin(h: Handshake, rx: &mut Receiver_) -> Attempted<Receiving> {
+        let Handshake {
+            mut att,
+            data,
+            setup,
+            ..
+        } = h;
+        let Some(setup) = setup else {
+            return Err((
+                att,
+                MigrateError::Unexpected {
+                    message: "SetupAccepted",
+                    phase: "handshake",
+                    channel: Channel::Main,
+                },
+            ));
+        };
+        if let Err(reason) = crate::compat::check(&setup.vm, &rx.target.description()) {
+            let deadline = Instant::now() + ERROR_SEND_TIMEOUT;
+            let _ = att.send(&Message::refuse(reason.clone()), "handshake", deadline);
+            return Err((att, MigrateError::Incompatible(reason)));
+        }
+        att.timeouts = clamp(setup.timeouts);
+        for (index, stream) in data.into_iter().flatten().enumerate() {
+            if let Err(e) = spawn_receiver(rx, &mut att, index, stream) {
+                return Err((att, e));
+            }
+        }
+        let deadline = control_deadline(&att);
+        if let Err(e) = att.send(&Message::SetupAccepted, "handshake", deadline) {
+            return Err((att, e));
+        }
+        rx.progress.set_status(Status::Active);
+        let n = usize::from(att.hello.data_channels);
+        let mut r = Receiving {
+            ack_prepared: att.hello.capabilities & caps::SWITCHOVER_ACK != 0,
+            att,
+            sections: None,
+            final_pass: None,
+            last: vec![None; n],
+            acked: (0, 0),
+            acked_at: Instant::now(),
+            prepared_sent: false,
+        };
+        match r.send_prepared(rx) {
+            Ok(()) => Ok(r),
+            Err(e) => Err((r.att, e)),
+        }
+    }
+}
+
+/// The longest deadlines a source may impose on this destination: a source asking for
+/// more (a hostile one, to hold the destination for weeks) gets these.
+const MAX_PROGRESS_MS: u32 = 10 * 60 * 1000;
+const MAX_SWITCHOVER_MS: u32 = 60 * 1000;
+/// Longest wait for the source to take a small control message off the wire.
+const CONTROL_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn clamp(t: Timeouts) -> Timeouts {
+    Timeouts {
+        progress_ms: t.progress_ms.min(MAX_PROGRESS_MS),
+        switchover_ms: t.switchover_ms.min(MAX_SWITCHOVER_MS),
+    }
+}
+
+/// Deadline of a small control message (it only waits for the source's reader).
+fn control_deadline(att: &Attempt) -> Instant {
+    Instant::now() + progress_timeout(att).min(CONTROL_SEND_TIMEOUT)
+}
+
+fn progress_timeout(att: &Attempt) -> Duration {
+    Duration::from_millis(u64::from(att.timeouts.progress_ms))
+}
+
+fn spawn_receiver(
+    rx: &Receiver_,
+    att: &mut Attempt,
+    index: usize,
+    stream: Stream,
+) -> Result<(), MigrateError> {
+    att.data.push(
+        stream
+            .try_clone()
+            .map_err(MigrateError::io("cloning a data socket"))?,
+    );
+    let ctx = DataRx {
+        attempt: att.id,
+        channel: u16::try_from(index).unwrap_or(u16::MAX),
+        phase: "receiving",
+        ram: rx.ram.clone(),
+        written: rx.written.clone(),
+        activity: att.activity.clone(),
+        progress: rx.progress.clone(),
+        tx: rx.events_tx.clone(),
+    };
+    let join = std::thread::Builder::new()
+        .name(format!("mig-recv{index}"))
+        .spawn(move || ctx.run(stream))
+        .map_err(MigrateError::io("starting a data channel receiver thread"))?;
+    att.receivers.push(join);
+    Ok(())
+}
+
+impl Receiving {
+    /// Tells the source the memory is prepared, once, when it asked to know.
+    fn send_prepared(&mut self, rx: &Receiver_) -> Result<(), MigrateError> {
+        let Some(p) = rx.prepared else { return Ok(()) };
+        if self.prepared_sent || !self.ack_prepared {
+            return Ok(());
+        }
+        self.prepared_sent = true;
+        let msg = Message::Prepared {
+            prepare_us: p.elapsed.as_micros() as u64,
+            threads: u32::try_from(p.threads).unwrap_or(u32::MAX),
+        };
+        let deadline = control_deadline(&self.att);
+        self.att.send(&msg, "receiving", deadline)
+    }
+
+    fn on(mut self: Box<Self>, ev: Event, rx: &mut Receiver_) -> Attempted<Step> {
+        let r = match ev {
+            Event::Main { attempt, msg } if self.att.is_main(attempt) => {
+                self.att.activity.touch();
+                self.on_main(msg)
+            }
+            Event::Data { attempt, ev } if self.att.is_main(attempt) => self
+                .on_data(ev, rx)
+                .map_err(|e| rx.prefer_source_reason(attempt, e)),
+            Event::Prepared(_) => self.send_prepared(rx),
+            Event::Greeted(g) => {
+                if let Some(g) = rx.busy(g, &self.att) {
+                    rx.stray(&g.peer, "an extra data channel after the handshake");
+                }
+                Ok(())
+            }
+            Event::Command(req) => {
+                self.att = rx.attempt_command(req, self.att, "receiving")?;
+                Ok(())
+            }
+            Event::Tick => self.on_tick(rx),
+            Event::Main { .. } | Event::Data { .. } => Ok(()),
+        };
+        if let Err(e) = r {
+            return Err((self.att, e));
+        }
+        if self.ready(rx) {
+            return AwaitGo::begin(*self, rx).map(|a| Step::Next(Phase::AwaitGo(Box::new(a))));
+        }
+        Ok(Step::Next(Phase::Receiving(self)))
+    }
+
+    fn on_main(&mut self, msg: Result<Message, ProtoError>) -> Result<(), MigrateError> {
+        match msg {
+            Ok(Message::State { sections })
+                if self.sections.is_none() && self.final_pass.is_none() =>
+            {
+                self.sections = Some(sections);
+                Ok(())
+            }
+            Ok(Message::Complete { final_pass }) if self.final_pass.is_none() => {
+                if self.sections.is_none() {
+                    return Err(MigrateError::CompleteBeforeState);
+                }
+                self.final_pass = Some(final_pass);
+                Ok(())
+            }
+            Ok(m) => Err(unexpected(m, "receiving")),
+            Err(e) => Err(read_error(e, "receiving")),
+        }
+    }
+
+    fn on_data(&mut self, ev: DataEvent, rx: &Receiver_) -> Result<(), MigrateError> {
+        match ev {
+            DataEvent::PassEnd { channel, pass } => {
+                let slot =
+                    self.last
+                        .get_mut(usize::from(channel))
+                        .ok_or(MigrateError::BadChannel {
+                            index: channel,
+                            problem: "out of range",
+                            count: self.att.hello.data_channels,
+                        })?;
+                if let Some(after) = slot.filter(|p| pass <= *p) {
+                    return Err(MigrateError::PassOrder {
+                        channel,
+                        pass,
+                        after,
+                    });
+                }
+                *slot = Some(pass);
+                rx.progress
+                    .pass
+                    .fetch_max(u64::from(pass), Ordering::Relaxed);
+                if self.passes_complete() > self.acked.0 {
+                    self.ack(rx)?;
+                }
+                Ok(())
+            }
+            DataEvent::Closed { channel } => {
+                let done = self.final_pass.is_some()
+                    && self.last.get(usize::from(channel)).copied().flatten() == self.final_pass;
+                if done {
+                    Ok(())
+                } else {
+                    Err(MigrateError::DataClosed {
+                        channel,
+                        phase: "receiving",
+                    })
+                }
+            }
+            DataEvent::Failed(e) => Err(e),
+        }
+    }
+
+    /// Passes complete on every channel.
+    fn passes_complete(&self) -> u32 {
+        self.last
+            .iter()
+            .map(|l| l.map(|p| p.saturating_add(1)).unwrap_or(0))
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Tells the source what has arrived.
+    fn ack(&mut self, rx: &Receiver_) -> Result<(), MigrateError> {
+        let now = (
+            self.passes_complete(),
+            self.att.activity.bytes.load(Ordering::Relaxed),
+        );
+        self.acked = now;
+        self.acked_at = Instant::now();
+        let _ = rx;
+        let deadline = Instant::now() + progress_timeout(&self.att);
+        self.att.send(
+            &Message::Ack {
+                passes: now.0,
+                bytes: now.1,
+            },
+            "receiving",
+            deadline,
+        )
+    }
+
+    fn on_tick(&mut self, rx: &Receiver_) -> Result<(), MigrateError> {
+        let limit = progress_timeout(&self.att);
+        if self.att.activity.idle() >= limit {
+            return Err(MigrateError::Timeout {
+                what: Waited::Source,
+                after: limit,
+            });
+        }
+        let bytes = self.att.activity.bytes.load(Ordering::Relaxed);
+        if self.acked_at.elapsed() >= ACK_EVERY && bytes != self.acked.1 {
+            self.ack(rx)?;
+        }
+        Ok(())
+    }
+
+    /// Everything is here: state, `Complete`, every channel's final pass, prepared memory.
+    fn ready(&self, rx: &Receiver_) -> bool {
+        self.sections.is_some()
+            && rx.prepared.is_some()
+            && self
+                .final_pass
+                .is_some_and(|fp| self.last.iter().all(|l| *l == Some(fp)))
+    }
+}
+
+/// The state is loaded and `Loaded` sent; only `Go` lets the guest run here.
+pub(super) struct AwaitGo {
+    att: Box<Attempt>,
+    deadline: Instant,
+    load: Duration,
+}
+
+impl AwaitGo {
+    fn begin(r: Receiving, rx: &mut Receiver_) -> Attempted<AwaitGo> {
+        let Receiving {
+            mut att, sections, ..
+        } = r;
+        rx.progress.set_status(Status::Switchover);
+        rx.progress.set_phase("loading");
+        if let Some(path) = rx.params.digest_file.clone() {
+            if let Err(e) = crate::send::write_digests(&rx.ram, &path) {
+                return Err((att, e));
+            }
+        }
+        let t = Instant::now();
+        if let Err(source) = rx.target.load_state(&sections.unwrap_or_default()) {
+            return Err((
+                att,
+                MigrateError::Vm {
+                    op: "loading the state",
+                    source,
+                },
+            ));
+        }
+        let load = t.elapsed();
+        let switchover = Duration::from_millis(u64::from(att.timeouts.switchover_ms));
+        let deadline = Instant::now() + switchover;
+        let loaded = Message::Loaded {
+            load_us: load.as_micros() as u64,
+        };
+        if let Err(e) = att.send(&loaded, "loading", deadline) {
+            return Err((att, e));
+        }
+        Ok(AwaitGo {
+            att,
+            deadline,
+            load,
+        })
+    }
+
+    fn on(self: Box<Self>, ev: Event, rx: &mut Receiver_) -> Attempted<Step> {
+        match ev {
+            Event::Main { attempt, msg } if self.att.is_main(attempt) => match msg {
+                Ok(Message::Go) => Ok(run_guest(rx, self.att, self.load, false)),
+                Ok(m) => Err((self.att, unexpected(m, "awaiting-go"))),
+                Err(e) => {
+                    let why = format!(
+                        "the link to the source broke: {}",
+                        read_error(e, "awaiting-go")
+                    );
+                    Ok(Unconfirmed::enter(rx, *self, why, false))
+                }
+            },
+            Event::Tick if Instant::now() >= self.deadline => {
+                let why = format!(
+                    "no Go within {} ms of Loaded",
+                    self.att.timeouts.switchover_ms
+                );
+                Ok(Unconfirmed::enter(rx, *self, why, true))
+            }
+            Event::Command(req) => {
+                let AwaitGo {
+                    att,
+                    deadline,
+                    load,
+                } = *self;
+                let att = rx.attempt_command(req, att, "awaiting-go")?;
+                Ok(Step::Next(Phase::AwaitGo(Box::new(AwaitGo {
+                    att,
+                    deadline,
+                    load,
+                }))))
+            }
+            Event::Greeted(g) => {
+                if let Some(g) = rx.busy(g, &self.att) {
+                    rx.stray(&g.peer, "an extra data channel after the handshake");
+                }
+                Ok(Step::Next(Phase::AwaitGo(self)))
+            }
+            _ => Ok(Step::Next(Phase::AwaitGo(self))),
+        }
+    }
+}
+
+/// `Go` arrived (or an operator forced it): run the guest and say so.
+fn run_guest(rx: &mut Receiver_, mut att: Box<Attempt>, load: Duration, late: bool) -> Step {
+    let t = Instant::now();
+    if let Err(source) = rx.target.resume() {
+        let e = MigrateError::Vm {
+            op: "running the guest",
+            source,
+        };
+        // The Error tells the committed source that the guest is not running here.
+        return rx.discard(*att, e, "awaiting-go");
+    }
+    let resume = t.elapsed();
+    let running = Message::Running {
+        resume_us: resume.as_micros() as u64,
+    };
+    // The guest runs here now; a lost Running only leaves the source unconfirmed.
+    let _ = att.send(&running, "running", Instant::now() + ERROR_SEND_TIMEOUT);
+    let mut stats = rx.stats(&att);
+    stats.load_ms = load.as_secs_f64() * 1000.0;
+    stats.resume_ms = resume.as_secs_f64() * 1000.0;
+    stats.confirmed_late = late;
+    att.end();
+    rx.progress.set_status(Status::Completed);
+    rx.progress.set_phase("running");
+    Step::End(RecvOutcome::Running(stats))
+}
+
+/// Loaded, but no `Go` in time: the guest stays paused here with its complete state.
+pub(super) struct Unconfirmed {
+    att: Box<Attempt>,
+    load: Duration,
+    link_alive: bool,
+}
+
+impl Unconfirmed {
+    fn enter(rx: &mut Receiver_, a: AwaitGo, why: String, link_alive: bool) -> Step {
+        let msg = format!(
+            "hand-over unconfirmed: {why}. The guest is loaded here and paused; the source \
+             may still run it. A late Go from the source runs it here; otherwise resume it \
+             here with 'resume --force' only if the source is not running it"
+        );
+        tracing::error!("{msg}");
+        rx.progress.set_error(&msg);
+        rx.progress.set_status(Status::Unconfirmed);
+        let AwaitGo { att, load, .. } = a;
+        Step::Next(Phase::Unconfirmed(Box::new(Unconfirmed {
+            att,
+            load,
+            link_alive,
+        })))
+    }
+
+    fn on(mut self: Box<Self>, ev: Event, rx: &mut Receiver_) -> Step {
+        match ev {
+            Event::Main { attempt, msg } if self.att.is_main(attempt) => match msg {
+                Ok(Message::Go) => run_guest(rx, self.att, self.load, true),
+                Ok(Message::Error { reason }) => {
+                    let e = MigrateError::Peer {
+                        side: "source",
+                        reason,
+                    };
+                    rx.discard(*self.att, e, "unconfirmed")
+                }
+                Ok(_) => Step::Next(Phase::Unconfirmed(self)),
+                Err(_) => {
+                    self.link_alive = false;
+                    Step::Next(Phase::Unconfirmed(self))
+                }
+            },
+            Event::Command(req) => self.command(req, rx),
+            Event::Greeted(g) => {
+                if let Some(g) = rx.busy(g, &self.att) {
+                    rx.stray(&g.peer, "an extra data channel after the handshake");
+                }
+                Step::Next(Phase::Unconfirmed(self))
+            }
+            _ => Step::Next(Phase::Unconfirmed(self)),
+        }
+    }
+
+    fn command(mut self: Box<Self>, req: Request, rx: &mut Receiver_) -> Step {
+        let link = if self.link_alive {
+            "the link to the source is still up"
+        } else {
+            "the link to the source is lost"
+        };
+        match req.command {
+            Command::Resume { force: true } => {
+                req.answer(Ok(format!(
+                    "resumed by force after an unconfirmed hand-over ({link}): if the source \
+                     still runs this guest, stop it there"
+                )));
+                run_guest(rx, self.att, self.load, true)
+            }
+            Command::Quit { force: true } => {
+                let e = MigrateError::Aborted(crate::error::AbortCause::Quit);
+                self.att.tell_error(&e, "unconfirmed");
+                self.att.end();
+                req.answer(Ok(
+                    "quitting by force; this copy of the guest is discarded".into()
+                ));
+                Step::End(RecvOutcome::Quit)
+            }
+            Command::Resume { force: false } | Command::Quit { force: false } => {
+                let why = format!(
+                    "the hand-over is unconfirmed ({link}) and the source may still run the \
+                     guest; add --force to {} anyway and accept the risk of {}",
+                    req.command.name(),
+                    if matches!(req.command, Command::Resume { .. }) {
+                        "two running copies"
+                    } else {
+                        "losing the guest if the source does not run it"
+                    }
+                );
+                req.refuse("unconfirmed", &why);
+                Step::Next(Phase::Unconfirmed(self))
+            }
+            Command::Cancel | Command::Pause | Command::Snapshot => {
+                req.refuse(
+                    "unconfirmed",
+                    "the guest is loaded here and paused awaiting the source's Go; only \
+                     'resume --force' or 'quit --force' decide here",
+                );
+                Step::Next(Phase::Unconfirmed(self))
+            }
+        }
+    }
+}

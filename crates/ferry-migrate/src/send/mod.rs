@@ -1,0 +1,398 @@
+//! The sending side: a phase machine ([`phase`]) driven by one event loop.
+//!
+//! The loop takes one event at a time (a message from the destination, a data channel's
+//! report, an API command, or a tick of the clock) and hands it to the current phase, which
+//! returns the next phase. Until `Go` is written the source owns the guest: any error
+//! aborts, resumes the guest here first, then tells the destination. After `Go` nothing
+//! aborts any more; a hand-over that is not confirmed in time becomes the `unconfirmed`
+//! phase, which keeps the guest paused and keeps listening for the destination's word.
+
+mod phase;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use ferry_memory::dirty::DirtyTracker;
+use ferry_memory::ram::GuestRam;
+use ferry_proto::{Message, ProtoError, Timeouts};
+use ferry_transport::{close_gracefully, Stream, Uri};
+
+use crate::control::Request;
+use crate::error::{Channel, MigrateError};
+use crate::events::{Input, Inputs};
+use crate::progress::{MigrationStats, Progress, Status};
+use crate::vm::MigrationSource;
+use crate::wire::{send_by, ReaderGuard};
+
+use phase::{Phase, Step};
+use worker::{WorkerEvent, Workers};
+
+/// Most data channels a source opens (destinations refuse more).
+pub const MAX_CHANNELS: u16 = 64;
+/// How long telling the destination why we abort may take.
+const ERROR_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a closed control channel still delivers what was written to it.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// How to migrate.
+#[derive(Debug, Clone)]
+pub struct SendParams {
+    /// Data channels (1 to [`MAX_CHANNELS`]).
+    pub channels: u16,
+    /// Downtime to aim for.
+    pub downtime_limit: Duration,
+    /// Cap on bandwidth over all channels, bytes/s.
+    pub max_bandwidth: Option<u64>,
+    /// Throttle vCPUs when precopy does not converge.
+    pub auto_converge: bool,
+    /// Write a digest of every guest page at the switchover here (for verification).
+    pub digest_file: Option<PathBuf>,
+    /// Connecting, the handshake and the setup must finish within this.
+    pub handshake_timeout: Duration,
+    /// Precopy fails when the destination acknowledges nothing for this long.
+    pub progress_timeout: Duration,
+    /// The guest stays paused here at most this long before the hand-over commits; past
+    /// it the migration is aborted and the guest resumed here.
+    pub switchover_timeout: Duration,
+}
+
+impl Default for SendParams {
+    fn default() -> Self {
+        SendParams {
+            channels: 4,
+            downtime_limit: Duration::from_millis(50),
+            max_bandwidth: None,
+            auto_converge: true,
+            digest_file: None,
+            handshake_timeout: Duration::from_secs(10),
+            progress_timeout: Duration::from_secs(30),
+            switchover_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl SendParams {
+    /// Checks that the parameters can work together; the error names the one to change.
+    pub fn validate(&self) -> Result<(), MigrateError> {
+        let bad = |s: String| Err(MigrateError::Params(s));
+        if self.channels == 0 || self.channels > MAX_CHANNELS {
+            return bad(format!(
+                "channels must be 1 to {MAX_CHANNELS}, not {}",
+                self.channels
+            ));
+        }
+        if self.max_bandwidth == Some(0) {
+            return bad("max-bandwidth must be more than 0".into());
+        }
+        for (name, t) in [
+            ("handshake-timeout", self.handshake_timeout),
+            ("progress-timeout", self.progress_timeout),
+            ("switchover-timeout", self.switchover_timeout),
+        ] {
+            if t < Duration::from_millis(1) || t.as_millis() > u128::from(u32::MAX) {
+                return bad(format!("{name} must be 1 ms to 49 days, not {t:?}"));
+            }
+        }
+        if self.switchover_timeout <= self.downtime_limit {
+            return bad(format!(
+                "switchover-timeout ({} ms) must be longer than downtime-limit ({} ms): the \
+                 switchover would be aborted before it could meet the limit",
+                self.switchover_timeout.as_millis(),
+                self.downtime_limit.as_millis()
+            ));
+        }
+        Ok(())
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+        Timeouts {
+            progress_ms: ms(self.progress_timeout),
+            switchover_ms: ms(self.switchover_timeout),
+        }
+    }
+}
+
+/// How a migration ended for the source.
+#[derive(Debug)]
+pub enum SendOutcome {
+    /// The destination runs the guest; it stays paused here for good.
+    Completed(MigrationStats),
+    /// The migration failed and the guest is this side's again: running, unless it was
+    /// paused before the migration started.
+    Failed(MigrateError),
+    /// `quit` arrived: the migration was aborted (or, after an unconfirmed hand-over,
+    /// given up with force) and the caller should end the process.
+    Quit,
+    /// After an unconfirmed hand-over an operator resumed the guest here with force.
+    ForcedResume,
+}
+
+/// Migrates `vm` to the destination listening at `uri`, taking API commands from
+/// `commands` while it runs. See [`SendOutcome`] for where the guest is afterwards.
+pub fn migrate(
+    vm: Arc<dyn MigrationSource>,
+    uri: &Uri,
+    params: &SendParams,
+    progress: Arc<Progress>,
+    commands: Receiver<Request>,
+) -> SendOutcome {
+    let ram = vm.ram();
+    progress.begin(ram.size());
+    if let Err(e) = params.validate() {
+        progress.set_error(&e);
+        progress.set_status(Status::Failed);
+        return SendOutcome::Failed(e);
+    }
+    let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    let mut src = Source {
+        vm,
+        ram,
+        params: params.clone(),
+        progress,
+        events_tx,
+        inputs: Inputs::new(events_rx, commands),
+        main: None,
+        data: Vec::new(),
+        sockets: Vec::new(),
+        reader: None,
+        workers: Workers::default(),
+        tracker: None,
+        paused_by_us: false,
+        need_prepared: false,
+        prepared: None,
+        rtt: Duration::ZERO,
+        stats: MigrationStats::default(),
+        started: Instant::now(),
+    };
+    src.run(uri)
+}
+
+/// Everything that happens to the source, one at a time.
+enum Event {
+    /// The connecting thread finished.
+    Connected(Result<Connection, MigrateError>),
+    /// A message (or the end) on the main channel.
+    Peer(Result<Message, ProtoError>),
+    /// A data channel sender's report.
+    Worker(WorkerEvent),
+    /// An API command.
+    Command(Request),
+    /// Time passed.
+    Tick,
+}
+
+/// The channels, connected and greeted.
+struct Connection {
+    main: Stream,
+    data: Vec<Stream>,
+}
+
+/// The context every phase works in.
+struct Source {
+    vm: Arc<dyn MigrationSource>,
+    ram: Arc<GuestRam>,
+    params: SendParams,
+    progress: Arc<Progress>,
+    events_tx: Sender<Event>,
+    inputs: Inputs<Event>,
+    main: Option<Stream>,
+    /// Data streams until the senders take them.
+    data: Vec<Stream>,
+    /// Every socket, to shut down when the migration ends.
+    sockets: Vec<Stream>,
+    reader: Option<ReaderGuard>,
+    workers: Workers,
+    tracker: Option<Arc<DirtyTracker>>,
+    paused_by_us: bool,
+    need_prepared: bool,
+    prepared: Option<(u64, u32, Instant)>,
+    rtt: Duration,
+    stats: MigrationStats,
+    started: Instant,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl Source {
+    /// The event loop: one event at a time, the current phase decides what comes next.
+    fn run(&mut self, uri: &Uri) -> SendOutcome {
+        let mut phase = Phase::connect(self, uri);
+        loop {
+            let name = phase.name();
+            self.progress.set_phase(name);
+            let event = self.next_event(phase.deadline());
+            match phase.on(event, self) {
+                Ok(Step::Next(next)) => phase = next,
+                Ok(Step::End(outcome)) => return outcome,
+                Err(e) => return self.abort(e, name),
+            }
+        }
+    }
+
+    /// The next event, or `Tick` at the deadline (and at least every tick interval).
+    fn next_event(&mut self, deadline: Option<Instant>) -> Event {
+        match self.inputs.next(deadline) {
+            Input::Event(e) => e,
+            Input::Command(r) => Event::Command(r),
+            Input::Tick => Event::Tick,
+        }
+    }
+
+    /// Writes a control message, giving up at `deadline`.
+    fn send(
+        &mut self,
+        msg: &Message,
+        phase: &'static str,
+        deadline: Instant,
+    ) -> Result<(), MigrateError> {
+        let main = self.main.as_mut().ok_or(MigrateError::Closed {
+            side: "destination",
+            channel: Channel::Main,
+            phase,
+        })?;
+        let n = send_by(main, msg, deadline).map_err(|source| MigrateError::Send {
+            channel: Channel::Main,
+            phase,
+            source,
+        })?;
+        self.progress
+            .bytes
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A message that has no place in `phase`; a refusal or error from the peer is reported
+    /// as what it is.
+    fn unexpected(&self, msg: Message, phase: &'static str) -> MigrateError {
+        match msg {
+            Message::Refuse { reason } => MigrateError::Refused(reason),
+            Message::Error { reason } => MigrateError::Peer {
+                side: "destination",
+                reason,
+            },
+            m => MigrateError::Unexpected {
+                message: m.name(),
+                phase,
+                channel: Channel::Main,
+            },
+        }
+    }
+
+    /// The main channel failed to read.
+    fn read_error(&self, e: ProtoError, phase: &'static str) -> MigrateError {
+        match e {
+            ProtoError::Eof => MigrateError::Closed {
+                side: "destination",
+                channel: Channel::Main,
+                phase,
+            },
+            source => MigrateError::Receive {
+                channel: Channel::Main,
+                phase,
+                source,
+            },
+        }
+    }
+
+    /// A data channel failing usually means the destination gave up; its own reason (sent on
+    /// the main channel just before it closed) is the useful one.
+    fn prefer_peer_reason(&self, e: MigrateError) -> MigrateError {
+        let deadline = Instant::now() + Duration::from_millis(300);
+        while let Ok(ev) = self
+            .inputs
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if let Event::Peer(Ok(Message::Error { reason })) = ev {
+                return MigrateError::Peer {
+                    side: "destination",
+                    reason,
+                };
+            }
+        }
+        e
+    }
+
+    /// Whether the destination has acknowledged its memory preparation (or needs none).
+    fn destination_ready(&self) -> bool {
+        !self.need_prepared || self.prepared.is_some()
+    }
+
+    /// Gives the guest back to this side after a failure: stop tracking and throttling, and
+    /// resume it if the migration paused it.
+    fn take_back(&mut self) {
+        if let Some(t) = self.tracker.take() {
+            let _ = t.stop();
+        }
+        self.vm.set_throttle(0);
+        if self.paused_by_us {
+            self.paused_by_us = false;
+            if let Err(e) = self.vm.resume() {
+                tracing::error!("could not resume the guest after a failed migration: {e}");
+            }
+        }
+    }
+
+    /// A failure before the commit: resume the guest here first, then tell the peer, then
+    /// close everything.
+    fn abort(&mut self, e: MigrateError, phase: &'static str) -> SendOutcome {
+        tracing::warn!(phase, "migration failed: {e}");
+        self.take_back();
+        if !e.came_from_peer() && self.main.is_some() {
+            let deadline = Instant::now() + ERROR_SEND_TIMEOUT;
+            let _ = self.send(&Message::error(format!("source: {e}")), phase, deadline);
+        }
+        self.close();
+        self.progress.set_error(&e);
+        match e {
+            MigrateError::Aborted(crate::error::AbortCause::Quit) => {
+                self.progress.set_status(Status::Cancelled);
+                SendOutcome::Quit
+            }
+            MigrateError::Aborted(_) => {
+                self.progress.set_status(Status::Cancelled);
+                SendOutcome::Failed(e)
+            }
+            e => {
+                self.progress.set_status(Status::Failed);
+                SendOutcome::Failed(e)
+            }
+        }
+    }
+
+    /// Ends every channel: data sockets at once (that also unblocks senders stuck on a
+    /// stalled peer), the main channel after what was written has been delivered.
+    fn close(&mut self) {
+        for s in &self.sockets {
+            s.shutdown();
+        }
+        worker::stop(&mut self.workers);
+        if let Some(r) = self.reader.take() {
+            r.stop();
+        }
+        if let Some(main) = self.main.take() {
+            close_gracefully(main, LINGER);
+        }
+        if let Some(t) = self.tracker.take() {
+            let _ = t.stop();
+        }
+    }
+}
+
+/// Writes one little-endian u64 digest per guest page, through a new temporary file renamed
+/// into place (an existing file or symlink at the temporary name is never followed).
+pub fn write_digests(ram: &GuestRam, path: &std::path::Path) -> Result<(), MigrateError> {
+    let bytes: Vec<u8> = ram
+        .page_digests()
+        .iter()
+        .flat_map(|d| d.to_le_bytes())
+        .collect();
+    let what = || format!("writing the memory digest to {}", path.display());
+    crate::files::write_new_then_rename(path, &bytes).map_err(MigrateError::io(what()))
+}

@@ -1,0 +1,882 @@
+//! The sender's phases. Each holds its own data and turns one event into the next phase:
+//!
+//! ```text
+//! connecting -> handshake -> setup -> precopy -> switchover -> awaiting-running -> (completed)
+//!     |             |          |         |          |               |
+//!     +-------------+----------+---------+----------+--> abort       +--> unconfirmed
+//!                    (guest resumed here, destination told)             (guest paused here)
+//! ```
+//!
+//! `switchover` pauses the guest and ends with `Go`; from `awaiting-running` on the source
+//! never resumes the guest on its own, except when the destination says it will not run it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_memory::dirty::{DirtySnapshot, DirtyTracker};
+use ferry_memory::ram::PAGE_SIZE;
+use ferry_proto::{caps, ChannelRole, Hello, Message, Setup, VERSION};
+use ferry_transport::{connect, Uri};
+
+use super::worker::{self, PassTotals, WorkerEvent};
+use super::{ms, write_digests, Connection, Event, SendOutcome, Source};
+use crate::control::{Command, Request};
+use crate::error::{AbortCause, Channel, MigrateError, Waited};
+use crate::policy::{Convergence, Decision, Limits, PassSample};
+use crate::progress::Status;
+use crate::wire::{send_by, spawn_reader, ReaderGuard};
+
+/// How long a converged precopy waits between passes for a destination still preparing.
+const WAIT_FOR_DESTINATION: Duration = Duration::from_millis(20);
+
+/// What a phase returns: the next phase, or the end of the migration.
+pub(super) enum Step {
+    Next(Phase),
+    End(SendOutcome),
+}
+
+/// Where the sender is.
+pub(super) enum Phase {
+    Connecting(Connecting),
+    Handshake(Handshake),
+    Setup(SetupWait),
+    Precopy(Box<Precopy>),
+    Switchover(Box<Switchover>),
+    AwaitRunning(Box<AwaitRunning>),
+    Unconfirmed(Box<Unconfirmed>),
+}
+
+impl Phase {
+    /// Starts connecting on a helper thread, so the loop stays responsive meanwhile.
+    pub(super) fn connect(src: &mut Source, uri: &Uri) -> Phase {
+        let deadline = Instant::now() + src.params.handshake_timeout;
+        let tx = src.events_tx.clone();
+        let (uri, n, session) = (uri.clone(), src.params.channels, session_id());
+        let spawned = std::thread::Builder::new()
+            .name("mig-connect".into())
+            .spawn(move || {
+                let _ = tx.send(Event::Connected(connect_all(&uri, n, session, deadline)));
+            });
+        if let Err(e) = spawned {
+            let err = MigrateError::Io {
+                what: "starting the connecting thread".into(),
+                source: e,
+            };
+            let _ = src.events_tx.send(Event::Connected(Err(err)));
+        }
+        Phase::Connecting(Connecting { deadline })
+    }
+
+    pub(super) fn name(&self) -> &'static str {
+        match self {
+            Phase::Connecting(_) => "connecting",
+            Phase::Handshake(_) => "handshake",
+            Phase::Setup(_) => "setup",
+            Phase::Precopy(_) => "precopy",
+            Phase::Switchover(_) => "switchover",
+            Phase::AwaitRunning(_) => "awaiting-running",
+            Phase::Unconfirmed(_) => "unconfirmed",
+        }
+    }
+
+    /// When the phase next needs the clock.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        match self {
+            Phase::Connecting(p) => Some(p.deadline),
+            Phase::Handshake(p) => Some(p.deadline),
+            Phase::Setup(p) => Some(p.deadline),
+            Phase::Precopy(p) => p.next_pass_at,
+            Phase::Switchover(p) => Some(p.deadline),
+            Phase::AwaitRunning(p) => Some(p.deadline),
+            Phase::Unconfirmed(_) => None,
+        }
+    }
+
+    /// Hands `ev` to the phase. Only phases before the commit can fail; later ones turn
+    /// every failure into `unconfirmed`.
+    pub(super) fn on(self, ev: Event, src: &mut Source) -> Result<Step, MigrateError> {
+        match self {
+            Phase::Connecting(p) => p.on(ev, src),
+            Phase::Handshake(p) => p.on(ev, src),
+            Phase::Setup(p) => p.on(ev, src),
+            Phase::Precopy(p) => p.on(ev, src),
+            Phase::Switchover(p) => p.on(ev, src),
+            Phase::AwaitRunning(p) => Ok(p.on(ev, src)),
+            Phase::Unconfirmed(p) => Ok(p.on(ev, src)),
+        }
+    }
+}
+
+fn session_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (u64::from(std::process::id()) << 40)
+}
+
+/// Opens the main channel and every data channel and sends each its Hello.
+fn connect_all(
+    uri: &Uri,
+    n: u16,
+    session: u64,
+    deadline: Instant,
+) -> Result<Connection, MigrateError> {
+    let hello = |role| {
+        Message::Hello(Hello {
+            version: VERSION,
+            capabilities: caps::ALL,
+            session,
+            role,
+            data_channels: n,
+        })
+    };
+    let send_err = |channel| {
+        move |source| MigrateError::Send {
+            channel,
+            phase: "connecting",
+            source,
+        }
+    };
+    let mut main = connect(uri, deadline)?;
+    let _ = main.set_nodelay();
+    send_by(&mut main, &hello(ChannelRole::Main), deadline).map_err(send_err(Channel::Main))?;
+    let mut data = Vec::with_capacity(usize::from(n));
+    for index in 0..n {
+        let mut s = connect(uri, deadline)?;
+        send_by(&mut s, &hello(ChannelRole::Data { index }), deadline)
+            .map_err(send_err(Channel::Data(index)))?;
+        // The senders write blocking; a stalled peer is the event loop's to judge.
+        s.set_write_timeout(None)
+            .map_err(send_err(Channel::Data(index)))?;
+        data.push(s);
+    }
+    Ok(Connection { main, data })
+}
+
+/// Commands before the commit: cancel and quit abort (the guest stays here); the rest is
+/// refused, since the migration decides when the guest runs.
+fn precommit_command(req: Request, phase: &'static str) -> Result<(), MigrateError> {
+    match req.command {
+        Command::Cancel => {
+            req.answer(Ok(
+                "migration cancelled; the guest keeps running here".into()
+            ));
+            Err(MigrateError::Aborted(AbortCause::Cancel))
+        }
+        Command::Quit { .. } => {
+            req.answer(Ok(
+                "migration aborted (the guest stays here); the VM quits".into()
+            ));
+            Err(MigrateError::Aborted(AbortCause::Quit))
+        }
+        Command::Resume { .. } | Command::Pause | Command::Snapshot => {
+            req.refuse(
+                phase,
+                "a migration is running and decides when the guest runs; cancel it first \
+                 with migrate-cancel",
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Events every phase before precopy treats alike.
+fn early_event(ev: Event, src: &Source, phase: &'static str) -> Result<(), MigrateError> {
+    match ev {
+        Event::Peer(Ok(m)) => Err(src.unexpected(m, phase)),
+        Event::Peer(Err(e)) => Err(src.read_error(e, phase)),
+        Event::Command(req) => precommit_command(req, phase),
+        Event::Connected(Ok(c)) => {
+            // Only one connecting thread runs; a second result cannot happen.
+            drop(c);
+            Ok(())
+        }
+        Event::Connected(Err(e)) => Err(e),
+        Event::Worker(WorkerEvent::Failed(e)) => Err(e),
+        Event::Worker(WorkerEvent::Done { .. }) | Event::Tick => Ok(()),
+    }
+}
+
+pub(super) struct Connecting {
+    deadline: Instant,
+}
+
+impl Connecting {
+    fn on(self, ev: Event, src: &mut Source) -> Result<Step, MigrateError> {
+        match ev {
+            Event::Connected(Ok(conn)) => {
+                src.attach(conn)?;
+                Ok(Step::Next(Phase::Handshake(Handshake {
+                    deadline: self.deadline,
+                })))
+            }
+            Event::Tick if Instant::now() >= self.deadline => Err(MigrateError::Timeout {
+                what: Waited::Connect,
+                after: src.params.handshake_timeout,
+            }),
+            ev => {
+                early_event(ev, src, "connecting")?;
+                Ok(Step::Next(Phase::Connecting(self)))
+            }
+        }
+    }
+}
+
+impl Source {
+    /// Takes over the connected channels and starts reading the main one.
+    fn attach(&mut self, conn: Connection) -> Result<(), MigrateError> {
+        let clone = |s: &ferry_transport::Stream| {
+            s.try_clone()
+                .map_err(MigrateError::io("cloning a migration socket"))
+        };
+        for d in &conn.data {
+            self.sockets.push(clone(d)?);
+        }
+        let reader = clone(&conn.main)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let join = spawn_reader(
+            reader,
+            "mig-return",
+            stop.clone(),
+            self.events_tx.clone(),
+            Event::Peer,
+        )?;
+        self.reader = Some(ReaderGuard {
+            stop,
+            join: Some(join),
+        });
+        self.main = Some(conn.main);
+        self.data = conn.data;
+        Ok(())
+    }
+}
+
+pub(super) struct Handshake {
+    deadline: Instant,
+}
+
+impl Handshake {
+    fn on(self, ev: Event, src: &mut Source) -> Result<Step, MigrateError> {
+        match ev {
+            Event::Peer(Ok(Message::Welcome {
+                version,
+                capabilities,
+            })) => {
+                if version != VERSION {
+                    return Err(MigrateError::Version {
+                        peer: version,
+                        ours: VERSION,
+                    });
+                }
+                src.need_prepared = capabilities & caps::SWITCHOVER_ACK != 0;
+                let setup = Message::Setup(Setup {
+                    vm: src.vm.description(),
+                    timeouts: src.params.timeouts(),
+                });
+                let sent_at = Instant::now();
+                src.send(&setup, "handshake", self.deadline)?;
+                Ok(Step::Next(Phase::Setup(SetupWait {
+                    deadline: self.deadline,
+                    sent_at,
+                })))
+            }
+            Event::Tick if Instant::now() >= self.deadline => Err(MigrateError::Timeout {
+                what: Waited::Welcome,
+                after: src.params.handshake_timeout,
+            }),
+            ev => {
+                early_event(ev, src, "handshake")?;
+                Ok(Step::Next(Phase::Handshake(self)))
+            }
+        }
+    }
+}
+
+pub(super) struct SetupWait {
+    deadline: Instant,
+    sent_at: Instant,
+}
+
+impl SetupWait {
+    fn on(self, ev: Event, src: &mut Source) -> Result<Step, MigrateError> {
+        match ev {
+            Event::Peer(Ok(Message::SetupAccepted)) => {
+                src.rtt = self.sent_at.elapsed();
+                Ok(Step::Next(Phase::Precopy(Box::new(Precopy::start(src)?))))
+            }
+            Event::Tick if Instant::now() >= self.deadline => Err(MigrateError::Timeout {
+                what: Waited::SetupAccepted,
+                after: src.params.handshake_timeout,
+            }),
+            ev => {
+                early_event(ev, src, "setup")?;
+                Ok(Step::Next(Phase::Setup(self)))
+            }
+        }
+    }
+}
+
+/// Copy passes while the guest runs.
+pub(super) struct Precopy {
+    pass: u32,
+    started: Instant,
+    snap: Arc<DirtySnapshot>,
+    outstanding: usize,
+    totals: PassTotals,
+    conv: Convergence,
+    limits: Limits,
+    /// Converged but waiting for the destination: when to send the next pass.
+    next_pass_at: Option<Instant>,
+    converged_at: Option<Instant>,
+    /// Last time the destination acknowledged something new, and what.
+    last_progress: Instant,
+    acked: (u32, u64),
+    /// The longest pass after pass 0: the steadiest measure of the guest's dirty rate.
+    rate_window: Duration,
+}
+
+impl Precopy {
+    fn start(src: &mut Source) -> Result<Precopy, MigrateError> {
+        let tracker = Arc::new(DirtyTracker::new(src.vm.dirty_log(), src.ram.clone()));
+        tracker.start()?;
+        src.tracker = Some(tracker.clone());
+        let data = std::mem::take(&mut src.data);
+        src.workers = worker::spawn(
+            data,
+            &src.ram,
+            &tracker,
+            src.params.max_bandwidth,
+            &src.progress,
+            &src.events_tx,
+            Event::Worker,
+        )?;
+        src.stats.setup_ms = ms(src.started.elapsed());
+        src.stats.channels = src.params.channels;
+        src.stats.ram_bytes = src.ram.size();
+        src.stats.downtime_limit_ms = ms(src.params.downtime_limit);
+        src.progress.set_status(Status::Active);
+        let vcpus = u64::from(src.vm.description().vcpus);
+        let limits = Limits {
+            downtime: src.params.downtime_limit,
+            auto_converge: src.params.auto_converge,
+            state_bytes: 64 * 1024 * vcpus + 64 * 1024,
+            rtt: src.rtt,
+        };
+        let mut p = Precopy {
+            pass: 0,
+            started: Instant::now(),
+            snap: Arc::new(tracker.sync(true)?),
+            outstanding: 0,
+            totals: PassTotals::default(),
+            conv: Convergence::new(),
+            limits,
+            next_pass_at: None,
+            converged_at: None,
+            last_progress: Instant::now(),
+            acked: (0, 0),
+            rate_window: Duration::ZERO,
+        };
+        p.send_pass(src, 0);
+        Ok(p)
+    }
+
+    /// Hands the current snapshot's dirty pages to the senders as pass `pass`.
+    fn send_pass(&mut self, src: &Source, pass: u32) {
+        self.pass = pass;
+        self.started = Instant::now();
+        self.outstanding = src.workers.len();
+        self.totals = PassTotals::default();
+        self.next_pass_at = None;
+        src.progress.pass.store(u64::from(pass), Ordering::Relaxed);
+        worker::dispatch(&src.workers, &src.ram, pass, "precopy", &self.snap);
+    }
+
+    fn on(mut self: Box<Self>, ev: Event, src: &mut Source) -> Result<Step, MigrateError> {
+        match ev {
+            Event::Worker(WorkerEvent::Done { pass, totals }) => {
+                if pass != self.pass {
+                    return Err(MigrateError::WorkerOutOfStep {
+                        expected: self.pass,
+                        got: pass,
+                    });
+                }
+                self.totals.add(&totals);
+                self.outstanding = self.outstanding.saturating_sub(1);
+                if self.outstanding == 0 {
+                    return self.pass_done(src);
+                }
+            }
+            Event::Worker(WorkerEvent::Failed(e)) => return Err(src.prefer_peer_reason(e)),
+            Event::Peer(Ok(Message::Ack { passes, bytes })) => {
+                if (passes, bytes) > self.acked {
+                    self.acked = (passes, bytes);
+                    self.last_progress = Instant::now();
+                }
+            }
+            Event::Peer(Ok(Message::Prepared {
+                prepare_us,
+                threads,
+            })) if src.prepared.is_none() => {
+                tracing::info!(prepare_us, threads, "destination memory prepared");
+                src.prepared = Some((prepare_us, threads, Instant::now()));
+                self.last_progress = Instant::now();
+                if self.next_pass_at.is_some() {
+                    self.send_pass(src, self.pass + 1);
+                }
+            }
+            Event::Tick => {
+                if self.last_progress.elapsed() >= src.params.progress_timeout {
+                    return Err(MigrateError::Timeout {
+                        what: Waited::Progress,
+                        after: src.params.progress_timeout,
+                    });
+                }
+                if self.next_pass_at.is_some_and(|t| Instant::now() >= t) {
+                    self.send_pass(src, self.pass + 1);
+                }
+            }
+            ev => early_event(ev, src, "precopy")?,
+        }
+        Ok(Step::Next(Phase::Precopy(self)))
+    }
+
+    /// Every channel finished the pass: sync the dirty log and ask the policy.
+    fn pass_done(mut self: Box<Self>, src: &mut Source) -> Result<Step, MigrateError> {
+        let dur = self.started.elapsed().max(Duration::from_micros(1));
+        if self.pass == 0 {
+            src.stats.first_pass_throughput = (self.totals.bytes as f64 / dur.as_secs_f64()) as u64;
+        }
+        let tracker = src
+            .tracker
+            .clone()
+            .ok_or(MigrateError::Aborted(AbortCause::Cancel))?;
+        let t_sync = Instant::now();
+        self.snap = Arc::new(tracker.sync(false)?);
+        let sample = PassSample {
+            sent: self.totals.bytes,
+            duration: dur,
+            dirty: self.snap.dirty_pages() * PAGE_SIZE,
+            sync_time: t_sync.elapsed(),
+            destination_ready: src.destination_ready(),
+        };
+        let decision = self.conv.after_pass(&self.limits, &sample);
+        let estimate = self
+            .conv
+            .estimate(&self.limits, sample.dirty, sample.sync_time);
+        self.record(src, &sample, estimate);
+        match decision {
+            Decision::NextPass => self.send_pass(src, self.pass + 1),
+            Decision::Throttle(percent) => {
+                src.vm.set_throttle(percent);
+                src.progress
+                    .throttle
+                    .store(u64::from(percent), Ordering::Relaxed);
+                src.stats.max_throttle_percent = percent;
+                tracing::info!(percent, "auto-converge: throttling vCPUs");
+                self.send_pass(src, self.pass + 1);
+            }
+            Decision::WaitForDestination => {
+                self.converged_at.get_or_insert_with(Instant::now);
+                self.next_pass_at = Some(Instant::now() + WAIT_FOR_DESTINATION);
+            }
+            Decision::Switchover { converged } => {
+                if !converged {
+                    tracing::warn!(
+                        "cannot meet the {} ms downtime limit even at full throttle (estimate \
+                         {:.1} ms); switching over",
+                        ms(src.params.downtime_limit),
+                        ms(estimate)
+                    );
+                }
+                src.stats.converged = converged;
+                src.stats.expected_downtime_ms = ms(estimate);
+                let s = Switchover::begin(src, *self)?;
+                return Ok(Step::Next(Phase::Switchover(Box::new(s))));
+            }
+        }
+        Ok(Step::Next(Phase::Precopy(self)))
+    }
+
+    /// Publishes what the pass measured.
+    fn record(&mut self, src: &mut Source, s: &PassSample, estimate: Duration) {
+        let dirty_rate = (s.dirty as f64 / s.duration.as_secs_f64()) as u64;
+        let p = &src.progress;
+        p.dirty_pages
+            .store(self.snap.dirty_pages(), Ordering::Relaxed);
+        p.dirty_rate.store(dirty_rate, Ordering::Relaxed);
+        p.bandwidth
+            .store(self.conv.bandwidth() as u64, Ordering::Relaxed);
+        p.expected_downtime_us
+            .store(estimate.as_micros() as u64, Ordering::Relaxed);
+        if self.pass > 0 && s.duration > self.rate_window {
+            self.rate_window = s.duration;
+            src.stats.dirty_rate = dirty_rate;
+        }
+        tracing::info!(
+            pass = self.pass,
+            sent = s.sent,
+            ms = ms(s.duration),
+            dirty = s.dirty,
+            estimate_ms = ms(estimate),
+            throttle = self.conv.throttle(),
+            "precopy pass done"
+        );
+    }
+}
+
+/// When each part of the switchover happened.
+#[derive(Debug, Clone, Copy)]
+struct Timings {
+    paused: Instant,
+    synced: Instant,
+    state_sent: Instant,
+    pages_sent: Option<Instant>,
+    complete_sent: Option<Instant>,
+    loaded: Option<Instant>,
+    load_us: u64,
+    converged_at: Option<Instant>,
+}
+
+/// The guest is paused; the last pages and the state go out; waiting for `Loaded`.
+pub(super) struct Switchover {
+    deadline: Instant,
+    final_pass: u32,
+    outstanding: usize,
+    t: Timings,
+}
+
+impl Switchover {
+    fn begin(src: &mut Source, pre: Precopy) -> Result<Switchover, MigrateError> {
+        src.progress.set_status(Status::Switchover);
+        let paused = Instant::now();
+        let deadline = paused + src.params.switchover_timeout;
+        if !src.vm.is_paused() {
+            src.vm.pause().map_err(|source| MigrateError::Vm {
+                op: "pausing the guest",
+                source,
+            })?;
+            src.paused_by_us = true;
+        }
+        let tracker = src
+            .tracker
+            .clone()
+            .ok_or(MigrateError::Aborted(AbortCause::Cancel))?;
+        // The last precopy sync's snapshot was never sent: the pages the VMM wrote are in it
+        // and nowhere else (KVM's bits would still be in the log, the VMM's were taken).
+        let mut last = tracker.sync(false)?;
+        last.merge(&pre.snap)?;
+        let last = Arc::new(last);
+        let synced = Instant::now();
+        let final_pass = pre.pass + 1;
+        src.progress
+            .pass
+            .store(u64::from(final_pass), Ordering::Relaxed);
+        worker::dispatch(&src.workers, &src.ram, final_pass, "switchover", &last);
+        let sections = src.vm.save_state().map_err(|source| MigrateError::Vm {
+            op: "saving the state",
+            source,
+        })?;
+        src.send(&Message::State { sections }, "switchover", deadline)
+            .map_err(|e| switchover_send_error(e, src))?;
+        Ok(Switchover {
+            deadline,
+            final_pass,
+            outstanding: src.workers.len(),
+            t: Timings {
+                paused,
+                synced,
+                state_sent: Instant::now(),
+                pages_sent: None,
+                complete_sent: None,
+                loaded: None,
+                load_us: 0,
+                converged_at: pre.converged_at,
+            },
+        })
+    }
+
+    fn on(mut self: Box<Self>, ev: Event, src: &mut Source) -> Result<Step, MigrateError> {
+        match ev {
+            Event::Worker(WorkerEvent::Done { pass, .. }) => {
+                if pass != self.final_pass {
+                    return Err(MigrateError::WorkerOutOfStep {
+                        expected: self.final_pass,
+                        got: pass,
+                    });
+                }
+                self.outstanding = self.outstanding.saturating_sub(1);
+                if self.outstanding == 0 {
+                    self.t.pages_sent = Some(Instant::now());
+                    let done = Message::Complete {
+                        final_pass: self.final_pass,
+                    };
+                    src.send(&done, "switchover", self.deadline)
+                        .map_err(|e| switchover_send_error(e, src))?;
+                    self.t.complete_sent = Some(Instant::now());
+                }
+            }
+            Event::Worker(WorkerEvent::Failed(e)) => return Err(src.prefer_peer_reason(e)),
+            Event::Peer(Ok(Message::Loaded { load_us })) if self.t.complete_sent.is_some() => {
+                self.t.loaded = Some(Instant::now());
+                self.t.load_us = load_us;
+                return (*self).commit(src);
+            }
+            Event::Peer(Ok(Message::Ack { .. } | Message::Prepared { .. })) => {}
+            Event::Tick if Instant::now() >= self.deadline => {
+                return Err(MigrateError::Timeout {
+                    what: Waited::Loaded,
+                    after: src.params.switchover_timeout,
+                })
+            }
+            ev => early_event(ev, src, "switchover")?,
+        }
+        Ok(Step::Next(Phase::Switchover(self)))
+    }
+
+    /// The point of no return. `Go` is written only within the switchover deadline; if the
+    /// write fails, `Go` never reached the destination whole, so the guest can still be
+    /// resumed here (the caller's abort does that).
+    fn commit(self, src: &mut Source) -> Result<Step, MigrateError> {
+        if Instant::now() >= self.deadline {
+            return Err(MigrateError::Timeout {
+                what: Waited::Loaded,
+                after: src.params.switchover_timeout,
+            });
+        }
+        src.send(&Message::Go, "switchover", self.deadline)?;
+        tracing::info!("hand-over committed: Go sent");
+        if let Some(t) = src.tracker.take() {
+            let _ = t.stop();
+        }
+        src.vm.set_throttle(0);
+        let go_at = Instant::now();
+        Ok(Step::Next(Phase::AwaitRunning(Box::new(AwaitRunning {
+            deadline: go_at + src.params.switchover_timeout,
+            go_at,
+            final_pass: self.final_pass,
+            t: self.t,
+        }))))
+    }
+}
+
+/// A write that timed out during the switchover is the switchover timing out.
+fn switchover_send_error(e: MigrateError, src: &Source) -> MigrateError {
+    match e {
+        MigrateError::Send { source, .. } if source.kind() == std::io::ErrorKind::TimedOut => {
+            MigrateError::Timeout {
+                what: Waited::Loaded,
+                after: src.params.switchover_timeout,
+            }
+        }
+        e => e,
+    }
+}
+
+/// Committed: `Go` is out; waiting for the destination to say it runs the guest.
+pub(super) struct AwaitRunning {
+    deadline: Instant,
+    go_at: Instant,
+    final_pass: u32,
+    t: Timings,
+}
+
+impl AwaitRunning {
+    fn on(self: Box<Self>, ev: Event, src: &mut Source) -> Step {
+        match ev {
+            Event::Peer(Ok(Message::Running { resume_us })) => {
+                src.complete(&self, resume_us, false)
+            }
+            Event::Peer(Ok(Message::Error { reason })) => src.destination_refused_go(reason),
+            Event::Peer(Ok(Message::Ack { .. } | Message::Prepared { .. })) | Event::Worker(_) => {
+                Step::Next(Phase::AwaitRunning(self))
+            }
+            Event::Peer(Ok(m)) => {
+                let why = format!("the destination answered Go with {}", m.name());
+                Unconfirmed::enter(self, src, why, true)
+            }
+            Event::Peer(Err(e)) => {
+                let why = format!(
+                    "the link broke after Go: {}",
+                    src.read_error(e, "awaiting-running")
+                );
+                Unconfirmed::enter(self, src, why, false)
+            }
+            Event::Tick if Instant::now() >= self.deadline => {
+                let why = format!(
+                    "the destination did not confirm within {} ms of Go",
+                    src.params.switchover_timeout.as_millis()
+                );
+                Unconfirmed::enter(self, src, why, true)
+            }
+            Event::Command(req) => {
+                let why = format!(
+                    "the hand-over is committed (Go was sent {} ms ago) and awaits the \
+                     destination's confirmation",
+                    self.go_at.elapsed().as_millis()
+                );
+                req.refuse("awaiting-running", &why);
+                Step::Next(Phase::AwaitRunning(self))
+            }
+            Event::Tick | Event::Connected(_) => Step::Next(Phase::AwaitRunning(self)),
+        }
+    }
+}
+
+impl Source {
+    /// The destination runs the guest: fill in the statistics and close.
+    fn complete(&mut self, a: &AwaitRunning, resume_us: u64, late: bool) -> Step {
+        let running = Instant::now();
+        let t = a.t;
+        let d = &mut self.stats.downtime;
+        d.final_sync_ms = ms(t.synced - t.paused);
+        d.state_ms = ms(t.state_sent - t.synced);
+        d.final_pages_ms = t.pages_sent.map(|p| ms(p - t.synced)).unwrap_or(0.0);
+        let sent = t.complete_sent.unwrap_or(t.state_sent);
+        let loaded = t.loaded.unwrap_or(a.go_at);
+        d.wait_loaded_ms = ms(loaded.saturating_duration_since(sent));
+        d.dest_load_ms = t.load_us as f64 / 1000.0;
+        d.go_to_running_ms = ms(running.saturating_duration_since(loaded));
+        d.dest_resume_ms = resume_us as f64 / 1000.0;
+        self.stats.downtime_ms = ms(running - t.paused);
+        self.stats.passes = u64::from(a.final_pass) + 1;
+        self.stats.confirmed_late = late;
+        if let Some((us, threads, at)) = self.prepared {
+            let p = &mut self.stats.prepare;
+            p.reported = true;
+            p.prepare_ms = us as f64 / 1000.0;
+            p.threads = threads;
+            p.in_downtime_ms = ms(at.saturating_duration_since(t.paused));
+            p.waited_ms = t
+                .converged_at
+                .map(|c| ms(at.saturating_duration_since(c)))
+                .unwrap_or(0.0);
+        }
+        let total = self.started.elapsed();
+        self.stats.total_ms = ms(total);
+        self.stats.bytes = self.progress.bytes.load(Ordering::Relaxed);
+        self.stats.pages_data = self.progress.pages_data.load(Ordering::Relaxed);
+        self.stats.pages_zero = self.progress.pages_zero.load(Ordering::Relaxed);
+        self.stats.throughput = (self.stats.bytes as f64 / total.as_secs_f64()) as u64;
+        self.stats.status = "completed".into();
+        self.close();
+        if let Some(path) = self.params.digest_file.clone() {
+            // The guest is paused here for good, so this costs no downtime.
+            if let Err(e) = write_digests(&self.ram, &path) {
+                tracing::error!("{e}");
+            }
+        }
+        self.progress.set_status(Status::Completed);
+        Step::End(SendOutcome::Completed(self.stats.clone()))
+    }
+
+    /// After `Go`, the destination said it will not run the guest (its `Error` is that
+    /// promise): the guest is this side's again.
+    fn destination_refused_go(&mut self, reason: String) -> Step {
+        let e = MigrateError::Peer {
+            side: "destination",
+            reason,
+        };
+        tracing::warn!("the destination refused to run the guest after Go: {e}; resuming here");
+        self.take_back();
+        self.close();
+        self.progress.set_error(&e);
+        self.progress.set_status(Status::Failed);
+        Step::End(SendOutcome::Failed(e))
+    }
+}
+
+/// `Go` was sent but not confirmed. The guest stays paused; the first word from the
+/// destination decides (`Running`: it is there; `Error`: it is here), or an operator does
+/// with force.
+pub(super) struct Unconfirmed {
+    prior: Box<AwaitRunning>,
+    link_alive: bool,
+}
+
+impl Unconfirmed {
+    fn enter(prior: Box<AwaitRunning>, src: &mut Source, why: String, link_alive: bool) -> Step {
+        let msg = format!(
+            "hand-over unconfirmed: {why}. The guest is paused here with its complete state; \
+             the destination has it too and may be running it. Resume exactly one side: \
+             'resume --force' here only if the destination is not running the guest"
+        );
+        tracing::error!("{msg}");
+        src.progress.set_error(&msg);
+        src.progress.set_status(Status::Unconfirmed);
+        Step::Next(Phase::Unconfirmed(Box::new(Unconfirmed {
+            prior,
+            link_alive,
+        })))
+    }
+
+    fn on(mut self: Box<Self>, ev: Event, src: &mut Source) -> Step {
+        match ev {
+            Event::Peer(Ok(Message::Running { resume_us })) => {
+                tracing::info!("the destination confirmed late: it runs the guest");
+                src.complete(&self.prior, resume_us, true)
+            }
+            Event::Peer(Ok(Message::Error { reason })) => src.destination_refused_go(reason),
+            Event::Peer(Err(_)) => {
+                self.link_alive = false;
+                Step::Next(Phase::Unconfirmed(self))
+            }
+            Event::Command(req) => self.command(req, src),
+            _ => Step::Next(Phase::Unconfirmed(self)),
+        }
+    }
+
+    fn command(self: Box<Self>, req: Request, src: &mut Source) -> Step {
+        let link = if self.link_alive {
+            "the link to the destination is still up"
+        } else {
+            "the link to the destination is lost"
+        };
+        match req.command {
+            Command::Resume { force: true } => {
+                if let Err(e) = src.vm.resume() {
+                    req.answer(Err(format!("resume failed: {e}")));
+                    return Step::Next(Phase::Unconfirmed(self));
+                }
+                req.answer(Ok(format!(
+                    "resumed by force after an unconfirmed hand-over ({link}): if the \
+                     destination received Go it may run this guest too; stop it there"
+                )));
+                src.paused_by_us = false;
+                src.close();
+                src.progress.set_status(Status::Failed);
+                Step::End(SendOutcome::ForcedResume)
+            }
+            Command::Quit { force: true } => {
+                req.answer(Ok(
+                    "quitting by force; the destination's copy is the only one left".into(),
+                ));
+                src.close();
+                Step::End(SendOutcome::Quit)
+            }
+            Command::Resume { force: false } | Command::Quit { force: false } => {
+                let why = format!(
+                    "the hand-over is unconfirmed ({link}) and the destination may be running \
+                     the guest; add --force to {} anyway and accept the risk of {}",
+                    req.command.name(),
+                    if matches!(req.command, Command::Resume { .. }) {
+                        "two running copies"
+                    } else {
+                        "losing the guest if the destination does not run it"
+                    }
+                );
+                req.refuse("unconfirmed", &why);
+                Step::Next(Phase::Unconfirmed(self))
+            }
+            Command::Cancel | Command::Pause | Command::Snapshot => {
+                req.refuse(
+                    "unconfirmed",
+                    "the guest is paused awaiting the destination's confirmation; only \
+                     'resume --force' or 'quit --force' decide here",
+                );
+                Step::Next(Phase::Unconfirmed(self))
+            }
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! The receiver against a hostile source: random sequences of well-formed messages (runs
+//! outside guest RAM, wrong channel indices and sessions, messages out of phase, a Go
+//! nobody earned) on the main and data channels. Whatever arrives, the receiver must not
+//! panic, must not run the guest without a Go after loading, and must go back to listening
+//! (or hold a loaded guest paused, unconfirmed) once the peer is gone.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ferry_migrate::Status;
+use ferry_proto::{
+    caps, ChannelRole, Hello, MemRegion, Message, PageRun, Setup, StateSection, Timeouts,
+    VmDescription, VERSION,
+};
+use ferry_transport::Uri;
+use proptest::prelude::*;
+
+/// One thing the hostile source does.
+#[derive(Debug, Clone)]
+enum Step {
+    /// A message on the main channel.
+    Main(Message),
+    /// A message on data connection `conn` (if open), with its page payload.
+    Data(usize, Message),
+    /// Opens a data connection greeting as `index`, of this session or another.
+    Open { index: u16, same_session: bool },
+    /// Waits a little, letting the receiver act.
+    Nap(u8),
+}
+
+const RAM: u64 = MIB << 20;
+
+fn page() -> impl Strategy<Value = u64> {
+    // Mostly inside RAM, sometimes just past it or far away.
+    prop_oneof![
+        8 => (0..RAM / 4096).prop_map(|p| p * 4096),
+        1 => (RAM / 4096..RAM / 4096 + 8).prop_map(|p| p * 4096),
+        1 => Just(0xffff_ffff_ffff_e000u64),
+    ]
+}
+
+fn runs() -> impl Strategy<Value = Vec<PageRun>> {
+    prop::collection::vec(
+        (page(), 1u32..4).prop_map(|(gpa, pages)| PageRun { gpa, pages }),
+        1..4,
+    )
+}
+
+fn setup() -> impl Strategy<Value = Message> {
+    (prop::bool::weighted(0.8), 1u32..400, 1u32..400).prop_map(
+        |(fits, progress_ms, switchover_ms)| {
+            let size = if fits { RAM } else { RAM * 2 };
+            Message::Setup(Setup {
+                vm: VmDescription {
+                    vcpus: 1,
+                    page_size: 4096,
+                    regions: vec![MemRegion { gpa: 0, size }],
+                    cpu_features: vec![],
+                },
+                timeouts: Timeouts {
+                    progress_ms,
+                    switchover_ms,
+                },
+            })
+        },
+    )
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        3 => setup(),
+        2 => prop::collection::vec(any::<u8>(), 0..16).prop_map(|data| Message::State {
+            sections: vec![StateSection { name: "fake-machine".into(), data }],
+        }),
+        2 => (0u32..3).prop_map(|final_pass| Message::Complete { final_pass }),
+        2 => Just(Message::Go),
+        1 => Just(Message::Error { reason: "hostile".into() }),
+        1 => (any::<u32>(), any::<u64>()).prop_map(|(passes, bytes)| Message::Ack { passes, bytes }),
+        1 => Just(Message::Loaded { load_us: 1 }),
+        1 => Just(Message::Running { resume_us: 1 }),
+        1 => Just(Message::SetupAccepted),
+        1 => Just(Message::Welcome { version: VERSION, capabilities: 0 }),
+        2 => (0u32..3, runs()).prop_map(|(pass, runs)| Message::Pages { pass, runs }),
+        1 => (0u32..3, runs()).prop_map(|(pass, runs)| Message::ZeroPages { pass, runs }),
+        2 => (0u32..3).prop_map(|pass| Message::PassEnd { pass, pages: 0 }),
+    ]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => message().prop_map(Step::Main),
+        4 => (0usize..3, message()).prop_map(|(c, m)| Step::Data(c, m)),
+        2 => (0u16..4, prop::bool::weighted(0.8)).prop_map(|(index, same_session)| Step::Open { index, same_session }),
+        1 => (0u8..20).prop_map(Step::Nap),
+    ]
+}
+
+fn hello(session: u64, role: ChannelRole, data_channels: u16) -> Vec<u8> {
+    let mut b = Vec::new();
+    Message::Hello(Hello {
+        version: VERSION,
+        capabilities: caps::ALL,
+        session,
+        role,
+        data_channels,
+    })
+    .encode(&mut b);
+    b
+}
+
+/// Encodes `m` with its page payload (a page of the run's first byte pattern).
+fn frame(m: &Message) -> Vec<u8> {
+    let mut b = Vec::new();
+    m.encode(&mut b);
+    let payload = usize::try_from(m.payload_len()).unwrap_or(0).min(16 << 20);
+    b.resize(b.len() + payload, 0x5a);
+    b
+}
+
+fn connect(uri: &Uri) -> Option<UnixStream> {
+    let Uri::Unix(p) = uri else { return None };
+    let s = UnixStream::connect(p).ok()?;
+    s.set_write_timeout(Some(Duration::from_millis(300))).ok()?;
+    Some(s)
+}
+
+/// Plays `steps` against the destination; returns whether a Go was sent after the
+/// destination had said Loaded.
+fn play(uri: &Uri, channels: u16, steps: &[Step]) -> bool {
+    const SESSION: u64 = 42;
+    let Some(mut main) = connect(uri) else {
+        return false;
+    };
+    let _ = main.write_all(&hello(SESSION, ChannelRole::Main, channels));
+    // Read what the destination says, to know whether it loaded.
+    let loaded = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = main.try_clone().ok().map(|mut r| {
+        let l = loaded.clone();
+        std::thread::spawn(move || {
+            let mut scratch = Vec::new();
+            while let Ok(m) = ferry_proto::read_message(&mut r, &mut scratch) {
+                if matches!(m, Message::Loaded { .. }) {
+                    l.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        })
+    });
+    let mut data: Vec<UnixStream> = Vec::new();
+    let mut earned_go = false;
+    for s in steps {
+        match s {
+            Step::Main(m) => {
+                if matches!(m, Message::Go) && loaded.load(std::sync::atomic::Ordering::SeqCst) {
+                    earned_go = true;
+                }
+                let _ = main.write_all(&frame(m));
+            }
+            Step::Data(c, m) => {
+                if let Some(d) = data.get_mut(*c) {
+                    let _ = d.write_all(&frame(m));
+                }
+            }
+            Step::Open {
+                index,
+                same_session,
+            } => {
+                if let Some(mut d) = connect(uri) {
+                    let session = if *same_session { SESSION } else { 7 };
+                    let _ = d.write_all(&hello(
+                        session,
+                        ChannelRole::Data { index: *index },
+                        channels,
+                    ));
+                    data.push(d);
+                }
+            }
+            Step::Nap(ms) => std::thread::sleep(Duration::from_millis(u64::from(*ms))),
+        }
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    let _ = main.shutdown(std::net::Shutdown::Both);
+    for d in &data {
+        let _ = d.shutdown(std::net::Shutdown::Both);
+    }
+    if let Some(r) = reader {
+        let _ = r.join();
+    }
+    earned_go
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_hostile_source_never_breaks_the_destination(
+        channels in prop_oneof![4 => 1u16..3, 1 => Just(0u16), 1 => Just(200u16)],
+        steps in prop::collection::vec(step(), 0..24),
+    ) {
+        let dst = Dest::start(MIB);
+        let earned_go = play(&dst.uri, channels, &steps);
+        // The receiver settles: listening again, running after an earned Go, or holding a
+        // loaded guest paused.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let st = dst.progress.status();
+            let settled = match st {
+                Status::Listening => true,
+                Status::Completed => dst.ended(),
+                Status::Unconfirmed => dst.target.loads() > 0,
+                _ => false,
+            };
+            if settled {
+                break;
+            }
+            prop_assert!(Instant::now() < deadline, "stuck in {st:?} / {}", dst.progress.phase());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        prop_assert!(!dst.target.running() || earned_go, "the guest ran without an earned Go");
+        if dst.target.running() {
+            prop_assert!(dst.target.loads() > 0);
+        }
+        // And it still serves: a real migration after the hostile one succeeds.
+        if dst.progress.status() == Status::Listening {
+            let src = ferry_testkit::fake::FakeSource::start(MIB, 4, Duration::from_millis(1));
+            completed(Migration::start(&src, &dst.uri, params()).finish());
+            assert_handed_over(&src, &dst.target);
+        }
+    }
+}

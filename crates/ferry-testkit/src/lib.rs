@@ -1,0 +1,14 @@
+//! Test support for Ferry, shared by the engine's harness tests, the CLI's end-to-end tests
+//! and the benchmarks:
+//!
+//! - [`proxy`]: a frame-aware proxy that freezes, cuts, delays or corrupts a migration at
+//!   an exact protocol step, or runs a hook there (signal a process, call the API);
+//! - [`fake`]: VMs without KVM (RAM, a writing "vCPU", a counter as state) that implement
+//!   the engine's traits;
+//! - [`serial`]: the workload guest's serial output, heartbeats timestamped;
+//! - [`matrix`]: the fault matrix against real `ferry` processes.
+
+pub mod fake;
+pub mod matrix;
+pub mod proxy;
+pub mod serial;

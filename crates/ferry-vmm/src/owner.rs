@@ -1,0 +1,230 @@
+//! Who may run the guest in this process, and what the control API may do about it.
+//!
+//! While a migration runs, its engine decides: every command that touches the guest's run
+//! state goes to the engine's event loop, which accepts or refuses it for the phase it is
+//! in. Otherwise this process either owns the guest (commands run here, under the role
+//! lock, so a migration cannot start halfway through one) or has handed it over (they are
+//! refused).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use ferry_migrate::control::{self, Command, CommandError, Commander};
+use ferry_migrate::send::{migrate, SendOutcome, SendParams};
+use ferry_migrate::{Progress, Status};
+use ferry_transport::Uri;
+use serde_json::{json, Value};
+
+use crate::migration::Migratable;
+use crate::runner::{Event, Vmm};
+use crate::vm::Vm;
+
+/// How long the API waits for the engine to answer a command (it answers between two
+/// events, so within milliseconds).
+const ENGINE_ANSWER: Duration = Duration::from_secs(10);
+
+/// A running migration engine, as the API sees it.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    /// Sends commands into its event loop.
+    pub commander: Commander,
+    /// Its progress.
+    pub progress: Arc<Progress>,
+}
+
+/// Who may run the guest.
+#[derive(Debug, Clone)]
+pub enum Role {
+    /// This process: running, or paused by an operator.
+    Owner,
+    /// An outgoing migration decides.
+    Outgoing(Engine),
+    /// This process waits for or receives a migration; the guest is not here yet.
+    Incoming(Engine),
+    /// The guest was handed over and runs elsewhere; this process is ending.
+    HandedOver,
+    /// `quit` was accepted; this process is ending and touches the guest no more (after an
+    /// unconfirmed hand-over the other side may run it).
+    Quitting,
+}
+
+impl Role {
+    /// The name `info` reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Outgoing(_) => "migrating-out",
+            Role::Incoming(_) => "migrating-in",
+            Role::HandedOver => "handed-over",
+            Role::Quitting => "quitting",
+        }
+    }
+}
+
+/// Where a migration's result arrives: its statistics, or why it failed.
+pub(crate) type MigrationResult = Receiver<Result<Value, String>>;
+
+/// What a command does when this process owns the guest.
+pub(crate) type OwnerAction<'a> = Box<dyn FnOnce(&Vm) -> Result<Value, String> + 'a>;
+
+impl Vmm {
+    /// Runs `cmd` as the guest's current owner allows: here (under the role lock) when this
+    /// process owns it, through the engine while a migration runs, refused once handed over.
+    pub(crate) fn command(&self, cmd: Command, as_owner: OwnerAction<'_>) -> Result<Value, String> {
+        let mut role = self.role.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(*role, Role::Owner) && matches!(cmd, Command::Quit { .. }) {
+            // From here on nothing may resume the guest or start a migration.
+            *role = Role::Quitting;
+            return as_owner(&self.vm);
+        }
+        match &*role {
+            Role::Owner => match cmd {
+                Command::Cancel => Err("migrate-cancel: no migration is running".into()),
+                _ => as_owner(&self.vm),
+            },
+            Role::Outgoing(e) | Role::Incoming(e) => {
+                let c = e.commander.clone();
+                drop(role);
+                match c.send(cmd, ENGINE_ANSWER) {
+                    Ok(done) => Ok(json!({ "message": done })),
+                    Err(CommandError::Ended) => Err(format!(
+                        "{}: the migration ended while this command waited; nothing was done; \
+                         send it again",
+                        cmd.name()
+                    )),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Role::HandedOver | Role::Quitting => match cmd {
+                Command::Quit { .. } => {
+                    self.send(Event::Quit);
+                    Ok(json!({}))
+                }
+                _ => Err(format!(
+                    "{} refused: this process is exiting ({})",
+                    cmd.name(),
+                    if matches!(*role, Role::HandedOver) {
+                        "the VM was migrated away and runs on the destination"
+                    } else {
+                        "it was asked to quit"
+                    }
+                )),
+            },
+        }
+    }
+
+    /// Starts migrating to `uri` on its own thread (the migration goes on whatever happens to
+    /// the API client). Returns the progress and where the result will arrive.
+    pub(crate) fn start_migration(
+        self: &Arc<Self>,
+        uri: Uri,
+        params: SendParams,
+    ) -> Result<(Arc<Progress>, MigrationResult), String> {
+        params.validate().map_err(|e| e.to_string())?;
+        let mut role = self.role.lock().unwrap_or_else(|e| e.into_inner());
+        match &*role {
+            Role::Owner => {}
+            Role::Outgoing(e) => {
+                return Err(format!(
+                    "a migration is already running (phase {}); 'info' shows its progress, \
+                     'migrate-cancel' stops it",
+                    e.progress.phase()
+                ))
+            }
+            Role::Incoming(_) => {
+                return Err("this VM has no guest yet: it is receiving a migration".into())
+            }
+            Role::HandedOver => return Err("this VM was already migrated away".into()),
+            Role::Quitting => return Err("this VM is quitting".into()),
+        }
+        let (commander, commands) = control::channel();
+        let progress = Progress::new();
+        *role = Role::Outgoing(Engine {
+            commander,
+            progress: progress.clone(),
+        });
+        *self
+            .last_migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(progress.clone());
+        drop(role);
+        let (result_tx, result_rx) = crossbeam_channel::bounded(1);
+        let vmm = self.clone();
+        let p = progress.clone();
+        std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || {
+                let vm = Arc::new(Migratable(vmm.vm.clone()));
+                let outcome = migrate(vm, &uri, &params, p, commands);
+                vmm.migration_ended(outcome, &result_tx);
+            })
+            .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+        Ok((progress, result_rx))
+    }
+
+    /// Records who owns the guest after an outgoing migration, publishes the result, and
+    /// ends this process when the guest now runs elsewhere.
+    fn migration_ended(
+        &self,
+        outcome: SendOutcome,
+        result: &crossbeam_channel::Sender<Result<Value, String>>,
+    ) {
+        let (role, reply, event) = match outcome {
+            SendOutcome::Completed(stats) => (
+                Role::HandedOver,
+                Ok(serde_json::to_value(stats).unwrap_or(Value::Null)),
+                Some(Event::MigratedAway),
+            ),
+            SendOutcome::Failed(e) => (Role::Owner, Err(e.to_string()), None),
+            SendOutcome::Quit => (
+                Role::Quitting,
+                Err("migration aborted: the VM was asked to quit".into()),
+                Some(Event::Quit),
+            ),
+            SendOutcome::ForcedResume => (
+                Role::Owner,
+                Err("the hand-over was unconfirmed; the guest was resumed here by force".into()),
+                None,
+            ),
+        };
+        tracing::info!(role = role.name(), "outgoing migration ended");
+        *self.role.lock().unwrap_or_else(|e| e.into_inner()) = role;
+        let _ = result.send(reply);
+        if let Some(ev) = event {
+            self.send(ev);
+        }
+    }
+
+    /// Waits (bounded) until every API reply in flight has been written, so that a client
+    /// gets its answer before the process exits.
+    pub(crate) fn drain_api(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.in_flight.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Whether a migration's client has an answer: the result, or an unconfirmed hand-over
+/// (the engine goes on, but the client is told now).
+pub(crate) fn client_answer(
+    progress: &Progress,
+    result: &Receiver<Result<Value, String>>,
+    wait: Duration,
+) -> Option<Result<Value, String>> {
+    match result.recv_timeout(wait) {
+        Ok(r) => Some(r),
+        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+            Some(Err("the migration thread ended without a result".into()))
+        }
+        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+            (progress.status() == Status::Unconfirmed).then(|| {
+                Err(progress
+                    .error()
+                    .unwrap_or_else(|| "hand-over unconfirmed".into()))
+            })
+        }
+    }
+}
