@@ -188,6 +188,12 @@ pub enum MigrateError {
         /// Pages that arrived.
         arrived: u64,
     },
+    /// Pages arrived after every channel had ended its final pass.
+    #[error("data channel {channel} sent pages after the final pass")]
+    AfterFinalPass {
+        /// Channel index (65535: not known).
+        channel: u16,
+    },
     /// A data channel closed before the migration had sent everything.
     #[error("data channel {channel} closed in phase {phase} before the migration completed")]
     DataClosed {

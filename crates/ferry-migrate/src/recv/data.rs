@@ -3,7 +3,7 @@
 
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Instant;
 
 use crossbeam_channel::Sender;
@@ -35,6 +35,9 @@ pub(crate) struct Activity {
     last_ms: AtomicU64,
     /// Bytes received on every channel of this attempt.
     pub(crate) bytes: AtomicU64,
+    /// Once set, no receiver writes guest memory any more (the state is being loaded and
+    /// the guest may run). Receivers hold it shared while they write a frame.
+    sealed: RwLock<bool>,
 }
 
 impl Activity {
@@ -43,6 +46,34 @@ impl Activity {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            sealed: RwLock::new(false),
+        }
+    }
+
+    /// Permission to write one frame into guest memory, unless sealed.
+    fn open(&self, channel: u16) -> Result<RwLockReadGuard<'_, bool>, MigrateError> {
+        let g = self.sealed.read().unwrap_or_else(|e| e.into_inner());
+        if *g {
+            return Err(MigrateError::AfterFinalPass { channel });
+        }
+        Ok(g)
+    }
+
+    /// Stops every receiver from writing guest memory from now on. Fails when a receiver is
+    /// in the middle of a frame: all final passes have ended, so that frame is one too many.
+    pub(crate) fn seal(&self) -> Result<(), MigrateError> {
+        match self.sealed.try_write() {
+            Ok(mut g) => {
+                *g = true;
+                Ok(())
+            }
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                *p.into_inner() = true;
+                Ok(())
+            }
+            Err(std::sync::TryLockError::WouldBlock) => {
+                Err(MigrateError::AfterFinalPass { channel: u16::MAX })
+            }
         }
     }
 
@@ -162,68 +193,12 @@ impl DataRx {
             let msg = match read_message(stream, &mut scratch) {
                 Ok(m) => m,
                 Err(ProtoError::Eof) => return Ok(()),
-                Err(source) => {
-                    return Err(MigrateError::Receive {
-                        channel: self.name(),
-                        phase: self.phase,
-                        source,
-                    })
-                }
+                Err(source) => return Err(self.read_error(source)),
             };
             self.activity.touch();
             match msg {
-                Message::Pages { runs, .. } => {
-                    let slices = runs
-                        .iter()
-                        .map(|r| self.slice_of(r))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    // Marked before the bytes land: a read cut short still leaves these
-                    // pages known as written, so a later zero run clears them.
-                    for r in &runs {
-                        for p in 0..u64::from(r.pages) {
-                            self.written.set(r.gpa + p * PAGE_SIZE);
-                        }
-                    }
-                    iov::read_exact_volatile(stream.as_fd(), &slices).map_err(|e| {
-                        MigrateError::Receive {
-                            channel: self.name(),
-                            phase: self.phase,
-                            source: ProtoError::Io(e),
-                        }
-                    })?;
-                    self.activity.touch();
-                    let pages: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
-                    pass_pages += pages;
-                    self.progress.pages_data.fetch_add(pages, Ordering::Relaxed);
-                    self.progress
-                        .bytes
-                        .fetch_add(pages * PAGE_SIZE, Ordering::Relaxed);
-                    self.activity
-                        .bytes
-                        .fetch_add(pages * PAGE_SIZE, Ordering::Relaxed);
-                }
-                Message::ZeroPages { runs, .. } => {
-                    for r in &runs {
-                        let slice = self.slice_of(r)?;
-                        for p in 0..u64::from(r.pages) {
-                            // Fresh destination memory is zero; only pages written earlier
-                            // in this migration need clearing.
-                            if self.written.take(r.gpa + p * PAGE_SIZE) {
-                                slice
-                                    .write_slice(&ZERO_PAGE, (p * PAGE_SIZE) as usize)
-                                    .map_err(|_| MigrateError::OutsideRam {
-                                        channel: self.name(),
-                                        gpa: r.gpa,
-                                        pages: r.pages,
-                                    })?;
-                            }
-                        }
-                        self.progress
-                            .pages_zero
-                            .fetch_add(u64::from(r.pages), Ordering::Relaxed);
-                        pass_pages += u64::from(r.pages);
-                    }
-                }
+                Message::Pages { runs, .. } => pass_pages += self.place(stream, &runs)?,
+                Message::ZeroPages { runs, .. } => pass_pages += self.zero(&runs)?,
                 Message::PassEnd { pass, pages } => {
                     if pages != pass_pages {
                         return Err(MigrateError::PassPages {
@@ -251,5 +226,63 @@ impl DataRx {
                 }
             }
         }
+    }
+
+    fn read_error(&self, source: ProtoError) -> MigrateError {
+        MigrateError::Receive {
+            channel: self.name(),
+            phase: self.phase,
+            source,
+        }
+    }
+
+    /// Reads a Pages frame's payload straight into guest memory; returns its page count.
+    fn place(&self, stream: &mut Stream, runs: &[PageRun]) -> Result<u64, MigrateError> {
+        let _open = self.activity.open(self.channel)?;
+        let slices = runs
+            .iter()
+            .map(|r| self.slice_of(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Marked before the bytes land: a read cut short still leaves these pages known
+        // as written, so a later zero run clears them.
+        for r in runs {
+            for p in 0..u64::from(r.pages) {
+                self.written.set(r.gpa + p * PAGE_SIZE);
+            }
+        }
+        iov::read_exact_volatile(stream.as_fd(), &slices)
+            .map_err(|e| self.read_error(ProtoError::Io(e)))?;
+        self.activity.touch();
+        let pages: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
+        let bytes = pages * PAGE_SIZE;
+        self.progress.pages_data.fetch_add(pages, Ordering::Relaxed);
+        self.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.activity.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Ok(pages)
+    }
+
+    /// Clears the pages of a zero run that hold data; returns its page count.
+    fn zero(&self, runs: &[PageRun]) -> Result<u64, MigrateError> {
+        let _open = self.activity.open(self.channel)?;
+        let mut total = 0;
+        for r in runs {
+            let slice = self.slice_of(r)?;
+            for p in 0..u64::from(r.pages) {
+                // Fresh destination memory is zero; only pages written earlier need
+                // clearing.
+                if self.written.take(r.gpa + p * PAGE_SIZE) {
+                    slice
+                        .write_slice(&ZERO_PAGE, (p * PAGE_SIZE) as usize)
+                        .map_err(|_| MigrateError::OutsideRam {
+                            channel: self.name(),
+                            gpa: r.gpa,
+                            pages: r.pages,
+                        })?;
+                }
+            }
+            total += u64::from(r.pages);
+        }
+        self.progress.pages_zero.fetch_add(total, Ordering::Relaxed);
+        Ok(total)
     }
 }

@@ -722,7 +722,7 @@ impl Receiving {
                 self.att = rx.attempt_command(req, self.att, "receiving")?;
                 Ok(())
             }
-            Event::Tick => self.on_tick(rx),
+            Event::Tick => self.on_tick(),
             Event::Main { .. } | Event::Data { .. } => Ok(()),
         };
         if let Err(e) = r {
@@ -777,7 +777,7 @@ impl Receiving {
                     .pass
                     .fetch_max(u64::from(pass), Ordering::Relaxed);
                 if self.passes_complete() > self.acked.0 {
-                    self.ack(rx)?;
+                    self.ack()?;
                 }
                 Ok(())
             }
@@ -807,15 +807,14 @@ impl Receiving {
     }
 
     /// Tells the source what has arrived.
-    fn ack(&mut self, rx: &Receiver_) -> Result<(), MigrateError> {
+    fn ack(&mut self) -> Result<(), MigrateError> {
         let now = (
             self.passes_complete(),
             self.att.activity.bytes.load(Ordering::Relaxed),
         );
         self.acked = now;
         self.acked_at = Instant::now();
-        let _ = rx;
-        let deadline = Instant::now() + progress_timeout(&self.att);
+        let deadline = control_deadline(&self.att);
         self.att.send(
             &Message::Ack {
                 passes: now.0,
@@ -826,7 +825,7 @@ impl Receiving {
         )
     }
 
-    fn on_tick(&mut self, rx: &Receiver_) -> Result<(), MigrateError> {
+    fn on_tick(&mut self) -> Result<(), MigrateError> {
         let limit = progress_timeout(&self.att);
         if self.att.activity.idle() >= limit {
             return Err(MigrateError::Timeout {
@@ -836,7 +835,7 @@ impl Receiving {
         }
         let bytes = self.att.activity.bytes.load(Ordering::Relaxed);
         if self.acked_at.elapsed() >= ACK_EVERY && bytes != self.acked.1 {
-            self.ack(rx)?;
+            self.ack()?;
         }
         Ok(())
     }
@@ -865,6 +864,11 @@ impl AwaitGo {
         } = r;
         rx.progress.set_status(Status::Switchover);
         rx.progress.set_phase("loading");
+        // Every page is here: nothing may touch guest memory any more (the guest may run).
+        // Sealing is one lock; the receivers themselves are stopped once the guest runs.
+        if let Err(e) = att.activity.seal() {
+            return Err((att, e));
+        }
         if let Some(path) = rx.params.digest_file.clone() {
             if let Err(e) = crate::send::write_digests(&rx.ram, &path) {
                 return Err((att, e));
