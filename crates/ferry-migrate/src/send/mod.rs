@@ -382,6 +382,7 @@ impl Source {
         if let Some(t) = self.tracker.take() {
             let _ = t.stop();
         }
+        self.vm.set_throttle(0);
     }
 }
 
