@@ -99,8 +99,17 @@ impl Convergence {
         if s.sent >= MIN_BANDWIDTH_SAMPLE || self.bandwidth == 0.0 {
             self.bandwidth = (s.sent.max(1) as f64 / secs).max(1.0);
         }
-        if self.estimate(limits, s.dirty, s.sync_time) <= limits.downtime {
+        let estimate = self.estimate(limits, s.dirty, s.sync_time);
+        if estimate <= limits.downtime {
             return self.under_limit(s);
+        }
+        if s.dirty == 0 {
+            // Only fixed costs (state, sync, round trip) are left: no pass can lower them.
+            return if s.destination_ready {
+                Decision::Switchover { converged: false }
+            } else {
+                Decision::WaitForDestination
+            };
         }
         if self.throttle >= MAX_THROTTLE {
             self.passes_at_max += 1;
@@ -263,6 +272,25 @@ mod tests {
         }
         assert_eq!(
             c.after_pass(&l, &pass(100, 1000, 100, true)),
+            Decision::Switchover { converged: false }
+        );
+    }
+
+    #[test]
+    fn fixed_costs_over_the_limit_do_not_keep_precopy_going() {
+        // A 100 ms round trip against a 50 ms limit and nothing dirty: another pass cannot
+        // help, so switch over (or wait for the destination), never spin on empty passes.
+        let l = Limits {
+            rtt: Duration::from_millis(100),
+            ..limits(true)
+        };
+        let mut c = Convergence::new();
+        assert_eq!(
+            c.after_pass(&l, &pass(1024, 1000, 0, false)),
+            Decision::WaitForDestination
+        );
+        assert_eq!(
+            c.after_pass(&l, &pass(0, 1, 0, true)),
             Decision::Switchover { converged: false }
         );
     }

@@ -57,6 +57,12 @@ pub fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message, ProtoError
             passes: r.u32("Ack passes")?,
             bytes: r.u64("Ack bytes")?,
         },
+        MessageKind::Ping => Message::Ping {
+            nonce: r.u64("Ping nonce")?,
+        },
+        MessageKind::Pong => Message::Pong {
+            nonce: r.u64("Pong nonce")?,
+        },
         MessageKind::SetupAccepted => Message::SetupAccepted,
         MessageKind::Refuse => Message::Refuse {
             reason: r.string("Refuse reason")?,
@@ -241,6 +247,8 @@ fn body_what(kind: MessageKind) -> &'static str {
         MessageKind::Running => "Running frame body",
         MessageKind::Error => "Error frame body",
         MessageKind::Ack => "Ack frame body",
+        MessageKind::Ping => "Ping frame body",
+        MessageKind::Pong => "Pong frame body",
     }
 }
 

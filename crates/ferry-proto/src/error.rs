@@ -33,7 +33,7 @@ pub enum ProtoError {
     BadMagic,
 
     /// The header's `kind` is not a known [`MessageKind`].
-    #[error("unknown frame kind {0} (known kinds are 1 to 16)")]
+    #[error("unknown frame kind {0} (known kinds are 1 to 18)")]
     UnknownKind(u16),
 
     /// The header's `flags` are not 0.

@@ -160,11 +160,15 @@ pub enum MessageKind {
     Error,
     /// [`Message::Ack`].
     Ack,
+    /// [`Message::Ping`].
+    Ping,
+    /// [`Message::Pong`].
+    Pong,
 }
 
 impl MessageKind {
     /// Every kind, in wire order.
-    pub const ALL: [MessageKind; 16] = [
+    pub const ALL: [MessageKind; 18] = [
         MessageKind::Hello,
         MessageKind::Welcome,
         MessageKind::Setup,
@@ -181,6 +185,8 @@ impl MessageKind {
         MessageKind::Running,
         MessageKind::Error,
         MessageKind::Ack,
+        MessageKind::Ping,
+        MessageKind::Pong,
     ];
 
     /// The kind's name, as in "unexpected Pages in state Setup".
@@ -202,6 +208,8 @@ impl MessageKind {
             MessageKind::Running => "Running",
             MessageKind::Error => "Error",
             MessageKind::Ack => "Ack",
+            MessageKind::Ping => "Ping",
+            MessageKind::Pong => "Pong",
         }
     }
 
@@ -318,6 +326,17 @@ pub enum Message {
         /// Bytes received so far on all channels.
         bytes: u64,
     },
+    /// Source to destination, main channel: answer with a `Pong` of the same nonce at once
+    /// (the source measures the round trip its downtime estimate needs).
+    Ping {
+        /// Echoed back.
+        nonce: u64,
+    },
+    /// Destination to source: the answer to a `Ping`.
+    Pong {
+        /// The `Ping`'s nonce.
+        nonce: u64,
+    },
 }
 
 // Fixed sizes of encoded items, used to size bodies and to check counts
@@ -386,6 +405,8 @@ impl Message {
             Message::Running { .. } => MessageKind::Running,
             Message::Error { .. } => MessageKind::Error,
             Message::Ack { .. } => MessageKind::Ack,
+            Message::Ping { .. } => MessageKind::Ping,
+            Message::Pong { .. } => MessageKind::Pong,
         }
     }
 
@@ -450,6 +471,7 @@ impl Message {
                 codec::put_u32(out, *passes);
                 codec::put_u64(out, *bytes);
             }
+            Message::Ping { nonce } | Message::Pong { nonce } => codec::put_u64(out, *nonce),
         }
         debug_assert_eq!(
             len64(out.len().saturating_sub(start)),
@@ -566,6 +588,7 @@ impl Message {
             Message::Prepared { .. } => 8 + 4,
             Message::Loaded { .. } | Message::Running { .. } => 8,
             Message::Ack { .. } => 4 + 8,
+            Message::Ping { .. } | Message::Pong { .. } => 8,
         }
     }
 }

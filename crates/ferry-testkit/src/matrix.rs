@@ -905,7 +905,7 @@ pub fn cases() -> Vec<Case> {
         },
         Case {
             name: "api-on-source",
-            fault: "'resume', 'pause', 'snapshot', 'migrate' on the source",
+            fault: "'resume', 'pause', 'snapshot' on the source",
             moment: "during precopy and at Complete",
             expect: Destination,
             commits: true,

@@ -606,14 +606,17 @@ impl Receiving {
             return Err((att, MigrateError::Incompatible(reason)));
         }
         att.timeouts = clamp(setup.timeouts);
+        // Answer first: the source takes this exchange as its round-trip time, so it must
+        // not include starting threads (whose stacks wait for the memory preparation's
+        // hold on the address space). Pages wait in the socket buffers meanwhile.
+        let deadline = control_deadline(&att);
+        if let Err(e) = att.send(&Message::SetupAccepted, "handshake", deadline) {
+            return Err((att, e));
+        }
         for (index, stream) in data.into_iter().flatten().enumerate() {
             if let Err(e) = spawn_receiver(rx, &mut att, index, stream) {
                 return Err((att, e));
             }
-        }
-        let deadline = control_deadline(&att);
-        if let Err(e) = att.send(&Message::SetupAccepted, "handshake", deadline) {
-            return Err((att, e));
         }
         rx.progress.set_status(Status::Active);
         let n = usize::from(att.hello.data_channels);
@@ -736,6 +739,11 @@ impl Receiving {
 
     fn on_main(&mut self, msg: Result<Message, ProtoError>) -> Result<(), MigrateError> {
         match msg {
+            Ok(Message::Ping { nonce }) => {
+                let deadline = control_deadline(&self.att);
+                self.att
+                    .send(&Message::Pong { nonce }, "receiving", deadline)
+            }
             Ok(Message::State { sections })
                 if self.sections.is_none() && self.final_pass.is_none() =>
             {

@@ -335,6 +335,60 @@ pub(super) struct Precopy {
     acked: (u32, u64),
     /// The longest pass after pass 0: the steadiest measure of the guest's dirty rate.
     rate_window: Duration,
+    /// Round-trip samples (the most recent few) and the ping in flight.
+    rtt: RoundTrips,
+}
+
+/// The round trip the downtime estimate counts: the smallest of the last few samples, so
+/// one exchange delayed by a busy destination does not stall convergence, while a lasting
+/// change shows within a few passes.
+struct RoundTrips {
+    samples: std::collections::VecDeque<Duration>,
+    in_flight: Option<(u64, Instant)>,
+    next_nonce: u64,
+}
+
+impl RoundTrips {
+    const KEEP: usize = 4;
+
+    fn new(first: Duration) -> Self {
+        RoundTrips {
+            samples: std::iter::once(first).collect(),
+            in_flight: None,
+            next_nonce: 1,
+        }
+    }
+
+    fn current(&self) -> Duration {
+        self.samples.iter().copied().min().unwrap_or_default()
+    }
+
+    /// Sends a Ping unless one is in flight.
+    fn ping(&mut self, src: &mut Source) -> Result<(), MigrateError> {
+        if self.in_flight.is_some() {
+            return Ok(());
+        }
+        let nonce = self.next_nonce;
+        self.next_nonce += 1;
+        let deadline = Instant::now() + src.params.progress_timeout;
+        src.send(&Message::Ping { nonce }, "precopy", deadline)?;
+        self.in_flight = Some((nonce, Instant::now()));
+        Ok(())
+    }
+
+    /// Takes a Pong into account; returns the new estimate.
+    fn pong(&mut self, nonce: u64) -> Duration {
+        if let Some((n, sent)) = self.in_flight {
+            if n == nonce {
+                self.in_flight = None;
+                if self.samples.len() == Self::KEEP {
+                    self.samples.pop_front();
+                }
+                self.samples.push_back(sent.elapsed());
+            }
+        }
+        self.current()
+    }
 }
 
 impl Precopy {
@@ -377,7 +431,9 @@ impl Precopy {
             last_progress: Instant::now(),
             acked: (0, 0),
             rate_window: Duration::ZERO,
+            rtt: RoundTrips::new(src.rtt),
         };
+        p.rtt.ping(src)?;
         p.send_pass(src, 0);
         Ok(p)
     }
@@ -426,6 +482,9 @@ impl Precopy {
                     self.send_pass(src, self.pass + 1);
                 }
             }
+            Event::Peer(Ok(Message::Pong { nonce })) => {
+                self.limits.rtt = self.rtt.pong(nonce);
+            }
             Event::Tick => {
                 if self.last_progress.elapsed() >= src.params.progress_timeout {
                     return Err(MigrateError::Timeout {
@@ -461,6 +520,7 @@ impl Precopy {
             sync_time: t_sync.elapsed(),
             destination_ready: src.destination_ready(),
         };
+        self.rtt.ping(src)?;
         let decision = self.conv.after_pass(&self.limits, &sample);
         let estimate = self
             .conv
@@ -623,7 +683,9 @@ impl Switchover {
                 self.t.load_us = load_us;
                 return (*self).commit(src);
             }
-            Event::Peer(Ok(Message::Ack { .. } | Message::Prepared { .. })) => {}
+            Event::Peer(Ok(
+                Message::Ack { .. } | Message::Prepared { .. } | Message::Pong { .. },
+            )) => {}
             Event::Tick if Instant::now() >= self.deadline => {
                 return Err(MigrateError::Timeout {
                     what: Waited::Loaded,
@@ -687,9 +749,10 @@ impl AwaitRunning {
                 src.complete(&self, resume_us, false)
             }
             Event::Peer(Ok(Message::Error { reason })) => src.destination_refused_go(reason),
-            Event::Peer(Ok(Message::Ack { .. } | Message::Prepared { .. })) | Event::Worker(_) => {
-                Step::Next(Phase::AwaitRunning(self))
-            }
+            Event::Peer(Ok(
+                Message::Ack { .. } | Message::Prepared { .. } | Message::Pong { .. },
+            ))
+            | Event::Worker(_) => Step::Next(Phase::AwaitRunning(self)),
             Event::Peer(Ok(m)) => {
                 let why = format!("the destination answered Go with {}", m.name());
                 Unconfirmed::enter(self, src, why, true)

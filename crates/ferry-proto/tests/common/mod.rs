@@ -153,6 +153,8 @@ pub fn samples() -> Vec<Message> {
             passes: u32::MAX,
             bytes: u64::MAX,
         },
+        Message::Ping { nonce: 0 },
+        Message::Pong { nonce: u64::MAX },
         Message::State { sections: vec![] },
         Message::State {
             sections: vec![
