@@ -523,6 +523,14 @@ const PAGES_20: Trigger = Trigger::Frame {
 
 /// Every case of the matrix.
 pub fn cases() -> Vec<Case> {
+    [frozen(), killed(), cut(), peers(), api()]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// A frozen destination (SIGSTOP), thawed at several moments.
+fn frozen() -> Vec<Case> {
     use Expect::*;
     vec![
         Case {
@@ -588,6 +596,13 @@ pub fn cases() -> Vec<Case> {
                 Ok(format!("{r}; after the thaw the destination ran the guest and the source learned it (late confirmation)"))
             },
         },
+    ]
+}
+
+/// A destination killed (SIGKILL) at several moments.
+fn killed() -> Vec<Case> {
+    use Expect::*;
+    vec![
         Case {
             name: "dest-killed-precopy",
             fault: "destination SIGKILL",
@@ -641,6 +656,13 @@ pub fn cases() -> Vec<Case> {
                 Ok(format!("{r}; both sides held the guest paused (unconfirmed); with the destination dead the operator ran 'resume --force' on the source"))
             },
         },
+    ]
+}
+
+/// The link cut (every connection closed) at several moments.
+fn cut() -> Vec<Case> {
+    use Expect::*;
+    vec![
         Case {
             name: "link-cut-handshake",
             fault: "all connections cut",
@@ -717,6 +739,13 @@ pub fn cases() -> Vec<Case> {
                 Ok(format!("{r}; the destination runs the guest, the source kept it paused; the operator ran 'quit --force' on the source"))
             },
         },
+    ]
+}
+
+/// Garbage, silent and stray peers, and a corrupted stream.
+fn peers() -> Vec<Case> {
+    use Expect::*;
+    vec![
         Case {
             name: "garbage-destination",
             fault: "a peer that answers with garbage",
@@ -827,6 +856,13 @@ pub fn cases() -> Vec<Case> {
                 failed_naming(&sc.migrate(&[])?, &["destination"])
             },
         },
+    ]
+}
+
+/// Operators using the API on either side during a migration.
+fn api() -> Vec<Case> {
+    use Expect::*;
+    vec![
         Case {
             name: "quit-destination-precopy",
             fault: "'quit' on the destination",

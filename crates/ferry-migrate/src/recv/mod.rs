@@ -1,4 +1,4 @@
-//! The receiving side: a phase machine ([`phase`]) driven by one event loop, fed by an
+//! The receiving side: a phase machine (`recv/phase.rs`) driven by one event loop, fed by an
 //! acceptor thread that only lets through connections that greet properly.
 //!
 //! The destination never runs the guest before the source's `Go`. An attempt that fails

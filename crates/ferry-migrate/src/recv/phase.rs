@@ -136,7 +136,58 @@ pub(super) struct Attempt {
     started: Instant,
 }
 
+/// Refuses a migration announcing a channel count this destination does not take.
+fn refuse_count(rx: &Receiver_, g: Greeted) {
+    let Greeted {
+        hello,
+        mut stream,
+        peer,
+    } = g;
+    let e = MigrateError::ChannelCount {
+        asked: hello.data_channels,
+        max: MAX_CHANNELS,
+    };
+    let deadline = Instant::now() + ERROR_SEND_TIMEOUT;
+    let _ = send_by(&mut stream, &Message::refuse(e.to_string()), deadline);
+    rx.stray(&peer, &e.to_string());
+}
+
 impl Attempt {
+    /// A new attempt on `g`'s main channel: numbered, progress reset, its reader started.
+    fn new(rx: &mut Receiver_, g: Greeted) -> Result<Attempt, MigrateError> {
+        let Greeted {
+            hello,
+            stream,
+            peer,
+        } = g;
+        // Control messages are small and latency-bound (Loaded, Running): no Nagle delay.
+        let _ = stream.set_nodelay();
+        let id = rx.next_attempt();
+        rx.progress.set_status(Status::Setup);
+        tracing::info!(
+            source = peer.as_str(),
+            channels = hello.data_channels,
+            "incoming migration"
+        );
+        let reader = attempt_reader(rx, &stream, id)?;
+        Ok(Attempt {
+            id,
+            hello,
+            peer,
+            main: stream,
+            reader,
+            data: Vec::new(),
+            receivers: Vec::new(),
+            activity: Arc::new(Activity::new()),
+            // Until the source's Setup says otherwise.
+            timeouts: Timeouts {
+                progress_ms: 30_000,
+                switchover_ms: 2_000,
+            },
+            started: Instant::now(),
+        })
+    }
+
     fn send(
         &mut self,
         msg: &Message,
@@ -388,53 +439,20 @@ impl Handshake {
         g: Greeted,
         pending: &mut Vec<(Greeted, Instant)>,
     ) -> Option<Handshake> {
-        let Greeted {
-            hello,
-            mut stream,
-            peer,
-        } = g;
-        let n = hello.data_channels;
+        let n = g.hello.data_channels;
         if n == 0 || n > MAX_CHANNELS {
-            let e = MigrateError::ChannelCount {
-                asked: n,
-                max: MAX_CHANNELS,
-            };
-            let _ = send_by(
-                &mut stream,
-                &Message::refuse(e.to_string()),
-                Instant::now() + ERROR_SEND_TIMEOUT,
-            );
-            rx.stray(&peer, &e.to_string());
+            refuse_count(rx, g);
             return None;
         }
-        // Control messages are small and latency-bound (Loaded, Running): no Nagle delay.
-        let _ = stream.set_nodelay();
-        let id = rx.next_attempt();
-        rx.progress.set_status(Status::Setup);
-        tracing::info!(source = peer.as_str(), channels = n, "incoming migration");
-        let reader = match attempt_reader(rx, &stream, id) {
-            Ok(r) => r,
+        let att = match Attempt::new(rx, g) {
+            Ok(a) => a,
             Err(e) => {
                 tracing::error!("{e}");
                 return None;
             }
         };
         let mut h = Handshake {
-            att: Box::new(Attempt {
-                id,
-                hello,
-                peer,
-                main: stream,
-                reader,
-                data: Vec::new(),
-                receivers: Vec::new(),
-                activity: Arc::new(Activity::new()),
-                timeouts: Timeouts {
-                    progress_ms: 30_000,
-                    switchover_ms: 2_000,
-                },
-                started: Instant::now(),
-            }),
+            att: Box::new(att),
             data: (0..n).map(|_| None).collect(),
             setup: None,
             deadline: Instant::now() + rx.params.handshake_timeout,
@@ -443,8 +461,7 @@ impl Handshake {
             version: VERSION,
             capabilities: h.att.hello.capabilities & caps::ALL,
         };
-        let deadline = h.deadline;
-        if let Err(e) = h.att.send(&welcome, "handshake", deadline) {
+        if let Err(e) = h.att.send(&welcome, "handshake", h.deadline) {
             rx.discard(*h.att, e, "handshake");
             return None;
         }

@@ -49,7 +49,7 @@ impl PrepareMode {
 /// Starts preparing `ram` as `mode` says, on helper threads, and returns the running job
 /// (`None` for [`PrepareMode::None`]). A destination that knows its layout from its own
 /// configuration calls this at startup, so the work is done before the source even
-/// connects; [`receive`] otherwise starts it once the handshake has checked the layout.
+/// connects; [`super::receive`] otherwise starts it itself.
 pub fn start_prepare(
     ram: &GuestRam,
     mode: PrepareMode,

@@ -1,4 +1,4 @@
-//! The sending side: a phase machine ([`phase`]) driven by one event loop.
+//! The sending side: a phase machine (`send/phase.rs`) driven by one event loop.
 //!
 //! The loop takes one event at a time (a message from the destination, a data channel's
 //! report, an API command, or a tick of the clock) and hands it to the current phase, which
