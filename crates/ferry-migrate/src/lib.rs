@@ -11,9 +11,10 @@
 //! Precopy: pass 0 sends all RAM, later passes what the dirty log reports. Each guest page
 //! always travels on the same data channel (pages are partitioned by 1 MiB chunk), so a
 //! page's newer copy can never overtake an older one; `PassEnd` markers tell the
-//! destination when a pass is complete on a channel, and its `Ack`s tell the source that
-//! the destination is making progress. Whether to pass again, throttle or switch over is a
-//! pure function of what was measured ([`policy`]).
+//! destination when a pass is complete on a channel (with its page count, so a lost frame
+//! is noticed), and its `Ack`s tell the source that the destination is making progress.
+//! `Ping`/`Pong` measure the round trip the downtime estimate counts. Whether to pass
+//! again, throttle or switch over is a pure function of what was measured ([`policy`]).
 //!
 //! Ownership: exactly one side may run the guest at any instant (see `docs/ownership.md`).
 //! The source owns it until it has the destination's `Loaded` and has written `Go`; the
