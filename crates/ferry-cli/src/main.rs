@@ -136,7 +136,7 @@ enum RemoteCommand {
         /// Output file.
         path: PathBuf,
     },
-    /// Stop the VM and its process (a migration in progress is aborted first).
+    /// Stop the VM and its process (a migration that has not committed is aborted first).
     Quit {
         /// After an unconfirmed hand-over: quit anyway, accepting that this may be the only
         /// copy of the guest.
@@ -145,7 +145,8 @@ enum RemoteCommand {
     },
     /// Live-migrate the VM; waits until it has ended.
     Migrate(MigrateArgs),
-    /// Cancel a running migration (the guest keeps running here).
+    /// Cancel a running migration (a source keeps the guest; a destination discards the
+    /// incoming attempt and waits for the next).
     MigrateCancel,
 }
 

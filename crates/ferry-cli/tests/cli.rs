@@ -229,9 +229,15 @@ fn snapshot_restores_in_a_new_process() {
         len >= mem,
         "snapshot file of {len} bytes for {mem} bytes of RAM"
     );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
     assert!(
-        !dir.path().join("vm.partial").exists(),
-        "temporary file left behind"
+        leftovers.is_empty(),
+        "temporary files left behind: {leftovers:?}"
     );
     // The source keeps running after the snapshot.
     src.wait_status_lines(1);

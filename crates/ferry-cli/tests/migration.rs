@@ -338,7 +338,18 @@ fn migrate_case(uri_kind: &str, channels: u16, vcpus: u32) {
     assert!(stats["pages_data"].as_u64().unwrap() > 10_000, "{stats}");
     assert!(stats["downtime_ms"].as_f64().unwrap() > 0.0);
 
-    // The source hands over and exits cleanly.
+    // The source recorded the hand-over: running the guest there again is refused (or the
+    // process is already gone), and it exits cleanly.
+    let again = remote(&src.api, &["resume"]);
+    assert!(
+        !again.status.success(),
+        "resume after the hand-over must fail"
+    );
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains("migrated away") || err.contains("cannot connect"),
+        "{err}"
+    );
     let st = src
         .wait_exit(Duration::from_secs(10))
         .expect("source did not exit");

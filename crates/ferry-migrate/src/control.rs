@@ -42,8 +42,20 @@ impl Command {
     }
 }
 
+/// Why the engine refused a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{command} refused in migration phase {phase}: {why}")]
+pub struct Refusal {
+    /// The command's API name.
+    pub command: &'static str,
+    /// The phase that refused it.
+    pub phase: &'static str,
+    /// Why, and what to do instead.
+    pub why: String,
+}
+
 /// The engine's answer: what it did (`Ok`), or why it refused (`Err`).
-pub type Reply = Result<String, String>;
+pub(crate) type Reply = Result<String, Refusal>;
 
 /// A command with the channel its answer goes back on.
 #[derive(Debug)]
@@ -58,21 +70,23 @@ pub struct Request {
 
 impl Request {
     /// Whether the requester has given up waiting.
-    pub fn expired(&self) -> bool {
+    pub(crate) fn expired(&self) -> bool {
         Instant::now() >= self.expires
     }
 
     /// Answers the request (a requester that gave up is fine).
-    pub fn answer(self, reply: Reply) {
+    pub(crate) fn answer(self, reply: Reply) {
         let _ = self.reply.send(reply);
     }
 
     /// Refuses the command in `phase`, saying why.
-    pub fn refuse(self, phase: &str, why: &str) {
-        let name = self.command.name();
-        self.answer(Err(format!(
-            "{name} refused in migration phase {phase}: {why}"
-        )));
+    pub(crate) fn refuse(self, phase: &'static str, why: &str) {
+        let refusal = Refusal {
+            command: self.command.name(),
+            phase,
+            why: why.to_string(),
+        };
+        self.answer(Err(refusal));
     }
 }
 
@@ -80,8 +94,8 @@ impl Request {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CommandError {
     /// The engine refused it.
-    #[error("{0}")]
-    Refused(String),
+    #[error(transparent)]
+    Refused(Refusal),
     /// The migration ended before it saw the command; ask again (the VM's new state
     /// decides).
     #[error("the migration ended while this command waited; nothing was done, send it again")]

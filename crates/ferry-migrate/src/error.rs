@@ -189,10 +189,10 @@ pub enum MigrateError {
         arrived: u64,
     },
     /// Pages arrived after every channel had ended its final pass.
-    #[error("data channel {channel} sent pages after the final pass")]
+    #[error("{} sent pages after the final pass", match .channel { Some(c) => format!("data channel {c}"), None => "a data channel".into() })]
     AfterFinalPass {
-        /// Channel index (65535: not known).
-        channel: u16,
+        /// The channel, when known.
+        channel: Option<u16>,
     },
     /// A data channel closed before the migration had sent everything.
     #[error("data channel {channel} closed in phase {phase} before the migration completed")]
@@ -244,9 +244,44 @@ pub enum MigrateError {
         /// After how long.
         after: Duration,
     },
-    /// Parameters that cannot work together.
-    #[error("invalid migration parameters: {0}")]
-    Params(String),
+    /// A channel count outside what Ferry opens.
+    #[error("channels must be 1 to {max}, not {asked}")]
+    Channels {
+        /// Asked for.
+        asked: u16,
+        /// Limit.
+        max: u16,
+    },
+    /// A bandwidth cap of 0.
+    #[error("max-bandwidth must be more than 0 bytes/s")]
+    ZeroBandwidth,
+    /// A timeout outside what the protocol carries.
+    #[error("{name} must be 1 ms to 49 days, not {value:?}")]
+    TimeoutRange {
+        /// Which option.
+        name: &'static str,
+        /// Its value.
+        value: Duration,
+    },
+    /// A switchover timeout the downtime limit could never fit in.
+    #[error(
+        "switchover-timeout ({} ms) must be longer than downtime-limit ({} ms): the switchover \
+         would be aborted before it could meet the limit",
+        .switchover.as_millis(),
+        .limit.as_millis()
+    )]
+    SwitchoverBelowLimit {
+        /// The switchover timeout.
+        switchover: Duration,
+        /// The downtime limit.
+        limit: Duration,
+    },
+    /// Dirty tracking was gone while precopy needed it (an engine bug).
+    #[error("dirty tracking stopped while the migration still needed it")]
+    NotTracking,
+    /// A sender was stopped because the migration is ending.
+    #[error("the migration is ending")]
+    Stopping,
     /// Local I/O (digest files, threads).
     #[error("{what}: {source}")]
     Io {

@@ -23,7 +23,7 @@ pub struct Limits {
     pub auto_converge: bool,
     /// Bytes of device and vCPU state expected at the switchover.
     pub state_bytes: u64,
-    /// Round trip measured during the handshake.
+    /// Round trip to the destination (`Ping`/`Pong` during precopy).
     pub rtt: Duration,
 }
 

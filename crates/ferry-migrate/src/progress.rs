@@ -1,4 +1,4 @@
-//! Live progress (read by the control API while a migration runs), cancellation, and the
+//! Live progress (read by the control API while a migration runs), status, and the
 //! final statistics.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -249,7 +249,8 @@ pub struct DowntimeBreakdown {
     pub wait_loaded_ms: f64,
     /// Destination: loading the state (its own clock).
     pub dest_load_ms: f64,
-    /// From `Go` to the destination's `Running`, guest resume included.
+    /// From `Loaded` arriving (`Go` is written at once) to the destination's `Running`,
+    /// the guest's resume included.
     pub go_to_running_ms: f64,
     /// Destination: resuming the vCPUs (its own clock).
     pub dest_resume_ms: f64,

@@ -8,6 +8,8 @@ mod common;
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -130,35 +132,59 @@ fn connect(uri: &Uri) -> Option<UnixStream> {
     Some(s)
 }
 
-/// Plays `steps` against the destination; returns whether a Go was sent after the
-/// destination had said Loaded.
-fn play(uri: &Uri, channels: u16, steps: &[Step]) -> bool {
-    const SESSION: u64 = 42;
-    let Some(mut main) = connect(uri) else {
-        return false;
-    };
-    let _ = main.write_all(&hello(SESSION, ChannelRole::Main, channels));
-    // Read what the destination says, to know whether it loaded.
-    let loaded = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+/// What the hostile source does around its random steps.
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    /// Start like a real source: every data channel, then a Setup that fits.
+    prefix: bool,
+    /// End like a real source (State, PassEnd everywhere, Complete), then maybe `Go` once
+    /// the destination said Loaded.
+    finish: Option<bool>,
+}
+
+const SESSION: u64 = 42;
+
+/// The destination's answers, read on a thread: whether it said Loaded.
+fn watch_loaded(main: &UnixStream) -> (Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>) {
+    let loaded = Arc::new(AtomicBool::new(false));
     let reader = main.try_clone().ok().map(|mut r| {
         let l = loaded.clone();
         std::thread::spawn(move || {
             let mut scratch = Vec::new();
             while let Ok(m) = ferry_proto::read_message(&mut r, &mut scratch) {
                 if matches!(m, Message::Loaded { .. }) {
-                    l.store(true, std::sync::atomic::Ordering::SeqCst);
+                    l.store(true, Ordering::SeqCst);
                 }
             }
         })
     });
+    (loaded, reader)
+}
+
+fn open_data(uri: &Uri, index: u16, session: u64, channels: u16) -> Option<UnixStream> {
+    let mut d = connect(uri)?;
+    let _ = d.write_all(&hello(session, ChannelRole::Data { index }, channels));
+    Some(d)
+}
+
+/// Plays the script against the destination; returns whether a Go was sent after the
+/// destination had said Loaded.
+fn play(uri: &Uri, channels: u16, frame_: Frame, steps: &[Step]) -> bool {
+    let Some(mut main) = connect(uri) else {
+        return false;
+    };
+    let _ = main.write_all(&hello(SESSION, ChannelRole::Main, channels));
+    let (loaded, reader) = watch_loaded(&main);
     let mut data: Vec<UnixStream> = Vec::new();
+    if frame_.prefix {
+        data.extend((0..channels).filter_map(|i| open_data(uri, i, SESSION, channels)));
+        let _ = main.write_all(&frame(&valid_setup()));
+    }
     let mut earned_go = false;
     for s in steps {
         match s {
             Step::Main(m) => {
-                if matches!(m, Message::Go) && loaded.load(std::sync::atomic::Ordering::SeqCst) {
-                    earned_go = true;
-                }
+                earned_go |= matches!(m, Message::Go) && loaded.load(Ordering::SeqCst);
                 let _ = main.write_all(&frame(m));
             }
             Step::Data(c, m) => {
@@ -170,18 +196,14 @@ fn play(uri: &Uri, channels: u16, steps: &[Step]) -> bool {
                 index,
                 same_session,
             } => {
-                if let Some(mut d) = connect(uri) {
-                    let session = if *same_session { SESSION } else { 7 };
-                    let _ = d.write_all(&hello(
-                        session,
-                        ChannelRole::Data { index: *index },
-                        channels,
-                    ));
-                    data.push(d);
-                }
+                let session = if *same_session { SESSION } else { 7 };
+                data.extend(open_data(uri, *index, session, channels));
             }
             Step::Nap(ms) => std::thread::sleep(Duration::from_millis(u64::from(*ms))),
         }
+    }
+    if let Some(go) = frame_.finish {
+        earned_go |= finish(&mut main, &mut data, &loaded, go);
     }
     std::thread::sleep(Duration::from_millis(20));
     let _ = main.shutdown(std::net::Shutdown::Both);
@@ -194,16 +216,64 @@ fn play(uri: &Uri, channels: u16, steps: &[Step]) -> bool {
     earned_go
 }
 
+fn valid_setup() -> Message {
+    Message::Setup(Setup {
+        vm: VmDescription {
+            vcpus: 1,
+            page_size: 4096,
+            regions: vec![MemRegion { gpa: 0, size: RAM }],
+            cpu_features: vec![],
+        },
+        timeouts: Timeouts {
+            progress_ms: 1000,
+            switchover_ms: 300,
+        },
+    })
+}
+
+/// The end of a real migration; sends Go (if `go`) once Loaded came. Returns whether it did.
+fn finish(main: &mut UnixStream, data: &mut [UnixStream], loaded: &AtomicBool, go: bool) -> bool {
+    let state = Message::State {
+        sections: vec![StateSection {
+            name: "fake-machine".into(),
+            data: vec![1, 2, 3],
+        }],
+    };
+    let _ = main.write_all(&frame(&state));
+    for d in data.iter_mut() {
+        let _ = d.write_all(&frame(&Message::PassEnd { pass: 0, pages: 0 }));
+    }
+    let _ = main.write_all(&frame(&Message::Complete { final_pass: 0 }));
+    let deadline = Instant::now() + Duration::from_millis(300);
+    while !loaded.load(Ordering::SeqCst) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if go && loaded.load(Ordering::SeqCst) {
+        let _ = main.write_all(&frame(&Message::Go));
+        return true;
+    }
+    false
+}
+
+fn script() -> impl Strategy<Value = Frame> {
+    (
+        any::<bool>(),
+        prop_oneof![Just(None), Just(Some(false)), Just(Some(true))],
+    )
+        .prop_map(|(prefix, finish)| Frame { prefix, finish })
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn a_hostile_source_never_breaks_the_destination(
         channels in prop_oneof![4 => 1u16..3, 1 => Just(0u16), 1 => Just(200u16)],
+        shape in script(),
         steps in prop::collection::vec(step(), 0..24),
     ) {
         let dst = Dest::start(H_MIB);
-        let earned_go = play(&dst.uri, channels, &steps);
+        let earned_go = play(&dst.uri, channels, shape, &steps);
         // The receiver settles: listening again, running after an earned Go, or holding a
         // loaded guest paused.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -232,4 +302,35 @@ proptest! {
             assert_handed_over(&src, &dst.target);
         }
     }
+}
+
+/// The script's valid frame alone is a real (empty) migration: the destination loads and,
+/// on the earned Go, runs the guest. So the random steps above perturb a sequence that
+/// does reach `Loaded` and `Go`.
+#[test]
+fn the_valid_frame_alone_hands_the_guest_over() {
+    let dst = Dest::start(H_MIB);
+    let shape = Frame {
+        prefix: true,
+        finish: Some(true),
+    };
+    assert!(play(&dst.uri, 2, shape, &[]), "Go was earned");
+    assert!(matches!(
+        dst.finish().unwrap(),
+        ferry_migrate::recv::RecvOutcome::Running(_)
+    ));
+}
+
+/// Without the Go, the loaded guest is held paused and never run.
+#[test]
+fn the_valid_frame_without_go_holds_the_guest_paused() {
+    let dst = Dest::start(H_MIB);
+    let shape = Frame {
+        prefix: true,
+        finish: Some(false),
+    };
+    assert!(!play(&dst.uri, 2, shape, &[]));
+    dst.wait_status(Status::Unconfirmed, Duration::from_secs(5));
+    assert_eq!(dst.target.loads(), 1);
+    assert!(!dst.target.running());
 }

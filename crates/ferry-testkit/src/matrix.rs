@@ -569,16 +569,7 @@ fn frozen() -> Vec<Case> {
             moment: "switchover: when Complete reaches it",
             expect: Source,
             commits: false,
-            run: |sc| {
-                let a = sc.hook_signal(Signal::STOP, Some((Duration::from_secs(4), Signal::CONT)));
-                sc.through(vec![Fault {
-                    when: Trigger::first(Dir::ToDestination, K::Complete),
-                    action: a,
-                }])?;
-                let r = failed_naming(&sc.migrate(&[])?, &["switchover timeout", "timed out"])?;
-                std::thread::sleep(Duration::from_secs(3));
-                Ok(r)
-            },
+            run: dest_frozen_at_complete,
         },
         Case {
             name: "dest-frozen-after-loaded",
@@ -609,17 +600,7 @@ fn killed() -> Vec<Case> {
             moment: "during precopy",
             expect: Source,
             commits: false,
-            run: |sc| {
-                let a = sc.hook_signal(Signal::KILL, None);
-                sc.through(vec![Fault {
-                    when: PAGES_20,
-                    action: a,
-                }])?;
-                failed_naming(
-                    &sc.migrate(&[])?,
-                    &["closed", "reset", "Broken pipe", "aborted"],
-                )
-            },
+            run: dest_killed_precopy,
         },
         Case {
             name: "dest-killed-at-complete",
@@ -627,17 +608,7 @@ fn killed() -> Vec<Case> {
             moment: "switchover: when Complete reaches it",
             expect: Source,
             commits: false,
-            run: |sc| {
-                let a = sc.hook_signal(Signal::KILL, None);
-                sc.through(vec![Fault {
-                    when: Trigger::first(Dir::ToDestination, K::Complete),
-                    action: a,
-                }])?;
-                failed_naming(
-                    &sc.migrate(&[])?,
-                    &["closed", "reset", "Broken pipe", "timed out"],
-                )
-            },
+            run: dest_killed_at_complete,
         },
         Case {
             name: "dest-killed-after-loaded",
@@ -645,16 +616,7 @@ fn killed() -> Vec<Case> {
             moment: "switchover: right after it sends Loaded (Go then goes nowhere)",
             expect: Source,
             commits: true,
-            run: |sc| {
-                let a = sc.hook_signal(Signal::KILL, None);
-                sc.through(vec![Fault {
-                    when: Trigger::first(Dir::ToSource, K::Loaded),
-                    action: a,
-                }])?;
-                let r = failed_naming(&sc.migrate(&[])?, &["unconfirmed"])?;
-                operator(sc, "source", "resume")?;
-                Ok(format!("{r}; both sides held the guest paused (unconfirmed); with the destination dead the operator ran 'resume --force' on the source"))
-            },
+            run: dest_killed_after_loaded,
         },
     ]
 }
@@ -703,6 +665,7 @@ fn cut() -> Vec<Case> {
                     action: Action::Cut,
                 }])?;
                 let r = failed_naming(&sc.migrate(&[])?, &["closed", "reset"])?;
+                expect_unconfirmed(sc, &sc.dst, "destination", "incoming")?;
                 Ok(format!("{r}; the destination keeps its loaded copy paused (unconfirmed) and never runs it"))
             },
         },
@@ -712,16 +675,7 @@ fn cut() -> Vec<Case> {
             moment: "switchover: Go on its way",
             expect: Source,
             commits: true,
-            run: |sc| {
-                sc.through(vec![Fault {
-                    when: Trigger::first(Dir::ToDestination, K::Go),
-                    action: Action::Cut,
-                }])?;
-                let r = failed_naming(&sc.migrate(&[])?, &["unconfirmed"])?;
-                expect_paused(sc)?;
-                operator(sc, "source", "resume")?;
-                Ok(format!("{r}; both sides held the guest paused and said so; the operator ran 'resume --force' on the source and 'quit --force' on the destination"))
-            },
+            run: link_cut_at_go,
         },
         Case {
             name: "link-cut-at-running",
@@ -752,18 +706,7 @@ fn peers() -> Vec<Case> {
             moment: "handshake",
             expect: Source,
             commits: false,
-            run: |sc| {
-                let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-                let addr = l.local_addr().map_err(|e| e.to_string())?;
-                std::thread::spawn(move || {
-                    for mut c in l.incoming().flatten() {
-                        let _ = c.write_all(&[0xAB; 4096]);
-                        std::thread::sleep(Duration::from_millis(500));
-                    }
-                });
-                sc.dst_uri = format!("tcp:{addr}");
-                failed_naming(&sc.migrate(&[])?, &["kind", "main channel"])
-            },
+            run: garbage_destination,
         },
         Case {
             name: "silent-destination",
@@ -771,16 +714,7 @@ fn peers() -> Vec<Case> {
             moment: "handshake",
             expect: Source,
             commits: false,
-            run: |sc| {
-                let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-                sc.dst_uri = format!("tcp:{}", l.local_addr().map_err(|e| e.to_string())?);
-                let held =
-                    std::thread::spawn(move || l.incoming().take(3).flatten().collect::<Vec<_>>());
-                let t = Instant::now();
-                let r = failed_naming(&sc.migrate(&[])?, &["timed out"])?;
-                drop(held);
-                Ok(format!("{r} (after {:.1} s)", t.elapsed().as_secs_f64()))
-            },
+            run: silent_destination,
         },
         Case {
             name: "garbage-to-destination",
@@ -788,18 +722,7 @@ fn peers() -> Vec<Case> {
             moment: "before",
             expect: Destination,
             commits: true,
-            run: |sc| {
-                let mut c = std::net::TcpStream::connect(sc.dst_uri.trim_start_matches("tcp:"))
-                    .map_err(|e| e.to_string())?;
-                c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-                    .map_err(|e| e.to_string())?;
-                std::thread::sleep(Duration::from_millis(300));
-                let r = succeeded(&sc.migrate(&[])?)?;
-                Ok(format!(
-                    "dropped and logged ({}); then {r}",
-                    count(&sc.dst.stderr_text(), "dropped a connection")
-                ))
-            },
+            run: garbage_to_destination,
         },
         Case {
             name: "idle-connection-to-destination",
@@ -821,26 +744,7 @@ fn peers() -> Vec<Case> {
             moment: "before",
             expect: Destination,
             commits: true,
-            run: |sc| {
-                let addr = sc.dst_uri.trim_start_matches("tcp:").to_string();
-                let mut held = Vec::new();
-                for i in 0..200u32 {
-                    if let Ok(mut c) = std::net::TcpStream::connect(&addr) {
-                        let _ = match i % 3 {
-                            0 => Ok(()),
-                            1 => c.write_all(&[0x55; 64]),
-                            _ => c.write_all(b"\x01\x00\x00\x00\x21\x00\x00\x00FERRY"),
-                        };
-                        held.push(c);
-                    }
-                }
-                let r = succeeded(&sc.migrate(&[])?)?;
-                drop(held);
-                Ok(format!(
-                    "{r}; {} stray connections dropped",
-                    count(&sc.dst.stderr_text(), "dropped a connection")
-                ))
-            },
+            run: connection_storm,
         },
         Case {
             name: "corrupt-state",
@@ -869,16 +773,7 @@ fn api() -> Vec<Case> {
             moment: "during precopy",
             expect: Source,
             commits: false,
-            run: |sc| {
-                let a = sc.hook_remote(true, &["quit"]);
-                sc.through(vec![Fault {
-                    when: PAGES_20,
-                    action: a,
-                }])?;
-                let r = failed_naming(&sc.migrate(&[])?, &["quit"])?;
-                exited(&mut sc.dst, "destination")?;
-                Ok(r)
-            },
+            run: quit_destination_precopy,
         },
         Case {
             name: "quit-destination-switchover",
@@ -886,16 +781,7 @@ fn api() -> Vec<Case> {
             moment: "switchover: when Complete reaches it",
             expect: Source,
             commits: false,
-            run: |sc| {
-                let a = sc.hook_remote(true, &["quit"]);
-                sc.through(vec![Fault {
-                    when: Trigger::first(Dir::ToDestination, K::Complete),
-                    action: a,
-                }])?;
-                let r = failed_naming(&sc.migrate(&[])?, &["quit"])?;
-                exited(&mut sc.dst, "destination")?;
-                Ok(r)
-            },
+            run: quit_destination_switchover,
         },
         Case {
             name: "api-on-destination",
@@ -903,41 +789,7 @@ fn api() -> Vec<Case> {
             moment: "during precopy and at Loaded",
             expect: Destination,
             commits: true,
-            run: |sc| {
-                let a = sc.hook_remote(true, &["resume"]);
-                let b = sc.hook_remote(true, &["pause"]);
-                let c = sc.hook_remote(true, &["snapshot", "/tmp/ferry-matrix-never.snap"]);
-                let d = sc.hook_remote(true, &["resume"]);
-                sc.through(vec![
-                    Fault {
-                        when: PAGES_20,
-                        action: a,
-                    },
-                    Fault {
-                        when: Trigger::Frame {
-                            dir: Dir::ToDestination,
-                            kind: K::Pages,
-                            nth: 21,
-                        },
-                        action: b,
-                    },
-                    Fault {
-                        when: Trigger::Frame {
-                            dir: Dir::ToDestination,
-                            kind: K::Pages,
-                            nth: 22,
-                        },
-                        action: c,
-                    },
-                    Fault {
-                        when: Trigger::first(Dir::ToSource, K::Loaded),
-                        action: d,
-                    },
-                ])?;
-                let r = succeeded(&sc.migrate(&[])?)?;
-                expect_refusals(&sc.hook_log(true), 4)?;
-                Ok(format!("all 4 refused; {r}"))
-            },
+            run: api_on_destination,
         },
         Case {
             name: "api-on-source",
@@ -945,41 +797,7 @@ fn api() -> Vec<Case> {
             moment: "during precopy and at Complete",
             expect: Destination,
             commits: true,
-            run: |sc| {
-                let a = sc.hook_remote(false, &["resume"]);
-                let b = sc.hook_remote(false, &["pause"]);
-                let c = sc.hook_remote(false, &["snapshot", "/tmp/ferry-matrix-never.snap"]);
-                let d = sc.hook_remote(false, &["resume"]);
-                sc.through(vec![
-                    Fault {
-                        when: PAGES_20,
-                        action: a,
-                    },
-                    Fault {
-                        when: Trigger::Frame {
-                            dir: Dir::ToDestination,
-                            kind: K::Pages,
-                            nth: 21,
-                        },
-                        action: b,
-                    },
-                    Fault {
-                        when: Trigger::Frame {
-                            dir: Dir::ToDestination,
-                            kind: K::Pages,
-                            nth: 22,
-                        },
-                        action: c,
-                    },
-                    Fault {
-                        when: Trigger::first(Dir::ToDestination, K::Complete),
-                        action: d,
-                    },
-                ])?;
-                let r = succeeded(&sc.migrate(&[])?)?;
-                expect_refusals(&sc.hook_log(false), 4)?;
-                Ok(format!("all 4 refused; {r}"))
-            },
+            run: api_on_source,
         },
         Case {
             name: "quit-source-precopy",
@@ -987,18 +805,7 @@ fn api() -> Vec<Case> {
             moment: "during precopy",
             expect: Neither,
             commits: false,
-            run: |sc| {
-                let a = sc.hook_remote(false, &["quit"]);
-                sc.through(vec![Fault {
-                    when: PAGES_20,
-                    action: a,
-                }])?;
-                let r = failed_naming(&sc.migrate(&[])?, &["quit", "closed"])?;
-                exited(&mut sc.src, "source")?;
-                Ok(format!(
-                    "{r}; the source quit as asked, the destination discarded its partial copy"
-                ))
-            },
+            run: quit_source_precopy,
         },
         Case {
             name: "cancel-at-switchover",
@@ -1006,20 +813,7 @@ fn api() -> Vec<Case> {
             moment: "switchover: when Complete reaches the destination",
             expect: Source,
             commits: false,
-            run: |sc| {
-                let a = sc.hook_remote(false, &["migrate-cancel"]);
-                sc.through(vec![Fault {
-                    when: Trigger::first(Dir::ToDestination, K::Complete),
-                    action: a,
-                }])?;
-                let out = sc.migrate(&[])?;
-                // The cancel lands in awaiting-loaded: it either aborts, or comes too late (Go
-                // already written) and is refused; both are correct, the outcome decides.
-                if out.status.success() {
-                    return Err("cancel during the switchover: migration completed; the case expects the cancel to win".into());
-                }
-                failed_naming(&out, &["cancelled"])
-            },
+            run: cancel_at_switchover,
         },
         Case {
             name: "migrate-client-killed",
@@ -1054,6 +848,242 @@ fn api() -> Vec<Case> {
     ]
 }
 
+fn dest_frozen_at_complete(sc: &mut Scene) -> Result<String, String> {
+    let a = sc.hook_signal(Signal::STOP, Some((Duration::from_secs(4), Signal::CONT)));
+    sc.through(vec![Fault {
+        when: Trigger::first(Dir::ToDestination, K::Complete),
+        action: a,
+    }])?;
+    let r = failed_naming(&sc.migrate(&[])?, &["switchover timeout", "timed out"])?;
+    std::thread::sleep(Duration::from_secs(3));
+    Ok(r)
+}
+
+fn dest_killed_precopy(sc: &mut Scene) -> Result<String, String> {
+    let a = sc.hook_signal(Signal::KILL, None);
+    sc.through(vec![Fault {
+        when: PAGES_20,
+        action: a,
+    }])?;
+    failed_naming(
+        &sc.migrate(&[])?,
+        &["closed", "reset", "Broken pipe", "aborted"],
+    )
+}
+
+fn dest_killed_at_complete(sc: &mut Scene) -> Result<String, String> {
+    let a = sc.hook_signal(Signal::KILL, None);
+    sc.through(vec![Fault {
+        when: Trigger::first(Dir::ToDestination, K::Complete),
+        action: a,
+    }])?;
+    failed_naming(
+        &sc.migrate(&[])?,
+        &["closed", "reset", "Broken pipe", "timed out"],
+    )
+}
+
+fn dest_killed_after_loaded(sc: &mut Scene) -> Result<String, String> {
+    let a = sc.hook_signal(Signal::KILL, None);
+    sc.through(vec![Fault {
+        when: Trigger::first(Dir::ToSource, K::Loaded),
+        action: a,
+    }])?;
+    let r = failed_naming(&sc.migrate(&[])?, &["unconfirmed"])?;
+    operator(sc, "source", "resume")?;
+    Ok(format!("{r}; both sides held the guest paused (unconfirmed); with the destination dead the operator ran 'resume --force' on the source"))
+}
+
+fn link_cut_at_go(sc: &mut Scene) -> Result<String, String> {
+    sc.through(vec![Fault {
+        when: Trigger::first(Dir::ToDestination, K::Go),
+        action: Action::Cut,
+    }])?;
+    let r = failed_naming(&sc.migrate(&[])?, &["unconfirmed"])?;
+    expect_paused(sc)?;
+    operator(sc, "source", "resume")?;
+    Ok(format!("{r}; both sides held the guest paused and said so; the operator ran 'resume --force' on the source and 'quit --force' on the destination"))
+}
+
+fn garbage_destination(sc: &mut Scene) -> Result<String, String> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = l.local_addr().map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let _ = c.write_all(&[0xAB; 4096]);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    sc.dst_uri = format!("tcp:{addr}");
+    failed_naming(&sc.migrate(&[])?, &["kind", "main channel"])
+}
+
+fn silent_destination(sc: &mut Scene) -> Result<String, String> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    sc.dst_uri = format!("tcp:{}", l.local_addr().map_err(|e| e.to_string())?);
+    let held = std::thread::spawn(move || l.incoming().take(3).flatten().collect::<Vec<_>>());
+    let t = Instant::now();
+    let r = failed_naming(&sc.migrate(&[])?, &["timed out"])?;
+    drop(held);
+    Ok(format!("{r} (after {:.1} s)", t.elapsed().as_secs_f64()))
+}
+
+fn garbage_to_destination(sc: &mut Scene) -> Result<String, String> {
+    let mut c = std::net::TcpStream::connect(sc.dst_uri.trim_start_matches("tcp:"))
+        .map_err(|e| e.to_string())?;
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(300));
+    let r = succeeded(&sc.migrate(&[])?)?;
+    Ok(format!(
+        "dropped and logged ({}); then {r}",
+        count(&sc.dst.stderr_text(), "dropped a connection")
+    ))
+}
+
+fn connection_storm(sc: &mut Scene) -> Result<String, String> {
+    let addr = sc.dst_uri.trim_start_matches("tcp:").to_string();
+    let mut held = Vec::new();
+    for i in 0..200u32 {
+        if let Ok(mut c) = std::net::TcpStream::connect(&addr) {
+            let _ = match i % 3 {
+                0 => Ok(()),
+                1 => c.write_all(&[0x55; 64]),
+                _ => c.write_all(b"\x01\x00\x00\x00\x21\x00\x00\x00FERRY"),
+            };
+            held.push(c);
+        }
+    }
+    let r = succeeded(&sc.migrate(&[])?)?;
+    drop(held);
+    Ok(format!(
+        "{r}; {} stray connections dropped",
+        count(&sc.dst.stderr_text(), "dropped a connection")
+    ))
+}
+
+fn quit_destination_precopy(sc: &mut Scene) -> Result<String, String> {
+    let a = sc.hook_remote(true, &["quit"]);
+    sc.through(vec![Fault {
+        when: PAGES_20,
+        action: a,
+    }])?;
+    let r = failed_naming(&sc.migrate(&[])?, &["quit"])?;
+    exited(&mut sc.dst, "destination")?;
+    Ok(r)
+}
+
+fn quit_destination_switchover(sc: &mut Scene) -> Result<String, String> {
+    let a = sc.hook_remote(true, &["quit"]);
+    sc.through(vec![Fault {
+        when: Trigger::first(Dir::ToDestination, K::Complete),
+        action: a,
+    }])?;
+    let r = failed_naming(&sc.migrate(&[])?, &["quit"])?;
+    exited(&mut sc.dst, "destination")?;
+    Ok(r)
+}
+
+fn api_on_destination(sc: &mut Scene) -> Result<String, String> {
+    let a = sc.hook_remote(true, &["resume"]);
+    let b = sc.hook_remote(true, &["pause"]);
+    let c = sc.hook_remote(true, &["snapshot", "/tmp/ferry-matrix-never.snap"]);
+    let d = sc.hook_remote(true, &["resume"]);
+    sc.through(vec![
+        Fault {
+            when: PAGES_20,
+            action: a,
+        },
+        Fault {
+            when: Trigger::Frame {
+                dir: Dir::ToDestination,
+                kind: K::Pages,
+                nth: 21,
+            },
+            action: b,
+        },
+        Fault {
+            when: Trigger::Frame {
+                dir: Dir::ToDestination,
+                kind: K::Pages,
+                nth: 22,
+            },
+            action: c,
+        },
+        Fault {
+            when: Trigger::first(Dir::ToSource, K::Loaded),
+            action: d,
+        },
+    ])?;
+    let r = succeeded(&sc.migrate(&[])?)?;
+    expect_refusals(&sc.hook_log(true), 4)?;
+    Ok(format!("all 4 refused; {r}"))
+}
+
+fn api_on_source(sc: &mut Scene) -> Result<String, String> {
+    let a = sc.hook_remote(false, &["resume"]);
+    let b = sc.hook_remote(false, &["pause"]);
+    let c = sc.hook_remote(false, &["snapshot", "/tmp/ferry-matrix-never.snap"]);
+    let d = sc.hook_remote(false, &["resume"]);
+    sc.through(vec![
+        Fault {
+            when: PAGES_20,
+            action: a,
+        },
+        Fault {
+            when: Trigger::Frame {
+                dir: Dir::ToDestination,
+                kind: K::Pages,
+                nth: 21,
+            },
+            action: b,
+        },
+        Fault {
+            when: Trigger::Frame {
+                dir: Dir::ToDestination,
+                kind: K::Pages,
+                nth: 22,
+            },
+            action: c,
+        },
+        Fault {
+            when: Trigger::first(Dir::ToDestination, K::Complete),
+            action: d,
+        },
+    ])?;
+    let r = succeeded(&sc.migrate(&[])?)?;
+    expect_refusals(&sc.hook_log(false), 4)?;
+    Ok(format!("all 4 refused; {r}"))
+}
+
+fn quit_source_precopy(sc: &mut Scene) -> Result<String, String> {
+    let a = sc.hook_remote(false, &["quit"]);
+    sc.through(vec![Fault {
+        when: PAGES_20,
+        action: a,
+    }])?;
+    let r = failed_naming(&sc.migrate(&[])?, &["quit", "closed"])?;
+    exited(&mut sc.src, "source")?;
+    Ok(format!(
+        "{r}; the source quit as asked, the destination discarded its partial copy"
+    ))
+}
+
+fn cancel_at_switchover(sc: &mut Scene) -> Result<String, String> {
+    let a = sc.hook_remote(false, &["migrate-cancel"]);
+    sc.through(vec![Fault {
+        when: Trigger::first(Dir::ToDestination, K::Complete),
+        action: a,
+    }])?;
+    let out = sc.migrate(&[])?;
+    // The proxy holds Complete while the cancel runs, so the source is still in
+    // its switchover phase (no Loaded yet) and the cancel must win.
+    if out.status.success() {
+        return Err("the migration completed despite the cancel".into());
+    }
+    failed_naming(&out, &["cancelled"])
+}
+
 fn count(text: &str, what: &str) -> usize {
     text.matches(what).count()
 }
@@ -1075,16 +1105,25 @@ fn exited(p: &mut Ferry, name: &str) -> Result<(), String> {
 
 /// Both sides hold the guest paused and say the hand-over is unconfirmed.
 fn expect_paused(sc: &Scene) -> Result<(), String> {
-    std::thread::sleep(Duration::from_millis(300));
-    for (name, p) in [("source", &sc.src), ("destination", &sc.dst)] {
+    expect_unconfirmed(sc, &sc.src, "source", "migration")?;
+    expect_unconfirmed(sc, &sc.dst, "destination", "incoming")
+}
+
+/// `p` holds the guest paused and its `info` says the hand-over is unconfirmed.
+fn expect_unconfirmed(sc: &Scene, p: &Ferry, name: &str, section: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
         let i = p
             .info(sc.ferry())
             .ok_or(format!("{name} does not answer"))?;
-        if i["state"] != "paused" {
-            return Err(format!("{name} is not paused: {i}"));
+        if i["state"] == "paused" && i[section]["status"] == "unconfirmed" {
+            return Ok(());
         }
+        if Instant::now() > deadline {
+            return Err(format!("{name} is not paused and unconfirmed: {i}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(())
 }
 
 /// The operator step of an unconfirmed hand-over: `resume --force` or `quit --force` on
@@ -1205,16 +1244,4 @@ pub fn expect_name(e: Expect) -> &'static str {
         Expect::Destination => "destination",
         Expect::Neither => "neither (source quit)",
     }
-}
-
-/// The `ferry` binary next to the running test or bench executable's target directory.
-pub fn ferry_beside(exe: &Path, profile: &str) -> PathBuf {
-    let mut p = exe.to_path_buf();
-    while let Some(parent) = p.parent() {
-        if parent.file_name().is_some_and(|n| n == "target") {
-            return parent.join(profile).join("ferry");
-        }
-        p = parent.to_path_buf();
-    }
-    PathBuf::from("target").join(profile).join("ferry")
 }

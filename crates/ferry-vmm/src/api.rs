@@ -31,7 +31,7 @@ use ferry_transport::Uri;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::owner::{client_answer, Role};
+use crate::owner::{client_answer, MigrationResult, OwnerError, Role};
 use crate::runner::{Event, Vmm};
 
 /// Every command, for the error on an unknown one.
@@ -68,18 +68,22 @@ enum Request {
         #[serde(default)]
         force: bool,
     },
-    Migrate {
-        uri: String,
-        channels: Option<u16>,
-        downtime_limit_ms: Option<u64>,
-        max_bandwidth: Option<u64>,
-        auto_converge: Option<bool>,
-        digest_file: Option<PathBuf>,
-        handshake_timeout_ms: Option<u64>,
-        progress_timeout_ms: Option<u64>,
-        switchover_timeout_ms: Option<u64>,
-    },
+    Migrate(MigrateRequest),
     MigrateCancel,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateRequest {
+    uri: String,
+    channels: Option<u16>,
+    downtime_limit_ms: Option<u64>,
+    max_bandwidth: Option<u64>,
+    auto_converge: Option<bool>,
+    digest_file: Option<PathBuf>,
+    handshake_timeout_ms: Option<u64>,
+    progress_timeout_ms: Option<u64>,
+    switchover_timeout_ms: Option<u64>,
 }
 
 /// The running API server; removes its socket when dropped (if it is still its own).
@@ -304,22 +308,31 @@ fn info(vmm: &Vmm) -> Value {
 fn handle(req: Request, vmm: &Arc<Vmm>, writer: &Arc<Mutex<UnixStream>>) -> Result<Value, String> {
     match req {
         Request::Info => Ok(info(vmm)),
+        Request::Migrate(m) => migrate(m, vmm, writer),
+        other => run_command(other, vmm).map_err(|e| e.to_string()),
+    }
+}
+
+/// A command on the guest's run state, as its current owner allows.
+fn run_command(req: Request, vmm: &Arc<Vmm>) -> Result<Value, OwnerError> {
+    let done = || Ok(json!({}));
+    match req {
         Request::Pause => vmm.command(
             Command::Pause,
-            Box::new(|vm| vm.pause().map(|_| json!({})).map_err(|e| e.to_string())),
+            Box::new(|vm| Ok(vm.pause().map(|_| json!({}))?)),
         ),
         Request::Resume { force } => vmm.command(
             Command::Resume { force },
             Box::new(|vm| {
                 vm.resume();
-                Ok(json!({}))
+                done()
             }),
         ),
         Request::Snapshot { path } => vmm.command(
             Command::Snapshot,
             Box::new(move |vm| {
                 let t = Instant::now();
-                vm.snapshot(&path).map_err(|e| e.to_string())?;
+                vm.snapshot(&path)?;
                 Ok(json!({"path": path, "ms": t.elapsed().as_secs_f64() * 1000.0}))
             }),
         ),
@@ -327,47 +340,43 @@ fn handle(req: Request, vmm: &Arc<Vmm>, writer: &Arc<Mutex<UnixStream>>) -> Resu
             Command::Quit { force },
             Box::new(|_| {
                 vmm.send(Event::Quit);
-                Ok(json!({}))
+                done()
             }),
         ),
-        Request::MigrateCancel => vmm.command(Command::Cancel, Box::new(|_| Ok(json!({})))),
-        Request::Migrate {
-            uri,
-            channels,
-            downtime_limit_ms,
-            max_bandwidth,
-            auto_converge,
-            digest_file,
-            handshake_timeout_ms,
-            progress_timeout_ms,
-            switchover_timeout_ms,
-        } => {
-            let uri: Uri = uri
-                .parse()
-                .map_err(|e: ferry_transport::TransportError| e.to_string())?;
-            let d = SendParams::default();
-            let ms = |v: Option<u64>, def: Duration| v.map(Duration::from_millis).unwrap_or(def);
-            let params = SendParams {
-                channels: channels.unwrap_or(d.channels),
-                downtime_limit: ms(downtime_limit_ms, d.downtime_limit),
-                max_bandwidth,
-                auto_converge: auto_converge.unwrap_or(true),
-                digest_file,
-                handshake_timeout: ms(handshake_timeout_ms, d.handshake_timeout),
-                progress_timeout: ms(progress_timeout_ms, d.progress_timeout),
-                switchover_timeout: ms(switchover_timeout_ms, d.switchover_timeout),
-            };
-            let (progress, result) = vmm.start_migration(uri, params)?;
-            follow(&progress, &result, writer)
-        }
+        Request::MigrateCancel => vmm.command(Command::Cancel, Box::new(|_| done())),
+        Request::Info | Request::Migrate(_) => Ok(Value::Null),
     }
+}
+
+/// Starts a migration and follows it to its answer.
+fn migrate(m: MigrateRequest, vmm: &Arc<Vmm>, writer: &Mutex<UnixStream>) -> Result<Value, String> {
+    let uri: Uri = m
+        .uri
+        .parse()
+        .map_err(|e: ferry_transport::TransportError| e.to_string())?;
+    let d = SendParams::default();
+    let ms = |v: Option<u64>, def: Duration| v.map(Duration::from_millis).unwrap_or(def);
+    let params = SendParams {
+        channels: m.channels.unwrap_or(d.channels),
+        downtime_limit: ms(m.downtime_limit_ms, d.downtime_limit),
+        max_bandwidth: m.max_bandwidth,
+        auto_converge: m.auto_converge.unwrap_or(true),
+        digest_file: m.digest_file,
+        handshake_timeout: ms(m.handshake_timeout_ms, d.handshake_timeout),
+        progress_timeout: ms(m.progress_timeout_ms, d.progress_timeout),
+        switchover_timeout: ms(m.switchover_timeout_ms, d.switchover_timeout),
+    };
+    let (progress, result) = vmm
+        .start_migration(uri, params)
+        .map_err(|e| e.to_string())?;
+    follow(&progress, &result, writer)
 }
 
 /// Streams progress to the client until the migration has an answer for it. A client that
 /// goes away stops only this stream; the migration goes on.
 fn follow(
     progress: &Progress,
-    result: &crossbeam_channel::Receiver<Result<Value, String>>,
+    result: &MigrationResult,
     writer: &Mutex<UnixStream>,
 ) -> Result<Value, String> {
     let mut client = true;
@@ -379,5 +388,29 @@ fn follow(
             let v = json!({"event": "progress", "progress": progress.report()});
             client = write_line(writer, &v).is_ok();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_unknown_fields_are_refused() {
+        let m: Request =
+            serde_json::from_str(r#"{"command":"migrate","uri":"tcp:h:1","channels":2}"#).unwrap();
+        assert!(matches!(
+            m,
+            Request::Migrate(MigrateRequest {
+                channels: Some(2),
+                ..
+            })
+        ));
+        let r: Request = serde_json::from_str(r#"{"command":"resume","force":true}"#).unwrap();
+        assert!(matches!(r, Request::Resume { force: true }));
+        let r: Request = serde_json::from_str(r#"{"command":"quit"}"#).unwrap();
+        assert!(matches!(r, Request::Quit { force: false }));
+        let bad = serde_json::from_str::<Request>(r#"{"command":"migrate","uri":"x","bogus":1}"#);
+        assert!(bad.unwrap_err().to_string().contains("bogus"));
     }
 }

@@ -63,16 +63,79 @@ impl Role {
     }
 }
 
-/// Where a migration's result arrives: its statistics, or why it failed.
-pub(crate) type MigrationResult = Receiver<Result<Value, String>>;
+/// Why a command or a migration request was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnerError {
+    /// `migrate-cancel` with no migration.
+    #[error("migrate-cancel: no migration is running")]
+    NoMigration,
+    /// A second `migrate`.
+    #[error(
+        "a migration is already running (phase {phase}); 'info' shows its progress, \
+         'migrate-cancel' stops it"
+    )]
+    MigrationRunning {
+        /// The running migration's phase.
+        phase: &'static str,
+    },
+    /// `migrate` on a destination.
+    #[error("this VM has no guest yet: it is receiving a migration")]
+    Receiving,
+    /// Anything but `quit` after the hand-over.
+    #[error("{command} refused: this process is exiting (the VM was migrated away and runs on the destination)")]
+    HandedOver {
+        /// The command.
+        command: &'static str,
+    },
+    /// Anything but `quit` once quitting.
+    #[error("{command} refused: this process is exiting (it was asked to quit)")]
+    Quitting {
+        /// The command.
+        command: &'static str,
+    },
+    /// The engine refused it, or did not answer.
+    #[error(transparent)]
+    Engine(CommandError),
+    /// The migration ended between the check and the engine's answer.
+    #[error(
+        "{command}: the migration ended while this command waited; nothing was done; send it again"
+    )]
+    EndedMeanwhile {
+        /// The command.
+        command: &'static str,
+    },
+    /// Bad migration parameters.
+    #[error(transparent)]
+    Params(#[from] ferry_migrate::MigrateError),
+    /// The VM failed to carry the command out.
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
+    /// The migration thread could not start.
+    #[error("cannot start the migration thread: {0}")]
+    Thread(std::io::Error),
+    /// The migration thread ended without a result (it panicked).
+    #[error("the migration thread ended without a result")]
+    NoResult,
+}
+
+/// A migration's end as the API client sees it: its statistics, or why it failed (the
+/// engine's own error text, which already names the cause).
+pub(crate) type MigrationReply = Result<Value, String>;
+
+/// Where a migration's result arrives.
+pub(crate) type MigrationResult = Receiver<MigrationReply>;
 
 /// What a command does when this process owns the guest.
-pub(crate) type OwnerAction<'a> = Box<dyn FnOnce(&Vm) -> Result<Value, String> + 'a>;
+pub(crate) type OwnerAction<'a> = Box<dyn FnOnce(&Vm) -> Result<Value, OwnerError> + 'a>;
 
 impl Vmm {
     /// Runs `cmd` as the guest's current owner allows: here (under the role lock) when this
     /// process owns it, through the engine while a migration runs, refused once handed over.
-    pub(crate) fn command(&self, cmd: Command, as_owner: OwnerAction<'_>) -> Result<Value, String> {
+    pub(crate) fn command(
+        &self,
+        cmd: Command,
+        as_owner: OwnerAction<'_>,
+    ) -> Result<Value, OwnerError> {
         let mut role = self.role.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(*role, Role::Owner) && matches!(cmd, Command::Quit { .. }) {
             // From here on nothing may resume the guest or start a migration.
@@ -81,7 +144,7 @@ impl Vmm {
         }
         match &*role {
             Role::Owner => match cmd {
-                Command::Cancel => Err("migrate-cancel: no migration is running".into()),
+                Command::Cancel => Err(OwnerError::NoMigration),
                 _ => as_owner(&self.vm),
             },
             Role::Outgoing(e) | Role::Incoming(e) => {
@@ -89,12 +152,10 @@ impl Vmm {
                 drop(role);
                 match c.send(cmd, ENGINE_ANSWER) {
                     Ok(done) => Ok(json!({ "message": done })),
-                    Err(CommandError::Ended) => Err(format!(
-                        "{}: the migration ended while this command waited; nothing was done; \
-                         send it again",
-                        cmd.name()
-                    )),
-                    Err(e) => Err(e.to_string()),
+                    Err(CommandError::Ended) => Err(OwnerError::EndedMeanwhile {
+                        command: cmd.name(),
+                    }),
+                    Err(e) => Err(OwnerError::Engine(e)),
                 }
             }
             Role::HandedOver | Role::Quitting => match cmd {
@@ -102,15 +163,12 @@ impl Vmm {
                     self.send(Event::Quit);
                     Ok(json!({}))
                 }
-                _ => Err(format!(
-                    "{} refused: this process is exiting ({})",
-                    cmd.name(),
-                    if matches!(*role, Role::HandedOver) {
-                        "the VM was migrated away and runs on the destination"
-                    } else {
-                        "it was asked to quit"
-                    }
-                )),
+                _ if matches!(*role, Role::HandedOver) => Err(OwnerError::HandedOver {
+                    command: cmd.name(),
+                }),
+                _ => Err(OwnerError::Quitting {
+                    command: cmd.name(),
+                }),
             },
         }
     }
@@ -121,23 +179,19 @@ impl Vmm {
         self: &Arc<Self>,
         uri: Uri,
         params: SendParams,
-    ) -> Result<(Arc<Progress>, MigrationResult), String> {
-        params.validate().map_err(|e| e.to_string())?;
+    ) -> Result<(Arc<Progress>, MigrationResult), OwnerError> {
+        params.validate()?;
         let mut role = self.role.lock().unwrap_or_else(|e| e.into_inner());
         match &*role {
             Role::Owner => {}
             Role::Outgoing(e) => {
-                return Err(format!(
-                    "a migration is already running (phase {}); 'info' shows its progress, \
-                     'migrate-cancel' stops it",
-                    e.progress.phase()
-                ))
+                return Err(OwnerError::MigrationRunning {
+                    phase: e.progress.phase(),
+                })
             }
-            Role::Incoming(_) => {
-                return Err("this VM has no guest yet: it is receiving a migration".into())
-            }
-            Role::HandedOver => return Err("this VM was already migrated away".into()),
-            Role::Quitting => return Err("this VM is quitting".into()),
+            Role::Incoming(_) => return Err(OwnerError::Receiving),
+            Role::HandedOver => return Err(OwnerError::HandedOver { command: "migrate" }),
+            Role::Quitting => return Err(OwnerError::Quitting { command: "migrate" }),
         }
         let (commander, commands) = control::channel();
         let progress = Progress::new();
@@ -160,7 +214,7 @@ impl Vmm {
                 let outcome = migrate(vm, &uri, &params, p, commands);
                 vmm.migration_ended(outcome, &result_tx);
             })
-            .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+            .map_err(OwnerError::Thread)?;
         Ok((progress, result_rx))
     }
 
@@ -169,7 +223,7 @@ impl Vmm {
     fn migration_ended(
         &self,
         outcome: SendOutcome,
-        result: &crossbeam_channel::Sender<Result<Value, String>>,
+        result: &crossbeam_channel::Sender<MigrationReply>,
     ) {
         let (role, reply, event) = match outcome {
             SendOutcome::Completed(stats) => (
@@ -211,13 +265,13 @@ impl Vmm {
 /// (the engine goes on, but the client is told now).
 pub(crate) fn client_answer(
     progress: &Progress,
-    result: &Receiver<Result<Value, String>>,
+    result: &MigrationResult,
     wait: Duration,
-) -> Option<Result<Value, String>> {
+) -> Option<MigrationReply> {
     match result.recv_timeout(wait) {
         Ok(r) => Some(r),
         Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-            Some(Err("the migration thread ended without a result".into()))
+            Some(Err(OwnerError::NoResult.to_string()))
         }
         Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
             (progress.status() == Status::Unconfirmed).then(|| {

@@ -178,26 +178,38 @@ fn serial_sink(cfg: &SerialConfig) -> Result<SerialSink, RunError> {
     }
 }
 
-/// Runs a VM until it ends. `on_incoming` is told when the incoming migration finished.
-pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Outcome, RunError> {
-    let serial = serial_sink(&cfg.serial)?;
+/// A VM built as `cfg.boot` says, with the listener and preparation of an incoming one.
+struct Built {
+    vm: Vm,
+    listener: Option<Listener>,
+    prepared: Option<ferry_memory::prepare::PrepareHandle>,
+}
+
+fn build(cfg: &RunConfig, serial: SerialSink) -> Result<Built, RunError> {
     let vm_config = VmConfig {
         memory: cfg.memory,
         vcpus: cfg.vcpus,
     };
-    let mut listener = None;
-    let mut prepared = None;
-    let vm = match &cfg.boot {
+    match &cfg.boot {
         Boot::Kernel { path, append } => {
             let image = std::fs::read(path).map_err(|e| {
                 RunError::Setup(format!("cannot read image {}: {e}", path.display()))
             })?;
             let vm = Vm::create(vm_config, serial)?;
             vm.boot(&image, &path.display().to_string(), append)?;
-            vm
+            Ok(Built {
+                vm,
+                listener: None,
+                prepared: None,
+            })
         }
         Boot::Restore { path } => {
-            Vm::from_snapshot(path, cfg.memory.backend, cfg.memory.thp, serial)?
+            let vm = Vm::from_snapshot(path, cfg.memory.backend, cfg.memory.thp, serial)?;
+            Ok(Built {
+                vm,
+                listener: None,
+                prepared: None,
+            })
         }
         Boot::Incoming { uri, params } => {
             // Refuse a preparation this machine cannot do before anything is received.
@@ -206,38 +218,85 @@ pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Ou
                     .map_err(|e| RunError::Setup(format!("--prepare: {e}")))?;
             }
             let vm = Vm::create(vm_config, serial)?;
-            listener = Some(Listener::bind(uri).map_err(|e| RunError::Setup(e.to_string()))?);
+            let listener = Listener::bind(uri).map_err(|e| RunError::Setup(e.to_string()))?;
             // The layout is known now, so preparation starts now: everything it does before
             // the source connects is off the migration's critical path entirely.
-            prepared = start_prepare(
+            let prepared = start_prepare(
                 vm.ram(),
                 params.prepare,
                 params.prepare_threads,
                 params.prepare_nice,
             )
             .map_err(|e| RunError::Setup(e.to_string()))?;
-            vm
+            Ok(Built {
+                vm,
+                listener: Some(listener),
+                prepared,
+            })
         }
+    }
+}
+
+/// Receives the guest; `None` when it runs here now, the run's end otherwise.
+fn receive_guest(
+    vmm: &Vmm,
+    listener: Listener,
+    params: &ReceiveParams,
+    prepared: Option<ferry_memory::prepare::PrepareHandle>,
+    commands: crossbeam_channel::Receiver<control::Request>,
+    on_incoming: impl FnOnce(&ReceiveStats),
+) -> Option<Result<Outcome, RunError>> {
+    let progress = match vmm.role() {
+        Role::Incoming(e) => e.progress,
+        _ => Progress::new(),
     };
+    let target = Arc::new(Migratable(vmm.vm.clone()));
+    let r = receive(target, &listener, params, progress, prepared, commands);
+    drop(listener);
+    match r {
+        Ok(RecvOutcome::Running(stats)) => {
+            vmm.set_role(Role::Owner);
+            on_incoming(&stats);
+            None
+        }
+        Ok(RecvOutcome::Quit) => {
+            vmm.set_role(Role::Quitting);
+            vmm.drain_api(API_DRAIN);
+            vmm.vm.shutdown();
+            Some(Ok(Outcome::Quit))
+        }
+        Err(e) => {
+            vmm.vm.shutdown();
+            Some(Err(RunError::Incoming(e)))
+        }
+    }
+}
+
+/// Runs a VM until it ends. `on_incoming` is told when the incoming migration finished.
+pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Outcome, RunError> {
+    let serial = serial_sink(&cfg.serial)?;
+    let Built {
+        vm,
+        listener,
+        prepared,
+    } = build(&cfg, serial)?;
     let vm = Arc::new(vm);
     let (tx, rx): (Sender<Event>, Receiver<Event>) = channel();
-    let incoming = matches!(cfg.boot, Boot::Incoming { .. });
     let (commander, commands) = control::channel();
     let in_progress = Progress::new();
-    let role = if incoming {
-        Role::Incoming(Engine {
+    let role = match cfg.boot {
+        Boot::Incoming { .. } => Role::Incoming(Engine {
             commander,
             progress: in_progress.clone(),
-        })
-    } else {
-        Role::Owner
+        }),
+        _ => Role::Owner,
     };
     let vmm = Arc::new(Vmm {
         vm: vm.clone(),
         events: Mutex::new(tx.clone()),
+        incoming: Mutex::new(matches!(role, Role::Incoming(_)).then_some(in_progress)),
         role: Mutex::new(role),
         last_migration: Mutex::new(None),
-        incoming: Mutex::new(incoming.then(|| in_progress.clone())),
         in_flight: AtomicUsize::new(0),
         api_connections: AtomicUsize::new(0),
     });
@@ -254,38 +313,15 @@ pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Ou
         }
         None => None,
     };
-
-    if let (Boot::Incoming { params, .. }, Some(listener)) = (&cfg.boot, listener) {
-        let target = Arc::new(Migratable(vm.clone()));
-        let r = receive(
-            target,
-            &listener,
-            params,
-            in_progress,
-            prepared.take(),
-            commands,
-        );
-        drop(listener);
-        match r {
-            Ok(RecvOutcome::Running(stats)) => {
-                vmm.set_role(Role::Owner);
-                on_incoming(&stats);
-            }
-            Ok(RecvOutcome::Quit) => {
-                vmm.set_role(Role::Quitting);
-                vmm.drain_api(API_DRAIN);
-                vm.shutdown();
-                return Ok(Outcome::Quit);
-            }
-            Err(e) => {
-                vm.shutdown();
-                return Err(RunError::Incoming(e));
+    match (&cfg.boot, listener) {
+        (Boot::Incoming { params, .. }, Some(listener)) => {
+            let end = receive_guest(&vmm, listener, params, prepared, commands, on_incoming);
+            if let Some(end) = end {
+                return end;
             }
         }
-    } else {
-        vm.resume();
+        _ => vm.resume(),
     }
-
     let outcome = match rx.recv() {
         Ok(Event::Vcpu(VcpuEvent::Stopped { reason, error, .. })) => {
             Outcome::GuestStopped { reason, error }

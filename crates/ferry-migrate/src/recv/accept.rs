@@ -41,7 +41,7 @@ struct Pending {
 }
 
 /// What a pending connection's bytes amount to so far.
-enum Progress {
+enum Greeting {
     Incomplete,
     Greeted(Hello),
     /// Drop it; the text says why (for the log).
@@ -133,12 +133,12 @@ fn step<E>(
     let progress = if readable {
         read_some(&mut p)
     } else if Instant::now() >= p.deadline {
-        Progress::Drop("no Ferry handshake before the deadline".into())
+        Greeting::Drop("no Ferry handshake before the deadline".into())
     } else {
-        Progress::Incomplete
+        Greeting::Incomplete
     };
     match progress {
-        Progress::Incomplete if Instant::now() >= p.deadline => {
+        Greeting::Incomplete if Instant::now() >= p.deadline => {
             drop_conn(
                 p.peer,
                 "no complete Ferry handshake before the deadline",
@@ -146,19 +146,19 @@ fn step<E>(
             );
             None
         }
-        Progress::Incomplete => Some(p),
-        Progress::Drop(why) => {
+        Greeting::Incomplete => Some(p),
+        Greeting::Drop(why) => {
             drop_conn(p.peer, &why, strays);
             None
         }
-        Progress::Refuse(reason) => {
+        Greeting::Refuse(reason) => {
             let deadline = Instant::now() + Duration::from_secs(1);
             let _ = p.stream.set_nonblocking(false);
             let _ = send_by(&mut p.stream, &Message::refuse(reason.clone()), deadline);
             drop_conn(p.peer, &reason, strays);
             None
         }
-        Progress::Greeted(hello) => {
+        Greeting::Greeted(hello) => {
             if set_blocking(&p.stream).is_err() {
                 drop_conn(p.peer, "could not configure the socket", strays);
                 return None;
@@ -180,48 +180,48 @@ fn drop_conn(peer: String, why: &str, strays: &AtomicU64) {
 }
 
 /// Reads what has arrived (never past the Hello frame) and judges it.
-fn read_some(p: &mut Pending) -> Progress {
+fn read_some(p: &mut Pending) -> Greeting {
     use std::io::Read;
     let Some(room) = p.buf.get_mut(p.filled..) else {
-        return Progress::Drop("internal: Hello buffer overrun".into());
+        return Greeting::Drop("internal: Hello buffer overrun".into());
     };
     match p.stream.read(room) {
-        Ok(0) => return Progress::Drop("closed before completing the Ferry handshake".into()),
+        Ok(0) => return Greeting::Drop("closed before completing the Ferry handshake".into()),
         Ok(n) => p.filled += n,
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-        Err(e) => return Progress::Drop(format!("read error before the handshake: {e}")),
+        Err(e) => return Greeting::Drop(format!("read error before the handshake: {e}")),
     }
     judge(&p.buf[..p.filled.min(HELLO_FRAME_LEN)])
 }
 
 /// Whether `bytes` (the start of a connection) are, or can still become, a Hello.
-fn judge(bytes: &[u8]) -> Progress {
+fn judge(bytes: &[u8]) -> Greeting {
     let Some(header) = bytes.first_chunk::<FRAME_HEADER_LEN>() else {
-        return Progress::Incomplete;
+        return Greeting::Incomplete;
     };
     let h = match decode_header(header) {
         Ok(h) if h.kind == MessageKind::Hello => h,
-        Ok(h) => return Progress::Drop(format!("first frame is {}, not a Ferry Hello", h.kind)),
-        Err(e) => return Progress::Drop(format!("not a Ferry migration connection: {e}")),
+        Ok(h) => return Greeting::Drop(format!("first frame is {}, not a Ferry Hello", h.kind)),
+        Err(e) => return Greeting::Drop(format!("not a Ferry migration connection: {e}")),
     };
     let Some(body) = bytes.get(FRAME_HEADER_LEN..) else {
-        return Progress::Incomplete;
+        return Greeting::Incomplete;
     };
     if usize::try_from(h.body_len).ok() != Some(HELLO_FRAME_LEN - FRAME_HEADER_LEN) {
-        return Progress::Drop(format!("a Hello of {} bytes is malformed", h.body_len));
+        return Greeting::Drop(format!("a Hello of {} bytes is malformed", h.body_len));
     }
     if bytes.len() < HELLO_FRAME_LEN {
-        return Progress::Incomplete;
+        return Greeting::Incomplete;
     }
     match decode_body(MessageKind::Hello, body) {
-        Ok(Message::Hello(hello)) if hello.version == VERSION => Progress::Greeted(hello),
-        Ok(Message::Hello(hello)) => Progress::Refuse(format!(
+        Ok(Message::Hello(hello)) if hello.version == VERSION => Greeting::Greeted(hello),
+        Ok(Message::Hello(hello)) => Greeting::Refuse(format!(
             "protocol version {} is not supported; this destination speaks version {VERSION}",
             hello.version
         )),
-        Ok(m) => Progress::Drop(format!("first frame is {}, not a Hello", m.name())),
-        Err(e) => Progress::Drop(format!("bad Hello: {e}")),
+        Ok(m) => Greeting::Drop(format!("first frame is {}, not a Hello", m.name())),
+        Err(e) => Greeting::Drop(format!("bad Hello: {e}")),
     }
 }
 
@@ -247,13 +247,13 @@ mod tests {
     fn judges_partial_good_garbage_and_other_versions() {
         let h = hello(VERSION);
         assert_eq!(h.len(), HELLO_FRAME_LEN);
-        assert!(matches!(judge(&h[..3]), Progress::Incomplete));
-        assert!(matches!(judge(&h[..20]), Progress::Incomplete));
-        assert!(matches!(judge(&h), Progress::Greeted(g) if g.session == 7));
-        assert!(matches!(judge(b"GET / HTTP/1.1\r\n"), Progress::Drop(_)));
-        assert!(matches!(judge(&hello(VERSION + 1)), Progress::Refuse(r) if r.contains("version")));
+        assert!(matches!(judge(&h[..3]), Greeting::Incomplete));
+        assert!(matches!(judge(&h[..20]), Greeting::Incomplete));
+        assert!(matches!(judge(&h), Greeting::Greeted(g) if g.session == 7));
+        assert!(matches!(judge(b"GET / HTTP/1.1\r\n"), Greeting::Drop(_)));
+        assert!(matches!(judge(&hello(VERSION + 1)), Greeting::Refuse(r) if r.contains("version")));
         let mut go = Vec::new();
         Message::Go.encode(&mut go);
-        assert!(matches!(judge(&go), Progress::Drop(r) if r.contains("Go")));
+        assert!(matches!(judge(&go), Greeting::Drop(r) if r.contains("Go")));
     }
 }

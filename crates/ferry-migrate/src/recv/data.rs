@@ -17,6 +17,9 @@ use super::Event;
 use crate::error::{Channel, MigrateError};
 use crate::progress::Progress;
 
+/// The receiver phase data channels work in (for error messages).
+const PHASE: &str = "receiving";
+
 /// What a data channel tells the event loop.
 pub(crate) enum DataEvent {
     /// Everything of `pass` on this channel has arrived.
@@ -54,7 +57,9 @@ impl Activity {
     fn open(&self, channel: u16) -> Result<RwLockReadGuard<'_, bool>, MigrateError> {
         let g = self.sealed.read().unwrap_or_else(|e| e.into_inner());
         if *g {
-            return Err(MigrateError::AfterFinalPass { channel });
+            return Err(MigrateError::AfterFinalPass {
+                channel: Some(channel),
+            });
         }
         Ok(g)
     }
@@ -72,7 +77,7 @@ impl Activity {
                 Ok(())
             }
             Err(std::sync::TryLockError::WouldBlock) => {
-                Err(MigrateError::AfterFinalPass { channel: u16::MAX })
+                Err(MigrateError::AfterFinalPass { channel: None })
             }
         }
     }
@@ -136,7 +141,6 @@ impl Written {
 pub(crate) struct DataRx {
     pub(crate) attempt: u64,
     pub(crate) channel: u16,
-    pub(crate) phase: &'static str,
     pub(crate) ram: Arc<GuestRam>,
     pub(crate) written: Arc<Written>,
     pub(crate) activity: Arc<Activity>,
@@ -220,7 +224,7 @@ impl DataRx {
                 m => {
                     return Err(MigrateError::Unexpected {
                         message: m.name(),
-                        phase: self.phase,
+                        phase: PHASE,
                         channel: self.name(),
                     })
                 }
@@ -231,7 +235,7 @@ impl DataRx {
     fn read_error(&self, source: ProtoError) -> MigrateError {
         MigrateError::Receive {
             channel: self.name(),
-            phase: self.phase,
+            phase: PHASE,
             source,
         }
     }

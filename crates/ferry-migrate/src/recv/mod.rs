@@ -115,8 +115,8 @@ pub enum RecvOutcome {
 /// Waits for migrations on `listener` and receives them into `target` until one hands the
 /// guest over (or `quit`), taking API commands from `commands`. `prepared` is a preparation
 /// job already started with [`start_prepare`]; without one, preparation (if `params` asks
-/// for it) starts now. Returns an error only for what no later attempt can fix (memory
-/// preparation failed, the listener broke).
+/// for it) starts now. Returns an error only for what no later attempt can fix: memory
+/// preparation failed (a listener that fails to accept is logged and retried).
 pub fn receive(
     target: Arc<dyn MigrationTarget>,
     listener: &Listener,
@@ -140,7 +140,7 @@ pub fn receive(
     prepare::watch(handle, events_tx.clone(), Event::Prepared)?;
     progress.set_status(Status::Listening);
     progress.set_phase("listening");
-    let mut rx = Receiver_ {
+    let mut rx = Destination {
         written: Arc::new(Written::new(&ram)),
         target,
         ram,
@@ -190,7 +190,7 @@ enum Event {
 }
 
 /// The context every phase works in; lives across attempts.
-struct Receiver_ {
+struct Destination {
     target: Arc<dyn MigrationTarget>,
     ram: Arc<GuestRam>,
     params: ReceiveParams,
@@ -205,7 +205,7 @@ struct Receiver_ {
     strays: Arc<AtomicU64>,
 }
 
-impl Receiver_ {
+impl Destination {
     /// The event loop: one event at a time, the current phase decides what comes next.
     fn run(&mut self) -> Result<RecvOutcome, MigrateError> {
         let mut phase = Phase::listening();

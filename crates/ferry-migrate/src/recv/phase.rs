@@ -22,7 +22,7 @@ use ferry_transport::{close_gracefully, Stream};
 
 use super::accept::{Greeted, MAX_PENDING};
 use super::data::{Activity, DataEvent, DataRx};
-use super::{Event, ReceiveStats, Receiver_, RecvOutcome, MAX_CHANNELS};
+use super::{Destination, Event, ReceiveStats, RecvOutcome, MAX_CHANNELS};
 use crate::control::{Command, Request};
 use crate::error::{Channel, MigrateError, Waited};
 use crate::progress::Status;
@@ -79,7 +79,7 @@ impl Phase {
         }
     }
 
-    pub(super) fn on(self, ev: Event, rx: &mut Receiver_) -> Step {
+    pub(super) fn on(self, ev: Event, rx: &mut Destination) -> Step {
         let name = self.name();
         let r = match self {
             Phase::Listening(p) => return p.on(ev, rx),
@@ -103,7 +103,7 @@ impl Phase {
     }
 
     /// A failure no attempt can recover from: tell the source, if one is connected.
-    pub(super) fn fail(self, rx: &mut Receiver_, e: MigrateError) -> MigrateError {
+    pub(super) fn fail(self, rx: &mut Destination, e: MigrateError) -> MigrateError {
         let name = self.name();
         let att = match self {
             Phase::Listening(_) => None,
@@ -137,7 +137,7 @@ pub(super) struct Attempt {
 }
 
 /// Refuses a migration announcing a channel count this destination does not take.
-fn refuse_count(rx: &Receiver_, g: Greeted) {
+fn refuse_count(rx: &Destination, g: Greeted) {
     let Greeted {
         hello,
         mut stream,
@@ -154,7 +154,7 @@ fn refuse_count(rx: &Receiver_, g: Greeted) {
 
 impl Attempt {
     /// A new attempt on `g`'s main channel: numbered, progress reset, its reader started.
-    fn new(rx: &mut Receiver_, g: Greeted) -> Result<Attempt, MigrateError> {
+    fn new(rx: &mut Destination, g: Greeted) -> Result<Attempt, MigrateError> {
         let Greeted {
             hello,
             stream,
@@ -232,12 +232,12 @@ impl Attempt {
         close_gracefully(self.main, LINGER);
     }
 
-    fn is_main(&self, id: u64) -> bool {
+    fn is_current(&self, id: u64) -> bool {
         self.id == id
     }
 }
 
-impl Receiver_ {
+impl Destination {
     /// Drops a failed attempt and listens again.
     fn discard(&mut self, mut att: Attempt, e: MigrateError, phase: &'static str) -> Step {
         tracing::warn!(
@@ -381,7 +381,7 @@ pub(super) struct Listening {
 }
 
 impl Listening {
-    fn on(mut self, ev: Event, rx: &mut Receiver_) -> Step {
+    fn on(mut self, ev: Event, rx: &mut Destination) -> Step {
         match ev {
             Event::Greeted(g) if g.hello.role == ChannelRole::Main => {
                 if let Some(h) = Handshake::begin(rx, g, &mut self.pending) {
@@ -435,7 +435,7 @@ pub(super) struct Handshake {
 impl Handshake {
     /// Accepts `g` as a new migration, or refuses it (and returns `None`).
     fn begin(
-        rx: &mut Receiver_,
+        rx: &mut Destination,
         g: Greeted,
         pending: &mut Vec<(Greeted, Instant)>,
     ) -> Option<Handshake> {
@@ -501,7 +501,7 @@ impl Handshake {
         Ok(())
     }
 
-    fn on(mut self: Box<Self>, ev: Event, rx: &mut Receiver_) -> Attempted<Step> {
+    fn on(mut self: Box<Self>, ev: Event, rx: &mut Destination) -> Attempted<Step> {
         match ev {
             Event::Greeted(g) => {
                 if let Some(g) = rx.busy(g, &self.att) {
@@ -510,7 +510,7 @@ impl Handshake {
                     }
                 }
             }
-            Event::Main { attempt, msg } if self.att.is_main(attempt) => {
+            Event::Main { attempt, msg } if self.att.is_current(attempt) => {
                 self.att.activity.touch();
                 match msg {
                     Ok(Message::Setup(s)) if self.setup.is_none() => self.setup = Some(s),
@@ -530,15 +530,18 @@ impl Handshake {
             }
             _ => {}
         }
-        if self.setup.is_some() && self.data.iter().all(Option::is_some) {
-            return Receiving::begin(*self, rx).map(|r| Step::Next(Phase::Receiving(Box::new(r))));
+        if self.data.iter().all(Option::is_some) {
+            if let Some(setup) = self.setup.take() {
+                return Receiving::begin(*self, setup, rx)
+                    .map(|r| Step::Next(Phase::Receiving(Box::new(r))));
+            }
         }
         Ok(Step::Next(Phase::Handshake(self)))
     }
 }
 
 /// Starts reading attempt `id`'s main channel into the event loop.
-fn attempt_reader(rx: &Receiver_, main: &Stream, id: u64) -> Result<ReaderGuard, MigrateError> {
+fn attempt_reader(rx: &Destination, main: &Stream, id: u64) -> Result<ReaderGuard, MigrateError> {
     let reader = main
         .try_clone()
         .map_err(MigrateError::io("cloning the main socket"))?;
@@ -600,23 +603,8 @@ pub(super) struct Receiving {
 
 impl Receiving {
     /// Checks the VM description, starts the data receivers, accepts.
-    fn begin(h: Handshake, rx: &mut Receiver_) -> Attempted<Receiving> {
-        let Handshake {
-            mut att,
-            data,
-            setup,
-            ..
-        } = h;
-        let Some(setup) = setup else {
-            return Err((
-                att,
-                MigrateError::Unexpected {
-                    message: "SetupAccepted",
-                    phase: "handshake",
-                    channel: Channel::Main,
-                },
-            ));
-        };
+    fn begin(h: Handshake, setup: Setup, rx: &mut Destination) -> Attempted<Receiving> {
+        let Handshake { mut att, data, .. } = h;
         if let Err(reason) = crate::compat::check(&setup.vm, &rx.target.description()) {
             let deadline = Instant::now() + ERROR_SEND_TIMEOUT;
             let _ = att.send(&Message::refuse(reason.clone()), "handshake", deadline);
@@ -678,7 +666,7 @@ fn progress_timeout(att: &Attempt) -> Duration {
 }
 
 fn spawn_receiver(
-    rx: &Receiver_,
+    rx: &Destination,
     att: &mut Attempt,
     index: usize,
     stream: Stream,
@@ -691,7 +679,6 @@ fn spawn_receiver(
     let ctx = DataRx {
         attempt: att.id,
         channel: u16::try_from(index).unwrap_or(u16::MAX),
-        phase: "receiving",
         ram: rx.ram.clone(),
         written: rx.written.clone(),
         activity: att.activity.clone(),
@@ -708,7 +695,7 @@ fn spawn_receiver(
 
 impl Receiving {
     /// Tells the source the memory is prepared, once, when it asked to know.
-    fn send_prepared(&mut self, rx: &Receiver_) -> Result<(), MigrateError> {
+    fn send_prepared(&mut self, rx: &Destination) -> Result<(), MigrateError> {
         let Some(p) = rx.prepared else { return Ok(()) };
         if self.prepared_sent || !self.ack_prepared {
             return Ok(());
@@ -722,13 +709,13 @@ impl Receiving {
         self.att.send(&msg, "receiving", deadline)
     }
 
-    fn on(mut self: Box<Self>, ev: Event, rx: &mut Receiver_) -> Attempted<Step> {
+    fn on(mut self: Box<Self>, ev: Event, rx: &mut Destination) -> Attempted<Step> {
         let r = match ev {
-            Event::Main { attempt, msg } if self.att.is_main(attempt) => {
+            Event::Main { attempt, msg } if self.att.is_current(attempt) => {
                 self.att.activity.touch();
                 self.on_main(msg)
             }
-            Event::Data { attempt, ev } if self.att.is_main(attempt) => self
+            Event::Data { attempt, ev } if self.att.is_current(attempt) => self
                 .on_data(ev, rx)
                 .map_err(|e| rx.prefer_source_reason(attempt, e)),
             Event::Prepared(_) => self.send_prepared(rx),
@@ -779,7 +766,7 @@ impl Receiving {
         }
     }
 
-    fn on_data(&mut self, ev: DataEvent, rx: &Receiver_) -> Result<(), MigrateError> {
+    fn on_data(&mut self, ev: DataEvent, rx: &Destination) -> Result<(), MigrateError> {
         match ev {
             DataEvent::PassEnd { channel, pass } => {
                 let slot =
@@ -866,7 +853,7 @@ impl Receiving {
     }
 
     /// Everything is here: state, `Complete`, every channel's final pass, prepared memory.
-    fn ready(&self, rx: &Receiver_) -> bool {
+    fn ready(&self, rx: &Destination) -> bool {
         self.sections.is_some()
             && rx.prepared.is_some()
             && self
@@ -883,7 +870,7 @@ pub(super) struct AwaitGo {
 }
 
 impl AwaitGo {
-    fn begin(r: Receiving, rx: &mut Receiver_) -> Attempted<AwaitGo> {
+    fn begin(r: Receiving, rx: &mut Destination) -> Attempted<AwaitGo> {
         let Receiving {
             mut att, sections, ..
         } = r;
@@ -925,9 +912,9 @@ impl AwaitGo {
         })
     }
 
-    fn on(self: Box<Self>, ev: Event, rx: &mut Receiver_) -> Attempted<Step> {
+    fn on(self: Box<Self>, ev: Event, rx: &mut Destination) -> Attempted<Step> {
         match ev {
-            Event::Main { attempt, msg } if self.att.is_main(attempt) => match msg {
+            Event::Main { attempt, msg } if self.att.is_current(attempt) => match msg {
                 Ok(Message::Go) => Ok(run_guest(rx, self.att, self.load, false)),
                 Ok(m) => Err((self.att, unexpected(m, "awaiting-go"))),
                 Err(e) => {
@@ -970,7 +957,7 @@ impl AwaitGo {
 }
 
 /// `Go` arrived (or an operator forced it): run the guest and say so.
-fn run_guest(rx: &mut Receiver_, mut att: Box<Attempt>, load: Duration, late: bool) -> Step {
+fn run_guest(rx: &mut Destination, mut att: Box<Attempt>, load: Duration, late: bool) -> Step {
     let t = Instant::now();
     if let Err(source) = rx.target.resume() {
         let e = MigrateError::Vm {
@@ -1004,7 +991,7 @@ pub(super) struct Unconfirmed {
 }
 
 impl Unconfirmed {
-    fn enter(rx: &mut Receiver_, a: AwaitGo, why: String, link_alive: bool) -> Step {
+    fn enter(rx: &mut Destination, a: AwaitGo, why: String, link_alive: bool) -> Step {
         let msg = format!(
             "hand-over unconfirmed: {why}. The guest is loaded here and paused; the source \
              may still run it. A late Go from the source runs it here; otherwise resume it \
@@ -1021,9 +1008,9 @@ impl Unconfirmed {
         })))
     }
 
-    fn on(mut self: Box<Self>, ev: Event, rx: &mut Receiver_) -> Step {
+    fn on(mut self: Box<Self>, ev: Event, rx: &mut Destination) -> Step {
         match ev {
-            Event::Main { attempt, msg } if self.att.is_main(attempt) => match msg {
+            Event::Main { attempt, msg } if self.att.is_current(attempt) => match msg {
                 Ok(Message::Go) => run_guest(rx, self.att, self.load, true),
                 Ok(Message::Error { reason }) => {
                     let e = MigrateError::Peer {
@@ -1049,7 +1036,7 @@ impl Unconfirmed {
         }
     }
 
-    fn command(mut self: Box<Self>, req: Request, rx: &mut Receiver_) -> Step {
+    fn command(mut self: Box<Self>, req: Request, rx: &mut Destination) -> Step {
         let link = if self.link_alive {
             "the link to the source is still up"
         } else {

@@ -77,32 +77,29 @@ impl Default for SendParams {
 impl SendParams {
     /// Checks that the parameters can work together; the error names the one to change.
     pub fn validate(&self) -> Result<(), MigrateError> {
-        let bad = |s: String| Err(MigrateError::Params(s));
         if self.channels == 0 || self.channels > MAX_CHANNELS {
-            return bad(format!(
-                "channels must be 1 to {MAX_CHANNELS}, not {}",
-                self.channels
-            ));
+            return Err(MigrateError::Channels {
+                asked: self.channels,
+                max: MAX_CHANNELS,
+            });
         }
         if self.max_bandwidth == Some(0) {
-            return bad("max-bandwidth must be more than 0".into());
+            return Err(MigrateError::ZeroBandwidth);
         }
-        for (name, t) in [
+        for (name, value) in [
             ("handshake-timeout", self.handshake_timeout),
             ("progress-timeout", self.progress_timeout),
             ("switchover-timeout", self.switchover_timeout),
         ] {
-            if t < Duration::from_millis(1) || t.as_millis() > u128::from(u32::MAX) {
-                return bad(format!("{name} must be 1 ms to 49 days, not {t:?}"));
+            if value < Duration::from_millis(1) || value.as_millis() > u128::from(u32::MAX) {
+                return Err(MigrateError::TimeoutRange { name, value });
             }
         }
         if self.switchover_timeout <= self.downtime_limit {
-            return bad(format!(
-                "switchover-timeout ({} ms) must be longer than downtime-limit ({} ms): the \
-                 switchover would be aborted before it could meet the limit",
-                self.switchover_timeout.as_millis(),
-                self.downtime_limit.as_millis()
-            ));
+            return Err(MigrateError::SwitchoverBelowLimit {
+                switchover: self.switchover_timeout,
+                limit: self.downtime_limit,
+            });
         }
         Ok(())
     }
@@ -301,7 +298,8 @@ impl Source {
     }
 
     /// A data channel failing usually means the destination gave up; its own reason (sent on
-    /// the main channel just before it closed) is the useful one.
+    /// the main channel just before it closed) is the useful one. Waits at most 300 ms, so
+    /// a caller holding a paused guest resumes it first.
     fn prefer_peer_reason(&self, e: MigrateError) -> MigrateError {
         let deadline = Instant::now() + Duration::from_millis(300);
         while let Ok(ev) = self
@@ -309,11 +307,16 @@ impl Source {
             .events
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
         {
-            if let Event::Peer(Ok(Message::Error { reason })) = ev {
-                return MigrateError::Peer {
-                    side: "destination",
-                    reason,
-                };
+            match ev {
+                Event::Peer(Ok(Message::Error { reason })) => {
+                    return MigrateError::Peer {
+                        side: "destination",
+                        reason,
+                    }
+                }
+                // The main channel ended without a reason: there will be none.
+                Event::Peer(Err(_)) => return e,
+                _ => {}
             }
         }
         e

@@ -507,10 +507,7 @@ impl Precopy {
         if self.pass == 0 {
             src.stats.first_pass_throughput = (self.totals.bytes as f64 / dur.as_secs_f64()) as u64;
         }
-        let tracker = src
-            .tracker
-            .clone()
-            .ok_or(MigrateError::Aborted(AbortCause::Cancel))?;
+        let tracker = src.tracker.clone().ok_or(MigrateError::NotTracking)?;
         let t_sync = Instant::now();
         self.snap = Arc::new(tracker.sync(false)?);
         let sample = PassSample {
@@ -619,10 +616,7 @@ impl Switchover {
             })?;
             src.paused_by_us = true;
         }
-        let tracker = src
-            .tracker
-            .clone()
-            .ok_or(MigrateError::Aborted(AbortCause::Cancel))?;
+        let tracker = src.tracker.clone().ok_or(MigrateError::NotTracking)?;
         // The last precopy sync's snapshot was never sent: the pages the VMM wrote are in it
         // and nowhere else (KVM's bits would still be in the log, the VMM's were taken).
         let mut last = tracker.sync(false)?;
@@ -677,7 +671,11 @@ impl Switchover {
                     self.t.complete_sent = Some(Instant::now());
                 }
             }
-            Event::Worker(WorkerEvent::Failed(e)) => return Err(src.prefer_peer_reason(e)),
+            Event::Worker(WorkerEvent::Failed(e)) => {
+                // The guest is paused: give it back before waiting for the peer's reason.
+                src.take_back();
+                return Err(src.prefer_peer_reason(e));
+            }
             Event::Peer(Ok(Message::Loaded { load_us })) if self.t.complete_sent.is_some() => {
                 self.t.loaded = Some(Instant::now());
                 self.t.load_us = load_us;
@@ -897,7 +895,7 @@ impl Unconfirmed {
         match req.command {
             Command::Resume { force: true } => {
                 if let Err(e) = src.vm.resume() {
-                    req.answer(Err(format!("resume failed: {e}")));
+                    req.refuse("unconfirmed", &format!("the VM could not resume: {e}"));
                     return Step::Next(Phase::Unconfirmed(self));
                 }
                 req.answer(Ok(format!(

@@ -238,7 +238,7 @@ impl WorkerCtx {
         let bytes = header.len() as u64 + pages * PAGE_SIZE;
         if let Some(l) = &self.limiter {
             if !l.take(bytes) {
-                return Err(MigrateError::Aborted(crate::error::AbortCause::Cancel));
+                return Err(MigrateError::Stopping);
             }
         }
         iov::write_all_volatile(stream.as_fd(), header, &slices)
