@@ -90,6 +90,43 @@ impl Request {
     }
 }
 
+/// How a side in the unconfirmed phase words its state, for refusals and answers.
+pub(crate) struct Unconfirmed {
+    /// The other side: "source" or "destination".
+    pub(crate) other: &'static str,
+    /// Whether its control channel still works.
+    pub(crate) link_alive: bool,
+}
+
+impl Unconfirmed {
+    /// "the link to the destination is still up" (or "... is lost").
+    pub(crate) fn link(&self) -> String {
+        let state = if self.link_alive {
+            "is still up"
+        } else {
+            "is lost"
+        };
+        format!("the link to the {} {state}", self.other)
+    }
+
+    /// Refuses a plain `resume` or `quit`, naming the risk `--force` would take.
+    pub(crate) fn refuse_unforced(&self, req: Request) {
+        let risk = if matches!(req.command, Command::Resume { .. }) {
+            "two running copies".to_string()
+        } else {
+            format!("losing the guest if the {} does not run it", self.other)
+        };
+        let why = format!(
+            "the hand-over is unconfirmed ({}) and the {} may be running the guest; add --force \
+             to {} anyway and accept the risk of {risk}",
+            self.link(),
+            self.other,
+            req.command.name()
+        );
+        req.refuse("unconfirmed", &why);
+    }
+}
+
 /// Why a command got no answer from the engine.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CommandError {

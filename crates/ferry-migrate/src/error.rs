@@ -6,7 +6,7 @@ use std::time::Duration;
 use ferry_memory::dirty::DirtyError;
 use ferry_memory::prepare::PrepareError;
 use ferry_memory::ram::MemoryError;
-use ferry_proto::ProtoError;
+use ferry_proto::{Message, ProtoError};
 use ferry_transport::TransportError;
 
 use crate::vm::VmError;
@@ -296,6 +296,37 @@ impl MigrateError {
     pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrateError {
         let what = what.into();
         move |source| MigrateError::Io { what, source }
+    }
+
+    /// A main-channel read that failed: the peer (`"source"` or `"destination"`) closed it,
+    /// or sent something undecodable.
+    pub(crate) fn main_read(peer: &'static str, e: ProtoError, phase: &'static str) -> Self {
+        match e {
+            ProtoError::Eof => MigrateError::Closed {
+                side: peer,
+                channel: Channel::Main,
+                phase,
+            },
+            source => MigrateError::Receive {
+                channel: Channel::Main,
+                phase,
+                source,
+            },
+        }
+    }
+
+    /// A main-channel message with no place in `phase`. The peer's own `Error` (and a
+    /// destination's `Refuse`) is reported as what it is.
+    pub(crate) fn main_unexpected(peer: &'static str, m: Message, phase: &'static str) -> Self {
+        match m {
+            Message::Error { reason } => MigrateError::Peer { side: peer, reason },
+            Message::Refuse { reason } if peer == "destination" => MigrateError::Refused(reason),
+            m => MigrateError::Unexpected {
+                message: m.name(),
+                phase,
+                channel: Channel::Main,
+            },
+        }
     }
 
     /// Whether the peer already knows (it sent the reason), so telling it is pointless.

@@ -15,6 +15,13 @@ use ferry_proto::MessageKind as K;
 use ferry_testkit::fake::{FakeSource, FakeTarget};
 use ferry_testkit::proxy::{Action, Dir, Fault, Trigger};
 
+/// A destination whose VM fails the step `flag` picks.
+fn failing_destination(flag: fn(&FakeTarget) -> &std::sync::atomic::AtomicBool) -> Dest {
+    let target = FakeTarget::new(MIB);
+    flag(&target).store(true, std::sync::atomic::Ordering::SeqCst);
+    Dest::with_target(target)
+}
+
 fn at(dir: Dir, kind: K, action: Action) -> Fault {
     Fault {
         when: Trigger::first(dir, kind),
@@ -325,11 +332,7 @@ fn a_lost_running_leaves_the_source_paused_and_the_destination_running() {
 
 #[test]
 fn a_destination_that_cannot_run_the_guest_after_go_gives_it_back() {
-    let target = FakeTarget::new(MIB);
-    target
-        .fail_resume
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    let dst = Dest::with_target(target);
+    let dst = failing_destination(|t| &t.fail_resume);
     let src = busy_source();
     let e = failed(Migration::start(&src, &dst.uri, params()).finish());
     assert!(
@@ -342,11 +345,7 @@ fn a_destination_that_cannot_run_the_guest_after_go_gives_it_back() {
 
 #[test]
 fn a_destination_that_cannot_load_the_state_gives_it_back() {
-    let target = FakeTarget::new(MIB);
-    target
-        .fail_load
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    let dst = Dest::with_target(target);
+    let dst = failing_destination(|t| &t.fail_load);
     let src = busy_source();
     let e = failed(Migration::start(&src, &dst.uri, params()).finish());
     assert!(
@@ -595,11 +594,7 @@ fn an_idle_source_converges_at_once() {
 
 #[test]
 fn a_guest_paused_before_the_migration_stays_paused_after_a_failed_switchover() {
-    let target = FakeTarget::new(MIB);
-    target
-        .fail_load
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    let dst = Dest::with_target(target);
+    let dst = failing_destination(|t| &t.fail_load);
     let src = busy_source();
     ferry_migrate::MigrationSource::pause(src.as_ref()).unwrap();
     let e = failed(Migration::start(&src, &dst.uri, params()).finish());

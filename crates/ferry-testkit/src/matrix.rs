@@ -985,74 +985,42 @@ fn quit_destination_switchover(sc: &mut Scene) -> Result<String, String> {
 }
 
 fn api_on_destination(sc: &mut Scene) -> Result<String, String> {
-    let a = sc.hook_remote(true, &["resume"]);
-    let b = sc.hook_remote(true, &["pause"]);
-    let c = sc.hook_remote(true, &["snapshot", "/tmp/ferry-matrix-never.snap"]);
-    let d = sc.hook_remote(true, &["resume"]);
-    sc.through(vec![
-        Fault {
-            when: PAGES_20,
-            action: a,
-        },
-        Fault {
-            when: Trigger::Frame {
-                dir: Dir::ToDestination,
-                kind: K::Pages,
-                nth: 21,
-            },
-            action: b,
-        },
-        Fault {
-            when: Trigger::Frame {
-                dir: Dir::ToDestination,
-                kind: K::Pages,
-                nth: 22,
-            },
-            action: c,
-        },
-        Fault {
-            when: Trigger::first(Dir::ToSource, K::Loaded),
-            action: d,
-        },
-    ])?;
-    let r = succeeded(&sc.migrate(&[])?)?;
-    expect_refusals(&sc.hook_log(true), 4)?;
-    Ok(format!("all 4 refused; {r}"))
+    api_refused(sc, true, Trigger::first(Dir::ToSource, K::Loaded))
 }
 
 fn api_on_source(sc: &mut Scene) -> Result<String, String> {
-    let a = sc.hook_remote(false, &["resume"]);
-    let b = sc.hook_remote(false, &["pause"]);
-    let c = sc.hook_remote(false, &["snapshot", "/tmp/ferry-matrix-never.snap"]);
-    let d = sc.hook_remote(false, &["resume"]);
-    sc.through(vec![
+    api_refused(sc, false, Trigger::first(Dir::ToDestination, K::Complete))
+}
+
+/// `resume`, `pause` and `snapshot` on one side during precopy (the 20th to 22nd `Pages`
+/// frames), then `resume` again at `late`: all four refused, the migration unharmed.
+fn api_refused(sc: &mut Scene, on_dst: bool, late: Trigger) -> Result<String, String> {
+    let pages = |nth| Trigger::Frame {
+        dir: Dir::ToDestination,
+        kind: K::Pages,
+        nth,
+    };
+    let faults = vec![
         Fault {
-            when: PAGES_20,
-            action: a,
+            when: pages(20),
+            action: sc.hook_remote(on_dst, &["resume"]),
         },
         Fault {
-            when: Trigger::Frame {
-                dir: Dir::ToDestination,
-                kind: K::Pages,
-                nth: 21,
-            },
-            action: b,
+            when: pages(21),
+            action: sc.hook_remote(on_dst, &["pause"]),
         },
         Fault {
-            when: Trigger::Frame {
-                dir: Dir::ToDestination,
-                kind: K::Pages,
-                nth: 22,
-            },
-            action: c,
+            when: pages(22),
+            action: sc.hook_remote(on_dst, &["snapshot", "/tmp/ferry-matrix-never.snap"]),
         },
         Fault {
-            when: Trigger::first(Dir::ToDestination, K::Complete),
-            action: d,
+            when: late,
+            action: sc.hook_remote(on_dst, &["resume"]),
         },
-    ])?;
+    ];
+    sc.through(faults)?;
     let r = succeeded(&sc.migrate(&[])?)?;
-    expect_refusals(&sc.hook_log(false), 4)?;
+    expect_refusals(&sc.hook_log(on_dst), 4)?;
     Ok(format!("all 4 refused; {r}"))
 }
 

@@ -23,7 +23,7 @@ use ferry_transport::{close_gracefully, Stream};
 use super::accept::{Greeted, MAX_PENDING};
 use super::data::{Activity, DataEvent, DataRx};
 use super::{Destination, Event, ReceiveStats, RecvOutcome, MAX_CHANNELS};
-use crate::control::{Command, Request};
+use crate::control::{self, Command, Request};
 use crate::error::{Channel, MigrateError, Waited};
 use crate::progress::Status;
 use crate::wire::{send_by, spawn_reader, ReaderGuard};
@@ -560,32 +560,11 @@ fn attempt_reader(rx: &Destination, main: &Stream, id: u64) -> Result<ReaderGuar
 }
 
 fn unexpected(m: Message, phase: &'static str) -> MigrateError {
-    match m {
-        Message::Error { reason } => MigrateError::Peer {
-            side: "source",
-            reason,
-        },
-        m => MigrateError::Unexpected {
-            message: m.name(),
-            phase,
-            channel: Channel::Main,
-        },
-    }
+    MigrateError::main_unexpected("source", m, phase)
 }
 
 fn read_error(e: ProtoError, phase: &'static str) -> MigrateError {
-    match e {
-        ProtoError::Eof => MigrateError::Closed {
-            side: "source",
-            channel: Channel::Main,
-            phase,
-        },
-        source => MigrateError::Receive {
-            channel: Channel::Main,
-            phase,
-            source,
-        },
-    }
+    MigrateError::main_read("source", e, phase)
 }
 
 /// Pages stream into guest memory; waiting for the state, `Complete`, every channel's last
@@ -1037,11 +1016,11 @@ impl Unconfirmed {
     }
 
     fn command(mut self: Box<Self>, req: Request, rx: &mut Destination) -> Step {
-        let link = if self.link_alive {
-            "the link to the source is still up"
-        } else {
-            "the link to the source is lost"
+        let state = control::Unconfirmed {
+            other: "source",
+            link_alive: self.link_alive,
         };
+        let link = state.link();
         match req.command {
             Command::Resume { force: true } => {
                 req.answer(Ok(format!(
@@ -1060,17 +1039,7 @@ impl Unconfirmed {
                 Step::End(RecvOutcome::Quit)
             }
             Command::Resume { force: false } | Command::Quit { force: false } => {
-                let why = format!(
-                    "the hand-over is unconfirmed ({link}) and the source may still run the \
-                     guest; add --force to {} anyway and accept the risk of {}",
-                    req.command.name(),
-                    if matches!(req.command, Command::Resume { .. }) {
-                        "two running copies"
-                    } else {
-                        "losing the guest if the source does not run it"
-                    }
-                );
-                req.refuse("unconfirmed", &why);
+                state.refuse_unforced(req);
                 Step::Next(Phase::Unconfirmed(self))
             }
             Command::Cancel | Command::Pause | Command::Snapshot => {

@@ -264,37 +264,14 @@ impl Source {
         Ok(())
     }
 
-    /// A message that has no place in `phase`; a refusal or error from the peer is reported
-    /// as what it is.
+    /// A message that has no place in `phase`.
     fn unexpected(&self, msg: Message, phase: &'static str) -> MigrateError {
-        match msg {
-            Message::Refuse { reason } => MigrateError::Refused(reason),
-            Message::Error { reason } => MigrateError::Peer {
-                side: "destination",
-                reason,
-            },
-            m => MigrateError::Unexpected {
-                message: m.name(),
-                phase,
-                channel: Channel::Main,
-            },
-        }
+        MigrateError::main_unexpected("destination", msg, phase)
     }
 
     /// The main channel failed to read.
     fn read_error(&self, e: ProtoError, phase: &'static str) -> MigrateError {
-        match e {
-            ProtoError::Eof => MigrateError::Closed {
-                side: "destination",
-                channel: Channel::Main,
-                phase,
-            },
-            source => MigrateError::Receive {
-                channel: Channel::Main,
-                phase,
-                source,
-            },
-        }
+        MigrateError::main_read("destination", e, phase)
     }
 
     /// A data channel failing usually means the destination gave up; its own reason (sent on

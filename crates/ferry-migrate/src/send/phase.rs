@@ -21,7 +21,7 @@ use ferry_transport::{connect, Uri};
 
 use super::worker::{self, PassTotals, WorkerEvent};
 use super::{ms, write_digests, Connection, Event, SendOutcome, Source};
-use crate::control::{Command, Request};
+use crate::control::{self, Command, Request};
 use crate::error::{AbortCause, Channel, MigrateError, Waited};
 use crate::policy::{Convergence, Decision, Limits, PassSample};
 use crate::progress::Status;
@@ -887,11 +887,11 @@ impl Unconfirmed {
     }
 
     fn command(self: Box<Self>, req: Request, src: &mut Source) -> Step {
-        let link = if self.link_alive {
-            "the link to the destination is still up"
-        } else {
-            "the link to the destination is lost"
+        let state = control::Unconfirmed {
+            other: "destination",
+            link_alive: self.link_alive,
         };
+        let link = state.link();
         match req.command {
             Command::Resume { force: true } => {
                 if let Err(e) = src.vm.resume() {
@@ -915,17 +915,7 @@ impl Unconfirmed {
                 Step::End(SendOutcome::Quit)
             }
             Command::Resume { force: false } | Command::Quit { force: false } => {
-                let why = format!(
-                    "the hand-over is unconfirmed ({link}) and the destination may be running \
-                     the guest; add --force to {} anyway and accept the risk of {}",
-                    req.command.name(),
-                    if matches!(req.command, Command::Resume { .. }) {
-                        "two running copies"
-                    } else {
-                        "losing the guest if the destination does not run it"
-                    }
-                );
-                req.refuse("unconfirmed", &why);
+                state.refuse_unforced(req);
                 Step::Next(Phase::Unconfirmed(self))
             }
             Command::Cancel | Command::Pause | Command::Snapshot => {
