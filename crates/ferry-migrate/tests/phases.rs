@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -13,13 +14,22 @@ use ferry_migrate::send::{SendOutcome, SendParams};
 use ferry_migrate::{MigrateError, Status};
 use ferry_proto::MessageKind as K;
 use ferry_testkit::fake::{FakeSource, FakeTarget};
-use ferry_testkit::proxy::{Action, Dir, Fault, Trigger};
+use ferry_testkit::proxy::{Action, Dir, Fault, Proxy, Trigger};
 
 /// A destination whose VM fails the step `flag` picks.
 fn failing_destination(flag: fn(&FakeTarget) -> &std::sync::atomic::AtomicBool) -> Dest {
     let target = FakeTarget::new(MIB);
     flag(&target).store(true, std::sync::atomic::Ordering::SeqCst);
     Dest::with_target(target)
+}
+
+/// A busy source migrating through `faults` to a fresh destination, expected to fail.
+fn failed_through(faults: Vec<Fault>) -> (Dest, Arc<FakeSource>, Proxy, MigrateError) {
+    let dst = Dest::start(MIB);
+    let src = busy_source();
+    let p = proxy(&dst, faults);
+    let e = failed(Migration::start(&src, &p.uri(), params()).finish());
+    (dst, src, p, e)
 }
 
 fn at(dir: Dir, kind: K, action: Action) -> Fault {
@@ -208,13 +218,8 @@ fn a_stalled_destination_fails_precopy_after_the_progress_timeout() {
 
 #[test]
 fn a_switchover_not_committed_in_time_resumes_the_source_within_the_bound() {
-    let dst = Dest::start(MIB);
-    let src = busy_source();
-    let p = proxy(
-        &dst,
-        vec![at(Dir::ToDestination, K::Complete, Action::Freeze)],
-    );
-    let e = failed(Migration::start(&src, &p.uri(), params()).finish());
+    let (dst, src, p, e) =
+        failed_through(vec![at(Dir::ToDestination, K::Complete, Action::Freeze)]);
     assert!(
         matches!(
             e,
@@ -241,17 +246,8 @@ fn a_switchover_not_committed_in_time_resumes_the_source_within_the_bound() {
 #[test]
 fn a_late_loaded_is_not_committed() {
     // Loaded arrives after the switchover deadline: the source must not send Go.
-    let dst = Dest::start(MIB);
-    let src = busy_source();
-    let p = proxy(
-        &dst,
-        vec![at(
-            Dir::ToSource,
-            K::Loaded,
-            Action::Delay(Duration::from_millis(1200)),
-        )],
-    );
-    let e = failed(Migration::start(&src, &p.uri(), params()).finish());
+    let late = Action::Delay(Duration::from_millis(1200));
+    let (dst, src, _p, e) = failed_through(vec![at(Dir::ToSource, K::Loaded, late)]);
     assert!(
         matches!(
             e,
@@ -442,13 +438,7 @@ fn quit_on_the_source_aborts_before_quitting() {
 
 #[test]
 fn a_corrupt_frame_fails_the_attempt_and_the_source_keeps_the_guest() {
-    let dst = Dest::start(MIB);
-    let src = busy_source();
-    let p = proxy(
-        &dst,
-        vec![at(Dir::ToDestination, K::State, Action::Corrupt)],
-    );
-    let e = failed(Migration::start(&src, &p.uri(), params()).finish());
+    let (dst, src, _p, e) = failed_through(vec![at(Dir::ToDestination, K::State, Action::Corrupt)]);
     assert!(
         matches!(&e, MigrateError::Peer { reason, .. } if reason.contains("State")),
         "{e}"
@@ -459,8 +449,6 @@ fn a_corrupt_frame_fails_the_attempt_and_the_source_keeps_the_guest() {
 
 #[test]
 fn a_lost_page_frame_is_detected_and_the_source_keeps_the_guest() {
-    let dst = Dest::start(MIB);
-    let src = busy_source();
     let drop_one = Fault {
         when: Trigger::Frame {
             dir: Dir::ToDestination,
@@ -469,8 +457,7 @@ fn a_lost_page_frame_is_detected_and_the_source_keeps_the_guest() {
         },
         action: Action::Drop,
     };
-    let p = proxy(&dst, vec![drop_one]);
-    let e = failed(Migration::start(&src, &p.uri(), params()).finish());
+    let (dst, src, _p, e) = failed_through(vec![drop_one]);
     assert!(
         matches!(&e, MigrateError::Peer { reason, .. } if reason.contains("announced")),
         "{e}"
