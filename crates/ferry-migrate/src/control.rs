@@ -109,20 +109,30 @@ impl Unconfirmed {
         format!("the link to the {} {state}", self.other)
     }
 
-    /// Refuses a plain `resume` or `quit`, naming the risk `--force` would take.
-    pub(crate) fn refuse_unforced(&self, req: Request) {
-        let risk = if matches!(req.command, Command::Resume { .. }) {
-            "two running copies".to_string()
-        } else {
-            format!("losing the guest if the {} does not run it", self.other)
+    /// Refuses every command but a forced `resume` or `quit`: a plain one with the risk
+    /// `--force` would take, the others because only those two decide here.
+    pub(crate) fn refuse(&self, req: Request) {
+        let why = match req.command {
+            Command::Resume { .. } | Command::Quit { .. } => {
+                let risk = if matches!(req.command, Command::Resume { .. }) {
+                    "two running copies".to_string()
+                } else {
+                    format!("losing the guest if the {} does not run it", self.other)
+                };
+                format!(
+                    "the hand-over is unconfirmed ({}) and the {} may be running the guest; \
+                     add --force to {} anyway and accept the risk of {risk}",
+                    self.link(),
+                    self.other,
+                    req.command.name()
+                )
+            }
+            _ => format!(
+                "the guest is paused here awaiting the {}'s word; only 'resume --force' or \
+                 'quit --force' decide here",
+                self.other
+            ),
         };
-        let why = format!(
-            "the hand-over is unconfirmed ({}) and the {} may be running the guest; add --force \
-             to {} anyway and accept the risk of {risk}",
-            self.link(),
-            self.other,
-            req.command.name()
-        );
         req.refuse("unconfirmed", &why);
     }
 }

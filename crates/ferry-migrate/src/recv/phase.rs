@@ -1038,16 +1038,12 @@ impl Unconfirmed {
                 ));
                 Step::End(RecvOutcome::Quit)
             }
-            Command::Resume { force: false } | Command::Quit { force: false } => {
-                state.refuse_unforced(req);
-                Step::Next(Phase::Unconfirmed(self))
-            }
-            Command::Cancel | Command::Pause | Command::Snapshot => {
-                req.refuse(
-                    "unconfirmed",
-                    "the guest is loaded here and paused awaiting the source's Go; only \
-                     'resume --force' or 'quit --force' decide here",
-                );
+            Command::Resume { force: false }
+            | Command::Quit { force: false }
+            | Command::Cancel
+            | Command::Pause
+            | Command::Snapshot => {
+                state.refuse(req);
                 Step::Next(Phase::Unconfirmed(self))
             }
         }

@@ -914,16 +914,12 @@ impl Unconfirmed {
                 src.close();
                 Step::End(SendOutcome::Quit)
             }
-            Command::Resume { force: false } | Command::Quit { force: false } => {
-                state.refuse_unforced(req);
-                Step::Next(Phase::Unconfirmed(self))
-            }
-            Command::Cancel | Command::Pause | Command::Snapshot => {
-                req.refuse(
-                    "unconfirmed",
-                    "the guest is paused awaiting the destination's confirmation; only \
-                     'resume --force' or 'quit --force' decide here",
-                );
+            Command::Resume { force: false }
+            | Command::Quit { force: false }
+            | Command::Cancel
+            | Command::Pause
+            | Command::Snapshot => {
+                state.refuse(req);
                 Step::Next(Phase::Unconfirmed(self))
             }
         }
