@@ -15,12 +15,17 @@
 //! Limits: requests of at most [`MAX_REQUEST`] bytes, at most [`MAX_CONNECTIONS`]
 //! connections at once, idle connections closed after [`IDLE_TIMEOUT`]; the socket is
 //! created with mode 0600 whatever the umask.
+//!
+//! When the process ends, [`Vmm::close_api`] removes the socket first (a new client gets
+//! "cannot connect"), then answers every request already sent (refused, since the process
+//! is ending) before the process exits: no client is left without a reply.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,6 +56,67 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub const MAX_CONNECTIONS: usize = 16;
 /// A connection that sends nothing for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the API threads look whether the process is ending; once it is, a connection
+/// quiet for this long is closed.
+const CLOSING_CHECK: Duration = Duration::from_millis(100);
+
+/// What the API threads share with the process's exit.
+#[derive(Debug, Default)]
+pub(crate) struct ApiState {
+    /// The process is ending: stop accepting, close quiet connections.
+    closing: AtomicBool,
+    /// Whether the accepting thread still runs.
+    accepting: AtomicBool,
+    /// Connections open (each on its own thread).
+    connections: AtomicUsize,
+    /// The socket file, while this process serves it.
+    socket: Mutex<Option<SocketFile>>,
+}
+
+/// A socket file this process created, known by device and inode so that a file another
+/// process put there since is never removed.
+#[derive(Debug)]
+struct SocketFile {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    fn remove_if_ours(&self) {
+        if self.id.is_some() && file_id(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl ApiState {
+    fn closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    fn remove_socket(&self) {
+        if let Some(f) = self.socket.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            f.remove_if_ours();
+        }
+    }
+}
+
+impl Vmm {
+    /// Stops the API before the process exits: removes the socket, lets the connections
+    /// already open get an answer to what they sent (a pending `migrate` or `quit` its
+    /// result), and waits for them to close, at most `timeout`.
+    pub(crate) fn close_api(&self, timeout: Duration) {
+        let api = &self.api;
+        api.closing.store(true, Ordering::SeqCst);
+        api.remove_socket();
+        let deadline = Instant::now() + timeout;
+        while (api.accepting.load(Ordering::SeqCst) || api.connections.load(Ordering::SeqCst) > 0)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
@@ -88,8 +154,7 @@ struct MigrateRequest {
 
 /// The running API server; removes its socket when dropped (if it is still its own).
 pub struct ApiServer {
-    path: PathBuf,
-    id: Option<(u64, u64)>,
+    vmm: Arc<Vmm>,
 }
 
 fn file_id(path: &Path) -> Option<(u64, u64)> {
@@ -101,9 +166,8 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        if self.id.is_some() && file_id(&self.path) == self.id {
-            let _ = std::fs::remove_file(&self.path);
-        }
+        self.vmm.api.closing.store(true, Ordering::SeqCst);
+        self.vmm.api.remove_socket();
     }
 }
 
@@ -162,24 +226,48 @@ fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
 pub fn serve(path: &Path, vmm: Arc<Vmm>) -> std::io::Result<ApiServer> {
     clear_stale(path)?;
     let listener = bind_private(path)?;
-    let id = file_id(path);
-    std::thread::Builder::new()
+    *vmm.api.socket.lock().unwrap_or_else(|e| e.into_inner()) = Some(SocketFile {
+        path: path.to_path_buf(),
+        id: file_id(path),
+    });
+    vmm.api.accepting.store(true, Ordering::SeqCst);
+    let v = vmm.clone();
+    let spawned = std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
-            for conn in listener.incoming().flatten() {
-                admit(conn, &vmm);
+            accept_until_closing(&listener, &v);
+            v.api.accepting.store(false, Ordering::SeqCst);
+        });
+    if let Err(e) = spawned {
+        vmm.api.accepting.store(false, Ordering::SeqCst);
+        vmm.api.remove_socket();
+        return Err(e);
+    }
+    Ok(ApiServer { vmm })
+}
+
+/// Accepts connections until the process is ending and none is waiting (the socket file is
+/// gone by then, so none can come).
+fn accept_until_closing(listener: &UnixListener, vmm: &Arc<Vmm>) {
+    loop {
+        let ready = ferry_transport::wait_readable(&[listener.as_fd()], CLOSING_CHECK)
+            .map(|r| r[0])
+            .unwrap_or(false);
+        if ready {
+            if let Ok((conn, _)) = listener.accept() {
+                admit(conn, vmm);
             }
-        })?;
-    Ok(ApiServer {
-        path: path.to_path_buf(),
-        id,
-    })
+        } else if vmm.api.closing() {
+            return;
+        }
+    }
 }
 
 /// Serves `conn` on its own thread, unless too many connections are open.
 fn admit(conn: UnixStream, vmm: &Arc<Vmm>) {
-    if vmm.api_connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-        vmm.api_connections.fetch_sub(1, Ordering::SeqCst);
+    let open = &vmm.api.connections;
+    if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+        open.fetch_sub(1, Ordering::SeqCst);
         let mut c = conn;
         let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
         let msg = json!({"ok": false, "error": format!("too many API connections (at most {MAX_CONNECTIONS})")});
@@ -191,10 +279,10 @@ fn admit(conn: UnixStream, vmm: &Arc<Vmm>) {
         .name("api-conn".into())
         .spawn(move || {
             connection(conn, &v);
-            v.api_connections.fetch_sub(1, Ordering::SeqCst);
+            v.api.connections.fetch_sub(1, Ordering::SeqCst);
         });
     if spawned.is_err() {
-        vmm.api_connections.fetch_sub(1, Ordering::SeqCst);
+        open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -205,47 +293,55 @@ fn write_line(w: &Mutex<UnixStream>, v: &Value) -> std::io::Result<()> {
     s.write_all(line.as_bytes())
 }
 
-/// Counts a request from parsing until its reply is written (see [`Vmm::drain_api`]).
-struct InFlight<'a>(&'a Vmm);
-
-impl<'a> InFlight<'a> {
-    fn new(vmm: &'a Vmm) -> Self {
-        vmm.in_flight.fetch_add(1, Ordering::SeqCst);
-        InFlight(vmm)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Reads one request line of at most [`MAX_REQUEST`] bytes; `None` at the end.
-fn read_request(r: &mut impl BufRead) -> Option<Result<String, String>> {
+/// Reads one request line of at most [`MAX_REQUEST`] bytes; `None` at the end, after
+/// [`IDLE_TIMEOUT`] of silence, or once the process is ending and the client has been quiet
+/// for [`CLOSING_CHECK`]. The stream's read timeout must be [`CLOSING_CHECK`].
+fn read_request(r: &mut BufReader<UnixStream>, api: &ApiState) -> Option<Result<String, String>> {
     let mut buf = Vec::new();
-    match r
-        .by_ref()
-        .take(MAX_REQUEST as u64 + 1)
-        .read_until(b'\n', &mut buf)
-    {
-        Ok(0) | Err(_) => None,
-        Ok(_) if buf.len() > MAX_REQUEST => Some(Err(format!(
-            "request longer than {MAX_REQUEST} bytes; closing the connection"
-        ))),
-        Ok(_) => Some(String::from_utf8(buf).map_err(|_| "request is not UTF-8".into())),
+    let mut idle = Duration::ZERO;
+    let mut quiet_while_closing = false;
+    loop {
+        let room = (MAX_REQUEST as u64 + 1).saturating_sub(buf.len() as u64);
+        match r.by_ref().take(room).read_until(b'\n', &mut buf) {
+            Ok(0) => return None,
+            Ok(_) if buf.len() > MAX_REQUEST => {
+                return Some(Err(format!(
+                    "request longer than {MAX_REQUEST} bytes; closing the connection"
+                )))
+            }
+            Ok(_) if buf.ends_with(b"\n") => {
+                return Some(String::from_utf8(buf).map_err(|_| "request is not UTF-8".into()))
+            }
+            Ok(_) => continue,
+            Err(e) if is_timeout(&e) => {}
+            Err(_) => return None,
+        }
+        idle += CLOSING_CHECK;
+        let nothing_sent = buf.is_empty() && r.buffer().is_empty();
+        if idle >= IDLE_TIMEOUT || (nothing_sent && quiet_while_closing) {
+            return None;
+        }
+        quiet_while_closing = nothing_sent && api.closing();
     }
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 fn connection(conn: UnixStream, vmm: &Arc<Vmm>) {
-    let _ = conn.set_read_timeout(Some(IDLE_TIMEOUT));
+    if conn.set_read_timeout(Some(CLOSING_CHECK)).is_err() {
+        return;
+    }
     let Ok(read_half) = conn.try_clone() else {
         return;
     };
     let writer = Arc::new(Mutex::new(conn));
     let mut reader = BufReader::new(read_half);
-    while let Some(line) = read_request(&mut reader) {
-        let _busy = InFlight::new(vmm);
+    while let Some(line) = read_request(&mut reader, &vmm.api) {
         let (reply, close) = match line {
             Err(e) => (Err(e), true),
             Ok(line) if line.trim().is_empty() => continue,

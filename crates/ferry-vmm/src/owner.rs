@@ -6,7 +6,6 @@
 //! lock, so a migration cannot start halfway through one) or has handed it over (they are
 //! refused).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,7 +87,9 @@ pub enum OwnerError {
         command: &'static str,
     },
     /// Anything but `quit` once quitting.
-    #[error("{command} refused: this process is exiting (it was asked to quit)")]
+    #[error(
+        "{command} refused: this process is exiting (it was asked to quit, or its guest stopped)"
+    )]
     Quitting {
         /// The command.
         command: &'static str,
@@ -251,12 +252,12 @@ impl Vmm {
         }
     }
 
-    /// Waits (bounded) until every API reply in flight has been written, so that a client
-    /// gets its answer before the process exits.
-    pub(crate) fn drain_api(&self, timeout: Duration) {
-        let deadline = std::time::Instant::now() + timeout;
-        while self.in_flight.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+    /// Ends this process's ownership when the guest stopped by itself, so that no command
+    /// runs it again while the process ends (a running migration decides for itself).
+    pub(crate) fn stop_owning(&self) {
+        let mut role = self.role.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(*role, Role::Owner) {
+            *role = Role::Quitting;
         }
     }
 }

@@ -3,7 +3,6 @@
 //! guest to another process.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,7 +12,7 @@ use ferry_migrate::recv::{receive, start_prepare, ReceiveParams, ReceiveStats, R
 use ferry_migrate::{control, MigrateError, Progress};
 use ferry_transport::{Listener, Uri};
 
-use crate::api;
+use crate::api::{self, ApiState};
 use crate::devices::SerialSink;
 use crate::migration::Migratable;
 use crate::owner::{Engine, Role};
@@ -123,7 +122,7 @@ pub(crate) enum Event {
     MigratedAway,
 }
 
-/// How long the process waits, before exiting, for API replies still being written.
+/// How long the process waits, before exiting, for API clients to get their replies.
 const API_DRAIN: Duration = Duration::from_secs(2);
 
 /// What the API server, the migration thread and the run loop share.
@@ -136,10 +135,8 @@ pub struct Vmm {
     pub(crate) last_migration: Mutex<Option<Arc<Progress>>>,
     /// The incoming migration's progress, kept after it completed.
     pub(crate) incoming: Mutex<Option<Arc<Progress>>>,
-    /// API requests whose reply is not written yet.
-    pub(crate) in_flight: AtomicUsize,
-    /// API connections open.
-    pub(crate) api_connections: AtomicUsize,
+    /// The control API's threads, as the process's exit sees them.
+    pub(crate) api: ApiState,
 }
 
 impl Vmm {
@@ -261,7 +258,7 @@ fn receive_guest(
         }
         Ok(RecvOutcome::Quit) => {
             vmm.set_role(Role::Quitting);
-            vmm.drain_api(API_DRAIN);
+            vmm.close_api(API_DRAIN);
             vmm.vm.shutdown();
             Some(Ok(Outcome::Quit))
         }
@@ -297,8 +294,7 @@ pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Ou
         incoming: Mutex::new(matches!(role, Role::Incoming(_)).then_some(in_progress)),
         role: Mutex::new(role),
         last_migration: Mutex::new(None),
-        in_flight: AtomicUsize::new(0),
-        api_connections: AtomicUsize::new(0),
+        api: ApiState::default(),
     });
     let vcpu_tx = Mutex::new(tx);
     vm.start(Arc::new(move |e| {
@@ -329,8 +325,12 @@ pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Ou
         Ok(Event::Quit) | Err(_) => Outcome::Quit,
         Ok(Event::MigratedAway) => Outcome::MigratedAway,
     };
+    if matches!(outcome, Outcome::GuestStopped { .. }) {
+        // Nothing may resume or migrate a guest that stopped by itself.
+        vmm.stop_owning();
+    }
     // Let the client that asked (quit, migrate) read its answer before the process ends.
-    vmm.drain_api(API_DRAIN);
+    vmm.close_api(API_DRAIN);
     vm.shutdown();
     Ok(outcome)
 }
