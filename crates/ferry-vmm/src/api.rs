@@ -16,7 +16,7 @@
 //! connections at once, idle connections closed after [`IDLE_TIMEOUT`]; the socket is
 //! created with mode 0600 whatever the umask.
 //!
-//! When the process ends, [`Vmm::close_api`] removes the socket first (a new client gets
+//! When the process ends, closing the API removes the socket first (a new client gets
 //! "cannot connect"), then answers every request already sent (refused, since the process
 //! is ending) before the process exits: no client is left without a reply.
 
