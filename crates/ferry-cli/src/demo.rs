@@ -1,6 +1,7 @@
 //! `ferry demo`: boots the built-in self-checking workload in one ferry process, migrates it
-//! live to a second ferry process over TCP on this machine, and checks that the guest's own
-//! memory verification held on the destination.
+//! live to a second ferry process over TCP on this machine, and checks the result two ways:
+//! every page's digest on the source at the switchover against the destination's once all
+//! memory arrived, and the guest's own memory verification on the destination.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -76,6 +77,17 @@ fn ferry(args: &[String], err_log: &Path) -> Result<Child> {
         .context("starting a ferry process")
 }
 
+/// The destination's time hashing every page (from its completion line), ms.
+fn destination_digest_ms(err_log: &Path) -> f64 {
+    std::fs::read_to_string(err_log)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.split_once("incoming migration complete: "))
+        .and_then(|(_, j)| serde_json::from_str::<serde_json::Value>(j).ok())
+        .and_then(|v| v["digest_ms"].as_f64())
+        .unwrap_or(f64::NAN)
+}
+
 pub fn run(a: DemoArgs) -> Result<ExitCode> {
     let tmp = tempfile::Builder::new().prefix("ferry-demo-").tempdir()?;
     let dir: PathBuf = tmp.path().to_path_buf();
@@ -89,6 +101,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         dir.join("destination-serial.log"),
     );
     let (src_api, dst_api) = (dir.join("source.sock"), dir.join("destination.sock"));
+    let (src_digest, dst_digest) = (dir.join("source.digest"), dir.join("destination.digest"));
     let mem = format!("{}", a.memory);
     let vcpus = a.vcpus.to_string();
     let s = |x: &str| x.to_string();
@@ -113,6 +126,8 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
             format!("file:{}", dst_log.display()),
             s("--api-socket"),
             dst_api.display().to_string(),
+            s("--digest-file"),
+            dst_digest.display().to_string(),
         ],
         &dir.join("destination.err"),
     )?);
@@ -154,10 +169,14 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         a.channels
     );
 
-    let req = json!({"command": "migrate", "uri": uri, "channels": a.channels});
+    let req = json!({
+        "command": "migrate",
+        "uri": uri,
+        "channels": a.channels,
+        "digest_file": src_digest,
+    });
     let stats = client::migrate(&src_api, &req, std::io::stderr().is_terminal())
         .context("migration failed")?;
-    print!("{}", client::describe_stats(&stats));
 
     // The source exits on its own after a successful migration.
     let src_status = {
@@ -194,10 +213,24 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         })
         .collect();
     let _ = client::request(&dst_api, &json!({"command": "quit"}), |_| {});
-    let ok = fails.is_empty() && status_lines > 0 && src_status.is_some_and(|s| s.success());
-    if ok {
+    let hashing_ms = destination_digest_ms(&dir.join("destination.err"));
+    print!("{}", client::describe_stats(&stats));
+    println!(
+        "  of the downtime, {hashing_ms:.0} ms went to hashing every page on the destination for the memory check below; the migration itself took {:.1} ms",
+        stats["downtime_ms"].as_f64().unwrap_or(f64::NAN) - hashing_ms
+    );
+    let memory = ferry_migrate::digest::compare_files(&src_digest, &dst_digest);
+    let self_check = fails.is_empty() && status_lines > 0;
+    let source_clean = src_status.is_some_and(|s| s.success());
+    match &memory {
+        Ok(pages) => println!(
+            "memory check: all {pages} pages identical on source and destination (a digest of every page on each side, taken while the guest was paused)"
+        ),
+        Err(e) => println!("memory check: FAILED - {e}"),
+    }
+    if self_check {
         println!(
-            "guest self-check: OK - running on the destination ({beats} heartbeats, {status_lines} status lines in the last 2 s), no page ever held a wrong value; source exited cleanly"
+            "guest self-check: OK - running on the destination ({beats} heartbeats, {status_lines} status lines in the last 2 s), its own checks found no wrong value"
         );
     } else {
         println!("guest self-check: FAILED");
@@ -207,10 +240,11 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         if status_lines == 0 {
             println!("  the guest made no progress on the destination");
         }
-        if !src_status.is_some_and(|s| s.success()) {
-            println!("  the source process did not exit cleanly: {src_status:?}");
-        }
     }
+    if !source_clean {
+        println!("the source process did not exit cleanly: {src_status:?}");
+    }
+    let ok = memory.is_ok() && self_check && source_clean;
     if a.keep {
         let kept = tmp.keep();
         println!("logs kept in {}", kept.display());

@@ -184,6 +184,24 @@ struct MigrateArgs {
     json: bool,
 }
 
+/// The environment variable of the test hook that flips one byte of an incoming guest's
+/// memory once it has all arrived (so that tests can prove the digest check catches it).
+pub const FLIP_BYTE_ENV: &str = "FERRY_TEST_FLIP_BYTE";
+
+/// The guest address `FERRY_TEST_FLIP_BYTE` names (decimal or 0x-hex), if it is set.
+fn flip_byte_hook() -> Result<Option<u64>> {
+    let Ok(v) = std::env::var(FLIP_BYTE_ENV) else {
+        return Ok(None);
+    };
+    let parsed = match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => v.parse(),
+    };
+    parsed
+        .map(Some)
+        .with_context(|| format!("{FLIP_BYTE_ENV}={v:?} is not a guest address"))
+}
+
 fn run(args: RunArgs) -> Result<ExitCode> {
     let boot = match (args.kernel, args.restore, args.incoming) {
         (Some(path), None, None) => Boot::Kernel {
@@ -205,6 +223,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
                 prepare_threads: args.prepare_threads,
                 prepare_nice: args.prepare_nice,
                 digest_file: args.digest_file,
+                flip_byte_at: flip_byte_hook()?,
                 handshake_timeout: std::time::Duration::from_millis(args.handshake_timeout),
             },
         },

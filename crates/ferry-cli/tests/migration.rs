@@ -283,12 +283,13 @@ fn migrate_json(src: &Proc, uri: &str, extra: &[&str]) -> Output {
     remote(&src.api, &args)
 }
 
-fn read_digests(p: &Path) -> Vec<u64> {
-    std::fs::read(p)
-        .unwrap()
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+/// Every page identical on both sides (the source's digest at the switchover against the
+/// destination's once all memory arrived); a differing page is named.
+fn assert_same_memory(src: &Path, dst: &Path) {
+    match ferry_migrate::digest::compare_files(src, dst) {
+        Ok(pages) => assert_eq!(pages, (128u64 << 20) as usize / 4096),
+        Err(e) => panic!("memory differs: {e}"),
+    }
 }
 
 fn migrate_case(uri_kind: &str, channels: u16, vcpus: u32) {
@@ -356,30 +357,7 @@ fn migrate_case(uri_kind: &str, channels: u16, vcpus: u32) {
     assert!(st.success(), "source exit status {st}: {}", src.stderr());
 
     // Memory at the switchover is identical on both sides, page for page.
-    let (a, b) = (read_digests(&src_digest), read_digests(&dst_digest));
-    assert_eq!(a.len(), (128u64 << 20) as usize / 4096);
-    let differ: Vec<usize> = (0..a.len()).filter(|i| a[*i] != b[*i]).take(10).collect();
-    let zero = {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for _ in 0..512 {
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        h
-    };
-    assert!(
-        differ.is_empty(),
-        "pages differ (first page numbers): {:?}",
-        differ
-            .iter()
-            .map(|i| format!(
-                "{i:#x}: src {:x}{} dst {:x}{}",
-                a[*i],
-                if a[*i] == zero { " (zero)" } else { "" },
-                b[*i],
-                if b[*i] == zero { " (zero)" } else { "" }
-            ))
-            .collect::<Vec<_>>()
-    );
+    assert_same_memory(&src_digest, &dst_digest);
 
     // The guest runs on the destination, carries on from where it was, and its own checks hold.
     dst.wait_progress(2);
@@ -733,11 +711,7 @@ fn migrate_backend(src_extra: &[String], dst_extra: &[String]) {
     assert!(src
         .wait_exit(Duration::from_secs(10))
         .is_some_and(|s| s.success()));
-    assert_eq!(
-        read_digests(&src_digest),
-        read_digests(&dst_digest),
-        "memory differs"
-    );
+    assert_same_memory(&src_digest, &dst_digest);
     dst.wait_progress(2);
     assert!(dst.fails().is_empty(), "{:?}", dst.fails());
     let info = dst.info();
@@ -856,5 +830,42 @@ fn auto_converge_throttles_a_guest_that_outruns_the_link() {
         dst.info()["throttle_percent"],
         0,
         "the destination runs unthrottled"
+    );
+}
+
+/// `ferry demo` on a small guest (it bounds its own waits).
+fn demo(flip: Option<&str>) -> Output {
+    let mut cmd = Command::new(FERRY);
+    cmd.args(["demo", "--memory", "128M", "--ws", "8M"]);
+    if let Some(gpa) = flip {
+        cmd.env("FERRY_TEST_FLIP_BYTE", gpa);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn demo_compares_every_page() {
+    let _g = serial_guard();
+    let out = demo(None);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("memory check: all 32768 pages identical on source and destination"),
+        "{text}"
+    );
+    assert!(text.contains("guest self-check: OK"), "{text}");
+}
+
+#[test]
+fn demo_fails_naming_a_page_broken_after_loading() {
+    let _g = serial_guard();
+    // Cold memory, which the guest's own sampling check would rarely look at.
+    let out = demo(Some("0x6000123"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("memory check: FAILED - 1 of 32768 pages differ")
+            && text.contains("page at guest address 0x6000000"),
+        "{text}"
     );
 }

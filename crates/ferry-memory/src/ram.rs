@@ -387,38 +387,62 @@ impl GuestRam {
             .unwrap_or_default()
     }
 
-    /// A 64-bit digest per page of guest RAM, in region order: what tests and the
-    /// `--digest-file` option compare across a migration.
+    /// The guest-physical address of every page of RAM, in region order (the order of
+    /// [`GuestRam::page_digests`]).
+    pub fn page_addresses(&self) -> Vec<u64> {
+        self.regions
+            .iter()
+            .flat_map(|r| (0..r.pages()).map(move |p| r.gpa + p * PAGE_SIZE))
+            .collect()
+    }
+
+    /// Inverts the byte at `gpa` (a test hook: a wrong page on purpose).
+    pub fn flip_byte(&self, gpa: u64) -> Result<(), MemoryError> {
+        let s = self.slice(gpa, 1)?;
+        let mut b = [0u8; 1];
+        s.copy_to(&mut b[..]);
+        b[0] = !b[0];
+        s.copy_from(&b[..]);
+        Ok(())
+    }
+
+    /// A 64-bit digest (xxh3) per page of guest RAM, in region order: what tests, the demo
+    /// and the bench compare across a migration. Hashed on up to [`DIGEST_THREADS`]
+    /// threads; the guest must not run meanwhile.
     pub fn page_digests(&self) -> Vec<u64> {
-        let mut out = Vec::with_capacity((self.size() / PAGE_SIZE) as usize);
-        for r in &self.regions {
-            for p in 0..r.pages() {
-                let digest = self
-                    .slice(r.gpa + p * PAGE_SIZE, PAGE_SIZE as usize)
-                    .map(|s| page_digest(&s))
-                    .unwrap_or(0);
-                out.push(digest);
+        let pages = self.page_addresses();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, DIGEST_THREADS);
+        let per = pages.len().div_ceil(threads).max(1);
+        let mut out = vec![0u64; pages.len()];
+        std::thread::scope(|s| {
+            for (gpas, digests) in pages.chunks(per).zip(out.chunks_mut(per)) {
+                s.spawn(move || self.digest_pages(gpas, digests));
             }
-        }
+        });
         out
+    }
+
+    /// Hashes the pages at `gpas` into `out`, copying through a small buffer (the copy
+    /// stays in cache and keeps the read volatile-safe).
+    fn digest_pages(&self, gpas: &[u64], out: &mut [u64]) {
+        let mut buf = [0u8; PAGE_SIZE as usize];
+        for (gpa, d) in gpas.iter().zip(out.iter_mut()) {
+            *d = match self.slice(*gpa, PAGE_SIZE as usize) {
+                Ok(s) if s.copy_to(&mut buf[..]) == buf.len() => page_digest(&buf),
+                _ => 0,
+            };
+        }
     }
 }
 
-/// FNV-1a over the page's 64-bit words: cheap and good enough to spot any difference.
-fn page_digest(s: &GuestSlice<'_>) -> u64 {
-    let mut buf = [0u8; PAGE_SIZE as usize];
-    // A copy through vm-memory keeps the read volatile-safe; cost is irrelevant here.
-    if s.copy_to(&mut buf[..]) != buf.len() {
-        return 0;
-    }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for w in buf.chunks_exact(8) {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(w);
-        h ^= u64::from_le_bytes(word);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+/// Most threads [`GuestRam::page_digests`] uses.
+pub const DIGEST_THREADS: usize = 4;
+
+/// The digest of one page's bytes, as [`GuestRam::page_digests`] computes it.
+pub fn page_digest(page: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page)
 }
 
 #[cfg(test)]

@@ -222,6 +222,9 @@ pub enum MigrateError {
     /// Guest memory could not be accessed.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// A page digest file could not be written.
+    #[error(transparent)]
+    Digest(crate::digest::DigestError),
     /// A data channel sender reported a pass other than the one running (an engine bug).
     #[error("a data channel finished pass {got} while pass {expected} was running")]
     WorkerOutOfStep {

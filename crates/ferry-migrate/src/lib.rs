@@ -26,6 +26,7 @@
 
 pub mod compat;
 pub mod control;
+pub mod digest;
 pub mod error;
 pub mod files;
 pub mod policy;

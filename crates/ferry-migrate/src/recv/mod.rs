@@ -52,8 +52,13 @@ pub struct ReceiveParams {
     /// nice 0: from then on unprepared memory slows every received page, and the switchover
     /// waits for the preparation.
     pub prepare_nice: i32,
-    /// Write a digest of every guest page here once all memory has arrived (tests).
+    /// Write a digest of every guest page here once all memory has arrived (tests, the
+    /// demo, the bench). The hashing happens while the guest is paused on both sides, so it
+    /// lengthens the downtime (by [`ReceiveStats::digest_ms`]).
     pub digest_file: Option<PathBuf>,
+    /// Test hook: flip one byte at this guest-physical address once all memory has arrived,
+    /// before the digest, to prove that the digest comparison catches a wrong page.
+    pub flip_byte_at: Option<u64>,
     /// A connection must send its Hello within this, and a migration's data channels and
     /// VM description must follow its main channel within this.
     pub handshake_timeout: Duration,
@@ -66,6 +71,7 @@ impl Default for ReceiveParams {
             prepare_threads: None,
             prepare_nice: ferry_memory::prepare::DEFAULT_NICE,
             digest_file: None,
+            flip_byte_at: None,
             handshake_timeout: Duration::from_secs(10),
         }
     }
@@ -92,6 +98,8 @@ pub struct ReceiveStats {
     pub prepare_threads: usize,
     /// Loading the state.
     pub load_ms: f64,
+    /// Hashing every page for `digest_file`, inside the downtime (0 without it).
+    pub digest_ms: f64,
     /// Resuming the vCPUs.
     pub resume_ms: f64,
     /// Migrations that reached this destination, this one included.
@@ -152,6 +160,7 @@ pub fn receive(
         nice,
         attempts: 0,
         strays: Arc::new(AtomicU64::new(0)),
+        digest_time: Duration::ZERO,
     };
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
@@ -203,6 +212,8 @@ struct Destination {
     nice: Option<NiceControl>,
     attempts: u64,
     strays: Arc<AtomicU64>,
+    /// How long the last `digest_file` took.
+    digest_time: Duration,
 }
 
 impl Destination {

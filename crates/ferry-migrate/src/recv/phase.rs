@@ -367,6 +367,7 @@ impl Destination {
                 .unwrap_or(0.0),
             prepare_threads: self.prepared.map(|p| p.threads).unwrap_or(0),
             load_ms: 0.0,
+            digest_ms: self.digest_time.as_secs_f64() * 1000.0,
             resume_ms: 0.0,
             attempts: self.attempts,
             stray_connections: self.strays(),
@@ -860,10 +861,8 @@ impl AwaitGo {
         if let Err(e) = att.activity.seal() {
             return Err((att, e));
         }
-        if let Some(path) = rx.params.digest_file.clone() {
-            if let Err(e) = crate::send::write_digests(&rx.ram, &path) {
-                return Err((att, e));
-            }
+        if let Err(e) = rx.after_last_page() {
+            return Err((att, e));
         }
         let t = Instant::now();
         if let Err(source) = rx.target.load_state(&sections.unwrap_or_default()) {
@@ -932,6 +931,28 @@ impl AwaitGo {
             }
             _ => Ok(Step::Next(Phase::AwaitGo(self))),
         }
+    }
+}
+
+impl Destination {
+    /// Every page is here and nothing writes guest memory any more: the test hook's flip,
+    /// then the digest of every page, if asked for.
+    fn after_last_page(&mut self) -> Result<(), MigrateError> {
+        if let Some(gpa) = self.params.flip_byte_at {
+            tracing::warn!("test hook: flipping the byte at guest address {gpa:#x}");
+            self.ram.flip_byte(gpa).map_err(MigrateError::Memory)?;
+        }
+        if let Some(path) = self.params.digest_file.clone() {
+            let t = Instant::now();
+            crate::send::write_digests(&self.ram, &path)?;
+            self.digest_time = t.elapsed();
+            tracing::info!(
+                "digest of every page written to {} in {:.1} ms",
+                path.display(),
+                self.digest_time.as_secs_f64() * 1e3
+            );
+        }
+        Ok(())
     }
 }
 

@@ -366,14 +366,7 @@ impl Source {
     }
 }
 
-/// Writes one little-endian u64 digest per guest page, through a new temporary file renamed
-/// into place (an existing file or symlink at the temporary name is never followed).
-pub fn write_digests(ram: &GuestRam, path: &std::path::Path) -> Result<(), MigrateError> {
-    let bytes: Vec<u8> = ram
-        .page_digests()
-        .iter()
-        .flat_map(|d| d.to_le_bytes())
-        .collect();
-    let what = || format!("writing the memory digest to {}", path.display());
-    crate::files::write_new_then_rename(path, &bytes).map_err(MigrateError::io(what()))
+/// Writes the digest of every guest page to `path` (see [`crate::digest`]).
+pub(crate) fn write_digests(ram: &GuestRam, path: &std::path::Path) -> Result<(), MigrateError> {
+    crate::digest::write(ram, path).map_err(MigrateError::Digest)
 }
