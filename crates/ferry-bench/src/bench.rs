@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::ferry::{self, FerryConfig, FerryResult};
+use crate::ferry::{self, FerryConfig, FerryResult, MemoryCheck};
 use crate::limits::{self, CpuSample};
 use crate::qemu::{self, QemuConfig, QemuResult};
 use crate::stats::{table_row, Summary};
@@ -372,6 +372,9 @@ pub struct Report {
     pub load_before: f64,
     /// When the run started, UTC.
     pub started: String,
+    /// One verified run per Ferry row: (row key, pages found identical, the destination's
+    /// hashing time in ms).
+    pub verified: Vec<(&'static str, usize, f64)>,
 }
 
 /// CPUs kept busy by other processes over `over`.
@@ -445,17 +448,48 @@ pub fn run(plan: &Plan) -> Result<Report> {
             });
         }
     }
+    let verified = verify_rows(plan)?;
     Ok(Report {
         plan: plan.clone(),
         runs,
         limits,
         load_before,
         started,
+        verified,
     })
+}
+
+/// One more run of every Ferry row with every page's digest compared across the two sides;
+/// an error naming the pages if any differs. Not timed: the destination hashes its memory
+/// while the guest is paused, which would add to the downtime figures.
+fn verify_rows(plan: &Plan) -> Result<Vec<(&'static str, usize, f64)>> {
+    let mut verified = Vec::new();
+    for row in plan.rows.iter().filter(|r| r.is_ferry()) {
+        let outcome = run_one_with(&plan.case, row, true)
+            .with_context(|| format!("{} (verified run) failed", row.label))?;
+        let Some(FerryResult {
+            memory: MemoryCheck::Identical { pages, digest_ms },
+            ..
+        }) = outcome.as_ferry()
+        else {
+            bail!("{}: the verified run compared no memory", row.label);
+        };
+        eprintln!(
+            "verified: {:<48} all {pages} pages identical on both sides (hashing {digest_ms:.0} ms)",
+            row.label
+        );
+        verified.push((row.key, *pages, *digest_ms));
+    }
+    Ok(verified)
 }
 
 /// One run of `row`, checked: an error if the guest did not come through intact.
 fn run_one(case: &Case, row: &Row) -> Result<Outcome> {
+    run_one_with(case, row, false)
+}
+
+/// [`run_one`], comparing every page's digest across the two sides when `verify`.
+fn run_one_with(case: &Case, row: &Row, verify: bool) -> Result<Outcome> {
     let (outcome, problems) = match &row.variant {
         Variant::Qemu { prealloc } => {
             let r = qemu::run_migration(&case.qemu_config(*prealloc))?;
@@ -468,6 +502,7 @@ fn run_one(case: &Case, row: &Row) -> Result<Outcome> {
         } => {
             let mut cfg = case.ferry_config(dest_args);
             cfg.pause_source = *pause_source;
+            cfg.verify = verify;
             let r = ferry::run_migration(&cfg)?;
             let p = r.problems();
             (Outcome::Ferry(Box::new(r)), p)
@@ -524,6 +559,14 @@ impl Report {
             self.load_before
         );
         let _ = writeln!(out, "ferry: {}", describe_binary(&c.ferry));
+        for (key, pages, ms) in &self.verified {
+            let _ = writeln!(
+                out,
+                "memory verified ({key}): one extra run, every page's digest on the source at \
+                 the switchover equal to the destination's: all {pages} pages identical \
+                 (hashing took {ms:.0} ms inside that run's pause, so it is not timed)"
+            );
+        }
         out
     }
 
@@ -826,9 +869,15 @@ impl Report {
                 v
             })
             .collect();
+        let verified: Vec<Value> = self
+            .verified
+            .iter()
+            .map(|(k, pages, ms)| json!({"row": k, "pages_identical": pages, "digest_ms": ms}))
+            .collect();
         json!({
             "benchmark": benchmark,
             "started_utc": self.started,
+            "memory_verified": verified,
             "machine": { "cpus": cpu_count() },
             "load_before_cpus": self.load_before,
             "ferry_binary": c.ferry,
@@ -1005,11 +1054,13 @@ mod tests {
             },
             load_before: 0.0,
             started: "2026-01-01 00:00".into(),
+            verified: vec![("ferry", 262_144, 120.0)],
         };
         let s = report.column("ferry", Outcome::total_ms);
         assert_eq!((s.n, s.median, s.min, s.max), (2, 2000.0, 1000.0, 3000.0));
         let text = report.migrate_text();
         assert!(text.contains("2000 (1000-3000)"), "{text}");
+        assert!(text.contains("all 262144 pages identical"), "{text}");
         assert!(text.contains("pass 0 2.00 GB/s = 50.0%"), "{text}");
         assert!(text.contains("overall  25.0%"), "{text}");
         let text = report.migrate_prepare_text();
@@ -1019,6 +1070,7 @@ mod tests {
         assert_eq!(j["rows"][0]["total_ms"]["median"], 2000.0);
         assert_eq!(j["runs"][0]["result"]["system"], "ferry");
         assert_eq!(j["limits"]["tcp"][0], 4e9);
+        assert_eq!(j["memory_verified"][0]["pages_identical"], 262_144);
     }
 
     #[test]

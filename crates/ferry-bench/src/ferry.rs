@@ -66,6 +66,9 @@ pub struct FerryConfig {
     pub start_timeout: Duration,
     /// Limit for the migration itself (default 300 s); it is cancelled after that.
     pub migrate_timeout: Duration,
+    /// Compare every page's digest on both sides (the hashing happens while the guest is
+    /// paused, so a verified run's downtime is not a benchmark figure).
+    pub verify: bool,
 }
 
 impl FerryConfig {
@@ -85,6 +88,7 @@ impl FerryConfig {
             watch: Duration::from_secs(2),
             start_timeout: Duration::from_secs(180),
             migrate_timeout: Duration::from_secs(300),
+            verify: false,
         }
     }
 }
@@ -169,32 +173,74 @@ pub struct FerryResult {
     /// The average number of CPUs that processes other than the two ferry VMs and this one
     /// kept busy during the migration (0 on a quiet machine).
     pub other_cpus: f64,
+    /// Verified runs: every page's digest compared across the two sides.
+    pub memory: MemoryCheck,
+}
+
+/// What a run's page-digest comparison found.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "check")]
+pub enum MemoryCheck {
+    /// The run was not verified.
+    #[default]
+    NotChecked,
+    /// Every page identical.
+    Identical {
+        /// Pages compared.
+        pages: usize,
+        /// The destination's time hashing them, ms (inside its downtime).
+        digest_ms: f64,
+    },
+    /// Pages differ, or the digests could not be compared: the reason, naming pages.
+    Failed {
+        /// Why.
+        reason: String,
+    },
 }
 
 impl FerryResult {
-    /// Copies the figures of `ferry remote migrate --json` into the result.
-    pub fn fill_from_stats(&mut self, stats: &Value) {
-        let num = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
-        let int = |v: &Value| v.as_u64().unwrap_or(0);
-        self.total_ms = num(&stats["total_ms"]);
-        self.downtime_ms = num(&stats["downtime_ms"]);
-        self.setup_ms = num(&stats["setup_ms"]);
-        self.bytes = int(&stats["bytes"]);
-        self.ram_bytes = int(&stats["ram_bytes"]);
-        self.pages_data = int(&stats["pages_data"]);
-        self.pages_zero = int(&stats["pages_zero"]);
-        self.passes = int(&stats["passes"]);
-        self.throughput_bytes_per_s = num(&stats["throughput"]);
-        self.first_pass_throughput_bytes_per_s = num(&stats["first_pass_throughput"]);
-        self.dirty_rate_bytes_per_s = num(&stats["dirty_rate"]);
-        self.max_throttle_percent = num(&stats["max_throttle_percent"]);
-        self.converged = stats["converged"].as_bool().unwrap_or(false);
-        let p = &stats["prepare"];
-        self.prepare_reported = p["reported"].as_bool().unwrap_or(false);
-        self.prepare_ms = num(&p["prepare_ms"]);
-        self.prepare_threads = int(&p["threads"]);
-        self.prepare_in_downtime_ms = num(&p["in_downtime_ms"]);
+    /// Copies the figures of `ferry remote migrate --json` into the result; a figure that
+    /// is missing (or not a number) is an error naming it, never a silent NaN or 0.
+    pub fn fill_from_stats(&mut self, stats: &Value) -> Result<()> {
+        let field = |path: &str| {
+            path.split('.')
+                .try_fold(stats, |v, k| v.get(k))
+                .ok_or_else(|| anyhow!("Ferry's statistics have no {path}: {stats}"))
+        };
+        let num = |path: &str| {
+            field(path)?
+                .as_f64()
+                .ok_or_else(|| anyhow!("Ferry's statistic {path} is not a number: {stats}"))
+        };
+        let int = |path: &str| {
+            field(path)?
+                .as_u64()
+                .ok_or_else(|| anyhow!("Ferry's statistic {path} is not a count: {stats}"))
+        };
+        let flag = |path: &str| {
+            field(path)?
+                .as_bool()
+                .ok_or_else(|| anyhow!("Ferry's statistic {path} is not true/false: {stats}"))
+        };
+        self.total_ms = num("total_ms")?;
+        self.downtime_ms = num("downtime_ms")?;
+        self.setup_ms = num("setup_ms")?;
+        self.bytes = int("bytes")?;
+        self.ram_bytes = int("ram_bytes")?;
+        self.pages_data = int("pages_data")?;
+        self.pages_zero = int("pages_zero")?;
+        self.passes = int("passes")?;
+        self.throughput_bytes_per_s = num("throughput")?;
+        self.first_pass_throughput_bytes_per_s = num("first_pass_throughput")?;
+        self.dirty_rate_bytes_per_s = num("dirty_rate")?;
+        self.max_throttle_percent = num("max_throttle_percent")?;
+        self.converged = flag("converged")?;
+        self.prepare_reported = flag("prepare.reported")?;
+        self.prepare_ms = num("prepare.prepare_ms")?;
+        self.prepare_threads = int("prepare.threads")?;
+        self.prepare_in_downtime_ms = num("prepare.in_downtime_ms")?;
         self.stats = stats.clone();
+        Ok(())
     }
 
     /// What is wrong with the guest after the migration; empty when it came through
@@ -220,7 +266,23 @@ impl FerryResult {
         if self.source_exit != "exit status: 0" {
             p.push(format!("the source ended with {}", self.source_exit));
         }
+        if let MemoryCheck::Failed { reason } = &self.memory {
+            p.push(format!("MEMORY CHECK FAILED: {reason}"));
+        }
         p
+    }
+}
+
+/// Compares the two sides' page digests.
+fn memory_check(src: &Path, dst: &Path, dest_stats: &Value) -> MemoryCheck {
+    match ferry_migrate::digest::compare_files(src, dst) {
+        Ok(pages) => MemoryCheck::Identical {
+            pages,
+            digest_ms: dest_stats["digest_ms"].as_f64().unwrap_or(f64::NAN),
+        },
+        Err(e) => MemoryCheck::Failed {
+            reason: e.to_string(),
+        },
     }
 }
 
@@ -270,6 +332,10 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
         dst_api.display().to_string(),
     ];
     dst_args.extend(cfg.dest_args.iter().cloned());
+    let (src_digest, dst_digest) = (dir.0.join("src.digest"), dir.0.join("dst.digest"));
+    if cfg.verify {
+        dst_args.extend([s("--digest-file"), dst_digest.display().to_string()]);
+    }
     let src_args = vec![
         s("run"),
         s("--kernel"),
@@ -319,6 +385,15 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
     ];
     if let Some(ms) = cfg.downtime_limit_ms {
         args.extend([s("--downtime-limit"), ms.to_string()]);
+    }
+    if cfg.verify {
+        // The destination hashes all of its memory inside the switchover.
+        args.extend([
+            s("--digest-file"),
+            src_digest.display().to_string(),
+            s("--switchover-timeout"),
+            s("60000"),
+        ]);
     }
     let cpu_before = CpuSample::take(&pids)?;
     let t_migrate = Instant::now();
@@ -394,8 +469,11 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
         other_cpus: cpu_after.others_since(&cpu_before),
         ..FerryResult::default()
     };
-    r.fill_from_stats(&stats);
+    r.fill_from_stats(&stats)?;
     r.dest_stats = dst.complete_line().unwrap_or(Value::Null);
+    if cfg.verify {
+        r.memory = memory_check(&src_digest, &dst_digest, &r.dest_stats);
+    }
 
     if dest_running {
         let quit = [s("quit")];
@@ -642,7 +720,7 @@ mod tests {
     #[test]
     fn fills_from_stats() {
         let mut r = FerryResult::default();
-        r.fill_from_stats(&sample_stats());
+        r.fill_from_stats(&sample_stats()).unwrap();
         assert_eq!(r.total_ms, 1234.5);
         assert_eq!(r.downtime_ms, 12.5);
         assert_eq!(r.bytes, 1_100_000_000);
@@ -653,11 +731,14 @@ mod tests {
         assert_eq!((r.prepare_ms, r.prepare_threads), (800.0, 2));
         assert_eq!(r.prepare_in_downtime_ms, 0.0);
         assert_eq!(r.stats["downtime"]["dest_load_ms"], 1.5);
-        // A missing field reads as NaN, not as a flattering 0.
+        // A missing or malformed figure fails the run, naming it.
         let mut r = FerryResult::default();
-        r.fill_from_stats(&json!({"bytes": 5}));
-        assert!(r.total_ms.is_nan());
-        assert_eq!(r.bytes, 5);
+        let e = r.fill_from_stats(&json!({"bytes": 5})).unwrap_err();
+        assert!(e.to_string().contains("no total_ms"), "{e}");
+        let mut broken = sample_stats();
+        broken["prepare"]["threads"] = json!("two");
+        let e = r.fill_from_stats(&broken).unwrap_err();
+        assert!(e.to_string().contains("prepare.threads is not a count"), "{e}");
     }
 
     #[test]
@@ -689,5 +770,16 @@ mod tests {
         let p = bad.problems();
         assert_eq!(p.len(), 3, "{p:?}");
         assert!(p[0].contains("FAIL"));
+        let wrong_page = FerryResult {
+            memory: MemoryCheck::Failed {
+                reason: "1 of 4 pages differ: page at guest address 0x3000".into(),
+            },
+            ..ok.clone()
+        };
+        let p = wrong_page.problems();
+        assert!(
+            p.len() == 1 && p[0].contains("MEMORY CHECK FAILED") && p[0].contains("0x3000"),
+            "{p:?}"
+        );
     }
 }
