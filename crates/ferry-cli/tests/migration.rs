@@ -667,7 +667,63 @@ impl Drop for HugePages {
     }
 }
 
-fn migrate_backend(src_extra: &[String], dst_extra: &[String]) {
+/// How a process's guest memory (its mapping of exactly [`MEM`]) is backed, from
+/// /proc/PID/smaps, in KiB.
+#[derive(Debug, Default)]
+struct Backing {
+    anon_huge_kib: u64,
+    hugetlb_kib: u64,
+    kernel_page_kib: u64,
+}
+
+fn guest_backing(pid: u32) -> Backing {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let kib = |l: &str, key: &str| -> Option<u64> {
+        l.strip_prefix(key)?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let mut found = None::<Backing>;
+    let mut current = None::<Backing>;
+    for l in text.lines() {
+        if let Some(size) = kib(l, "Size:") {
+            if let Some(b) = current.take() {
+                found = Some(b);
+            }
+            current = (size == 128 * 1024).then(Backing::default);
+            continue;
+        }
+        let Some(b) = current.as_mut() else { continue };
+        if let Some(v) = kib(l, "AnonHugePages:") {
+            b.anon_huge_kib = v;
+        } else if let Some(v) = kib(l, "KernelPageSize:") {
+            b.kernel_page_kib = v;
+        } else if let Some(v) = kib(l, "Shared_Hugetlb:").or_else(|| kib(l, "Private_Hugetlb:")) {
+            b.hugetlb_kib += v;
+        }
+    }
+    current
+        .or(found)
+        .unwrap_or_else(|| panic!("no {MEM} mapping in /proc/{pid}/smaps"))
+}
+
+/// Checks that guest memory is backed by huge pages of the kind asked for: transparent huge
+/// pages for at least half of it, or hugetlb pages for all of it (the guest fills its
+/// memory at boot; the destination has received every page).
+fn assert_huge(name: &str, pid: u32, kind: &str) {
+    let b = guest_backing(pid);
+    let whole = 128 * 1024;
+    let ok = match kind {
+        "thp" => b.anon_huge_kib >= whole / 2,
+        _ => b.kernel_page_kib == 2048 && b.hugetlb_kib == whole,
+    };
+    assert!(ok, "{name}: guest memory is not backed by {kind} pages: {b:?}");
+}
+
+fn migrate_backend(kind: &str, src_extra: &[String], dst_extra: &[String]) {
     let dir = tempfile::tempdir().unwrap();
     let uri = tcp_uri();
     let dst_digest = dir.path().join("dst.digest");
@@ -688,6 +744,7 @@ fn migrate_backend(src_extra: &[String], dst_extra: &[String]) {
     let mut src = spawn("source", dir.path(), &args);
     src.wait_ready();
     src.wait_progress(1);
+    assert_huge("source", src.child.id(), kind);
     let out = migrate_json(
         &src,
         &uri,
@@ -714,15 +771,14 @@ fn migrate_backend(src_extra: &[String], dst_extra: &[String]) {
     assert_same_memory(&src_digest, &dst_digest);
     dst.wait_progress(2);
     assert!(dst.fails().is_empty(), "{:?}", dst.fails());
-    let info = dst.info();
-    assert_eq!(info["state"], "running");
-    info.get("memory_backend").expect("info names the backend");
+    assert_eq!(dst.info()["state"], "running");
+    assert_huge("destination", dst.child.id(), kind);
 }
 
 #[test]
 fn migrates_transparent_huge_page_memory() {
     let _g = serial_guard();
-    migrate_backend(&[s("--hugepages")], &[s("--hugepages")]);
+    migrate_backend("thp", &[s("--hugepages")], &[s("--hugepages")]);
 }
 
 #[test]
@@ -731,6 +787,7 @@ fn migrates_hugetlb_memory_with_locked_destination() {
     // 128 MiB on each side.
     let _pages = HugePages::reserve(128);
     migrate_backend(
+        "hugetlb",
         &[s("--memory-backend"), s("hugetlb")],
         &[
             s("--memory-backend"),
