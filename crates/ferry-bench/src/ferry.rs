@@ -66,6 +66,8 @@ pub struct FerryConfig {
     pub start_timeout: Duration,
     /// Limit for the migration itself (default 300 s); it is cancelled after that.
     pub migrate_timeout: Duration,
+    /// Extra environment of the destination process (tests: `FERRY_TEST_FLIP_BYTE`).
+    pub dest_env: Vec<(String, String)>,
     /// Compare every page's digest on both sides (the hashing happens while the guest is
     /// paused, so a verified run's downtime is not a benchmark figure).
     pub verify: bool,
@@ -88,6 +90,7 @@ impl FerryConfig {
             watch: Duration::from_secs(2),
             start_timeout: Duration::from_secs(180),
             migrate_timeout: Duration::from_secs(300),
+            dest_env: Vec::new(),
             verify: false,
         }
     }
@@ -352,8 +355,8 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
         src_api.display().to_string(),
     ];
     // Both start at once, as for QEMU; the destination starts preparing its memory now.
-    let mut dst = FerryProc::spawn(&cfg.binary, "dst", &dst_args, dst_api)?;
-    let mut src = FerryProc::spawn(&cfg.binary, "src", &src_args, src_api)?;
+    let mut dst = FerryProc::spawn(&cfg.binary, "dst", &dst_args, &cfg.dest_env, dst_api)?;
+    let mut src = FerryProc::spawn(&cfg.binary, "src", &src_args, &[], src_api)?;
     dst.wait_api(cfg.start_timeout)?;
     src.wait_api(cfg.start_timeout)?;
     src.serial
@@ -580,10 +583,17 @@ struct FerryProc {
 }
 
 impl FerryProc {
-    fn spawn(binary: &Path, name: &'static str, args: &[String], api: PathBuf) -> Result<Self> {
+    fn spawn(
+        binary: &Path,
+        name: &'static str,
+        args: &[String],
+        env: &[(String, String)],
+        api: PathBuf,
+    ) -> Result<Self> {
         let mut cmd = Command::new(binary);
         // Plain text in the stderr we quote in error messages.
         cmd.env("NO_COLOR", "1")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -780,6 +790,49 @@ mod tests {
         assert!(
             p.len() == 1 && p[0].contains("MEMORY CHECK FAILED") && p[0].contains("0x3000"),
             "{p:?}"
+        );
+    }
+
+    /// The `ferry` binary cargo built beside this test (`cargo test --workspace` builds it).
+    pub(crate) fn built_ferry() -> PathBuf {
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.parent().and_then(Path::parent).unwrap();
+        let ferry = dir.join("ferry");
+        assert!(
+            ferry.exists(),
+            "{} is missing: build it first (cargo build -p ferry-cli), or run the whole \
+             workspace's tests",
+            ferry.display()
+        );
+        ferry
+    }
+
+    #[test]
+    fn a_verified_run_compares_every_page_and_names_a_broken_one() {
+        let _heavy = crate::qemu::tests::heavy();
+        let dir = WorkDir::new().unwrap();
+        let image = ferry_guest::write_image(ferry_guest::ImageKind::Elf, &dir.0).unwrap();
+        let mut cfg = FerryConfig::new(built_ferry(), &image);
+        cfg.mem_mib = 128;
+        cfg.append = "ws=8M hb=1 cpus=1".into();
+        cfg.warmup = Duration::from_millis(500);
+        cfg.watch = Duration::from_secs(1);
+        cfg.verify = true;
+        let r = run_migration(&cfg).unwrap();
+        assert!(r.problems().is_empty(), "{:?}", r.problems());
+        assert!(
+            matches!(r.memory, MemoryCheck::Identical { pages: 32768, .. }),
+            "{:?}",
+            r.memory
+        );
+        // A byte flipped in the destination's memory after every page arrived.
+        cfg.dest_env = vec![("FERRY_TEST_FLIP_BYTE".into(), "0x6000123".into())];
+        let r = run_migration(&cfg).unwrap();
+        let p = r.problems().join("; ");
+        assert!(
+            p.contains("MEMORY CHECK FAILED: 1 of 32768 pages differ")
+                && p.contains("page at guest address 0x6000000"),
+            "{p}"
         );
     }
 }
