@@ -299,8 +299,17 @@ impl Outcome {
 /// What is wrong with a QEMU run's guest; empty when it came through intact.
 pub fn qemu_problems(r: &QemuResult) -> Vec<String> {
     let mut p = Vec::new();
-    if r.guest_ok() && r.status_lines_after > 0 {
-        return p;
+    let figures = [
+        ("total_ms", r.total_ms),
+        ("downtime_ms", r.downtime_ms),
+        ("switchover_gap_ms", r.switchover_gap_ms),
+        ("beat_interval_ms", r.beat_interval_ms),
+        ("throughput", r.throughput_bytes_per_s),
+    ];
+    for (name, v) in figures {
+        if !v.is_finite() {
+            p.push(format!("QEMU's {name} was not measured"));
+        }
     }
     if r.guest_fail_lines > 0 {
         p.push(format!(
@@ -1081,6 +1090,10 @@ mod tests {
         bad.dest_status = "paused".into();
         bad.guest_fail_lines = 2;
         assert_eq!(qemu_problems(&bad).len(), 2);
+        let mut unmeasured = r.clone();
+        unmeasured.switchover_gap_ms = f64::NAN;
+        let p = qemu_problems(&unmeasured);
+        assert!(p.len() == 1 && p[0].contains("switchover_gap_ms"), "{p:?}");
     }
 
     fn qemu_result_ok() -> QemuResult {

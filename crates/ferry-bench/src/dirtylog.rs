@@ -69,6 +69,17 @@ pub struct Row {
     pub stall_during_us: u64,
 }
 
+/// The guest's `FAIL` lines: its own memory checks found a wrong value.
+fn guest_fails(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(GuestLine::parse)
+        .filter_map(|l| match l {
+            GuestLine::Fail(f) => Some(f),
+            _ => None,
+        })
+        .collect()
+}
+
 fn status_stalls(text: &str) -> Vec<u64> {
     text.lines()
         .filter_map(GuestLine::parse)
@@ -242,6 +253,10 @@ pub fn measure(gib: u64, kind: Kind, dir: &Path) -> Result<Row> {
     if let Some(e) = stopped.lock().unwrap_or_else(|p| p.into_inner()).take() {
         bail!("the guest stopped: {e}");
     }
+    let fails = guest_fails(&read(&serial));
+    if !fails.is_empty() {
+        bail!("GUEST CHECK FAILED: {}", fails.join("; "));
+    }
     Ok(Row {
         gib,
         kind,
@@ -259,20 +274,33 @@ pub fn measure(gib: u64, kind: Kind, dir: &Path) -> Result<Row> {
     })
 }
 
-/// Measures every size and kind; a kind this machine cannot do is reported, not skipped
-/// silently.
-pub fn run(sizes: &[u64], kinds: &[Kind]) -> Result<Vec<Row>> {
+/// What `dirty-log` measured, and what it could not.
+#[derive(Debug, Default)]
+pub struct Measured {
+    /// One row per size and kind measured.
+    pub rows: Vec<Row>,
+    /// The size and kind of each failed measurement, with why.
+    pub failed: Vec<String>,
+}
+
+/// Measures every size and kind; a measurement that fails (including a kind this machine
+/// cannot do, or a guest whose own checks fail) is listed in `failed`, never skipped.
+pub fn run(sizes: &[u64], kinds: &[Kind]) -> Result<Measured> {
     let dir = tempfile::tempdir()?;
-    let mut rows = Vec::new();
+    let mut out = Measured::default();
     for &gib in sizes {
         for &kind in kinds {
             match measure(gib, kind, dir.path()) {
-                Ok(r) => rows.push(r),
-                Err(e) => eprintln!("dirty-log {gib} GiB {}: not measured: {e:#}", kind.name()),
+                Ok(r) => out.rows.push(r),
+                Err(e) => {
+                    let what = format!("{gib} GiB {}: {e:#}", kind.name());
+                    eprintln!("dirty-log {what}");
+                    out.failed.push(what);
+                }
             }
         }
     }
-    Ok(rows)
+    Ok(out)
 }
 
 /// Prints the rows as a table.

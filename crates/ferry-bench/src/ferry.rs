@@ -242,6 +242,10 @@ impl FerryResult {
         self.prepare_ms = num("prepare.prepare_ms")?;
         self.prepare_threads = int("prepare.threads")?;
         self.prepare_in_downtime_ms = num("prepare.in_downtime_ms")?;
+        // The downtime's parts, which the details table reads from `stats`.
+        for part in DOWNTIME_PARTS {
+            num(&format!("downtime.{part}"))?;
+        }
         self.stats = stats.clone();
         Ok(())
     }
@@ -269,12 +273,29 @@ impl FerryResult {
         if self.source_exit != "exit status: 0" {
             p.push(format!("the source ended with {}", self.source_exit));
         }
+        if !self.switchover_gap_ms.is_finite() || !self.beat_interval_ms.is_finite() {
+            p.push(format!(
+                "the heartbeats did not give a switchover gap ({}) and a beat interval ({})",
+                self.switchover_gap_ms, self.beat_interval_ms
+            ));
+        }
         if let MemoryCheck::Failed { reason } = &self.memory {
             p.push(format!("MEMORY CHECK FAILED: {reason}"));
         }
         p
     }
 }
+
+/// The parts of Ferry's `downtime` statistics (ms).
+pub const DOWNTIME_PARTS: [&str; 7] = [
+    "final_sync_ms",
+    "final_pages_ms",
+    "state_ms",
+    "wait_loaded_ms",
+    "dest_load_ms",
+    "go_to_running_ms",
+    "dest_resume_ms",
+];
 
 /// Compares the two sides' page digests.
 fn memory_check(src: &Path, dst: &Path, dest_stats: &Value) -> MemoryCheck {
@@ -765,6 +786,8 @@ mod tests {
     fn problems_are_listed() {
         let ok = FerryResult {
             dest_running: true,
+            switchover_gap_ms: 2.0,
+            beat_interval_ms: 1.0,
             heartbeats_after: 100,
             status_lines_after: 2,
             source_exit: "exit status: 0".into(),

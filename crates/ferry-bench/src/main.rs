@@ -338,11 +338,18 @@ fn dirty_log(a: DirtyLogArgs) -> Result<()> {
             LogPages::Hugetlb => dirtylog::Kind::Hugetlb,
         })
         .collect();
-    let rows = dirtylog::run(&a.sizes, &kinds)?;
+    let m = dirtylog::run(&a.sizes, &kinds)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        println!("{}", serde_json::to_string_pretty(&m.rows)?);
     } else {
-        dirtylog::print_table(&rows);
+        dirtylog::print_table(&m.rows);
+    }
+    if !m.failed.is_empty() {
+        bail!(
+            "{} measurement(s) failed:\n{}",
+            m.failed.len(),
+            m.failed.join("\n")
+        );
     }
     Ok(())
 }
