@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 need_pkgs=()
 command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
 for tool in as ld objcopy; do command -v "$tool" >/dev/null || need_pkgs+=(binutils); done
+# libFuzzer (fuzz/) is C++.
+command -v c++ >/dev/null || need_pkgs+=(g++)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     sudo_cmd=""
     [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
@@ -23,4 +25,11 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
-cargo test --workspace
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --workspace 2>&1 | tee "$log"
+# Every test that did not run, with its reason: none may pass without running.
+echo "skipped tests (#[ignore] with a reason):"
+grep -E '^test .* \.\.\. ignored' "$log" | sed 's/^test /  /' || echo "  none"
+# The wire decoder's fuzz target, built and run for a bounded time.
+scripts/fuzz.sh 30

@@ -311,6 +311,9 @@ pub fn qemu_problems(r: &QemuResult) -> Vec<String> {
             p.push(format!("QEMU's {name} was not measured"));
         }
     }
+    if r.guest_ok() && r.status_lines_after > 0 {
+        return p;
+    }
     if r.guest_fail_lines > 0 {
         p.push(format!(
             "the guest printed {} FAIL line(s)",

@@ -769,7 +769,10 @@ mod tests {
         let mut broken = sample_stats();
         broken["prepare"]["threads"] = json!("two");
         let e = r.fill_from_stats(&broken).unwrap_err();
-        assert!(e.to_string().contains("prepare.threads is not a count"), "{e}");
+        assert!(
+            e.to_string().contains("prepare.threads is not a count"),
+            "{e}"
+        );
     }
 
     #[test]

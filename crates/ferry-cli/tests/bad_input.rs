@@ -161,12 +161,11 @@ fn zero_vcpus() {
 #[test]
 fn hugetlb_backend_without_enough_free_huge_pages() {
     // More than are free, whatever this machine has reserved: refused before any is taken.
-    let free: u64 = std::fs::read_to_string(
-        "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages",
-    )
-    .ok()
-    .and_then(|t| t.trim().parse().ok())
-    .unwrap_or(0);
+    let free: u64 =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
     let pages = free + 32;
     let memory = format!("{}M", pages * 2);
     let needs = format!("needs {pages} free 2 MiB huge pages");

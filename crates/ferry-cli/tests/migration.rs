@@ -720,7 +720,10 @@ fn assert_huge(name: &str, pid: u32, kind: &str) {
         "thp" => b.anon_huge_kib >= whole / 2,
         _ => b.kernel_page_kib == 2048 && b.hugetlb_kib == whole,
     };
-    assert!(ok, "{name}: guest memory is not backed by {kind} pages: {b:?}");
+    assert!(
+        ok,
+        "{name}: guest memory is not backed by {kind} pages: {b:?}"
+    );
 }
 
 fn migrate_backend(kind: &str, src_extra: &[String], dst_extra: &[String]) {
@@ -905,7 +908,11 @@ fn demo_compares_every_page() {
     let _g = serial_guard();
     let out = demo(None);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         text.contains("memory check: all 32768 pages identical on source and destination"),
         "{text}"

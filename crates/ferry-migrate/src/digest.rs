@@ -216,7 +216,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d");
         std::fs::write(&p, [0u8; 17]).unwrap();
-        assert!(matches!(read(&p), Err(DigestError::Malformed { len: 17, .. })));
+        assert!(matches!(
+            read(&p),
+            Err(DigestError::Malformed { len: 17, .. })
+        ));
         let mut bytes = Vec::new();
         for (g, d) in [(0u64, 7u64), (4096, 9)] {
             bytes.extend_from_slice(&g.to_le_bytes());
