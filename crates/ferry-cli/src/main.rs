@@ -179,6 +179,10 @@ struct MigrateArgs {
     /// the migration is aborted and the guest resumes here.
     #[arg(long, default_value_t = 2_000)]
     switchover_timeout: u64,
+    /// Local hand-over to a destination on this host (a unix: URI): pass the guest memory
+    /// file instead of copying pages (the VM needs --memory-backend memfd or hugetlb).
+    #[arg(long)]
+    local: bool,
     /// Print the final statistics as one JSON line.
     #[arg(long)]
     json: bool,
@@ -307,6 +311,7 @@ fn remote(args: RemoteArgs) -> Result<ExitCode> {
                 "auto_converge": !m.no_auto_converge,
                 "digest_file": m.digest_file.map(|p| std::path::absolute(&p).unwrap_or(p)),
                 "handshake_timeout_ms": m.handshake_timeout,
+                "local": m.local,
                 "progress_timeout_ms": m.progress_timeout,
                 "switchover_timeout_ms": m.switchover_timeout,
             });

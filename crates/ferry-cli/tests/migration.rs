@@ -933,3 +933,179 @@ fn demo_fails_naming_a_page_broken_after_loading() {
         "{text}"
     );
 }
+
+/// A source guest on shared memory (`backend`: memfd or hugetlb), running and checking
+/// itself.
+fn shared_source(dir: &Path, backend: &str) -> Proc {
+    let img = ferry_guest::write_image(ImageKind::Elf, dir).unwrap();
+    let p = spawn(
+        "source",
+        dir,
+        &[
+            s("--kernel"),
+            img.display().to_string(),
+            s("--append"),
+            s("ws=8M hb=1 dma=1"),
+            s("--memory"),
+            s(MEM),
+            s("--memory-backend"),
+            s(backend),
+        ],
+    );
+    p.wait_ready();
+    p.wait_progress(1);
+    p
+}
+
+/// `migrate --local` with digests on both sides; returns the output and the digest paths.
+fn migrate_local(src: &Proc, dir: &Path, uri: &str, extra: &[&str]) -> (Output, PathBuf) {
+    let digest = dir.join(format!("src-{}.digest", free_port()));
+    // Both sides hash all of memory inside the switchover.
+    let mut args = vec![
+        "--local",
+        "--digest-file",
+        digest.to_str().unwrap(),
+        "--switchover-timeout",
+        "60000",
+    ];
+    args.extend_from_slice(extra);
+    (migrate_json(src, uri, &args), digest)
+}
+
+/// The hand-over succeeded: nothing copied, the same memory on both sides, the guest runs
+/// on the destination from where it was and its own checks hold, the source exited.
+fn assert_local_hand_over(out: &Output, src: &mut Proc, dst: &Proc, digests: (&Path, &Path)) {
+    assert!(
+        out.status.success(),
+        "migrate --local failed: {}\nsource: {}\ndestination: {}",
+        String::from_utf8_lossy(&out.stderr),
+        src.stderr(),
+        dst.stderr()
+    );
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["local"], true, "{stats}");
+    assert_eq!(stats["pages_data"], 0, "{stats}");
+    assert_eq!(stats["channels"], 0, "{stats}");
+    assert!(stats["bytes"].as_u64().unwrap() < 1 << 20, "{stats}");
+    let before = *src.sweeps().last().unwrap();
+    assert!(src
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    assert_same_memory(digests.0, digests.1);
+    dst.wait_progress(2);
+    assert!(
+        dst.sweeps().iter().all(|s| *s >= before),
+        "{:?}",
+        dst.sweeps()
+    );
+    assert!(dst.fails().is_empty(), "{:?}", dst.fails());
+    assert!(src.fails().is_empty(), "{:?}", src.fails());
+    assert_eq!(dst.info()["state"], "running");
+}
+
+#[test]
+fn local_hand_over_of_memfd_memory_copies_no_page() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = format!("unix:{}", dir.path().join("local.sock").display());
+    let dst_digest = dir.path().join("dst.digest");
+    let dst = destination(
+        dir.path(),
+        "destination",
+        &uri,
+        MEM,
+        1,
+        &[s("--digest-file"), dst_digest.display().to_string()],
+    );
+    let mut src = shared_source(dir.path(), "memfd");
+    let (out, src_digest) = migrate_local(&src, dir.path(), &uri, &[]);
+    assert_local_hand_over(&out, &mut src, &dst, (&src_digest, &dst_digest));
+    // The destination now runs on the source's memory file, and says so.
+    assert_eq!(dst.info()["memory_backend"], "memfd");
+}
+
+#[test]
+fn local_hand_over_of_hugetlb_memory() {
+    let _g = serial_guard();
+    let _pages = HugePages::reserve(128);
+    let dir = tempfile::tempdir().unwrap();
+    let uri = format!("unix:{}", dir.path().join("local.sock").display());
+    let dst_digest = dir.path().join("dst.digest");
+    let dst = destination(
+        dir.path(),
+        "destination",
+        &uri,
+        MEM,
+        1,
+        &[
+            s("--memory-backend"),
+            s("hugetlb"),
+            s("--digest-file"),
+            dst_digest.display().to_string(),
+        ],
+    );
+    let mut src = shared_source(dir.path(), "hugetlb");
+    let (out, src_digest) = migrate_local(&src, dir.path(), &uri, &[]);
+    assert_local_hand_over(&out, &mut src, &dst, (&src_digest, &dst_digest));
+    assert_huge("destination", dst.child.id(), "hugetlb");
+}
+
+#[test]
+fn a_failed_local_hand_over_leaves_the_guest_with_the_old_process() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = format!("unix:{}", dir.path().join("local.sock").display());
+    let dst_digest = dir.path().join("dst.digest");
+    let mut dst = destination(
+        dir.path(),
+        "destination",
+        &uri,
+        MEM,
+        1,
+        &[s("--digest-file"), dst_digest.display().to_string()],
+    );
+    let mut src = shared_source(dir.path(), "memfd");
+    // A hung new process: the old one gives up and keeps the guest running.
+    let pid = dst.child.id().to_string();
+    let signal = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    signal("-STOP");
+    let (out, _) = migrate_local(&src, dir.path(), &uri, &["--handshake-timeout", "500"]);
+    signal("-CONT");
+    assert!(!out.status.success(), "the hand-over must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("timed out"), "{err}");
+    src.wait_progress(2);
+    assert_eq!(src.info()["state"], "running");
+    assert!(src.fails().is_empty(), "{:?}", src.fails());
+    // The new process, back, drops the stale attempt; the next hand-over works, every page
+    // equal.
+    assert_destination_listening(&mut dst, &["source", "handshake", "closed"]);
+    let (out, src_digest) = migrate_local(&src, dir.path(), &uri, &[]);
+    assert_local_hand_over(&out, &mut src, &dst, (&src_digest, &dst_digest));
+}
+
+#[test]
+fn local_hand_over_is_refused_where_it_cannot_work() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path(), 1);
+    let unix = format!("unix:{}", dir.path().join("none.sock").display());
+    let out = migrate_json(&src, &unix, &["--local"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("memory is anonymous") && err.contains("--memory-backend memfd"),
+        "{err}"
+    );
+    let out = migrate_json(&src, &tcp_uri(), &["--local"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs a unix: URI"), "{err}");
+    src.wait_progress(1);
+    assert_eq!(src.info()["state"], "running");
+}

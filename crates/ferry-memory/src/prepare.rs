@@ -883,7 +883,24 @@ impl NiceControl {
     }
 }
 
+/// Cancels a running job from elsewhere (its handle may be waited on by another thread).
+#[derive(Clone)]
+pub struct Canceller(Arc<Job>);
+
+impl Canceller {
+    /// As [`PrepareHandle::cancel`].
+    pub fn cancel(&self) {
+        self.0.cancelled.store(true, Ordering::Release);
+        self.0.stop.store(true, Ordering::Release);
+    }
+}
+
 impl PrepareHandle {
+    /// A canceller for this job.
+    pub fn canceller(&self) -> Canceller {
+        Canceller(self.job.clone())
+    }
+
     /// A control to change the helpers' priority while the job runs.
     pub fn nice_control(&self) -> NiceControl {
         NiceControl(self.job.clone())

@@ -116,6 +116,9 @@ pub enum MemoryError {
         /// vm-memory's error.
         detail: String,
     },
+    /// Another process's memory file does not fit this guest RAM (local hand-over).
+    #[error("guest memory: the source's memory file does not fit this VM: {0}")]
+    Foreign(String),
     /// An access outside guest RAM.
     #[error("guest memory: {len} bytes at {gpa:#x} are not inside guest RAM")]
     OutOfRange {
@@ -158,6 +161,31 @@ pub fn pc_layout(size: u64) -> Vec<(u64, u64)> {
     }
 }
 
+/// Where each region starts in a guest memory file of one piece (regions in order).
+fn own_offsets(regions: &[RamRegion]) -> Vec<u64> {
+    regions
+        .iter()
+        .scan(0u64, |off, r| {
+            let at = *off;
+            *off += r.size;
+            Some(at)
+        })
+        .collect()
+}
+
+/// The memory files of guest RAM.
+#[derive(Debug)]
+struct Files {
+    /// What backs guest RAM now.
+    current: Option<Arc<File>>,
+    /// Where each region starts in `current`.
+    offsets: Vec<u64>,
+    /// This VM's own memfd (kept while adopted memory replaces it).
+    own: Option<Arc<File>>,
+    /// The backend of `current` when it came from another process.
+    adopted: Option<Backend>,
+}
+
 /// A host address range of guest RAM (for preparation and madvise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostRegion {
@@ -174,8 +202,9 @@ pub struct GuestRam {
     mem: GuestMem,
     regions: Vec<RamRegion>,
     config: MemoryConfig,
-    // memfd backing (one file, regions at increasing offsets); kept so it can be handed on.
-    file: Option<Arc<File>>,
+    // The file behind guest RAM (none for anonymous memory): its own memfd, or one adopted
+    // from another process in a local hand-over; kept so it can be handed on.
+    file: std::sync::Mutex<Files>,
     // Guest RAM is only ever reached through volatile slices and raw pointers, so it may be
     // released (undo of a failed preparation) without breaking Rust references.
     _volatile: Vec<mm::VolatileRegistration>,
@@ -309,18 +338,28 @@ impl GuestRam {
                 what: "registering guest memory".into(),
                 source: e.into(),
             })?;
+        let offsets = own_offsets(&regions);
         Ok(GuestRam {
             mem,
             regions,
             config,
-            file,
+            file: std::sync::Mutex::new(Files {
+                offsets,
+                current: file.clone(),
+                own: file,
+                adopted: None,
+            }),
             _volatile: volatile,
         })
     }
 
-    /// How this RAM was built.
+    /// How this RAM was built; the backend is the adopted memory's after a local hand-over.
     pub fn config(&self) -> MemoryConfig {
-        self.config
+        let mut c = self.config;
+        if let Some(b) = self.files().adopted {
+            c.backend = b;
+        }
+        c
     }
 
     /// Total bytes of RAM.
@@ -356,9 +395,150 @@ impl GuestRam {
             .collect()
     }
 
-    /// The memfd behind guest RAM, for shared backends.
-    pub fn file(&self) -> Option<&Arc<File>> {
-        self.file.as_ref()
+    /// The file behind guest RAM (its own memfd, or the one adopted from another process),
+    /// and where each region starts in it; `None` for anonymous memory.
+    pub fn file(&self) -> Option<(Arc<File>, Vec<u64>)> {
+        let f = self.files();
+        f.current.clone().map(|c| (c, f.offsets.clone()))
+    }
+
+    fn files(&self) -> std::sync::MutexGuard<'_, Files> {
+        self.file.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Maps another process's guest memory file in place of this RAM (a local hand-over):
+    /// the same guest and host addresses, now backed by `file` at `offsets[i]` for region
+    /// `i`, locked in RAM when `lock`. Nothing is copied. [`GuestRam::disown`] undoes it.
+    ///
+    /// The guest must not run here, and nothing may write this RAM, until the other
+    /// process has stopped using the memory: both processes now share it.
+    pub fn adopt(&self, file: File, offsets: &[u64], lock: bool) -> Result<(), MemoryError> {
+        let mut f = self.files();
+        if f.adopted.is_some() {
+            return Err(MemoryError::Foreign(
+                "this VM already maps another process's memory".into(),
+            ));
+        }
+        let hugetlb = self.check_foreign(&file, offsets)?;
+        for (r, off) in self.host_regions().iter().zip(offsets) {
+            let backing = mm::Backing::File {
+                fd: std::os::fd::AsFd::as_fd(&file),
+                offset: *off,
+            };
+            if let Err(e) = mm::replace_mapping(r.addr, r.len, backing) {
+                // Whatever was replaced goes back to this process's own memory.
+                f.adopted = Some(Backend::Memfd);
+                drop(f);
+                let _ = self.disown();
+                return Err(MemoryError::Host {
+                    what: format!(
+                        "mapping the source's memory file over region {}{}",
+                        r.index,
+                        if hugetlb { " (hugetlb)" } else { "" }
+                    ),
+                    source: e.into(),
+                });
+            }
+        }
+        f.current = Some(Arc::new(file));
+        f.offsets = offsets.to_vec();
+        f.adopted = Some(if hugetlb {
+            Backend::Hugetlb
+        } else {
+            Backend::Memfd
+        });
+        drop(f);
+        if lock {
+            for r in self.host_regions() {
+                mm::mlock(r.addr, r.len).map_err(|e| MemoryError::Host {
+                    what: "locking the adopted guest memory (mlock)".into(),
+                    source: e.into(),
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that `file` can back every region at `offsets`; whether it is hugetlb.
+    fn check_foreign(&self, file: &File, offsets: &[u64]) -> Result<bool, MemoryError> {
+        let bad = |m: String| Err(MemoryError::Foreign(m));
+        if offsets.len() != self.regions.len() {
+            return bad(format!(
+                "{} regions offered, this VM has {}",
+                offsets.len(),
+                self.regions.len()
+            ));
+        }
+        let (size, hugetlb) =
+            mm::file_info(std::os::fd::AsFd::as_fd(file)).map_err(|e| MemoryError::Host {
+                what: "inspecting the source's memory file".into(),
+                source: e.into(),
+            })?;
+        let align = if hugetlb { HUGE_PAGE_SIZE } else { PAGE_SIZE };
+        for (r, (region, off)) in self
+            .host_regions()
+            .iter()
+            .zip(self.regions.iter().zip(offsets))
+        {
+            if off.checked_add(region.size).is_none_or(|end| end > size) {
+                return bad(format!(
+                    "region {} needs {:#x} bytes at offset {off:#x}; the file has {size:#x}",
+                    region.index, region.size
+                ));
+            }
+            if !(off.is_multiple_of(align) && (r.addr as u64).is_multiple_of(align)) {
+                return bad(format!(
+                    "region {} is not aligned to the file's {} KiB pages here; start this VM \
+                     with --memory-backend {}",
+                    region.index,
+                    align / 1024,
+                    if hugetlb { "hugetlb" } else { "memfd" }
+                ));
+            }
+        }
+        Ok(hugetlb)
+    }
+
+    /// Gives back another process's memory adopted by [`GuestRam::adopt`]: this RAM is its
+    /// own memory again (its own memfd, or fresh anonymous memory), and the other process's
+    /// guest is untouched by anything this one does from now on.
+    pub fn disown(&self) -> Result<(), MemoryError> {
+        let mut f = self.files();
+        if f.adopted.is_none() {
+            return Ok(());
+        }
+        let own = f.own.clone();
+        let own_offsets = own_offsets(&self.regions);
+        for (r, off) in self.host_regions().iter().zip(&own_offsets) {
+            let backing = match &own {
+                Some(file) => mm::Backing::File {
+                    fd: std::os::fd::AsFd::as_fd(&**file),
+                    offset: *off,
+                },
+                None => mm::Backing::Anonymous,
+            };
+            mm::replace_mapping(r.addr, r.len, backing).map_err(|e| MemoryError::Host {
+                what: format!("restoring this VM's own memory in region {}", r.index),
+                source: e.into(),
+            })?;
+        }
+        f.current = own;
+        f.offsets = own_offsets;
+        f.adopted = None;
+        Ok(())
+    }
+
+    /// Frees this VM's own memory file once adopted memory replaced it for good (after a
+    /// local hand-over completed); its pages would otherwise stay allocated.
+    pub fn free_own_memory(&self) {
+        let f = self.files();
+        if let (Some(_), Some(own)) = (f.adopted, &f.own) {
+            if let Err(e) =
+                mm::fallocate_punch_hole(std::os::fd::AsFd::as_fd(&**own), 0, self.size())
+            {
+                tracing::warn!("freeing the unused own guest memory file: {e}");
+            }
+        }
     }
 
     /// `len` bytes of guest memory at `gpa`, which must lie inside one region.
@@ -517,5 +697,73 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("2048 KiB"), "{err}");
         assert!("bogus".parse::<Backend>().is_err());
+    }
+
+    fn ram(size: u64, backend: Backend) -> GuestRam {
+        GuestRam::new(MemoryConfig {
+            size,
+            backend,
+            thp: false,
+        })
+        .unwrap()
+    }
+
+    fn dup(f: &File) -> File {
+        f.try_clone().unwrap()
+    }
+
+    #[test]
+    fn adopted_memory_is_shared_until_disowned() {
+        for own in [Backend::Anonymous, Backend::Memfd] {
+            let src = ram(8 << 20, Backend::Memfd);
+            let dst = ram(8 << 20, own);
+            src.mem()
+                .write_obj(0x1234_u64, GuestAddress(0x5000))
+                .unwrap();
+            dst.mem()
+                .write_obj(0x9999_u64, GuestAddress(0x6000))
+                .unwrap();
+            let (file, offsets) = src.file().unwrap();
+            dst.adopt(dup(&file), &offsets, false).unwrap();
+            // The same memory, both ways, with nothing copied.
+            assert_eq!(
+                dst.mem().read_obj::<u64>(GuestAddress(0x5000)).unwrap(),
+                0x1234
+            );
+            assert_eq!(dst.mem().read_obj::<u64>(GuestAddress(0x6000)).unwrap(), 0);
+            dst.mem().write_obj(7u64, GuestAddress(0x7000)).unwrap();
+            assert_eq!(src.mem().read_obj::<u64>(GuestAddress(0x7000)).unwrap(), 7);
+            assert!(
+                dst.adopt(dup(&file), &offsets, false).is_err(),
+                "adopted twice"
+            );
+            // The adopted file is what a further hand-over passes on.
+            assert_eq!(dst.file().unwrap().1, offsets);
+            dst.disown().unwrap();
+            dst.mem().write_obj(8u64, GuestAddress(0x7000)).unwrap();
+            assert_eq!(src.mem().read_obj::<u64>(GuestAddress(0x7000)).unwrap(), 7);
+            assert_eq!(src.page_digests().len(), dst.page_digests().len());
+            // A memfd destination gets its own contents back; anonymous memory starts over.
+            let own_back = dst.mem().read_obj::<u64>(GuestAddress(0x6000)).unwrap();
+            assert_eq!(own_back, if own == Backend::Memfd { 0x9999 } else { 0 });
+        }
+    }
+
+    #[test]
+    fn foreign_memory_that_does_not_fit_is_refused() {
+        assert!(ram(8 << 20, Backend::Anonymous).file().is_none());
+        let small = ram(4 << 20, Backend::Memfd);
+        let dst = ram(8 << 20, Backend::Memfd);
+        let (file, offsets) = small.file().unwrap();
+        let e = dst.adopt(dup(&file), &offsets, false).unwrap_err();
+        assert!(e.to_string().contains("the file has 0x400000"), "{e}");
+        let e = dst.adopt(dup(&file), &[0, 0], false).unwrap_err();
+        assert!(
+            e.to_string().contains("2 regions offered, this VM has 1"),
+            "{e}"
+        );
+        // Nothing was replaced: the destination's memory is still its own.
+        dst.mem().write_obj(3u64, GuestAddress(0)).unwrap();
+        assert_eq!(small.mem().read_obj::<u64>(GuestAddress(0)).unwrap(), 0);
     }
 }

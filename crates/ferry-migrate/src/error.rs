@@ -55,6 +55,8 @@ pub enum Waited {
     Source,
     /// The destination's `Loaded` within the switchover timeout.
     Loaded,
+    /// The destination to map the memory file of a local hand-over.
+    Adopted,
 }
 
 impl fmt::Display for Waited {
@@ -67,6 +69,7 @@ impl fmt::Display for Waited {
             Waited::Progress => "for the destination to acknowledge any data (it stopped making progress)",
             Waited::Source => "for the source to send anything (it stopped making progress)",
             Waited::Loaded => "for the destination to load the state (switchover timeout); the guest was resumed on the source",
+            Waited::Adopted => "for the destination to map the guest memory file",
         })
     }
 }
@@ -247,6 +250,42 @@ pub enum MigrateError {
         /// After how long.
         after: Duration,
     },
+    /// `--local` to a URI that is not a unix socket.
+    #[error("a local hand-over needs a unix: URI (the destination on this host), not {uri}")]
+    LocalNeedsUnix {
+        /// The URI given.
+        uri: String,
+    },
+    /// `--local` with memory another process cannot map.
+    #[error(
+        "a local hand-over passes the guest memory file to the new process, but this VM's \
+         memory is {backend} (private to this process); start the VM with \
+         --memory-backend memfd (or hugetlb)"
+    )]
+    LocalNeedsSharedMemory {
+        /// The VM's memory backend.
+        backend: &'static str,
+    },
+    /// The destination did not offer a local hand-over.
+    #[error(
+        "the destination does not take a local hand-over (it is not reached over a unix \
+         socket on this host, or it is an older ferry)"
+    )]
+    LocalRefused,
+    /// The `LocalMemory` frame came without exactly one file descriptor.
+    #[error(
+        "the source's memory file did not arrive ({got} descriptors came with LocalMemory): \
+         a local hand-over needs both processes on one host, on a unix socket that is not \
+         forwarded"
+    )]
+    LocalNoMemoryFile {
+        /// Descriptors that came.
+        got: usize,
+    },
+    /// A local hand-over's memory could not be given back after a failed attempt: this
+    /// destination must not receive again.
+    #[error("giving back the source's memory after a failed local hand-over failed: {0}")]
+    Disown(MemoryError),
     /// A channel count outside what Ferry opens.
     #[error("channels must be 1 to {max}, not {asked}")]
     Channels {

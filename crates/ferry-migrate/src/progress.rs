@@ -317,4 +317,9 @@ pub struct MigrationStats {
     /// True when `Running` came only after the switchover timeout (the hand-over was
     /// unconfirmed for a while).
     pub confirmed_late: bool,
+    /// A local hand-over: the memory file was passed, no page was copied.
+    pub local: bool,
+    /// Local hand-over: the destination mapping (and locking) the memory file, before the
+    /// guest was paused.
+    pub adopt_ms: f64,
 }

@@ -102,6 +102,10 @@ pub fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message, ProtoError
         MessageKind::Error => Message::Error {
             reason: r.string("Error reason")?,
         },
+        MessageKind::LocalMemory => read_local_memory(&mut r)?,
+        MessageKind::MemoryAdopted => Message::MemoryAdopted {
+            adopt_us: r.u64("MemoryAdopted adopt_us")?,
+        },
     };
     if !r.rest.is_empty() {
         return Err(ProtoError::TrailingBytes {
@@ -228,6 +232,32 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<usize, ProtoError> {
     Ok(filled)
 }
 
+/// A `LocalMemory` body: flags (bit 0: locked; others must be 0), count, offsets.
+fn read_local_memory(r: &mut Reader<'_>) -> Result<Message, ProtoError> {
+    let flags = r.u32("LocalMemory flags")?;
+    if flags > 1 {
+        return Err(ProtoError::Invalid {
+            what: "LocalMemory flags",
+            detail: format!("{flags:#x} has unknown bits (only bit 0, locked, is defined)"),
+        });
+    }
+    let count = r.u32("LocalMemory offset count")?;
+    if count > MAX_REGIONS {
+        return Err(ProtoError::TooMany {
+            what: "LocalMemory offset count",
+            count: u64::from(count),
+            max: u64::from(MAX_REGIONS),
+        });
+    }
+    let offsets = (0..count)
+        .map(|_| r.u64("LocalMemory offset"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Message::LocalMemory {
+        locked: flags == 1,
+        offsets,
+    })
+}
+
 /// Name of a kind's body, for truncation errors (must be `'static`).
 fn body_what(kind: MessageKind) -> &'static str {
     match kind {
@@ -249,6 +279,8 @@ fn body_what(kind: MessageKind) -> &'static str {
         MessageKind::Ack => "Ack frame body",
         MessageKind::Ping => "Ping frame body",
         MessageKind::Pong => "Pong frame body",
+        MessageKind::LocalMemory => "LocalMemory frame body",
+        MessageKind::MemoryAdopted => "MemoryAdopted frame body",
     }
 }
 

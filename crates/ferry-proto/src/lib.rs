@@ -90,6 +90,10 @@ pub mod caps {
     /// The destination acknowledges switchover with
     /// [`crate::Message::Running`].
     pub const SWITCHOVER_ACK: u64 = 1 << 1;
+    /// A local hand-over: the guest memory file is passed over the unix socket
+    /// ([`crate::Message::LocalMemory`]) instead of its pages; no data channel. A source
+    /// offers it only when asked to; a destination accepts it only on a unix socket.
+    pub const LOCAL: u64 = 1 << 2;
     /// Every capability this version knows.
-    pub const ALL: u64 = ZERO_RUNS | SWITCHOVER_ACK;
+    pub const ALL: u64 = ZERO_RUNS | SWITCHOVER_ACK | LOCAL;
 }

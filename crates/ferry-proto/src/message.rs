@@ -164,11 +164,15 @@ pub enum MessageKind {
     Ping,
     /// [`Message::Pong`].
     Pong,
+    /// [`Message::LocalMemory`].
+    LocalMemory,
+    /// [`Message::MemoryAdopted`].
+    MemoryAdopted,
 }
 
 impl MessageKind {
     /// Every kind, in wire order.
-    pub const ALL: [MessageKind; 18] = [
+    pub const ALL: [MessageKind; 20] = [
         MessageKind::Hello,
         MessageKind::Welcome,
         MessageKind::Setup,
@@ -187,6 +191,8 @@ impl MessageKind {
         MessageKind::Ack,
         MessageKind::Ping,
         MessageKind::Pong,
+        MessageKind::LocalMemory,
+        MessageKind::MemoryAdopted,
     ];
 
     /// The kind's name, as in "unexpected Pages in state Setup".
@@ -210,6 +216,8 @@ impl MessageKind {
             MessageKind::Ack => "Ack",
             MessageKind::Ping => "Ping",
             MessageKind::Pong => "Pong",
+            MessageKind::LocalMemory => "LocalMemory",
+            MessageKind::MemoryAdopted => "MemoryAdopted",
         }
     }
 
@@ -337,6 +345,23 @@ pub enum Message {
         /// The `Ping`'s nonce.
         nonce: u64,
     },
+    /// Source to destination, main channel, local hand-over only (after `SetupAccepted`):
+    /// the guest memory file travels with this frame as `SCM_RIGHTS` ancillary data, and
+    /// `offsets[i]` is where the Setup's region `i` starts in it. The destination maps it
+    /// in place of its own memory; no page is sent.
+    LocalMemory {
+        /// The source keeps this memory locked in RAM (`mlock`); the destination does too.
+        locked: bool,
+        /// File offset of each memory region, in the Setup's order (at most
+        /// [`MAX_REGIONS`]).
+        offsets: Vec<u64>,
+    },
+    /// Destination to source: the guest memory file is mapped (and locked if asked); the
+    /// source may pause the guest.
+    MemoryAdopted {
+        /// Time mapping (and locking) took, in microseconds.
+        adopt_us: u64,
+    },
 }
 
 // Fixed sizes of encoded items, used to size bodies and to check counts
@@ -407,6 +432,8 @@ impl Message {
             Message::Ack { .. } => MessageKind::Ack,
             Message::Ping { .. } => MessageKind::Ping,
             Message::Pong { .. } => MessageKind::Pong,
+            Message::LocalMemory { .. } => MessageKind::LocalMemory,
+            Message::MemoryAdopted { .. } => MessageKind::MemoryAdopted,
         }
     }
 
@@ -472,6 +499,12 @@ impl Message {
                 codec::put_u64(out, *bytes);
             }
             Message::Ping { nonce } | Message::Pong { nonce } => codec::put_u64(out, *nonce),
+            Message::LocalMemory { locked, offsets } => {
+                codec::put_u32(out, u32::from(*locked));
+                codec::put_u32(out, u32::try_from(offsets.len()).unwrap_or(u32::MAX));
+                offsets.iter().for_each(|o| codec::put_u64(out, *o));
+            }
+            Message::MemoryAdopted { adopt_us } => codec::put_u64(out, *adopt_us),
         }
         debug_assert_eq!(
             len64(out.len().saturating_sub(start)),
@@ -511,6 +544,21 @@ impl Message {
             }
             Message::Pages { runs, .. } => check_runs("Pages runs", "Pages run", runs),
             Message::ZeroPages { runs, .. } => check_runs("ZeroPages runs", "ZeroPages run", runs),
+            Message::LocalMemory { offsets, .. } => {
+                if offsets.is_empty() {
+                    return Err(invalid(
+                        "LocalMemory offsets",
+                        "no offsets (one per memory region is needed)".into(),
+                    ));
+                }
+                match offsets.iter().find(|o| !is_page_aligned(**o)) {
+                    Some(o) => Err(invalid(
+                        "LocalMemory offset",
+                        format!("{o:#x} is not aligned to the {PAGE_SIZE}-byte page size"),
+                    )),
+                    None => Ok(()),
+                }
+            }
             Message::State { sections } => match sections.iter().position(|s| s.name.is_empty()) {
                 Some(i) => Err(invalid(
                     "State section name",
@@ -548,6 +596,9 @@ impl Message {
                 for s in sections {
                     check_string("State section name", &s.name)?;
                 }
+            }
+            Message::LocalMemory { offsets, .. } => {
+                check_count("LocalMemory offset count", offsets.len(), MAX_REGIONS)?
             }
             _ => {}
         }
@@ -589,6 +640,10 @@ impl Message {
             Message::Loaded { .. } | Message::Running { .. } => 8,
             Message::Ack { .. } => 4 + 8,
             Message::Ping { .. } | Message::Pong { .. } => 8,
+            Message::LocalMemory { offsets, .. } => {
+                8u64.saturating_add(len64(offsets.len()).saturating_mul(8))
+            }
+            Message::MemoryAdopted { .. } => 8,
         }
     }
 }

@@ -70,7 +70,7 @@ fn hello_bad_role_and_main_index() {
 
 #[test]
 fn unknown_kind() {
-    for kind in [0u16, 19, 0x7fff, u16::MAX] {
+    for kind in [0u16, 21, 0x7fff, u16::MAX] {
         let e = err(&frame(kind, 0, 0, &[]));
         assert!(matches!(e, ProtoError::UnknownKind(k) if k == kind), "{e}");
         assert!(e.to_string().contains(&kind.to_string()));
@@ -618,4 +618,32 @@ fn validate_reports_oversized_messages() {
         big.validate(),
         Err(ProtoError::TooLong { kind: K::State, .. })
     ));
+}
+
+#[test]
+fn local_memory_rules() {
+    // Unknown flag bits.
+    let mut body = Vec::new();
+    body.extend_from_slice(&2u32.to_le_bytes());
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.extend_from_slice(&0u64.to_le_bytes());
+    let e = decode_body(K::LocalMemory, &body).unwrap_err();
+    assert!(e.to_string().contains("unknown bits"), "{e}");
+    // A count beyond the limit is refused before reading (or allocating) offsets.
+    let mut body = Vec::new();
+    body.extend_from_slice(&0u32.to_le_bytes());
+    body.extend_from_slice(&(MAX_REGIONS + 1).to_le_bytes());
+    let e = decode_body(K::LocalMemory, &body).unwrap_err();
+    assert!(matches!(e, ProtoError::TooMany { .. }), "{e}");
+    // No offsets, or a misaligned one.
+    for offsets in [vec![], vec![0x1001]] {
+        let m = Message::LocalMemory {
+            locked: false,
+            offsets,
+        };
+        assert!(
+            matches!(m.validate(), Err(ProtoError::Invalid { .. })),
+            "{m:?}"
+        );
+    }
 }

@@ -373,6 +373,102 @@ pub fn release(addr: usize, len: usize) -> Result<(), MmError> {
     Ok(())
 }
 
+/// What [`replace_mapping`] puts in place of a registered volatile mapping.
+#[derive(Debug, Clone, Copy)]
+pub enum Backing<'a> {
+    /// Fresh private anonymous memory (reads as zeros).
+    Anonymous,
+    /// `len` bytes of a file (memfd, hugetlb memfd) from `offset`, shared.
+    File {
+        /// The file.
+        fd: BorrowedFd<'a>,
+        /// Where the mapping starts in it (page aligned; huge-page aligned for hugetlb).
+        offset: u64,
+    },
+}
+
+/// Replaces the whole of one registered volatile mapping, in place (`MAP_FIXED`), with
+/// `backing`: the same addresses, so everything that knows them (KVM memory slots, the
+/// VMM's regions) now reaches the new memory. This is how a new process takes over guest
+/// memory from another without copying it.
+///
+/// The range must be exactly one registration (see [`register_mmap_region`]); its shared
+/// flag follows the new backing. Like [`release`], this only changes what volatile memory
+/// reads as, which its registration contract allows at any time.
+pub fn replace_mapping(addr: usize, len: usize, backing: Backing<'_>) -> Result<(), MmError> {
+    check_range("replace mapping", addr, len, page_size())?;
+    // Held across the mmap: nobody unregisters (and unmaps) the range meanwhile.
+    let mut reg = registry_write();
+    let v = match reg.get_mut(&addr) {
+        Some(v) if v.end == addr + len => v,
+        _ => {
+            return Err(MmError::NotVolatile {
+                call: "replace mapping",
+                addr,
+                len,
+            })
+        }
+    };
+    let (flags, fd, offset, shared) = match backing {
+        Backing::Anonymous => (
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+            false,
+        ),
+        Backing::File { fd, offset } => {
+            let off = libc::off_t::try_from(offset).map_err(|_| MmError::Misaligned {
+                call: "replace mapping offset",
+                addr: offset as usize,
+                len,
+                align: page_size(),
+            })?;
+            (libc::MAP_SHARED, fd.as_raw_fd(), off, true)
+        }
+    };
+    // SAFETY: the range is exactly one registered volatile mapping (checked above, under the
+    // registry's write lock, so it cannot be unregistered and unmapped meanwhile). By the
+    // registration's contract no Rust reference points into it, so replacing the pages
+    // behind these addresses is no different from the guest rewriting them. MAP_FIXED
+    // only touches `addr..addr+len`, which the registration owns.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags | libc::MAP_FIXED,
+            fd,
+            offset,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(MmError::last("mmap(MAP_FIXED)"));
+    }
+    v.shared = shared;
+    Ok(())
+}
+
+/// Size in bytes of the file behind `fd`, and whether it lives on hugetlbfs.
+pub fn file_info(fd: BorrowedFd<'_>) -> Result<(u64, bool), MmError> {
+    // SAFETY: fstat/fstatfs only write into the zeroed structs we pass, which live for
+    // the call; the fd is borrowed and valid.
+    let (st, fs) = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd.as_raw_fd(), &mut st) != 0 {
+            return Err(MmError::last("fstat"));
+        }
+        let mut fs: libc::statfs = std::mem::zeroed();
+        if libc::fstatfs(fd.as_raw_fd(), &mut fs) != 0 {
+            return Err(MmError::last("fstatfs"));
+        }
+        (st, fs)
+    };
+    Ok((
+        u64::try_from(st.st_size).unwrap_or(0),
+        fs.f_type == libc::HUGETLBFS_MAGIC,
+    ))
+}
+
 // ---------------------------------------------------------------------------------------
 // Owned mappings.
 

@@ -23,12 +23,16 @@ pub const SECTION: &str = "fake-machine";
 pub struct Injected(pub &'static str);
 
 fn ram(mib: u64) -> Arc<GuestRam> {
+    ram_of(mib, Backend::Anonymous)
+}
+
+fn ram_of(mib: u64, backend: Backend) -> Arc<GuestRam> {
     let cfg = MemoryConfig {
         size: mib << 20,
-        backend: Backend::Anonymous,
+        backend,
         thp: false,
     };
-    Arc::new(GuestRam::new(cfg).expect("anonymous test memory"))
+    Arc::new(GuestRam::new(cfg).expect("test memory"))
 }
 
 fn describe(ram: &GuestRam) -> VmDescription {
@@ -97,7 +101,15 @@ impl FakeSource {
     /// `mib` of RAM, all non-zero except the last MiB, with a vCPU rewriting the first
     /// `ws_pages` pages as fast as it can (sleeping `nap` every 256 writes).
     pub fn start(mib: u64, ws_pages: u64, nap: Duration) -> Arc<FakeSource> {
-        let ram = ram(mib);
+        FakeSource::start_on(ram(mib), ws_pages, nap)
+    }
+
+    /// As [`FakeSource::start`], on shared (memfd) memory, which a local hand-over passes.
+    pub fn start_shared(mib: u64, ws_pages: u64, nap: Duration) -> Arc<FakeSource> {
+        FakeSource::start_on(ram_of(mib, Backend::Memfd), ws_pages, nap)
+    }
+
+    fn start_on(ram: Arc<GuestRam>, ws_pages: u64, nap: Duration) -> Arc<FakeSource> {
         let pages = ram.size() / PAGE_SIZE;
         for p in 0..pages.saturating_sub(256) {
             let _ = ram

@@ -7,7 +7,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -87,8 +87,53 @@ impl std::str::FromStr for Uri {
 pub enum Stream {
     /// TCP.
     Tcp(TcpStream),
-    /// Unix.
-    Unix(UnixStream),
+    /// Unix, with the file descriptors that arrived on it (shared by its clones).
+    Unix(UnixStream, FdInbox),
+}
+
+/// Most file descriptors one read takes from a unix socket's ancillary data.
+const FDS_PER_READ: usize = 4;
+/// Most received descriptors a stream keeps until they are taken; more are closed (a peer
+/// cannot make this process hold descriptors without bound).
+const MAX_INBOX: usize = 16;
+
+/// File descriptors received on a unix stream (`SCM_RIGHTS`), in arrival order, until
+/// [`Stream::take_fds`] takes them.
+#[derive(Debug, Clone, Default)]
+pub struct FdInbox(std::sync::Arc<std::sync::Mutex<Vec<OwnedFd>>>);
+
+impl FdInbox {
+    fn push(&self, fds: impl Iterator<Item = OwnedFd>) {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for fd in fds {
+            if v.len() < MAX_INBOX {
+                v.push(fd);
+            }
+        }
+    }
+
+    fn take(&self) -> Vec<OwnedFd> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Reads from a unix socket with `recvmsg`, keeping any descriptors sent along.
+fn recv_unix(s: &UnixStream, inbox: &FdInbox, buf: &mut [u8]) -> io::Result<usize> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(FDS_PER_READ))];
+    let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+    let r = rustix::net::recvmsg(
+        s,
+        &mut [io::IoSliceMut::new(buf)],
+        &mut cmsg,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    for m in cmsg.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = m {
+            inbox.push(fds);
+        }
+    }
+    Ok(r.bytes)
 }
 
 impl Stream {
@@ -96,7 +141,7 @@ impl Stream {
     pub fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Unix(s, inbox) => Stream::Unix(s.try_clone()?, inbox.clone()),
         })
     }
 
@@ -105,7 +150,7 @@ impl Stream {
         // Already-closed sockets are fine.
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s, _) => s.shutdown(Shutdown::Both),
         };
     }
 
@@ -113,7 +158,7 @@ impl Stream {
     pub fn shutdown_write(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Write),
-            Stream::Unix(s) => s.shutdown(Shutdown::Write),
+            Stream::Unix(s, _) => s.shutdown(Shutdown::Write),
         };
     }
 
@@ -121,7 +166,7 @@ impl Stream {
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
-            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Unix(s, _) => s.set_read_timeout(t),
         }
     }
 
@@ -129,7 +174,7 @@ impl Stream {
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
-            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Unix(s, _) => s.set_write_timeout(t),
         }
     }
 
@@ -137,7 +182,7 @@ impl Stream {
     pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_nonblocking(on),
-            Stream::Unix(s) => s.set_nonblocking(on),
+            Stream::Unix(s, _) => s.set_nonblocking(on),
         }
     }
 
@@ -148,7 +193,7 @@ impl Stream {
                 .peer_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "an unknown TCP peer".into()),
-            Stream::Unix(_) => "a local process (unix socket)".into(),
+            Stream::Unix(..) => "a local process (unix socket)".into(),
         }
     }
 
@@ -156,8 +201,51 @@ impl Stream {
     pub fn set_nodelay(&self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_nodelay(true),
-            Stream::Unix(_) => Ok(()),
+            Stream::Unix(..) => Ok(()),
         }
+    }
+
+    /// Writes `bytes` with `fds` attached (`SCM_RIGHTS`), so that the peer's read of the
+    /// first of these bytes brings the descriptors into its [`Stream::take_fds`]. Unix
+    /// sockets only: a TCP stream refuses with `Unsupported`.
+    pub fn send_with_fds(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+        let Stream::Unix(s, _) = self else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "file descriptors can only be passed over a unix socket",
+            ));
+        };
+        let mut space =
+            [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(FDS_PER_READ))];
+        let mut cmsg = SendAncillaryBuffer::new(&mut space);
+        if fds.len() > FDS_PER_READ || !cmsg.push(SendAncillaryMessage::ScmRights(fds)) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("at most {FDS_PER_READ} descriptors per message"),
+            ));
+        }
+        let sent = rustix::net::sendmsg(
+            &*s,
+            &[io::IoSlice::new(bytes)],
+            &mut cmsg,
+            SendFlags::NOSIGNAL,
+        )?;
+        // The descriptors went with the first byte; the rest is plain data.
+        s.write_all(&bytes[sent..])
+    }
+
+    /// Takes the descriptors received so far (always none on TCP).
+    pub fn take_fds(&self) -> Vec<OwnedFd> {
+        match self {
+            Stream::Tcp(_) => Vec::new(),
+            Stream::Unix(_, inbox) => inbox.take(),
+        }
+    }
+
+    /// Whether the peer is on this host (a unix socket).
+    pub fn is_local(&self) -> bool {
+        matches!(self, Stream::Unix(..))
     }
 }
 
@@ -165,7 +253,7 @@ impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
+            Stream::Unix(s, inbox) => recv_unix(s, inbox, buf),
         }
     }
 }
@@ -174,7 +262,7 @@ impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
+            Stream::Unix(s, _) => s.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -186,7 +274,7 @@ impl AsFd for Stream {
     fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
             Stream::Tcp(s) => s.as_fd(),
-            Stream::Unix(s) => s.as_fd(),
+            Stream::Unix(s, _) => s.as_fd(),
         }
     }
 }
@@ -216,7 +304,9 @@ pub fn connect(uri: &Uri, deadline: Instant) -> Result<Stream, TransportError> {
             Err(err(last))
         }
         // A unix connect does not wait for the peer to accept (the backlog takes it).
-        Uri::Unix(path) => UnixStream::connect(path).map(Stream::Unix).map_err(err),
+        Uri::Unix(path) => UnixStream::connect(path)
+            .map(|s| Stream::Unix(s, FdInbox::default()))
+            .map_err(err),
     }
 }
 
@@ -378,7 +468,10 @@ impl Listener {
         };
         match self {
             Listener::Tcp(l, _) => l.accept().map(|(s, _)| Stream::Tcp(s)).map_err(err),
-            Listener::Unix(l, _, _) => l.accept().map(|(s, _)| Stream::Unix(s)).map_err(err),
+            Listener::Unix(l, _, _) => l
+                .accept()
+                .map(|(s, _)| Stream::Unix(s, FdInbox::default()))
+                .map_err(err),
         }
     }
 
@@ -453,13 +546,46 @@ impl Drop for Listener {
 pub fn set_blocking(s: &Stream) -> io::Result<()> {
     match s {
         Stream::Tcp(t) => t.set_nonblocking(false),
-        Stream::Unix(u) => u.set_nonblocking(false),
+        Stream::Unix(u, _) => u.set_nonblocking(false),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptors_travel_with_their_bytes_on_unix_sockets() {
+        use std::io::Seek;
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut a, mut b) = (
+            Stream::Unix(a, FdInbox::default()),
+            Stream::Unix(b, FdInbox::default()),
+        );
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(b"shared").unwrap();
+        a.write_all(b"before").unwrap();
+        a.send_with_fds(b"with-fd", &[f.as_fd()]).unwrap();
+        let mut buf = [0u8; 6];
+        b.read_exact(&mut buf).unwrap();
+        // Bytes written before carry no descriptor.
+        assert!(b.take_fds().is_empty());
+        let mut buf = [0u8; 7];
+        b.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"with-fd");
+        let fds = b.take_fds();
+        assert_eq!(fds.len(), 1);
+        let mut got = std::fs::File::from(fds.into_iter().next().unwrap());
+        got.rewind().unwrap();
+        let mut text = String::new();
+        got.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "shared");
+        // TCP cannot carry them.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut t = Stream::Tcp(TcpStream::connect(l.local_addr().unwrap()).unwrap());
+        let e = t.send_with_fds(b"x", &[f.as_fd()]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+    }
 
     #[test]
     fn parses_uris() {

@@ -4,7 +4,8 @@
 //!
 //! Commands: `info`, `pause`, `resume {force?}`, `snapshot {path}`, `quit {force?}`,
 //! `migrate {uri, channels?, downtime_limit_ms?, max_bandwidth?, auto_converge?,
-//! digest_file?, handshake_timeout_ms?, progress_timeout_ms?, switchover_timeout_ms?}`,
+//! digest_file?, handshake_timeout_ms?, progress_timeout_ms?, switchover_timeout_ms?,
+//! local?}`,
 //! `migrate-cancel`.
 //!
 //! While a migration runs, `pause`, `resume`, `snapshot`, `quit` and `migrate-cancel` are
@@ -150,6 +151,7 @@ struct MigrateRequest {
     handshake_timeout_ms: Option<u64>,
     progress_timeout_ms: Option<u64>,
     switchover_timeout_ms: Option<u64>,
+    local: Option<bool>,
 }
 
 /// The running API server; removes its socket when dropped (if it is still its own).
@@ -393,7 +395,8 @@ fn info(vmm: &Vmm) -> Value {
         "role": role.name(),
         "vcpus": cfg.vcpus,
         "memory_bytes": cfg.memory.size,
-        "memory_backend": cfg.memory.backend.name(),
+        // After a local hand-over, the adopted memory's.
+        "memory_backend": vm.ram().config().backend.name(),
         "hugepages": cfg.memory.thp,
         "throttle_percent": vm.vcpus().throttle(),
         "migration": report(last),
@@ -461,6 +464,7 @@ fn migrate(m: MigrateRequest, vmm: &Arc<Vmm>, writer: &Mutex<UnixStream>) -> Res
         handshake_timeout: ms(m.handshake_timeout_ms, d.handshake_timeout),
         progress_timeout: ms(m.progress_timeout_ms, d.progress_timeout),
         switchover_timeout: ms(m.switchover_timeout_ms, d.switchover_timeout),
+        local: m.local.unwrap_or(false),
     };
     let (progress, result) = vmm
         .start_migration(uri, params)

@@ -144,6 +144,7 @@ pub fn receive(
         )?,
     };
     let nice = handle.as_ref().map(|h| h.nice_control());
+    let canceller = handle.as_ref().map(|h| h.canceller());
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
     prepare::watch(handle, events_tx.clone(), Event::Prepared)?;
     progress.set_status(Status::Listening);
@@ -161,6 +162,9 @@ pub fn receive(
         attempts: 0,
         strays: Arc::new(AtomicU64::new(0)),
         digest_time: Duration::ZERO,
+        canceller,
+        stopped_for_local: false,
+        fatal: None,
     };
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
@@ -214,6 +218,12 @@ struct Destination {
     strays: Arc<AtomicU64>,
     /// How long the last `digest_file` took.
     digest_time: Duration,
+    /// Stops the memory preparation (a local hand-over brings memory of its own).
+    canceller: Option<ferry_memory::prepare::Canceller>,
+    /// The preparation was stopped for a local hand-over (its cancellation is no failure).
+    stopped_for_local: bool,
+    /// What makes receiving impossible from now on (memory that could not be given back).
+    fatal: Option<MigrateError>,
 }
 
 impl Destination {
@@ -229,7 +239,11 @@ impl Destination {
                 },
                 ev => ev,
             };
-            match phase.on(event, self) {
+            let step = phase.on(event, self);
+            if let Some(e) = self.fatal.take() {
+                return Err(e);
+            }
+            match step {
                 Step::Next(next) => phase = next,
                 Step::End(outcome) => return Ok(outcome),
             }
@@ -247,7 +261,13 @@ impl Destination {
     /// Records the end of memory preparation; a failure ends receiving for good (no
     /// attempt can succeed without the memory).
     fn on_prepared(&mut self, r: Result<Prepared, PrepareError>) -> Result<Event, MigrateError> {
-        let p = r?;
+        let p = match r {
+            Err(PrepareError::Cancelled { .. }) if self.stopped_for_local => Prepared {
+                elapsed: Duration::ZERO,
+                threads: 0,
+            },
+            r => r?,
+        };
         self.prepared = Some(p);
         Ok(Event::Prepared(Ok(p)))
     }

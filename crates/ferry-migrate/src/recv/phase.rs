@@ -247,6 +247,11 @@ impl Destination {
         );
         att.tell_error(&e, phase);
         att.end();
+        // A failed local hand-over: the source's guest runs on in its memory, which this
+        // process must not touch again.
+        if let Err(d) = self.ram.disown() {
+            self.fatal = Some(MigrateError::Disown(d));
+        }
         self.progress.set_error(&e);
         self.progress.set_status(Status::Listening);
         Step::Next(Phase::listening())
@@ -441,7 +446,9 @@ impl Handshake {
         pending: &mut Vec<(Greeted, Instant)>,
     ) -> Option<Handshake> {
         let n = g.hello.data_channels;
-        if n == 0 || n > MAX_CHANNELS {
+        // A local hand-over has no data channel; only a unix socket can carry one.
+        let local = g.hello.capabilities & caps::LOCAL != 0 && g.stream.is_local();
+        if (n == 0 && !local) || n > MAX_CHANNELS {
             refuse_count(rx, g);
             return None;
         }
@@ -458,9 +465,14 @@ impl Handshake {
             setup: None,
             deadline: Instant::now() + rx.params.handshake_timeout,
         };
+        let offered = if local {
+            caps::ALL
+        } else {
+            caps::ALL & !caps::LOCAL
+        };
         let welcome = Message::Welcome {
             version: VERSION,
-            capabilities: h.att.hello.capabilities & caps::ALL,
+            capabilities: h.att.hello.capabilities & offered,
         };
         if let Err(e) = h.att.send(&welcome, "handshake", h.deadline) {
             rx.discard(*h.att, e, "handshake");
@@ -572,6 +584,7 @@ fn read_error(e: ProtoError, phase: &'static str) -> MigrateError {
 /// pass and the memory preparation.
 pub(super) struct Receiving {
     att: Box<Attempt>,
+    local: Local,
     sections: Option<Vec<StateSection>>,
     final_pass: Option<u32>,
     last: Vec<Option<u32>>,
@@ -605,7 +618,13 @@ impl Receiving {
         }
         rx.progress.set_status(Status::Active);
         let n = usize::from(att.hello.data_channels);
+        let local = if att.hello.capabilities & caps::LOCAL != 0 && att.main.is_local() {
+            Local::Awaiting
+        } else {
+            Local::No
+        };
         let mut r = Receiving {
+            local,
             ack_prepared: att.hello.capabilities & caps::SWITCHOVER_ACK != 0,
             att,
             sections: None,
@@ -620,6 +639,23 @@ impl Receiving {
             Err(e) => Err((r.att, e)),
         }
     }
+}
+
+/// Where a local hand-over stands.
+#[derive(Debug)]
+enum Local {
+    /// Not one: pages arrive on data channels.
+    No,
+    /// The source will pass its memory file.
+    Awaiting,
+    /// The file is here; it is mapped once this destination's preparation has stopped.
+    Pending {
+        file: std::fs::File,
+        offsets: Vec<u64>,
+        locked: bool,
+    },
+    /// The source's memory is mapped here.
+    Adopted,
 }
 
 /// The longest deadlines a source may impose on this destination: a source asking for
@@ -712,7 +748,7 @@ impl Receiving {
             Event::Tick => self.on_tick(),
             Event::Main { .. } | Event::Data { .. } => Ok(()),
         };
-        if let Err(e) = r {
+        if let Err(e) = r.and_then(|()| self.adopt_when_prepared(rx)) {
             return Err((self.att, e));
         }
         if self.ready(rx) {
@@ -727,6 +763,21 @@ impl Receiving {
                 let deadline = control_deadline(&self.att);
                 self.att
                     .send(&Message::Pong { nonce }, "receiving", deadline)
+            }
+            Ok(Message::LocalMemory { locked, offsets })
+                if matches!(self.local, Local::Awaiting) =>
+            {
+                let fds = self.att.main.take_fds();
+                let got = fds.len();
+                let Some(fd) = fds.into_iter().next().filter(|_| got == 1) else {
+                    return Err(MigrateError::LocalNoMemoryFile { got });
+                };
+                self.local = Local::Pending {
+                    file: std::fs::File::from(fd),
+                    offsets,
+                    locked,
+                };
+                Ok(())
             }
             Ok(Message::State { sections })
                 if self.sections.is_none() && self.final_pass.is_none() =>
@@ -744,6 +795,41 @@ impl Receiving {
             Ok(m) => Err(unexpected(m, "receiving")),
             Err(e) => Err(read_error(e, "receiving")),
         }
+    }
+
+    /// Maps the source's memory file once this destination's own preparation has stopped
+    /// (its undo must never reach the adopted memory), and tells the source.
+    fn adopt_when_prepared(&mut self, rx: &mut Destination) -> Result<(), MigrateError> {
+        if !matches!(self.local, Local::Pending { .. }) {
+            return Ok(());
+        }
+        if rx.prepared.is_none() {
+            if let Some(c) = &rx.canceller {
+                rx.stopped_for_local = true;
+                c.cancel();
+            }
+            return Ok(());
+        }
+        let Local::Pending {
+            file,
+            offsets,
+            locked,
+        } = std::mem::replace(&mut self.local, Local::Adopted)
+        else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        let lock = locked || rx.params.prepare == super::PrepareMode::Lock;
+        rx.ram.adopt(file, &offsets, lock)?;
+        let adopt_us = t.elapsed().as_micros() as u64;
+        tracing::info!(
+            ms = adopt_us as f64 / 1e3,
+            lock,
+            "local hand-over: the source's guest memory is mapped here"
+        );
+        let deadline = control_deadline(&self.att);
+        self.att
+            .send(&Message::MemoryAdopted { adopt_us }, "receiving", deadline)
     }
 
     fn on_data(&mut self, ev: DataEvent, rx: &Destination) -> Result<(), MigrateError> {
@@ -832,10 +918,12 @@ impl Receiving {
         Ok(())
     }
 
-    /// Everything is here: state, `Complete`, every channel's final pass, prepared memory.
+    /// Everything is here: state, `Complete`, every channel's final pass, prepared memory
+    /// (or, in a local hand-over, the source's memory mapped).
     fn ready(&self, rx: &Destination) -> bool {
         self.sections.is_some()
             && rx.prepared.is_some()
+            && matches!(self.local, Local::No | Local::Adopted)
             && self
                 .final_pass
                 .is_some_and(|fp| self.last.iter().all(|l| *l == Some(fp)))
@@ -973,6 +1061,8 @@ fn run_guest(rx: &mut Destination, mut att: Box<Attempt>, load: Duration, late: 
     };
     // The guest runs here now; a lost Running only leaves the source unconfirmed.
     let _ = att.send(&running, "running", Instant::now() + ERROR_SEND_TIMEOUT);
+    // After a local hand-over this process's own memory is unused from now on.
+    rx.ram.free_own_memory();
     let mut stats = rx.stats(&att);
     stats.load_ms = load.as_secs_f64() * 1000.0;
     stats.resume_ms = resume.as_secs_f64() * 1000.0;

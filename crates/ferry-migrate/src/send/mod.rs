@@ -57,6 +57,9 @@ pub struct SendParams {
     /// The guest stays paused here at most this long before the hand-over commits; past
     /// it the migration is aborted and the guest resumed here.
     pub switchover_timeout: Duration,
+    /// A local hand-over: pass the guest memory file to a destination on this host (over a
+    /// unix socket) instead of copying pages; `channels` is not used.
+    pub local: bool,
 }
 
 impl Default for SendParams {
@@ -70,6 +73,7 @@ impl Default for SendParams {
             handshake_timeout: Duration::from_secs(10),
             progress_timeout: Duration::from_secs(30),
             switchover_timeout: Duration::from_secs(2),
+            local: false,
         }
     }
 }
@@ -77,7 +81,7 @@ impl Default for SendParams {
 impl SendParams {
     /// Checks that the parameters can work together; the error names the one to change.
     pub fn validate(&self) -> Result<(), MigrateError> {
-        if self.channels == 0 || self.channels > MAX_CHANNELS {
+        if !self.local && (self.channels == 0 || self.channels > MAX_CHANNELS) {
             return Err(MigrateError::Channels {
                 asked: self.channels,
                 max: MAX_CHANNELS,
@@ -139,7 +143,10 @@ pub fn migrate(
 ) -> SendOutcome {
     let ram = vm.ram();
     progress.begin(ram.size());
-    if let Err(e) = params.validate() {
+    if let Err(e) = params
+        .validate()
+        .and_then(|()| check_local(params, uri, &ram))
+    {
         progress.set_error(&e);
         progress.set_status(Status::Failed);
         return SendOutcome::Failed(e);
@@ -166,6 +173,24 @@ pub fn migrate(
         started: Instant::now(),
     };
     src.run(uri)
+}
+
+/// A local hand-over needs a unix socket and memory another process can map.
+fn check_local(params: &SendParams, uri: &Uri, ram: &GuestRam) -> Result<(), MigrateError> {
+    if !params.local {
+        return Ok(());
+    }
+    if !matches!(uri, Uri::Unix(_)) {
+        return Err(MigrateError::LocalNeedsUnix {
+            uri: uri.to_string(),
+        });
+    }
+    if ram.file().is_none() {
+        return Err(MigrateError::LocalNeedsSharedMemory {
+            backend: ram.config().backend.name(),
+        });
+    }
+    Ok(())
 }
 
 /// Everything that happens to the source, one at a time.
@@ -242,6 +267,34 @@ impl Source {
     }
 
     /// Writes a control message, giving up at `deadline`.
+    /// Sends `msg` with the guest memory file attached (a local hand-over).
+    fn send_with_file(
+        &mut self,
+        msg: &Message,
+        file: &std::fs::File,
+        phase: &'static str,
+    ) -> Result<(), MigrateError> {
+        let main = self.main.as_mut().ok_or(MigrateError::Closed {
+            side: "destination",
+            channel: Channel::Main,
+            phase,
+        })?;
+        let mut buf = Vec::new();
+        msg.encode(&mut buf);
+        let deadline = Instant::now() + self.params.handshake_timeout;
+        main.set_write_timeout(Some(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1)),
+        ))
+        .and_then(|()| main.send_with_fds(&buf, &[std::os::fd::AsFd::as_fd(file)]))
+        .map_err(|source| MigrateError::Send {
+            channel: Channel::Main,
+            phase,
+            source,
+        })
+    }
+
     fn send(
         &mut self,
         msg: &Message,

@@ -41,6 +41,7 @@ pub(super) enum Phase {
     Connecting(Connecting),
     Handshake(Handshake),
     Setup(SetupWait),
+    Adopting(Adopting),
     Precopy(Box<Precopy>),
     Switchover(Box<Switchover>),
     AwaitRunning(Box<AwaitRunning>),
@@ -52,11 +53,15 @@ impl Phase {
     pub(super) fn connect(src: &mut Source, uri: &Uri) -> Phase {
         let deadline = Instant::now() + src.params.handshake_timeout;
         let tx = src.events_tx.clone();
-        let (uri, n, session) = (uri.clone(), src.params.channels, session_id());
+        let local = src.params.local;
+        // A local hand-over copies no page: no data channel.
+        let n = if local { 0 } else { src.params.channels };
+        let (uri, session) = (uri.clone(), session_id());
         let spawned = std::thread::Builder::new()
             .name("mig-connect".into())
             .spawn(move || {
-                let _ = tx.send(Event::Connected(connect_all(&uri, n, session, deadline)));
+                let conn = connect_all(&uri, n, session, deadline, local);
+                let _ = tx.send(Event::Connected(conn));
             });
         if let Err(e) = spawned {
             let err = MigrateError::Io {
@@ -73,6 +78,7 @@ impl Phase {
             Phase::Connecting(_) => "connecting",
             Phase::Handshake(_) => "handshake",
             Phase::Setup(_) => "setup",
+            Phase::Adopting(_) => "adopting",
             Phase::Precopy(_) => "precopy",
             Phase::Switchover(_) => "switchover",
             Phase::AwaitRunning(_) => "awaiting-running",
@@ -86,6 +92,7 @@ impl Phase {
             Phase::Connecting(p) => Some(p.deadline),
             Phase::Handshake(p) => Some(p.deadline),
             Phase::Setup(p) => Some(p.deadline),
+            Phase::Adopting(p) => Some(p.deadline),
             Phase::Precopy(p) => p.next_pass_at,
             Phase::Switchover(p) => Some(p.deadline),
             Phase::AwaitRunning(p) => Some(p.deadline),
@@ -100,6 +107,7 @@ impl Phase {
             Phase::Connecting(p) => p.on(ev, src),
             Phase::Handshake(p) => p.on(ev, src),
             Phase::Setup(p) => p.on(ev, src),
+            Phase::Adopting(p) => p.on(ev, src),
             Phase::Precopy(p) => p.on(ev, src),
             Phase::Switchover(p) => p.on(ev, src),
             Phase::AwaitRunning(p) => Ok(p.on(ev, src)),
@@ -122,11 +130,17 @@ fn connect_all(
     n: u16,
     session: u64,
     deadline: Instant,
+    local: bool,
 ) -> Result<Connection, MigrateError> {
+    let capabilities = if local {
+        caps::ALL
+    } else {
+        caps::ALL & !caps::LOCAL
+    };
     let hello = |role| {
         Message::Hello(Hello {
             version: VERSION,
-            capabilities: caps::ALL,
+            capabilities,
             session,
             role,
             data_channels: n,
@@ -270,6 +284,9 @@ impl Handshake {
                         ours: VERSION,
                     });
                 }
+                if src.params.local && capabilities & caps::LOCAL == 0 {
+                    return Err(MigrateError::LocalRefused);
+                }
                 src.need_prepared = capabilities & caps::SWITCHOVER_ACK != 0;
                 let setup = Message::Setup(Setup {
                     vm: src.vm.description(),
@@ -304,6 +321,9 @@ impl SetupWait {
         match ev {
             Event::Peer(Ok(Message::SetupAccepted)) => {
                 src.rtt = self.sent_at.elapsed();
+                if src.params.local {
+                    return Ok(Step::Next(Phase::Adopting(Adopting::start(src)?)));
+                }
                 Ok(Step::Next(Phase::Precopy(Box::new(Precopy::start(src)?))))
             }
             Event::Tick if Instant::now() >= self.deadline => Err(MigrateError::Timeout {
@@ -313,6 +333,62 @@ impl SetupWait {
             ev => {
                 early_event(ev, src, "setup")?;
                 Ok(Step::Next(Phase::Setup(self)))
+            }
+        }
+    }
+}
+
+/// Local hand-over: the memory file is passed; waiting for the destination to map it while
+/// the guest runs on here.
+pub(super) struct Adopting {
+    deadline: Instant,
+    sent_at: Instant,
+}
+
+impl Adopting {
+    fn start(src: &mut Source) -> Result<Adopting, MigrateError> {
+        let (file, offsets) = src.ram.file().ok_or(MigrateError::LocalNeedsSharedMemory {
+            backend: src.ram.config().backend.name(),
+        })?;
+        let msg = Message::LocalMemory {
+            locked: ferry_sys::mm::locked_bytes().is_some_and(|b| b >= src.ram.size()),
+            offsets,
+        };
+        src.send_with_file(&msg, &file, "adopting")?;
+        src.stats.setup_ms = ms(src.started.elapsed());
+        src.stats.ram_bytes = src.ram.size();
+        src.stats.downtime_limit_ms = ms(src.params.downtime_limit);
+        src.stats.local = true;
+        src.progress.set_status(Status::Active);
+        let sent_at = Instant::now();
+        Ok(Adopting {
+            deadline: sent_at + src.params.progress_timeout,
+            sent_at,
+        })
+    }
+
+    fn on(self, ev: Event, src: &mut Source) -> Result<Step, MigrateError> {
+        match ev {
+            Event::Peer(Ok(Message::MemoryAdopted { adopt_us })) => {
+                src.stats.adopt_ms = ms(self.sent_at.elapsed());
+                tracing::info!(
+                    adopt_ms = adopt_us as f64 / 1e3,
+                    "the destination mapped the guest memory; switching over"
+                );
+                let sw = Switchover::begin_local(src)?;
+                Ok(Step::Next(Phase::Switchover(Box::new(sw))))
+            }
+            // Its memory preparation was stopped for the hand-over.
+            Event::Peer(Ok(Message::Prepared { .. } | Message::Ack { .. })) => {
+                Ok(Step::Next(Phase::Adopting(self)))
+            }
+            Event::Tick if Instant::now() >= self.deadline => Err(MigrateError::Timeout {
+                what: Waited::Adopted,
+                after: src.params.progress_timeout,
+            }),
+            ev => {
+                early_event(ev, src, "adopting")?;
+                Ok(Step::Next(Phase::Adopting(self)))
             }
         }
     }
@@ -609,13 +685,7 @@ impl Switchover {
         src.progress.set_status(Status::Switchover);
         let paused = Instant::now();
         let deadline = paused + src.params.switchover_timeout;
-        if !src.vm.is_paused() {
-            src.vm.pause().map_err(|source| MigrateError::Vm {
-                op: "pausing the guest",
-                source,
-            })?;
-            src.paused_by_us = true;
-        }
+        src.pause_guest()?;
         let tracker = src.tracker.clone().ok_or(MigrateError::NotTracking)?;
         // The last precopy sync's snapshot was never sent: the pages the VMM wrote are in it
         // and nowhere else (KVM's bits would still be in the log, the VMM's were taken).
@@ -647,6 +717,38 @@ impl Switchover {
                 loaded: None,
                 load_us: 0,
                 converged_at: pre.converged_at,
+            },
+        })
+    }
+
+    /// A local hand-over's switchover: no page to send, only the state.
+    fn begin_local(src: &mut Source) -> Result<Switchover, MigrateError> {
+        src.progress.set_status(Status::Switchover);
+        let paused = Instant::now();
+        let deadline = paused + src.params.switchover_timeout;
+        src.pause_guest()?;
+        let sections = src.vm.save_state().map_err(|source| MigrateError::Vm {
+            op: "saving the state",
+            source,
+        })?;
+        src.send(&Message::State { sections }, "switchover", deadline)
+            .map_err(|e| switchover_send_error(e, src))?;
+        let state_sent = Instant::now();
+        src.send(&Message::Complete { final_pass: 0 }, "switchover", deadline)
+            .map_err(|e| switchover_send_error(e, src))?;
+        Ok(Switchover {
+            deadline,
+            final_pass: 0,
+            outstanding: 0,
+            t: Timings {
+                paused,
+                synced: paused,
+                state_sent,
+                pages_sent: Some(state_sent),
+                complete_sent: Some(Instant::now()),
+                loaded: None,
+                load_us: 0,
+                converged_at: None,
             },
         })
     }
@@ -705,6 +807,10 @@ impl Switchover {
                 after: src.params.switchover_timeout,
             });
         }
+        if src.params.local {
+            // The memory is shared: after Go the destination's guest changes it.
+            src.write_digest_file();
+        }
         src.send(&Message::Go, "switchover", self.deadline)?;
         tracing::info!("hand-over committed: Go sent");
         // Dirty logging and throttling end when the migration does (stopping the log costs
@@ -716,6 +822,29 @@ impl Switchover {
             final_pass: self.final_pass,
             t: self.t,
         }))))
+    }
+}
+
+impl Source {
+    /// Writes the digest of every page, if asked (verification).
+    fn write_digest_file(&self) {
+        if let Some(path) = &self.params.digest_file {
+            if let Err(e) = write_digests(&self.ram, path) {
+                tracing::error!("{e}");
+            }
+        }
+    }
+
+    /// Pauses the guest for the switchover (unless an operator had paused it already).
+    fn pause_guest(&mut self) -> Result<(), MigrateError> {
+        if !self.vm.is_paused() {
+            self.vm.pause().map_err(|source| MigrateError::Vm {
+                op: "pausing the guest",
+                source,
+            })?;
+            self.paused_by_us = true;
+        }
+        Ok(())
     }
 }
 
@@ -820,11 +949,9 @@ impl Source {
         self.stats.throughput = (self.stats.bytes as f64 / total.as_secs_f64()) as u64;
         self.stats.status = "completed".into();
         self.close();
-        if let Some(path) = self.params.digest_file.clone() {
+        if !self.params.local {
             // The guest is paused here for good, so this costs no downtime.
-            if let Err(e) = write_digests(&self.ram, &path) {
-                tracing::error!("{e}");
-            }
+            self.write_digest_file();
         }
         self.progress.set_status(Status::Completed);
         Step::End(SendOutcome::Completed(self.stats.clone()))

@@ -155,6 +155,15 @@ pub fn samples() -> Vec<Message> {
         },
         Message::Ping { nonce: 0 },
         Message::Pong { nonce: u64::MAX },
+        Message::LocalMemory {
+            locked: true,
+            offsets: vec![0, 0xc000_0000],
+        },
+        Message::LocalMemory {
+            locked: false,
+            offsets: vec![0x1000; MAX_REGIONS as usize],
+        },
+        Message::MemoryAdopted { adopt_us: 12 },
         Message::State { sections: vec![] },
         Message::State {
             sections: vec![
