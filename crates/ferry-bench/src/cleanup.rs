@@ -43,7 +43,7 @@ pub fn unregister_pid(pid: u32) {
     registry().pids.retain(|&p| p != pid);
 }
 
-/// Remembers a directory to remove on a signal.
+/// Remembers a directory (or file) to remove on a signal.
 pub fn register_dir(dir: PathBuf) {
     registry().dirs.push(dir);
 }
@@ -76,7 +76,8 @@ pub fn install() -> Result<()> {
                         .status();
                 }
                 for d in &reg.dirs {
-                    let _ = std::fs::remove_dir_all(d);
+                    // Directories, and shared-memory files.
+                    let _ = std::fs::remove_dir_all(d).or_else(|_| std::fs::remove_file(d));
                 }
                 std::process::exit(128 + sig);
             }

@@ -66,6 +66,9 @@ pub struct FerryConfig {
     pub start_timeout: Duration,
     /// Limit for the migration itself (default 300 s); it is cancelled after that.
     pub migrate_timeout: Duration,
+    /// A local hand-over (`migrate --local` over a unix socket): the source's memory is a
+    /// memfd, the destination prepares nothing (the source's memory replaces its own).
+    pub local: bool,
     /// Extra environment of the destination process (tests: `FERRY_TEST_FLIP_BYTE`).
     pub dest_env: Vec<(String, String)>,
     /// Compare every page's digest on both sides (the hashing happens while the guest is
@@ -90,6 +93,7 @@ impl FerryConfig {
             watch: Duration::from_secs(2),
             start_timeout: Duration::from_secs(180),
             migrate_timeout: Duration::from_secs(300),
+            local: false,
             dest_env: Vec::new(),
             verify: false,
         }
@@ -335,8 +339,11 @@ pub fn parse_stats_line(stdout: &str) -> Result<Value> {
 pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
     // Declared first so it is removed last, after both processes are dead.
     let dir = WorkDir::new()?;
-    let port = free_port()?;
-    let uri = format!("tcp:127.0.0.1:{port}");
+    let uri = if cfg.local {
+        format!("unix:{}", dir.0.join("mig.sock").display())
+    } else {
+        format!("tcp:127.0.0.1:{}", free_port()?)
+    };
     let mem = format!("{}M", cfg.mem_mib);
     let cpus = cfg.cpus.to_string();
     let (src_api, dst_api) = (dir.0.join("src.sock"), dir.0.join("dst.sock"));
@@ -355,12 +362,15 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
         s("--api-socket"),
         dst_api.display().to_string(),
     ];
+    if cfg.local {
+        dst_args.extend([s("--prepare"), s("none")]);
+    }
     dst_args.extend(cfg.dest_args.iter().cloned());
     let (src_digest, dst_digest) = (dir.0.join("src.digest"), dir.0.join("dst.digest"));
     if cfg.verify {
         dst_args.extend([s("--digest-file"), dst_digest.display().to_string()]);
     }
-    let src_args = vec![
+    let mut src_args = vec![
         s("run"),
         s("--kernel"),
         cfg.image.display().to_string(),
@@ -375,6 +385,9 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
         s("--api-socket"),
         src_api.display().to_string(),
     ];
+    if cfg.local {
+        src_args.extend([s("--memory-backend"), s("memfd")]);
+    }
     // Both start at once, as for QEMU; the destination starts preparing its memory now.
     let mut dst = FerryProc::spawn(&cfg.binary, "dst", &dst_args, &cfg.dest_env, dst_api)?;
     let mut src = FerryProc::spawn(&cfg.binary, "src", &src_args, &[], src_api)?;
@@ -409,6 +422,9 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
     ];
     if let Some(ms) = cfg.downtime_limit_ms {
         args.extend([s("--downtime-limit"), ms.to_string()]);
+    }
+    if cfg.local {
+        args.push(s("--local"));
     }
     if cfg.verify {
         // The destination hashes all of its memory inside the switchover.

@@ -9,6 +9,8 @@
 //!   size and page kind (issue 4).
 //! - `faults`: the fault matrix (issue 7): faults and hostile operations against real
 //!   `ferry` processes at every moment of a migration, each case several times.
+//! - `local`: a local hand-over (issue 10), QEMU 7.2 `x-ignore-shared` against Ferry
+//!   `migrate --local`, at 1, 4 and 8 GiB.
 //!
 //! Build both binaries first: `cargo build --release -p ferry-cli -p ferry-bench`, then
 //! `target/release/ferry-bench SUBCOMMAND`. See BENCHMARKS.md.
@@ -19,6 +21,7 @@ mod dirtylog;
 mod faults;
 mod ferry;
 mod limits;
+mod local;
 mod prepare;
 mod qemu;
 mod stats;
@@ -54,6 +57,34 @@ enum Cmd {
     DirtyLog(DirtyLogArgs),
     /// The fault matrix: faults and hostile API use at every moment of a migration (issue 7).
     Faults(FaultArgs),
+    /// Local hand-over without copying memory, QEMU x-ignore-shared vs Ferry --local, by
+    /// size (issue 10).
+    Local(LocalArgs),
+}
+
+#[derive(Args)]
+struct LocalArgs {
+    /// Guest sizes in GiB.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    sizes: Vec<u64>,
+    /// Repetitions per size and system.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Hot working set the guest rewrites continuously (`ws=`).
+    #[arg(long, default_value = "64M")]
+    ws: String,
+    /// Seconds the guest runs after its ready line before the hand-over.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// The ferry binary (default: `ferry` next to this program).
+    #[arg(long, value_name = "PATH")]
+    ferry: Option<PathBuf>,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64", value_name = "PATH")]
+    qemu: PathBuf,
+    /// Print every raw run as one JSON document on stdout (the tables then go to stderr).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -371,6 +402,30 @@ fn fault_matrix(a: FaultArgs) -> Result<()> {
     Ok(())
 }
 
+fn local_handover(a: LocalArgs) -> Result<()> {
+    if !executable_exists(&a.qemu) {
+        bail!(
+            "{} not found: install QEMU 7.2 with `apt-get install qemu-system-x86`, or give \
+             --qemu PATH",
+            a.qemu.display()
+        );
+    }
+    let dir = qemu::WorkDir::new()?;
+    let image = ferry_guest::write_image(ferry_guest::ImageKind::Elf, &dir.0)?;
+    let plan = local::Plan {
+        sizes_gib: a.sizes,
+        reps: a.reps,
+        append: format!("ws={} hb=1", a.ws),
+        warmup: Duration::try_from_secs_f64(a.warmup).context("--warmup")?,
+        ferry: locate_ferry(a.ferry)?,
+        qemu: a.qemu,
+        image,
+    };
+    let report = local::run(&plan)?;
+    emit(&report.text(), a.json.then(|| report.to_json()));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = cleanup::install() {
@@ -383,6 +438,7 @@ fn main() -> ExitCode {
         Cmd::MigratePrepare(a) => migrate_prepare(a),
         Cmd::DirtyLog(a) => dirty_log(a),
         Cmd::Faults(a) => fault_matrix(a),
+        Cmd::Local(a) => local_handover(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

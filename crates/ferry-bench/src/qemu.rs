@@ -79,6 +79,10 @@ pub struct QemuConfig {
     pub migrate_timeout: Duration,
     /// `query-migrate` period while migrating (default 20 ms).
     pub poll_interval: Duration,
+    /// A local migration as QEMU 7.2 does it: guest RAM in a shared file in /dev/shm that
+    /// both QEMUs map (`memory-backend-file,share=on`), the `x-ignore-shared` capability
+    /// (no page is sent), over a unix socket. Default false.
+    pub ignore_shared: bool,
 }
 
 impl QemuConfig {
@@ -102,6 +106,7 @@ impl QemuConfig {
             start_timeout: Duration::from_secs(120),
             migrate_timeout: Duration::from_secs(300),
             poll_interval: Duration::from_millis(20),
+            ignore_shared: false,
         }
     }
 }
@@ -183,12 +188,16 @@ impl QemuResult {
 pub fn run_migration(cfg: &QemuConfig) -> Result<QemuResult> {
     // Declared first so it is removed last, after both QEMUs are dead.
     let dir = WorkDir::new()?;
-    let port = free_port()?;
-    let uri = format!("tcp:127.0.0.1:{port}");
+    let shm = SharedRam::new(cfg)?;
+    let uri = if cfg.ignore_shared {
+        format!("unix:{}", dir.0.join("mig.sock").display())
+    } else {
+        format!("tcp:127.0.0.1:{}", free_port()?)
+    };
 
     // Both start at once: each takes seconds to come up.
-    let mut dst = QemuProc::spawn(cfg, "dst", &dir.0, true)?;
-    let mut src = QemuProc::spawn(cfg, "src", &dir.0, false)?;
+    let mut dst = QemuProc::spawn(cfg, "dst", &dir.0, true, shm.as_ref())?;
+    let mut src = QemuProc::spawn(cfg, "src", &dir.0, false, shm.as_ref())?;
     let mut dst_qmp = dst.connect_qmp(cfg.start_timeout)?;
     let mut src_qmp = src.connect_qmp(cfg.start_timeout)?;
 
@@ -328,7 +337,40 @@ fn final_migration_info(qmp: &mut Qmp) -> Result<Value> {
 
 /// Capabilities and parameters that must be equal on both sides, plus the source's limits
 /// (harmless on the destination).
+/// The shared guest-RAM file of an `ignore_shared` run, removed on drop.
+struct SharedRam(PathBuf);
+
+impl SharedRam {
+    fn new(cfg: &QemuConfig) -> Result<Option<SharedRam>> {
+        if !cfg.ignore_shared {
+            return Ok(None);
+        }
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = PathBuf::from(format!(
+            "/dev/shm/ferry-bench-ram-{}-{n}",
+            std::process::id()
+        ));
+        crate::cleanup::register_dir(path.clone());
+        Ok(Some(SharedRam(path)))
+    }
+}
+
+impl Drop for SharedRam {
+    fn drop(&mut self) {
+        crate::cleanup::unregister_dir(&self.0);
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn set_migration_params(qmp: &mut Qmp, cfg: &QemuConfig) -> Result<()> {
+    if cfg.ignore_shared {
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })),
+        )
+        .context("enabling x-ignore-shared")?;
+    }
     if cfg.channels > 1 {
         qmp.execute(
             "migrate-set-capabilities",
@@ -395,7 +437,13 @@ struct QemuProc {
 }
 
 impl QemuProc {
-    fn spawn(cfg: &QemuConfig, name: &'static str, dir: &Path, incoming: bool) -> Result<Self> {
+    fn spawn(
+        cfg: &QemuConfig,
+        name: &'static str,
+        dir: &Path,
+        incoming: bool,
+        shm: Option<&SharedRam>,
+    ) -> Result<Self> {
         let qmp_path = dir.join(format!("{name}.qmp"));
         let mut cmd = Command::new(&cfg.binary);
         cmd.args(["-accel", "kvm", "-m"])
@@ -412,6 +460,15 @@ impl QemuProc {
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
         if cfg.nodefaults {
             cmd.arg("-nodefaults");
+        }
+        if let Some(shm) = shm {
+            cmd.arg("-object")
+                .arg(format!(
+                    "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+                    cfg.mem_mib,
+                    shm.0.display()
+                ))
+                .args(["-machine", "memory-backend=ram0"]);
         }
         if incoming {
             cmd.args(["-incoming", "defer"]);
