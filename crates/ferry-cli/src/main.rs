@@ -34,6 +34,32 @@ enum Command {
     Remote(RemoteArgs),
     /// Migrate a self-checking workload guest between two ferry processes on this machine.
     Demo(demo::DemoArgs),
+    /// Take a VM over from the ferry that exec'd this one (`remote update --exec`); not
+    /// run by hand.
+    #[command(hide = true)]
+    Takeover(TakeoverArgs),
+}
+
+#[derive(Args)]
+struct TakeoverArgs {
+    /// Print the hand-over format this binary reads, and exit.
+    #[arg(long)]
+    check: bool,
+    /// Inherited guest memory file.
+    #[arg(long, required_unless_present = "check")]
+    memory_fd: Option<i32>,
+    /// Inherited machine state.
+    #[arg(long, required_unless_present = "check")]
+    state_fd: Option<i32>,
+    /// The previous binary, run again if this one cannot take over.
+    #[arg(long)]
+    fallback_fd: Option<i32>,
+    /// The API connection to answer.
+    #[arg(long)]
+    reply_fd: Option<i32>,
+    /// This is the previous binary taking the VM back; why the new one failed.
+    #[arg(long)]
+    fell_back: Option<String>,
 }
 
 /// Parses sizes like 512M, 1G, 64K or plain bytes.
@@ -148,6 +174,14 @@ enum RemoteCommand {
     /// Cancel a running migration (a source keeps the guest; a destination discards the
     /// incoming attempt and waits for the next).
     MigrateCancel,
+    /// Live update in place: the VM's process execs a new ferry binary, which takes the VM
+    /// over (same PID, memory mapped again, not copied). Needs --memory-backend memfd or
+    /// hugetlb.
+    Update {
+        /// The new ferry binary.
+        #[arg(long, value_name = "PATH")]
+        exec: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -244,6 +278,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         serial: args.serial,
         api_socket: args.api_socket,
     };
+    run_to_end(cfg)
+}
+
+/// Runs the VM configured by `cfg` and turns its end into the exit status.
+fn run_to_end(cfg: RunConfig) -> Result<ExitCode> {
     let outcome = runner::run(cfg, |stats| {
         eprintln!(
             "ferry: incoming migration complete: {}",
@@ -261,6 +300,35 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         }
         Outcome::Quit | Outcome::MigratedAway => ExitCode::SUCCESS,
     })
+}
+
+fn takeover(a: TakeoverArgs) -> Result<ExitCode> {
+    if a.check {
+        println!("{}", ferry_vmm::update::CHECK_REPLY);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (Some(memory), Some(state)) = (a.memory_fd, a.state_fd) else {
+        bail!("takeover needs --memory-fd and --state-fd");
+    };
+    let inh =
+        ferry_vmm::update::Inherited::claim(memory, state, a.fallback_fd, a.reply_fd, a.fell_back)?;
+    let h = &inh.state.header;
+    let serial = match h.serial.strip_prefix("file:") {
+        Some(p) => SerialConfig::Append(PathBuf::from(p)),
+        None => h.serial.parse().map_err(anyhow::Error::msg)?,
+    };
+    let cfg = RunConfig {
+        memory: MemoryConfig {
+            size: h.memory_bytes,
+            backend: Backend::Anonymous,
+            thp: false,
+        },
+        vcpus: h.vcpus,
+        serial,
+        api_socket: h.api_socket.clone(),
+        boot: Boot::Takeover(Box::new(inh)),
+    };
+    run_to_end(cfg)
 }
 
 fn remote(args: RemoteArgs) -> Result<ExitCode> {
@@ -285,6 +353,14 @@ fn remote(args: RemoteArgs) -> Result<ExitCode> {
                 &json!({"command": "quit", "force": force}),
                 |_| {},
             )?);
+        }
+        RemoteCommand::Update { exec } => {
+            let exec = std::path::absolute(&exec).context("--exec path")?;
+            print(client::request(
+                sock,
+                &json!({"command": "update", "exec": exec}),
+                |_| {},
+            )?)
         }
         RemoteCommand::MigrateCancel => {
             say(client::request(
@@ -365,6 +441,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Remote(a) => remote(a),
         Command::Demo(a) => demo::run(a),
+        Command::Takeover(a) => takeover(a),
     };
     match r {
         Ok(code) => code,

@@ -127,6 +127,10 @@ impl Proc {
 }
 
 fn spawn(name: &'static str, dir: &Path, args: &[String]) -> Proc {
+    spawn_env(name, dir, args, &[])
+}
+
+fn spawn_env(name: &'static str, dir: &Path, args: &[String], env: &[(&str, &str)]) -> Proc {
     let serial = dir.join(format!("{name}.serial"));
     let api = dir.join(format!("{name}.sock"));
     let stderr = dir.join(format!("{name}.stderr"));
@@ -140,6 +144,7 @@ fn spawn(name: &'static str, dir: &Path, args: &[String]) -> Proc {
     all.extend_from_slice(args);
     let child = Command::new(FERRY)
         .args(&all)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr).unwrap())
@@ -1107,5 +1112,112 @@ fn local_hand_over_is_refused_where_it_cannot_work() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("needs a unix: URI"), "{err}");
     src.wait_progress(1);
+    assert_eq!(src.info()["state"], "running");
+}
+
+/// A memfd guest for `update --exec`, with `env` in its environment.
+fn updatable(dir: &Path, env: &[(&str, &str)]) -> Proc {
+    let img = ferry_guest::write_image(ImageKind::Elf, dir).unwrap();
+    let p = spawn_env(
+        "vm",
+        dir,
+        &[
+            s("--kernel"),
+            img.display().to_string(),
+            s("--append"),
+            s("ws=8M hb=1 dma=1"),
+            s("--memory"),
+            s(MEM),
+            s("--memory-backend"),
+            s("memfd"),
+        ],
+        env,
+    );
+    p.wait_ready();
+    p.wait_progress(1);
+    p
+}
+
+/// The guest kept running through whatever happened: no reboot, no failed check, its
+/// progress carried on, and the API answers.
+fn assert_guest_carries_on(p: &Proc, before: u64) {
+    p.wait_progress(2);
+    assert!(*p.sweeps().last().unwrap() > before, "{:?}", p.sweeps());
+    assert_eq!(
+        p.lines()
+            .iter()
+            .filter(|l| matches!(l, GuestLine::Boot { .. }))
+            .count(),
+        1,
+        "the guest rebooted"
+    );
+    assert!(p.fails().is_empty(), "{:?}", p.fails());
+    assert_eq!(p.info()["state"], "running");
+}
+
+#[test]
+fn update_exec_hands_the_vm_to_a_new_binary_in_the_same_process() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = updatable(dir.path(), &[]);
+    let pid = vm.child.id();
+    for _ in 0..2 {
+        let before = *vm.sweeps().last().unwrap();
+        let out = remote(&vm.api, &["update", "--exec", FERRY]);
+        assert!(
+            out.status.success(),
+            "update failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            vm.stderr()
+        );
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["pid"], pid, "{r}");
+        assert!(r["downtime_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert_guest_carries_on(&vm, before);
+        assert_eq!(vm.info()["memory_backend"], "memfd");
+    }
+    assert!(vm.wait_exit(Duration::from_millis(100)).is_none());
+    assert!(remote(&vm.api, &["quit"]).status.success());
+    assert!(vm
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+}
+
+#[test]
+fn a_failing_new_binary_leaves_the_vm_running() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    // The new binary takes over, then fails before running the guest (test hook): it hands
+    // the VM back to the previous binary, and the client hears why.
+    let vm = updatable(dir.path(), &[("FERRY_TEST_TAKEOVER_FAIL", "1")]);
+    let before = *vm.sweeps().last().unwrap();
+    let out = remote(&vm.api, &["update", "--exec", FERRY]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("could not take the VM over") && err.contains("took it back"),
+        "{err}"
+    );
+    assert_guest_carries_on(&vm, before);
+    // Not a ferry at all: refused before the guest is even paused.
+    let before = *vm.sweeps().last().unwrap();
+    let out = remote(&vm.api, &["update", "--exec", "/bin/true"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is not a ferry that can take this VM over"),
+        "{err}"
+    );
+    assert_guest_carries_on(&vm, before);
+}
+
+#[test]
+fn update_exec_needs_shared_memory() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path(), 1);
+    let out = remote(&src.api, &["update", "--exec", FERRY]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--memory-backend memfd"), "{err}");
     assert_eq!(src.info()["state"], "running");
 }

@@ -4,6 +4,7 @@
 //! comment. Everything above it sees safe functions with typed errors. It fills the gaps of
 //! kvm-ioctls (manual-protect dirty log, `KVM_CLEAR_DIRTY_LOG`, vCPU kicking) in its style.
 
+pub mod fd;
 pub mod iov;
 pub mod kick;
 pub mod kvm;

@@ -6,7 +6,8 @@
 //! `migrate {uri, channels?, downtime_limit_ms?, max_bandwidth?, auto_converge?,
 //! digest_file?, handshake_timeout_ms?, progress_timeout_ms?, switchover_timeout_ms?,
 //! local?}`,
-//! `migrate-cancel`.
+//! `migrate-cancel`, `update {exec}` (this process execs a new binary that takes the VM
+//! over and answers on this connection).
 //!
 //! While a migration runs, `pause`, `resume`, `snapshot`, `quit` and `migrate-cancel` are
 //! decided by the migration's phase ([`crate::owner`]): refused, or turned into a clean
@@ -49,6 +50,7 @@ pub const COMMANDS: &[&str] = &[
     "quit",
     "migrate",
     "migrate-cancel",
+    "update",
 ];
 
 /// Longest request line, in bytes.
@@ -137,6 +139,9 @@ enum Request {
     },
     Migrate(MigrateRequest),
     MigrateCancel,
+    Update {
+        exec: PathBuf,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -408,6 +413,7 @@ fn handle(req: Request, vmm: &Arc<Vmm>, writer: &Arc<Mutex<UnixStream>>) -> Resu
     match req {
         Request::Info => Ok(info(vmm)),
         Request::Migrate(m) => migrate(m, vmm, writer),
+        Request::Update { exec } => Err(update(&exec, vmm, writer)),
         other => run_command(other, vmm).map_err(|e| e.to_string()),
     }
 }
@@ -443,8 +449,20 @@ fn run_command(req: Request, vmm: &Arc<Vmm>) -> Result<Value, OwnerError> {
             }),
         ),
         Request::MigrateCancel => vmm.command(Command::Cancel, Box::new(|_| done())),
-        Request::Info | Request::Migrate(_) => Ok(Value::Null),
+        Request::Info | Request::Migrate(_) | Request::Update { .. } => Ok(Value::Null),
     }
+}
+
+/// Execs a new binary that takes the VM over and answers this client itself; returns (the
+/// reason) only when the update did not happen.
+fn update(exe: &Path, vmm: &Arc<Vmm>, writer: &Mutex<UnixStream>) -> String {
+    let reply = writer
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .try_clone()
+        .ok()
+        .map(std::os::fd::OwnedFd::from);
+    vmm.update_exec(exe, reply).to_string()
 }
 
 /// Starts a migration and follows it to its answer.

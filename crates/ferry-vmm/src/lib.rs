@@ -8,5 +8,6 @@ pub mod migration;
 pub mod multiboot;
 pub mod owner;
 pub mod runner;
+pub mod update;
 pub mod vcpu;
 pub mod vm;

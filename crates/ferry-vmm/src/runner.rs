@@ -20,7 +20,7 @@ use crate::vcpu::VcpuEvent;
 use crate::vm::{Vm, VmConfig, VmError};
 
 /// How the VM starts.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Boot {
     /// Boot a multiboot image.
     Kernel {
@@ -41,6 +41,8 @@ pub enum Boot {
         /// Receiver options.
         params: ReceiveParams,
     },
+    /// Take the VM over from the binary that exec'd this one (`update --exec`).
+    Takeover(Box<crate::update::Inherited>),
 }
 
 /// Where serial output goes.
@@ -50,6 +52,8 @@ pub enum SerialConfig {
     Stdout,
     /// A file (created or truncated).
     File(PathBuf),
+    /// A file, appended to (a binary taking a VM over continues its output).
+    Append(PathBuf),
     /// Nowhere.
     Null,
 }
@@ -71,7 +75,7 @@ impl std::str::FromStr for SerialConfig {
 }
 
 /// Everything `ferry run` needs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RunConfig {
     /// How to start.
     pub boot: Boot,
@@ -137,6 +141,10 @@ pub struct Vmm {
     pub(crate) incoming: Mutex<Option<Arc<Progress>>>,
     /// The control API's threads, as the process's exit sees them.
     pub(crate) api: ApiState,
+    /// Where serial output goes (a live update hands it on).
+    pub(crate) serial: SerialConfig,
+    /// The API socket (a live update serves it on).
+    pub(crate) api_socket: Option<PathBuf>,
 }
 
 impl Vmm {
@@ -170,6 +178,12 @@ fn serial_sink(cfg: &SerialConfig) -> Result<SerialSink, RunError> {
         }
         SerialConfig::Null => Ok(SerialSink::Null),
         SerialConfig::File(p) => std::fs::File::create(p)
+            .map(SerialSink::Fd)
+            .map_err(|e| RunError::Setup(format!("serial file {}: {e}", p.display()))),
+        SerialConfig::Append(p) => std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(p)
             .map(SerialSink::Fd)
             .map_err(|e| RunError::Setup(format!("serial file {}: {e}", p.display()))),
     }
@@ -208,6 +222,11 @@ fn build(cfg: &RunConfig, serial: SerialSink) -> Result<Built, RunError> {
                 prepared: None,
             })
         }
+        Boot::Takeover(_) => Ok(Built {
+            vm: Vm::create(vm_config, serial)?,
+            listener: None,
+            prepared: None,
+        }),
         Boot::Incoming { uri, params } => {
             // Refuse a preparation this machine cannot do before anything is received.
             if let Some(kind) = params.prepare.kind() {
@@ -269,6 +288,56 @@ fn receive_guest(
     }
 }
 
+/// Maps the inherited guest memory, loads the handed-over state and runs the guest; on
+/// failure, hands the VM back to the previous binary (which returns only if that fails).
+fn take_over(vmm: &Vmm, inh: crate::update::Inherited) -> Result<(), RunError> {
+    use crate::update::{answer, downtime_ms, fall_back, FAIL_ENV};
+    use ferry_migrate::MigrationTarget;
+    let h = &inh.state.header;
+    let attempt = || -> Result<(), String> {
+        if std::env::var_os(FAIL_ENV).is_some() && inh.fallback.is_some() {
+            return Err(format!("test hook {FAIL_ENV}"));
+        }
+        let memory = inh.memory.try_clone().map_err(|e| e.to_string())?;
+        vmm.vm
+            .ram()
+            .adopt(memory, &h.offsets, h.locked)
+            .map_err(|e| e.to_string())?;
+        Migratable(vmm.vm.clone())
+            .load_state(&inh.state.sections)
+            .map_err(|e| e.to_string())
+    };
+    if let Err(why) = attempt() {
+        let e = fall_back(&inh, &why);
+        answer(
+            inh.reply,
+            Err(format!("update failed and so did the way back: {e}")),
+        );
+        return Err(RunError::Setup(e.to_string()));
+    }
+    vmm.vm.resume();
+    let downtime = downtime_ms(h);
+    vmm.vm.ram().free_own_memory();
+    tracing::info!(
+        downtime_ms = downtime,
+        "update: this binary runs the VM now"
+    );
+    let result = match &inh.fell_back {
+        // The update failed; this is the previous binary, running the VM again.
+        Some(why) => Err(format!(
+            "update failed: the new binary could not take the VM over ({why}); the previous \
+             binary took it back and runs it (downtime {downtime:.1} ms)"
+        )),
+        None => Ok(serde_json::json!({
+            "pid": std::process::id(),
+            "downtime_ms": downtime,
+            "binary": std::env::current_exe().ok(),
+        })),
+    };
+    answer(inh.reply, result);
+    Ok(())
+}
+
 /// Runs a VM until it ends. `on_incoming` is told when the incoming migration finished.
 pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Outcome, RunError> {
     let serial = serial_sink(&cfg.serial)?;
@@ -295,6 +364,8 @@ pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Ou
         role: Mutex::new(role),
         last_migration: Mutex::new(None),
         api: ApiState::default(),
+        serial: cfg.serial.clone(),
+        api_socket: cfg.api_socket.clone(),
     });
     let vcpu_tx = Mutex::new(tx);
     vm.start(Arc::new(move |e| {
@@ -309,13 +380,14 @@ pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Ou
         }
         None => None,
     };
-    match (&cfg.boot, listener) {
+    match (cfg.boot, listener) {
         (Boot::Incoming { params, .. }, Some(listener)) => {
-            let end = receive_guest(&vmm, listener, params, prepared, commands, on_incoming);
+            let end = receive_guest(&vmm, listener, &params, prepared, commands, on_incoming);
             if let Some(end) = end {
                 return end;
             }
         }
+        (Boot::Takeover(inh), _) => take_over(&vmm, *inh)?,
         _ => vm.resume(),
     }
     let outcome = match rx.recv() {

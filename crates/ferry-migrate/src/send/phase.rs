@@ -222,6 +222,12 @@ impl Connecting {
         match ev {
             Event::Connected(Ok(conn)) => {
                 src.attach(conn)?;
+                if src.params.local {
+                    // On one host nothing needs negotiating first: the VM and its memory
+                    // go out behind the Hello, and the answers come back in order.
+                    src.send_setup(self.deadline, "connecting")?;
+                    src.send_local_memory()?;
+                }
                 Ok(Step::Next(Phase::Handshake(Handshake {
                     deadline: self.deadline,
                 })))
@@ -288,12 +294,10 @@ impl Handshake {
                     return Err(MigrateError::LocalRefused);
                 }
                 src.need_prepared = capabilities & caps::SWITCHOVER_ACK != 0;
-                let setup = Message::Setup(Setup {
-                    vm: src.vm.description(),
-                    timeouts: src.params.timeouts(),
-                });
                 let sent_at = Instant::now();
-                src.send(&setup, "handshake", self.deadline)?;
+                if !src.params.local {
+                    src.send_setup(self.deadline, "handshake")?;
+                }
                 Ok(Step::Next(Phase::Setup(SetupWait {
                     deadline: self.deadline,
                     sent_at,
@@ -322,7 +326,7 @@ impl SetupWait {
             Event::Peer(Ok(Message::SetupAccepted)) => {
                 src.rtt = self.sent_at.elapsed();
                 if src.params.local {
-                    return Ok(Step::Next(Phase::Adopting(Adopting::start(src)?)));
+                    return Ok(Step::Next(Phase::Adopting(Adopting::start(src))));
                 }
                 Ok(Step::Next(Phase::Precopy(Box::new(Precopy::start(src)?))))
             }
@@ -345,34 +349,53 @@ pub(super) struct Adopting {
     sent_at: Instant,
 }
 
-impl Adopting {
-    fn start(src: &mut Source) -> Result<Adopting, MigrateError> {
-        let (file, offsets) = src.ram.file().ok_or(MigrateError::LocalNeedsSharedMemory {
-            backend: src.ram.config().backend.name(),
-        })?;
+impl Source {
+    fn send_setup(&mut self, deadline: Instant, phase: &'static str) -> Result<(), MigrateError> {
+        let setup = Message::Setup(Setup {
+            vm: self.vm.description(),
+            timeouts: self.params.timeouts(),
+        });
+        self.send(&setup, phase, deadline)
+    }
+
+    /// Sends the guest memory file (a local hand-over).
+    fn send_local_memory(&mut self) -> Result<(), MigrateError> {
+        let (file, offsets) = self
+            .ram
+            .file()
+            .ok_or(MigrateError::LocalNeedsSharedMemory {
+                backend: self.ram.config().backend.name(),
+            })?;
         let msg = Message::LocalMemory {
-            locked: ferry_sys::mm::locked_bytes().is_some_and(|b| b >= src.ram.size()),
+            locked: ferry_sys::mm::locked_bytes().is_some_and(|b| b >= self.ram.size()),
             offsets,
         };
-        src.send_with_file(&msg, &file, "adopting")?;
+        self.send_with_file(&msg, &file, "connecting")
+    }
+}
+
+impl Adopting {
+    /// The Setup was accepted; the memory file went out behind it.
+    fn start(src: &mut Source) -> Adopting {
         src.stats.setup_ms = ms(src.started.elapsed());
         src.stats.ram_bytes = src.ram.size();
         src.stats.downtime_limit_ms = ms(src.params.downtime_limit);
         src.stats.local = true;
         src.progress.set_status(Status::Active);
         let sent_at = Instant::now();
-        Ok(Adopting {
+        Adopting {
             deadline: sent_at + src.params.progress_timeout,
             sent_at,
-        })
+        }
     }
 
     fn on(self, ev: Event, src: &mut Source) -> Result<Step, MigrateError> {
         match ev {
             Event::Peer(Ok(Message::MemoryAdopted { adopt_us })) => {
-                src.stats.adopt_ms = ms(self.sent_at.elapsed());
+                src.stats.adopt_ms = adopt_us as f64 / 1e3;
                 tracing::info!(
-                    adopt_ms = adopt_us as f64 / 1e3,
+                    adopt_ms = src.stats.adopt_ms,
+                    waited_ms = ms(self.sent_at.elapsed()),
                     "the destination mapped the guest memory; switching over"
                 );
                 let sw = Switchover::begin_local(src)?;
