@@ -145,7 +145,7 @@ impl Handover {
         Ok(f)
     }
 
-    /// Reads what [`Handover::to_memfd`] wrote.
+    /// Reads what the previous binary wrote (one JSON line, then a `State` frame).
     pub fn read(f: &File) -> Result<Handover, UpdateError> {
         let mut r = BufReader::new(f);
         let mut line = String::new();
