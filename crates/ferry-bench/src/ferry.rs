@@ -526,6 +526,86 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
     Ok(r)
 }
 
+/// What one `update --exec` (live update in place) measured, ms.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpdateResult {
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// The new binary's own figure: from the pause in the old binary to the guest running
+    /// in the new one.
+    pub downtime_ms: f64,
+    /// From starting `ferry remote update` until it returned.
+    pub observed_total_ms: f64,
+    /// The guest's longest heartbeat silence from the update until 2 s after it.
+    pub guest_downtime_ms: f64,
+    /// The PID before and after (the same process).
+    pub pid_kept: bool,
+}
+
+/// Boots a memfd guest of `cfg.mem_mib`, lets it warm up, and hands it to a new copy of the
+/// ferry binary in the same process (`remote update --exec`); the guest must carry on.
+pub fn run_update(cfg: &FerryConfig) -> Result<UpdateResult> {
+    let dir = WorkDir::new()?;
+    let api = dir.0.join("vm.sock");
+    let s = |x: &str| x.to_string();
+    let args = vec![
+        s("run"),
+        s("--kernel"),
+        cfg.image.display().to_string(),
+        s("--append"),
+        cfg.append.clone(),
+        s("--memory"),
+        format!("{}M", cfg.mem_mib),
+        s("--memory-backend"),
+        s("memfd"),
+        s("--serial"),
+        s("stdout"),
+        s("--api-socket"),
+        api.display().to_string(),
+    ];
+    let mut vm = FerryProc::spawn(&cfg.binary, "vm", &args, &[], api)?;
+    vm.wait_api(cfg.start_timeout)?;
+    vm.serial
+        .wait_for(|l| matches!(l, GuestLine::Ready { .. }), cfg.start_timeout)
+        .with_context(|| format!("vm: waiting for the guest's ready line{}", vm.stderr()))?;
+    thread::sleep(cfg.warmup);
+    let pid = vm.child.0.id();
+    let exe = std::fs::canonicalize(&cfg.binary)?;
+    let t0 = Instant::now();
+    let out = remote(
+        &cfg.binary,
+        &vm.api,
+        &[s("update"), s("--exec"), exe.display().to_string()],
+        Duration::from_secs(60),
+    )?;
+    let t1 = Instant::now();
+    if !out.succeeded() {
+        bail!("update --exec failed ({}): {}{}", out.status_text(), out.stderr, vm.stderr());
+    }
+    let reply: Value = serde_json::from_str(out.stdout.trim())
+        .with_context(|| format!("update's reply: {}", out.stdout))?;
+    let fails_before = vm.serial.fail_count();
+    thread::sleep(cfg.watch);
+    let t_end = Instant::now();
+    vm.check_alive()?;
+    let beats = vm.serial.beats();
+    let gap = longest_gap_at(&[&beats], (t0, t_end));
+    if vm.serial.fail_count() > 0 || fails_before > 0 || vm.serial.beats_between(t1, t_end) == 0 {
+        bail!("GUEST CHECK FAILED after the update{}", vm.stderr());
+    }
+    let _ = remote(&cfg.binary, &vm.api, &[s("quit")], Duration::from_secs(10));
+    let _ = vm.wait_exit(Duration::from_secs(10));
+    Ok(UpdateResult {
+        mem_mib: cfg.mem_mib,
+        downtime_ms: reply["downtime_ms"]
+            .as_f64()
+            .ok_or_else(|| anyhow!("update's reply has no downtime_ms: {reply}"))?,
+        observed_total_ms: (t1 - t0).as_secs_f64() * 1e3,
+        guest_downtime_ms: gap.len.as_secs_f64() * 1e3,
+        pid_kept: reply["pid"].as_u64() == Some(u64::from(pid)),
+    })
+}
+
 /// What a `ferry remote` command printed, and how it ended (`None`: timed out, killed).
 #[derive(Debug)]
 struct RemoteOutput {

@@ -69,6 +69,8 @@ pub struct Report {
     pub runs: Vec<Run>,
     /// Per size: pages found identical by the verified Ferry run.
     pub verified: Vec<(u64, usize)>,
+    /// `update --exec` runs (the exec form: a new binary in the same process).
+    pub updates: Vec<ferry::UpdateResult>,
 }
 
 fn qemu_run(plan: &Plan, gib: u64) -> Result<Run> {
@@ -152,6 +154,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
     let started = utc_now();
     let mut runs = Vec::new();
     let mut verified = Vec::new();
+    let mut updates = Vec::new();
     for &gib in &plan.sizes_gib {
         for rep in 1..=plan.reps {
             for system in ["qemu", "ferry"] {
@@ -174,6 +177,18 @@ pub fn run(plan: &Plan) -> Result<Report> {
                 runs.push(r);
             }
         }
+        for rep in 1..=plan.reps {
+            let u = ferry::run_update(&ferry_config(plan, gib))
+                .with_context(|| format!("update --exec {gib} GiB (rep {rep}) failed"))?;
+            if !u.pid_kept {
+                bail!("update --exec {gib} GiB: the VM ended up in another process");
+            }
+            eprintln!(
+                "{gib} GiB rep {rep}/{}: update --exec downtime {:.1} ms, guest downtime {:.1} ms",
+                plan.reps, u.downtime_ms, u.guest_downtime_ms
+            );
+            updates.push(u);
+        }
         let r = ferry_run(plan, gib, true)
             .with_context(|| format!("ferry {gib} GiB (verified run) failed"))?;
         let MemoryCheck::Identical { pages, .. } = r.memory else {
@@ -187,6 +202,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
         started,
         runs,
         verified,
+        updates,
     })
 }
 
@@ -273,6 +289,28 @@ impl Report {
                 );
             }
         }
+        let _ = writeln!(
+            out,
+            "\nFerry update --exec (a new binary in the same process; the VM is rebuilt \
+             inside the pause): downtime, guest downtime, ms"
+        );
+        for &gib in &self.plan.sizes_gib {
+            let of = |f: fn(&ferry::UpdateResult) -> f64| {
+                let v: Vec<f64> = self
+                    .updates
+                    .iter()
+                    .filter(|u| u.mem_mib == gib << 10)
+                    .map(f)
+                    .collect();
+                Summary::of(&v).display(1.0, 1)
+            };
+            let _ = writeln!(
+                out,
+                "  {gib} GiB: {}, {}",
+                of(|u| u.downtime_ms),
+                of(|u| u.guest_downtime_ms)
+            );
+        }
         for (gib, pages) in &self.verified {
             let _ = writeln!(
                 out,
@@ -293,6 +331,7 @@ impl Report {
             "append": self.plan.append,
             "runs": self.runs,
             "verified": self.verified,
+            "updates": self.updates,
         })
     }
 }
