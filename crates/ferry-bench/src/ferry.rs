@@ -580,7 +580,12 @@ pub fn run_update(cfg: &FerryConfig) -> Result<UpdateResult> {
     )?;
     let t1 = Instant::now();
     if !out.succeeded() {
-        bail!("update --exec failed ({}): {}{}", out.status_text(), out.stderr, vm.stderr());
+        bail!(
+            "update --exec failed ({}): {}{}",
+            out.status_text(),
+            out.stderr,
+            vm.stderr()
+        );
     }
     let reply: Value = serde_json::from_str(out.stdout.trim())
         .with_context(|| format!("update's reply: {}", out.stdout))?;

@@ -402,6 +402,23 @@ impl GuestRam {
         f.current.clone().map(|c| (c, f.offsets.clone()))
     }
 
+    /// Drops this process's page tables over shared guest RAM (the data stays in the file;
+    /// the guest's next accesses map it again), so that unmapping it later is quick.
+    pub fn drop_page_tables(&self) -> Result<(), MemoryError> {
+        for r in self.host_regions() {
+            mm::drop_page_tables(r.addr, r.len).map_err(|e| MemoryError::Host {
+                what: "dropping the page tables of shared guest memory".into(),
+                source: e.into(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Whether this RAM maps another process's memory (a local hand-over in progress).
+    pub fn is_adopted(&self) -> bool {
+        self.files().adopted.is_some()
+    }
+
     fn files(&self) -> std::sync::MutexGuard<'_, Files> {
         self.file.lock().unwrap_or_else(|e| e.into_inner())
     }

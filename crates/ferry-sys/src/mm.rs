@@ -373,6 +373,36 @@ pub fn release(addr: usize, len: usize) -> Result<(), MmError> {
     Ok(())
 }
 
+/// Drops this process's page-table entries for a range of a *shared* registered mapping
+/// (`MADV_DONTNEED`): the data stays in the file, and the next access maps it again. Tearing
+/// down a large populated mapping costs time proportional to what is mapped; doing this
+/// while the guest still runs leaves little to tear down when it matters (an `exec` inside
+/// a live update's pause). Private memory is refused: there it would discard the data.
+pub fn drop_page_tables(addr: usize, len: usize) -> Result<(), MmError> {
+    check_range("drop page tables", addr, len, page_size())?;
+    let reg = registry_read();
+    match reg.range(..=addr).next_back() {
+        Some((_, v)) if addr + len <= v.end && v.shared => {}
+        _ => {
+            return Err(MmError::NotVolatile {
+                call: "drop page tables (shared memory only)",
+                addr,
+                len,
+            })
+        }
+    }
+    // SAFETY: the range lies inside a registered *shared* mapping (checked under the read
+    // lock, so it stays mapped meanwhile). MADV_DONTNEED on a shared file mapping only
+    // removes page-table entries; the pages stay in the file and read back unchanged, so
+    // nothing any code relies on changes.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+    drop(reg);
+    if rc != 0 {
+        return Err(MmError::last("madvise(MADV_DONTNEED)"));
+    }
+    Ok(())
+}
+
 /// What [`replace_mapping`] puts in place of a registered volatile mapping.
 #[derive(Debug, Clone, Copy)]
 pub enum Backing<'a> {

@@ -290,14 +290,14 @@ fn receive_guest(
 
 /// Maps the inherited guest memory, loads the handed-over state and runs the guest; on
 /// failure, hands the VM back to the previous binary (which returns only if that fails).
-fn take_over(vmm: &Vmm, inh: crate::update::Inherited) -> Result<(), RunError> {
+fn take_over(vmm: &Vmm, mut inh: crate::update::Inherited) -> Result<(), RunError> {
     use crate::update::{answer, downtime_ms, fall_back, FAIL_ENV};
     use ferry_migrate::MigrationTarget;
-    let h = &inh.state.header;
-    let attempt = || -> Result<(), String> {
+    let attempt = |inh: &crate::update::Inherited| -> Result<(), String> {
         if std::env::var_os(FAIL_ENV).is_some() && inh.fallback.is_some() {
             return Err(format!("test hook {FAIL_ENV}"));
         }
+        let h = &inh.state.header;
         let memory = inh.memory.try_clone().map_err(|e| e.to_string())?;
         vmm.vm
             .ram()
@@ -307,16 +307,20 @@ fn take_over(vmm: &Vmm, inh: crate::update::Inherited) -> Result<(), RunError> {
             .load_state(&inh.state.sections)
             .map_err(|e| e.to_string())
     };
-    if let Err(why) = attempt() {
+    if let Err(why) = attempt(&inh) {
+        inh.settled = true;
         let e = fall_back(&inh, &why);
         answer(
-            inh.reply,
+            inh.reply.take(),
             Err(format!("update failed and so did the way back: {e}")),
         );
         return Err(RunError::Setup(e.to_string()));
     }
-    vmm.vm.resume();
-    let downtime = downtime_ms(h);
+    inh.settled = true;
+    if !inh.state.header.paused {
+        vmm.vm.resume();
+    }
+    let downtime = downtime_ms(&inh.state.header);
     vmm.vm.ram().free_own_memory();
     tracing::info!(
         downtime_ms = downtime,
@@ -334,7 +338,7 @@ fn take_over(vmm: &Vmm, inh: crate::update::Inherited) -> Result<(), RunError> {
             "binary": std::env::current_exe().ok(),
         })),
     };
-    answer(inh.reply, result);
+    answer(inh.reply.take(), result);
     Ok(())
 }
 
@@ -374,21 +378,33 @@ pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Ou
             .unwrap_or_else(|p| p.into_inner())
             .send(Event::Vcpu(e));
     }))?;
-    let _api = match &cfg.api_socket {
-        Some(path) => {
-            Some(api::serve(path, vmm.clone()).map_err(|e| RunError::Setup(e.to_string()))?)
-        }
-        None => None,
+    let serve = |vmm: &Arc<Vmm>| match &cfg.api_socket {
+        Some(path) => api::serve(path, vmm.clone())
+            .map(Some)
+            .map_err(|e| RunError::Setup(e.to_string())),
+        None => Ok(None),
     };
-    match (cfg.boot, listener) {
-        (Boot::Incoming { params, .. }, Some(listener)) => {
-            let end = receive_guest(&vmm, listener, &params, prepared, commands, on_incoming);
+    let _api;
+    match cfg.boot {
+        Boot::Incoming { ref params, .. } => {
+            _api = serve(&vmm)?;
+            let Some(listener) = listener else {
+                return Err(RunError::Setup("no listener for --incoming".into()));
+            };
+            let end = receive_guest(&vmm, listener, params, prepared, commands, on_incoming);
             if let Some(end) = end {
                 return end;
             }
         }
-        (Boot::Takeover(inh), _) => take_over(&vmm, *inh)?,
-        _ => vm.resume(),
+        Boot::Takeover(inh) => {
+            // The API opens only once the guest runs here: nothing may act in between.
+            take_over(&vmm, *inh)?;
+            _api = serve(&vmm)?;
+        }
+        _ => {
+            _api = serve(&vmm)?;
+            vm.resume();
+        }
     }
     let outcome = match rx.recv() {
         Ok(Event::Vcpu(VcpuEvent::Stopped { reason, error, .. })) => {

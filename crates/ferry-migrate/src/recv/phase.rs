@@ -245,13 +245,13 @@ impl Destination {
             source = att.peer.as_str(),
             "incoming migration failed: {e}; the guest was not run here; waiting for another migration"
         );
-        att.tell_error(&e, phase);
-        att.end();
         // A failed local hand-over: the source's guest runs on in its memory, which this
-        // process must not touch again.
+        // process must not touch again (given back before the source hears of the failure).
         if let Err(d) = self.ram.disown() {
             self.fatal = Some(MigrateError::Disown(d));
         }
+        att.tell_error(&e, phase);
+        att.end();
         self.progress.set_error(&e);
         self.progress.set_status(Status::Listening);
         Step::Next(Phase::listening())
@@ -447,7 +447,7 @@ impl Handshake {
     ) -> Option<Handshake> {
         let n = g.hello.data_channels;
         // A local hand-over has no data channel; only a unix socket can carry one.
-        let local = g.hello.capabilities & caps::LOCAL != 0 && g.stream.is_local();
+        let local = g.hello.capabilities & caps::LOCAL != 0 && g.stream.is_local() && n == 0;
         if (n == 0 && !local) || n > MAX_CHANNELS {
             refuse_count(rx, g);
             return None;
@@ -543,7 +543,10 @@ impl Handshake {
             }
             _ => {}
         }
-        if self.data.iter().all(Option::is_some) {
+        // A preparation stopped for an earlier local hand-over may still be undoing its
+        // work (discarding pages): nothing may be received until it has ended.
+        let undoing = rx.stopped_for_local && rx.prepared.is_none();
+        if self.data.iter().all(Option::is_some) && !undoing {
             if let Some(setup) = self.setup.take() {
                 return Receiving::begin(*self, setup, rx)
                     .map(|r| Step::Next(Phase::Receiving(Box::new(r))));
@@ -618,7 +621,10 @@ impl Receiving {
         }
         rx.progress.set_status(Status::Active);
         let n = usize::from(att.hello.data_channels);
-        let local = if att.hello.capabilities & caps::LOCAL != 0 && att.main.is_local() {
+        let local = if att.hello.capabilities & caps::LOCAL != 0
+            && att.main.is_local()
+            && att.hello.data_channels == 0
+        {
             Local::Awaiting
         } else {
             Local::No
@@ -1026,7 +1032,7 @@ impl Destination {
     /// Every page is here and nothing writes guest memory any more: the test hook's flip,
     /// then the digest of every page, if asked for.
     fn after_last_page(&mut self) -> Result<(), MigrateError> {
-        if let Some(gpa) = self.params.flip_byte_at {
+        if let Some(gpa) = self.params.flip_byte_at.filter(|_| !self.ram.is_adopted()) {
             tracing::warn!("test hook: flipping the byte at guest address {gpa:#x}");
             self.ram.flip_byte(gpa).map_err(MigrateError::Memory)?;
         }
