@@ -342,20 +342,6 @@ fn take_over(vmm: &Vmm, mut inh: crate::update::Inherited) -> Result<(), RunErro
     Ok(())
 }
 
-/// After a hand-over this process only winds down; tearing down its guest memory mapping
-/// and VM costs CPU time that grows with memory size. On a shared host (a local hand-over
-/// above all) the guest now runs next door, so every thread here drops to nice 19.
-fn yield_to_the_guest() {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return;
-    };
-    for t in tasks.flatten() {
-        if let Some(tid) = t.file_name().to_str().and_then(|n| n.parse().ok()) {
-            let _ = ferry_sys::sched::set_nice_of(tid, 19);
-        }
-    }
-}
-
 /// Runs a VM until it ends. `on_incoming` is told when the incoming migration finished.
 pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Outcome, RunError> {
     let serial = serial_sink(&cfg.serial)?;
@@ -430,9 +416,6 @@ pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Ou
     if matches!(outcome, Outcome::GuestStopped { .. }) {
         // Nothing may resume or migrate a guest that stopped by itself.
         vmm.stop_owning();
-    }
-    if outcome == Outcome::MigratedAway {
-        yield_to_the_guest();
     }
     // Let the client that asked (quit, migrate) read its answer before the process ends.
     vmm.close_api(API_DRAIN);
