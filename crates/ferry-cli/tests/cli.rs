@@ -401,8 +401,14 @@ fn request_until_gone(sock: &Path) -> usize {
         let v: Value = serde_json::from_str(&reply).unwrap();
         if v["ok"] != json!(true) {
             let err = v["error"].as_str().unwrap_or_default();
-            assert!(err.contains("refused: this process is exiting"), "{v}");
-            refused += 1;
+            // Four clients in a loop can outrun the server's connection limit: that
+            // refusal is a reply too.
+            let busy = err.contains("too many API connections");
+            assert!(
+                busy || err.contains("refused: this process is exiting"),
+                "{v}"
+            );
+            refused += usize::from(!busy);
         }
     }
 }
