@@ -522,6 +522,17 @@ fn api_socket_is_not_taken_from_others() {
 
 /// The control API's limits: a private socket whatever the umask, bounded requests, a
 /// bounded number of connections.
+/// A child killed when the test ends, even by a panic (a VM left running would skew every
+/// test after it).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn api_socket_is_private_and_bounded() {
     use std::os::unix::fs::PermissionsExt;
@@ -530,16 +541,18 @@ fn api_socket_is_private_and_bounded() {
     let image = ferry_guest::write_image(ImageKind::Elf, dir.path()).unwrap();
     let sock = dir.path().join("api.sock");
     // umask 000 would make a plainly bound socket world-writable.
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "umask 000 && exec {FERRY} run --kernel '{}' --append 'ws=1M hb=10' --memory 32M \
-             --serial null --api-socket '{}'",
-            image.display(),
-            sock.display()
-        ))
-        .spawn()
-        .unwrap();
+    let mut child = Killed(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "umask 000 && exec {FERRY} run --kernel '{}' --append 'ws=1M hb=10' --memory 32M \
+                 --serial null --api-socket '{}'",
+                image.display(),
+                sock.display()
+            ))
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + GUEST_TIMEOUT;
     while !sock.exists() {
         assert!(Instant::now() < deadline, "no API socket");
@@ -597,6 +610,5 @@ fn api_socket_is_private_and_bounded() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = remote(&sock, &["quit"]);
-    let _ = wait_timeout(&mut child, CMD_TIMEOUT);
-    let _ = child.kill();
+    let _ = wait_timeout(&mut child.0, CMD_TIMEOUT);
 }

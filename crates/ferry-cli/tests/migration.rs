@@ -1045,6 +1045,9 @@ fn local_hand_over_of_hugetlb_memory() {
         &[
             s("--memory-backend"),
             s("hugetlb"),
+            // Nothing to prepare: the source's memory replaces this process's own.
+            s("--prepare"),
+            s("none"),
             s("--digest-file"),
             dst_digest.display().to_string(),
         ],
