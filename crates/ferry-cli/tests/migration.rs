@@ -939,12 +939,12 @@ fn demo_fails_naming_a_page_broken_after_loading() {
     );
 }
 
-/// A source guest on shared memory (`backend`: memfd or hugetlb), running and checking
-/// itself.
-fn shared_source(dir: &Path, backend: &str) -> Proc {
+/// A guest on shared memory (`backend`: memfd or hugetlb), running and checking itself,
+/// with `env` in its process's environment.
+fn shared_vm(name: &'static str, dir: &Path, backend: &str, env: &[(&str, &str)]) -> Proc {
     let img = ferry_guest::write_image(ImageKind::Elf, dir).unwrap();
-    let p = spawn(
-        "source",
+    let p = spawn_env(
+        name,
         dir,
         &[
             s("--kernel"),
@@ -956,10 +956,16 @@ fn shared_source(dir: &Path, backend: &str) -> Proc {
             s("--memory-backend"),
             s(backend),
         ],
+        env,
     );
     p.wait_ready();
     p.wait_progress(1);
     p
+}
+
+/// The source of a local hand-over.
+fn shared_source(dir: &Path, backend: &str) -> Proc {
+    shared_vm("source", dir, backend, &[])
 }
 
 /// `migrate --local` with digests on both sides; returns the output and the digest paths.
@@ -1120,25 +1126,7 @@ fn local_hand_over_is_refused_where_it_cannot_work() {
 
 /// A memfd guest for `update --exec`, with `env` in its environment.
 fn updatable(dir: &Path, env: &[(&str, &str)]) -> Proc {
-    let img = ferry_guest::write_image(ImageKind::Elf, dir).unwrap();
-    let p = spawn_env(
-        "vm",
-        dir,
-        &[
-            s("--kernel"),
-            img.display().to_string(),
-            s("--append"),
-            s("ws=8M hb=1 dma=1"),
-            s("--memory"),
-            s(MEM),
-            s("--memory-backend"),
-            s("memfd"),
-        ],
-        env,
-    );
-    p.wait_ready();
-    p.wait_progress(1);
-    p
+    shared_vm("vm", dir, "memfd", env)
 }
 
 /// The guest kept running through whatever happened: no reboot, no failed check, its
