@@ -28,9 +28,11 @@ use std::time::{Duration, Instant};
 use ferry_sys::mm::{self, MmError};
 use ferry_sys::sched;
 
-/// Default chunk size: small enough that cancellation is prompt (a 32 MiB chunk of cold
-/// memory populates in about 0.1 s here), large enough that per-chunk costs vanish.
-pub const DEFAULT_CHUNK_BYTES: usize = 32 << 20;
+/// Default chunk size: small enough that cancellation is prompt and that the address-space
+/// lock a chunk holds does not stall the process (thread creation, a migration's
+/// handshake) for long when the host backs memory slowly (32 MiB chunks were seen to hold
+/// it for seconds), large enough that per-chunk costs vanish.
+pub const DEFAULT_CHUNK_BYTES: usize = 4 << 20;
 
 /// Default nice value of the helpers: they must yield to vCPU and transfer threads.
 pub const DEFAULT_NICE: i32 = 19;
