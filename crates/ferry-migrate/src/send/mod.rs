@@ -267,6 +267,15 @@ impl Source {
     }
 
     /// Writes a control message, giving up at `deadline`.
+    /// The main channel, once connected.
+    fn main_channel(&mut self, phase: &'static str) -> Result<&mut Stream, MigrateError> {
+        self.main.as_mut().ok_or(MigrateError::Closed {
+            side: "destination",
+            channel: Channel::Main,
+            phase,
+        })
+    }
+
     /// Sends `msg` with the guest memory file attached (a local hand-over).
     fn send_with_file(
         &mut self,
@@ -274,25 +283,17 @@ impl Source {
         file: &std::fs::File,
         phase: &'static str,
     ) -> Result<(), MigrateError> {
-        let main = self.main.as_mut().ok_or(MigrateError::Closed {
-            side: "destination",
-            channel: Channel::Main,
-            phase,
-        })?;
+        let timeout = self.params.handshake_timeout;
+        let main = self.main_channel(phase)?;
         let mut buf = Vec::new();
         msg.encode(&mut buf);
-        let deadline = Instant::now() + self.params.handshake_timeout;
-        main.set_write_timeout(Some(
-            deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1)),
-        ))
-        .and_then(|()| main.send_with_fds(&buf, &[std::os::fd::AsFd::as_fd(file)]))
-        .map_err(|source| MigrateError::Send {
-            channel: Channel::Main,
-            phase,
-            source,
-        })
+        main.set_write_timeout(Some(timeout))
+            .and_then(|()| main.send_with_fds(&buf, &[std::os::fd::AsFd::as_fd(file)]))
+            .map_err(|source| MigrateError::Send {
+                channel: Channel::Main,
+                phase,
+                source,
+            })
     }
 
     fn send(
@@ -301,11 +302,7 @@ impl Source {
         phase: &'static str,
         deadline: Instant,
     ) -> Result<(), MigrateError> {
-        let main = self.main.as_mut().ok_or(MigrateError::Closed {
-            side: "destination",
-            channel: Channel::Main,
-            phase,
-        })?;
+        let main = self.main_channel(phase)?;
         let n = send_by(main, msg, deadline).map_err(|source| MigrateError::Send {
             channel: Channel::Main,
             phase,
