@@ -3,11 +3,11 @@
 use std::io::{ErrorKind, Read};
 
 use crate::message::{
-    check_batch_pages, runs_body_len, total_pages, FEATURE_LEN, REGION_LEN, RUN_LEN,
-    SECTION_MIN_LEN,
+    check_batch_pages, compressed_body_len, pages_body_len, runs_body_len, total_pages,
+    FEATURE_LEN, REGION_LEN, RUN_LEN, SECTION_MIN_LEN,
 };
 use crate::{
-    ChannelRole, CpuFeature, Hello, MemRegion, Message, MessageKind, PageRun, ProtoError, Setup,
+    ChannelRole, Codec, CpuFeature, FLAG_SUMMED, MAX_BATCH_PAGES, Hello, MemRegion, Message, MessageKind, PageRun, ProtoError, Setup,
     StateSection, Timeouts, VmDescription, FRAME_HEADER_LEN, MAGIC, MAX_CPU_FEATURES, MAX_REGIONS,
     MAX_RUNS, MAX_SECTIONS, MAX_STRING,
 };
@@ -20,10 +20,12 @@ pub struct FrameHeader {
     /// Length of the body that follows, already checked against
     /// [`MessageKind::max_body_len`].
     pub body_len: u32,
+    /// The body is followed by the frame's checksum ([`FLAG_SUMMED`]).
+    pub summed: bool,
 }
 
-/// Decodes a frame header: known kind, zero flags, body length within the
-/// kind's limit. Checking the length here, before the body is read, is what
+/// Decodes a frame header: known kind, no flags but [`FLAG_SUMMED`], body
+/// length within the kind's limit. Checking the length here, before the body is read, is what
 /// keeps a lying header from costing memory.
 pub fn decode_header(bytes: &[u8; FRAME_HEADER_LEN]) -> Result<FrameHeader, ProtoError> {
     let [k0, k1, f0, f1, l0, l1, l2, l3] = *bytes;
@@ -31,11 +33,15 @@ pub fn decode_header(bytes: &[u8; FRAME_HEADER_LEN]) -> Result<FrameHeader, Prot
     let flags = u16::from_le_bytes([f0, f1]);
     let body_len = u32::from_le_bytes([l0, l1, l2, l3]);
     let kind = MessageKind::from_u16(raw_kind).ok_or(ProtoError::UnknownKind(raw_kind))?;
-    if flags != 0 {
+    if flags & !FLAG_SUMMED != 0 {
         return Err(ProtoError::BadFlags(flags));
     }
     check_body_len(kind, u64::from(body_len))?;
-    Ok(FrameHeader { kind, body_len })
+    Ok(FrameHeader {
+        kind,
+        body_len,
+        summed: flags & FLAG_SUMMED != 0,
+    })
 }
 
 /// Decodes and validates the body of a frame of kind `kind`.
@@ -72,8 +78,10 @@ pub fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message, ProtoError
             let runs = read_runs(&mut r, "Pages run count", "Pages run")?;
             // Checked before validate() so the limit error is the one reported.
             check_batch_pages(total_pages(&runs))?;
-            Message::Pages { pass, runs }
+            let sums = read_sums(&mut r, "Pages sum count")?;
+            Message::Pages { pass, runs, sums }
         }
+        MessageKind::Compressed => read_compressed(&mut r)?,
         MessageKind::ZeroPages => Message::ZeroPages {
             pass: r.u32("ZeroPages pass")?,
             runs: read_runs(&mut r, "ZeroPages run count", "ZeroPages run")?,
@@ -125,6 +133,17 @@ pub fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message, ProtoError
 /// by nothing costs little. A clean EOF before the first header byte is
 /// [`ProtoError::Eof`]; EOF anywhere later is [`ProtoError::Truncated`].
 pub fn read_message<R: Read>(r: &mut R, scratch: &mut Vec<u8>) -> Result<Message, ProtoError> {
+    read_message_checked(r, scratch, false)
+}
+
+/// Like [`read_message`]; a frame's checksum, when it has one, is always verified, and
+/// with `require_sum` a frame without one is refused ([`ProtoError::MissingSum`]): once
+/// checksums are agreed, a cleared flag bit must not switch them off.
+pub fn read_message_checked<R: Read>(
+    r: &mut R,
+    scratch: &mut Vec<u8>,
+    require_sum: bool,
+) -> Result<Message, ProtoError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     let got = read_full(r, &mut header)?;
     if got == 0 {
@@ -139,7 +158,44 @@ pub fn read_message<R: Read>(r: &mut R, scratch: &mut Vec<u8>) -> Result<Message
     }
     let h = decode_header(&header)?;
     read_body(r, h, scratch)?;
+    if h.summed {
+        let mut sum = [0u8; 8];
+        if read_full(r, &mut sum)? < sum.len() {
+            return Err(ProtoError::Truncated {
+                what: "frame checksum",
+                needed: 8,
+                available: 0,
+            });
+        }
+        if u64::from_le_bytes(sum) != frame_sum(&header, scratch) {
+            return Err(ProtoError::BadSum { kind: h.kind });
+        }
+    } else if require_sum {
+        return Err(ProtoError::MissingSum { kind: h.kind });
+    }
     decode_body(h.kind, scratch)
+}
+
+/// The checksum of a frame: xxh3-64 of its header (flags included) and body.
+fn frame_sum(header: &[u8], body: &[u8]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(header);
+    h.update(body);
+    h.digest()
+}
+
+/// Marks the frame that starts at `out[start]` as summed and appends its checksum.
+pub(crate) fn seal(out: &mut Vec<u8>, start: usize) {
+    if let Some(flags) = out.get_mut(start + 2..start + 4) {
+        flags.copy_from_slice(&FLAG_SUMMED.to_le_bytes());
+    }
+    let (header, body) = out
+        .get(start..)
+        .unwrap_or_default()
+        .split_at_checked(FRAME_HEADER_LEN)
+        .unwrap_or_default();
+    let sum = frame_sum(header, body);
+    put_u64(out, sum);
 }
 
 /// Encodes a Pages header for `runs` straight into `out` without building a
@@ -149,28 +205,68 @@ pub fn read_message<R: Read>(r: &mut R, scratch: &mut Vec<u8>) -> Result<Message
 /// Like [`Message::encode`], more than [`MAX_RUNS`] runs or
 /// [`crate::MAX_BATCH_PAGES`] pages is a programming error: debug builds
 /// panic, release builds send a frame the peer rejects.
-pub fn encode_pages_header(pass: u32, runs: &[PageRun], out: &mut Vec<u8>) {
+///
+/// `sums` are the pages' checksums (or none); with `sum` the frame carries its own.
+pub fn encode_pages_header(
+    pass: u32,
+    runs: &[PageRun],
+    sums: &[u64],
+    sum: bool,
+    out: &mut Vec<u8>,
+) {
     debug_assert!(
         len64(runs.len()) <= u64::from(MAX_RUNS) && check_batch_pages(total_pages(runs)).is_ok(),
         "encoding an oversized Pages frame: {} runs, {} pages",
         runs.len(),
         total_pages(runs)
     );
-    put_header(out, MessageKind::Pages, runs_body_len(runs));
+    let start = out.len();
+    put_header(out, MessageKind::Pages, pages_body_len(runs, sums.len()));
     put_runs(out, pass, runs);
+    put_sums(out, sums);
+    if sum {
+        seal(out, start);
+    }
 }
 
 /// Encodes a ZeroPages frame for `runs` straight into `out` without building
 /// a [`Message`]. More than [`MAX_RUNS`] runs is a programming error, as for
 /// [`encode_pages_header`].
-pub fn encode_zero_header(pass: u32, runs: &[PageRun], out: &mut Vec<u8>) {
+pub fn encode_zero_header(pass: u32, runs: &[PageRun], sum: bool, out: &mut Vec<u8>) {
     debug_assert!(
         len64(runs.len()) <= u64::from(MAX_RUNS),
         "encoding an oversized ZeroPages frame: {} runs",
         runs.len()
     );
+    let start = out.len();
     put_header(out, MessageKind::ZeroPages, runs_body_len(runs));
     put_runs(out, pass, runs);
+    if sum {
+        seal(out, start);
+    }
+}
+
+/// Encodes a Compressed frame straight into `out`; `len` compressed bytes follow it. The
+/// limits are those of [`encode_pages_header`].
+pub fn encode_compressed_header(
+    pass: u32,
+    runs: &[PageRun],
+    codec: Codec,
+    sums: &[u64],
+    len: u32,
+    sum: bool,
+    out: &mut Vec<u8>,
+) {
+    let start = out.len();
+    put_header(
+        out,
+        MessageKind::Compressed,
+        compressed_body_len(runs, sums.len()),
+    );
+    put_compressed(out, pass, runs, codec, sums, len);
+    if sum {
+        seal(out, start);
+    }
 }
 
 /// `usize` to `u64` without a cast that could truncate on exotic targets.
@@ -281,6 +377,7 @@ fn body_what(kind: MessageKind) -> &'static str {
         MessageKind::Pong => "Pong frame body",
         MessageKind::LocalMemory => "LocalMemory frame body",
         MessageKind::MemoryAdopted => "MemoryAdopted frame body",
+        MessageKind::Compressed => "Compressed frame body",
     }
 }
 
@@ -461,6 +558,31 @@ fn read_runs(
     Ok(runs)
 }
 
+fn read_sums(r: &mut Reader<'_>, what: &'static str) -> Result<Vec<u64>, ProtoError> {
+    let n = r.count(what, MAX_BATCH_PAGES, 8)?;
+    (0..n).map(|_| r.u64("page checksum")).collect()
+}
+
+fn read_compressed(r: &mut Reader<'_>) -> Result<Message, ProtoError> {
+    let pass = r.u32("Compressed pass")?;
+    let runs = read_runs(r, "Compressed run count", "Compressed run")?;
+    check_batch_pages(total_pages(&runs))?;
+    let raw = r.u8("Compressed codec")?;
+    let codec = Codec::from_u8(raw).ok_or_else(|| ProtoError::Invalid {
+        what: "Compressed codec",
+        detail: format!("unknown codec {raw} (known: 1 zstd, 2 lz4)"),
+    })?;
+    let sums = read_sums(r, "Compressed sum count")?;
+    let len = r.u32("Compressed len")?;
+    Ok(Message::Compressed {
+        pass,
+        runs,
+        codec,
+        sums,
+        len,
+    })
+}
+
 fn read_sections(r: &mut Reader<'_>) -> Result<Vec<StateSection>, ProtoError> {
     let n = r.count("State section count", MAX_SECTIONS, SECTION_MIN_LEN)?;
     let mut sections = Vec::with_capacity(n);
@@ -554,6 +676,27 @@ pub(crate) fn put_runs(out: &mut Vec<u8>, pass: u32, runs: &[PageRun]) {
         put_u64(out, r.gpa);
         put_u32(out, r.pages);
     }
+}
+
+pub(crate) fn put_sums(out: &mut Vec<u8>, sums: &[u64]) {
+    put_len(out, sums.len());
+    for s in sums {
+        put_u64(out, *s);
+    }
+}
+
+pub(crate) fn put_compressed(
+    out: &mut Vec<u8>,
+    pass: u32,
+    runs: &[PageRun],
+    codec: Codec,
+    sums: &[u64],
+    len: u32,
+) {
+    put_runs(out, pass, runs);
+    put_u8(out, codec as u8);
+    put_sums(out, sums);
+    put_u32(out, len);
 }
 
 pub(crate) fn put_sections(out: &mut Vec<u8>, sections: &[StateSection]) {

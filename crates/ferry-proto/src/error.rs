@@ -33,12 +33,26 @@ pub enum ProtoError {
     BadMagic,
 
     /// The header's `kind` is not a known [`MessageKind`].
-    #[error("unknown frame kind {0} (known kinds are 1 to 18)")]
+    #[error("unknown frame kind {0} (known kinds are 1 to 21)")]
     UnknownKind(u16),
 
-    /// The header's `flags` are not 0.
-    #[error("frame flags {0:#06x} are not allowed (must be 0)")]
+    /// The header's `flags` hold an unknown bit.
+    #[error("frame flags {0:#06x} are not allowed (only 0x0001, summed, is known)")]
     BadFlags(u16),
+
+    /// A frame's checksum does not match its header and body: it was corrupted on the way.
+    #[error("{kind} frame corrupted in transit: its checksum does not match")]
+    BadSum {
+        /// Kind of the frame (as its possibly corrupted header says).
+        kind: MessageKind,
+    },
+
+    /// Checksums were agreed, and a frame came without one.
+    #[error("{kind} frame without a checksum, though checksums were agreed")]
+    MissingSum {
+        /// Kind of the frame.
+        kind: MessageKind,
+    },
 
     /// A frame body is longer than its kind allows.
     #[error("{kind} frame body of {len} bytes exceeds the limit of {max}")]

@@ -11,12 +11,16 @@
 //! | bytes | field      | meaning                                          |
 //! |-------|------------|--------------------------------------------------|
 //! | 0..2  | `kind`     | [`MessageKind`] as `u16`                         |
-//! | 2..4  | `flags`    | must be 0                           |
+//! | 2..4  | `flags`    | 0, or [`FLAG_SUMMED`]                            |
 //! | 4..8  | `body_len` | body bytes, at most [`MessageKind::max_body_len`] |
 //!
 //! Strings are a `u32` byte length then UTF-8 (at most [`MAX_STRING`] bytes);
 //! vectors are a `u32` count then the items. Bytes left over after a body's
 //! last field are an error.
+//!
+//! A frame with [`FLAG_SUMMED`] is followed by 8 more bytes: xxh3-64 of its
+//! header (flags included) and body. Once [`caps::PAGE_SUMS`] is agreed, every
+//! frame after the `Welcome` carries one, and Pages carry one checksum per page.
 //!
 //! [`Message::Pages`] is special: its body only holds the page list, and the
 //! raw page bytes ([`Message::payload_len`] of them) follow the frame on the
@@ -46,18 +50,21 @@ mod error;
 mod message;
 
 pub use codec::{
-    decode_body, decode_header, encode_pages_header, encode_zero_header, read_message, FrameHeader,
+    decode_body, decode_header, encode_compressed_header, encode_pages_header, encode_zero_header,
+    read_message, read_message_checked, FrameHeader,
 };
 pub use error::ProtoError;
 pub use message::{
-    ChannelRole, CpuFeature, Hello, MemRegion, Message, MessageKind, PageRun, Setup, StateSection,
-    Timeouts, VmDescription,
+    page_sum, ChannelRole, Codec, CpuFeature, Hello, MemRegion, Message, MessageKind, PageRun,
+    Setup, StateSection, Timeouts, VmDescription,
 };
 
 /// First bytes of every [`Hello`] body: identifies a Ferry migration stream.
 pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 /// Protocol version spoken by this crate.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
+/// Frame header flag: the body is followed by the frame's xxh3-64 checksum.
+pub const FLAG_SUMMED: u16 = 1;
 /// Guest page size; page runs and memory regions are in units of it.
 pub const PAGE_SIZE: u64 = 4096;
 /// Length of a whole [`Hello`] frame (header and body), which never changes.
@@ -94,6 +101,14 @@ pub mod caps {
     /// ([`crate::Message::LocalMemory`]) instead of its pages; no data channel. A source
     /// offers it only when asked to; a destination accepts it only on a unix socket.
     pub const LOCAL: u64 = 1 << 2;
+    /// Integrity without TLS: every frame after the `Welcome` carries its checksum
+    /// ([`crate::FLAG_SUMMED`]) and every page its own ([`crate::page_sum`]), verified on
+    /// arrival. A source offers it unless its channels are TLS (whose AEAD covers it).
+    pub const PAGE_SUMS: u64 = 1 << 3;
+    /// The source may send [`crate::Message::Compressed`] frames in zstd.
+    pub const ZSTD: u64 = 1 << 4;
+    /// The source may send [`crate::Message::Compressed`] frames in LZ4.
+    pub const LZ4: u64 = 1 << 5;
     /// Every capability this version knows.
-    pub const ALL: u64 = ZERO_RUNS | SWITCHOVER_ACK | LOCAL;
+    pub const ALL: u64 = ZERO_RUNS | SWITCHOVER_ACK | LOCAL | PAGE_SUMS | ZSTD | LZ4;
 }

@@ -168,11 +168,13 @@ pub enum MessageKind {
     LocalMemory,
     /// [`Message::MemoryAdopted`].
     MemoryAdopted,
+    /// [`Message::Compressed`].
+    Compressed,
 }
 
 impl MessageKind {
     /// Every kind, in wire order.
-    pub const ALL: [MessageKind; 20] = [
+    pub const ALL: [MessageKind; 21] = [
         MessageKind::Hello,
         MessageKind::Welcome,
         MessageKind::Setup,
@@ -193,6 +195,7 @@ impl MessageKind {
         MessageKind::Pong,
         MessageKind::LocalMemory,
         MessageKind::MemoryAdopted,
+        MessageKind::Compressed,
     ];
 
     /// The kind's name, as in "unexpected Pages in state Setup".
@@ -218,6 +221,7 @@ impl MessageKind {
             MessageKind::Pong => "Pong",
             MessageKind::LocalMemory => "LocalMemory",
             MessageKind::MemoryAdopted => "MemoryAdopted",
+            MessageKind::Compressed => "Compressed",
         }
     }
 
@@ -271,6 +275,24 @@ pub enum Message {
         pass: u32,
         /// Where the pages go.
         runs: Vec<PageRun>,
+        /// Empty, or one checksum per page in order ([`page_sum`] of its bytes), when
+        /// [`crate::caps::PAGE_SUMS`] was agreed.
+        sums: Vec<u64>,
+    },
+    /// Data channel: like [`Message::Pages`], but the pages' bytes follow compressed, as
+    /// `len` bytes of one `codec` frame (fewer bytes than the pages hold: a batch that does
+    /// not shrink is sent as Pages).
+    Compressed {
+        /// Copy pass the pages belong to.
+        pass: u32,
+        /// Where the pages go.
+        runs: Vec<PageRun>,
+        /// How the payload is compressed.
+        codec: Codec,
+        /// Empty, or one checksum per page of the decompressed bytes.
+        sums: Vec<u64>,
+        /// Compressed payload bytes after the frame.
+        len: u32,
     },
     /// Data channel: these pages are all zero; 1..=[`MAX_RUNS`] runs of any
     /// length, and no payload.
@@ -364,6 +386,41 @@ pub enum Message {
     },
 }
 
+/// A page compression format of [`Message::Compressed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Codec {
+    /// One zstd frame.
+    Zstd = 1,
+    /// One LZ4 block (raw block format, no frame header).
+    Lz4 = 2,
+}
+
+impl Codec {
+    /// The codec with wire number `v`.
+    pub fn from_u8(v: u8) -> Option<Codec> {
+        match v {
+            1 => Some(Codec::Zstd),
+            2 => Some(Codec::Lz4),
+            _ => None,
+        }
+    }
+
+    /// Its name, as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Zstd => "zstd",
+            Codec::Lz4 => "lz4",
+        }
+    }
+}
+
+/// The checksum of one page in [`Message::Pages`] and [`Message::Compressed`]: xxh3-64 of
+/// its bytes.
+pub fn page_sum(page: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page)
+}
+
 // Fixed sizes of encoded items, used to size bodies and to check counts
 // against the bytes left before allocating.
 pub(crate) const HELLO_LEN: u64 = 8 + 4 + 8 + 8 + 1 + 2 + 2;
@@ -434,14 +491,16 @@ impl Message {
             Message::Pong { .. } => MessageKind::Pong,
             Message::LocalMemory { .. } => MessageKind::LocalMemory,
             Message::MemoryAdopted { .. } => MessageKind::MemoryAdopted,
+            Message::Compressed { .. } => MessageKind::Compressed,
         }
     }
 
     /// Raw bytes that follow this frame on the stream: total pages times
-    /// [`PAGE_SIZE`] for Pages, 0 for everything else.
+    /// [`PAGE_SIZE`] for Pages, `len` for Compressed, 0 for everything else.
     pub fn payload_len(&self) -> u64 {
         match self {
             Message::Pages { runs, .. } => total_pages(runs).saturating_mul(PAGE_SIZE),
+            Message::Compressed { len, .. } => u64::from(*len),
             _ => 0,
         }
     }
@@ -455,6 +514,12 @@ impl Message {
     /// it anyway (lengths past `u32::MAX` saturate) and the peer rejects the
     /// frame. Call [`Message::validate`] first to find out without sending.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        self.encode_with(out, false);
+    }
+
+    /// Like [`Message::encode`]; with `sum`, the frame carries its checksum
+    /// ([`crate::FLAG_SUMMED`]).
+    pub fn encode_with(&self, out: &mut Vec<u8>, sum: bool) {
         debug_assert!(
             self.check_limits().is_ok(),
             "encoding an oversized {} frame: {:?}",
@@ -476,9 +541,18 @@ impl Message {
             Message::Setup(s) => codec::put_setup(out, s),
             Message::SetupAccepted | Message::Go => {}
             Message::Refuse { reason } | Message::Error { reason } => codec::put_str(out, reason),
-            Message::Pages { pass, runs } | Message::ZeroPages { pass, runs } => {
-                codec::put_runs(out, *pass, runs)
+            Message::Pages { pass, runs, sums } => {
+                codec::put_runs(out, *pass, runs);
+                codec::put_sums(out, sums);
             }
+            Message::Compressed {
+                pass,
+                runs,
+                codec: c,
+                sums,
+                len,
+            } => codec::put_compressed(out, *pass, runs, *c, sums, *len),
+            Message::ZeroPages { pass, runs } => codec::put_runs(out, *pass, runs),
             Message::PassEnd { pass, pages } => {
                 codec::put_u32(out, *pass);
                 codec::put_u64(out, *pages);
@@ -512,6 +586,9 @@ impl Message {
             "body_len() disagrees with the encoding of {}",
             self.name()
         );
+        if sum {
+            codec::seal(out, start);
+        }
     }
 
     /// Checks every rule the decoder enforces, so a sender can refuse to
@@ -542,7 +619,17 @@ impl Message {
                 }
                 d.regions.iter().try_for_each(check_region)
             }
-            Message::Pages { runs, .. } => check_runs("Pages runs", "Pages run", runs),
+            Message::Pages { runs, sums, .. } => {
+                check_runs("Pages runs", "Pages run", runs)?;
+                check_sums("Pages sums", runs, sums)
+            }
+            Message::Compressed {
+                runs, sums, len, ..
+            } => {
+                check_runs("Compressed runs", "Compressed run", runs)?;
+                check_sums("Compressed sums", runs, sums)?;
+                check_compressed_len(runs, *len)
+            }
             Message::ZeroPages { runs, .. } => check_runs("ZeroPages runs", "ZeroPages run", runs),
             Message::LocalMemory { offsets, .. } => {
                 if offsets.is_empty() {
@@ -584,8 +671,9 @@ impl Message {
             }
             Message::Refuse { reason } => check_string("Refuse reason", reason)?,
             Message::Error { reason } => check_string("Error reason", reason)?,
-            Message::Pages { runs, .. } => {
+            Message::Pages { runs, sums, .. } | Message::Compressed { runs, sums, .. } => {
                 check_count("Pages run count", runs.len(), MAX_RUNS)?;
+                check_count("Pages sum count", sums.len(), MAX_BATCH_PAGES)?;
                 check_batch_pages(total_pages(runs))?;
             }
             Message::ZeroPages { runs, .. } => {
@@ -628,7 +716,9 @@ impl Message {
             Message::Refuse { reason } | Message::Error { reason } => {
                 4u64.saturating_add(len64(reason.len()))
             }
-            Message::Pages { runs, .. } | Message::ZeroPages { runs, .. } => runs_body_len(runs),
+            Message::Pages { runs, sums, .. } => pages_body_len(runs, sums.len()),
+            Message::Compressed { runs, sums, .. } => compressed_body_len(runs, sums.len()),
+            Message::ZeroPages { runs, .. } => runs_body_len(runs),
             Message::PassEnd { .. } => 4 + 8,
             Message::State { sections } => sections.iter().fold(4u64, |acc, s| {
                 acc.saturating_add(SECTION_MIN_LEN)
@@ -646,6 +736,42 @@ impl Message {
             Message::MemoryAdopted { .. } => 8,
         }
     }
+}
+
+/// Body length of a Pages frame with these runs and `sums` checksums.
+pub(crate) fn pages_body_len(runs: &[PageRun], sums: usize) -> u64 {
+    runs_body_len(runs)
+        .saturating_add(4)
+        .saturating_add(len64(sums).saturating_mul(8))
+}
+
+/// Body length of a Compressed frame: a Pages body plus codec and payload length.
+pub(crate) fn compressed_body_len(runs: &[PageRun], sums: usize) -> u64 {
+    pages_body_len(runs, sums).saturating_add(1 + 4)
+}
+
+/// No checksums, or one per page.
+fn check_sums(what: &'static str, runs: &[PageRun], sums: &[u64]) -> Result<(), ProtoError> {
+    let pages = total_pages(runs);
+    if sums.is_empty() || len64(sums.len()) == pages {
+        return Ok(());
+    }
+    Err(invalid(
+        what,
+        format!("{} checksums for {pages} pages (0 or one per page)", sums.len()),
+    ))
+}
+
+/// A compressed payload is not empty and smaller than the pages it holds.
+fn check_compressed_len(runs: &[PageRun], len: u32) -> Result<(), ProtoError> {
+    let raw = total_pages(runs).saturating_mul(PAGE_SIZE);
+    if len == 0 || u64::from(len) >= raw {
+        return Err(invalid(
+            "Compressed len",
+            format!("{len} bytes for {raw} bytes of pages (must be 1 to {raw} - 1)"),
+        ));
+    }
+    Ok(())
 }
 
 /// Body length of a Pages or ZeroPages frame with these runs.

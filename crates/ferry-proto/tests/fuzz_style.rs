@@ -106,6 +106,7 @@ fn random_and_mutated_inputs_never_panic() {
             gpa: 0x5000,
             pages: 1,
         }],
+        sums: vec![7],
     });
     let seeds: Vec<Vec<u8>> = msgs
         .iter()

@@ -70,7 +70,7 @@ fn hello_bad_role_and_main_index() {
 
 #[test]
 fn unknown_kind() {
-    for kind in [0u16, 21, 0x7fff, u16::MAX] {
+    for kind in [0u16, 22, 0x7fff, u16::MAX] {
         let e = err(&frame(kind, 0, 0, &[]));
         assert!(matches!(e, ProtoError::UnknownKind(k) if k == kind), "{e}");
         assert!(e.to_string().contains(&kind.to_string()));
@@ -78,8 +78,8 @@ fn unknown_kind() {
 }
 
 #[test]
-fn nonzero_flags() {
-    for flags in [1u16, 0x8000] {
+fn unknown_flags() {
+    for flags in [2u16, 3, 0x8000] {
         let e = err(&frame(K::Go as u16, flags, 0, &[]));
         assert!(matches!(e, ProtoError::BadFlags(f) if f == flags), "{e}");
     }
@@ -95,7 +95,8 @@ fn decode_header_checks_kind_flags_and_length() {
         h(6, 0, 20).unwrap(),
         FrameHeader {
             kind: K::Pages,
-            body_len: 20
+            body_len: 20,
+            summed: false,
         }
     );
     assert!(h(K::State as u16, 0, MAX_STATE_LEN).is_ok());
@@ -322,7 +323,7 @@ fn trailing_bytes() {
         ),
         "{e}"
     );
-    let e = err(&runs_body(0, &[(0, 1)]).u8(9).frame(K::Pages));
+    let e = err(&runs_body(0, &[(0, 1)]).u32(0).u8(9).frame(K::Pages));
     assert!(
         matches!(
             e,
@@ -395,7 +396,7 @@ fn assert_invalid(bytes: &[u8], what: &str, needle: &str) {
 #[test]
 fn misaligned_gpa() {
     assert_invalid(
-        &runs_body(0, &[(0x1001, 1)]).frame(K::Pages),
+        &runs_body(0, &[(0x1001, 1)]).u32(0).frame(K::Pages),
         "Pages run",
         "0x1001",
     );
@@ -419,7 +420,7 @@ fn misaligned_gpa() {
 #[test]
 fn zero_pages_and_empty_lists() {
     assert_invalid(
-        &runs_body(0, &[(0x3000, 0)]).frame(K::Pages),
+        &runs_body(0, &[(0x3000, 0)]).u32(0).frame(K::Pages),
         "Pages run",
         "0 pages",
     );
@@ -428,7 +429,7 @@ fn zero_pages_and_empty_lists() {
         "ZeroPages run",
         "0 pages",
     );
-    assert_invalid(&runs_body(0, &[]).frame(K::Pages), "Pages runs", "no runs");
+    assert_invalid(&runs_body(0, &[]).u32(0).frame(K::Pages), "Pages runs", "no runs");
     assert_invalid(
         &runs_body(0, &[]).frame(K::ZeroPages),
         "ZeroPages runs",
@@ -450,12 +451,12 @@ fn zero_pages_and_empty_lists() {
 fn address_overflow() {
     let top = 0xffff_ffff_ffff_f000u64;
     assert_invalid(
-        &runs_body(0, &[(top, 1)]).frame(K::Pages),
+        &runs_body(0, &[(top, 1)]).u32(0).frame(K::Pages),
         "Pages run",
         "overflows",
     );
     assert_invalid(
-        &runs_body(0, &[(top - 0xf000, 17)]).frame(K::Pages),
+        &runs_body(0, &[(top - 0xf000, 17)]).u32(0).frame(K::Pages),
         "Pages run",
         "overflows",
     );
@@ -475,7 +476,7 @@ fn address_overflow() {
 
 #[test]
 fn too_many_pages() {
-    let e = err(&runs_body(0, &[(0, 200), (0x100_0000, 100)]).frame(K::Pages));
+    let e = err(&runs_body(0, &[(0, 200), (0x100_0000, 100)]).u32(0).frame(K::Pages));
     assert!(
         matches!(
             e,
@@ -492,10 +493,10 @@ fn too_many_pages() {
         "Pages frame page count: 300 exceeds the limit of 256"
     );
     // Huge page counts in runs of their own are too many, not an overflow.
-    let e = err(&runs_body(0, &[(0, u32::MAX), (0, u32::MAX)]).frame(K::Pages));
+    let e = err(&runs_body(0, &[(0, u32::MAX), (0, u32::MAX)]).u32(0).frame(K::Pages));
     assert!(matches!(e, ProtoError::TooMany { .. }), "{e}");
     // Exactly the limit is fine, and ZeroPages has no page limit.
-    assert!(read(&runs_body(0, &[(0, 255), (0x100_0000, 1)]).frame(K::Pages)).is_ok());
+    assert!(read(&runs_body(0, &[(0, 255), (0x100_0000, 1)]).u32(0).frame(K::Pages)).is_ok());
     assert!(read(&runs_body(0, &[(0, 1 << 20), (1 << 40, 1 << 20)]).frame(K::ZeroPages)).is_ok());
 }
 
@@ -594,7 +595,7 @@ fn encoding_oversized_input_is_rejected_by_the_peer_in_release() {
         })
         .collect();
     let mut out = Vec::new();
-    encode_pages_header(0, &runs, &mut out);
+    encode_pages_header(0, &runs, &[], false, &mut out);
     assert!(matches!(err(&out), ProtoError::TooMany { .. }));
 }
 
@@ -606,7 +607,11 @@ fn validate_reports_oversized_messages() {
             pages: 1,
         })
         .collect();
-    let m = Message::Pages { pass: 0, runs };
+    let m = Message::Pages {
+        pass: 0,
+        runs,
+        sums: vec![],
+    };
     assert!(matches!(m.validate(), Err(ProtoError::TooMany { .. })));
     let big = Message::State {
         sections: vec![StateSection {

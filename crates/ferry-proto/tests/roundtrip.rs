@@ -61,6 +61,7 @@ fn payload_len_is_pages_times_page_size() {
             Message::Pages { runs, .. } => {
                 runs.iter().map(|r| u64::from(r.pages)).sum::<u64>() * PAGE_SIZE
             }
+            Message::Compressed { len, .. } => u64::from(*len),
             _ => 0,
         };
         assert_eq!(m.payload_len(), expected, "{}", m.name());
@@ -74,6 +75,7 @@ fn payload_len_is_pages_times_page_size() {
                 pages: 5,
             },
         ],
+        sums: vec![],
     };
     assert_eq!(m.payload_len(), 8 * 4096);
     // ZeroPages carries no payload whatever its page count.
@@ -92,8 +94,10 @@ fn hot_path_encoders_match_message_encode() {
     for m in samples() {
         let mut out = vec![0xaa]; // appends, does not overwrite
         match &m {
-            Message::Pages { pass, runs } => encode_pages_header(*pass, runs, &mut out),
-            Message::ZeroPages { pass, runs } => encode_zero_header(*pass, runs, &mut out),
+            Message::Pages { pass, runs, sums } => {
+                encode_pages_header(*pass, runs, sums, false, &mut out)
+            }
+            Message::ZeroPages { pass, runs } => encode_zero_header(*pass, runs, false, &mut out),
             _ => continue,
         }
         assert_eq!(out[0], 0xaa);
@@ -246,6 +250,7 @@ fn validate_matches_decoder_on_semantic_errors() {
             gpa: 0x1001,
             pages: 1,
         }],
+        sums: vec![],
     };
     assert!(matches!(bad.validate(), Err(ProtoError::Invalid { .. })));
     assert!(matches!(

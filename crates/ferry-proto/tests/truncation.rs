@@ -95,6 +95,7 @@ fn pages_payload_is_not_read_by_the_decoder() {
     let m = Message::Pages {
         pass: 1,
         runs: vec![PageRun { gpa: 0, pages: 2 }],
+        sums: vec![],
     };
     assert_eq!(read(&encode(&m)).unwrap(), m);
 }

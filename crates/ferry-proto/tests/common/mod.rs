@@ -101,6 +101,7 @@ pub fn samples() -> Vec<Message> {
                     pages: 5,
                 },
             ],
+            sums: vec![],
         },
         Message::Pages {
             pass: 7,
@@ -108,6 +109,7 @@ pub fn samples() -> Vec<Message> {
                 gpa: 0x1000,
                 pages: MAX_BATCH_PAGES,
             }],
+            sums: (0..u64::from(MAX_BATCH_PAGES)).collect(),
         },
         Message::Pages {
             pass: u32::MAX,
@@ -117,6 +119,27 @@ pub fn samples() -> Vec<Message> {
                     pages: 1,
                 })
                 .collect(),
+            sums: vec![u64::MAX; MAX_BATCH_PAGES as usize],
+        },
+        Message::Compressed {
+            pass: 4,
+            runs: vec![PageRun {
+                gpa: 0x8000,
+                pages: 2,
+            }],
+            codec: Codec::Zstd,
+            sums: vec![1, 2],
+            len: 100,
+        },
+        Message::Compressed {
+            pass: 5,
+            runs: vec![PageRun {
+                gpa: 0,
+                pages: MAX_BATCH_PAGES,
+            }],
+            codec: Codec::Lz4,
+            sums: vec![],
+            len: MAX_BATCH_PAGES * PAGE_SIZE as u32 - 1,
         },
         Message::ZeroPages {
             pass: 1,
