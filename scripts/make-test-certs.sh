@@ -5,7 +5,8 @@
 #
 # OUTDIR/source/{ca.pem,cert.pem,key.pem}       source side: the CA, its own cert and key
 # OUTDIR/destination/{ca.pem,cert.pem,key.pem}  destination side, same CA
-# OUTDIR/other-ca/{ca.pem,cert.pem,key.pem}     an unrelated CA and a cert it signed
+# OUTDIR/other-ca/{ca.pem,cert.pem,key.pem}     trusts the Ferry CA, but its own cert was
+#                                               signed by an unrelated CA (other-ca/signer.pem)
 # OUTDIR/qemu/{ca-cert,server-cert,server-key,client-cert,client-key}.pem  same CA as
 #                                               source/destination, for -object tls-creds-x509,dir=
 #
@@ -71,13 +72,14 @@ new_leaf "$ca" "$out/destination/cert.pem" "$out/destination/key.pem" ferry-dest
 new_leaf "$other" "$out/other-ca/cert.pem" "$out/other-ca/key.pem" ferry-source "$src_san"
 cp "$ca/ca.pem" "$out/source/ca.pem"
 cp "$ca/ca.pem" "$out/destination/ca.pem"
-cp "$other/ca.pem" "$out/other-ca/ca.pem"
+cp "$ca/ca.pem" "$out/other-ca/ca.pem"
+cp "$other/ca.pem" "$out/other-ca/signer.pem"
 
 q="$out/qemu"
 cp "$ca/ca.pem" "$q/ca-cert.pem"
 new_leaf "$ca" "$q/server-cert.pem" "$q/server-key.pem" ferry-destination "$dst_san"
 new_leaf "$ca" "$q/client-cert.pem" "$q/client-key.pem" ferry-source "$src_san"
 
-chmod 0644 "$out"/*/ca.pem "$out"/*/cert.pem "$q"/*-cert.pem
+chmod 0644 "$out"/other-ca/signer.pem "$out"/*/ca.pem "$out"/*/cert.pem "$q"/*-cert.pem
 chmod 0600 "$out"/*/key.pem "$q"/*-key.pem
 chmod 0755 "$out" "$out"/*

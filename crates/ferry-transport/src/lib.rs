@@ -1,5 +1,8 @@
 //! Migration transports: `tcp:HOST:PORT` and `unix:PATH` URIs, a listener that accepts the
-//! channels of a migration, and a stream type over both socket kinds.
+//! channels of a migration, and a stream type over both socket kinds, plain or in mutual
+//! TLS ([`tls`]). Page data goes through [`Stream::write_pages`] and [`Stream::read_pages`]:
+//! straight between guest memory and the socket when plain, through the TLS layer
+//! otherwise.
 //!
 //! Nothing here waits without a bound: connecting takes a deadline, [`write_all_by`] gives
 //! up at its deadline, [`Listener::accept_timeout`] and [`wait_readable`] return when their
@@ -14,6 +17,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::VolatileSlice;
+
+pub mod tls;
+pub use tls::{TlsConfig, TlsError, TlsStream};
 
 /// Errors of URIs and connections.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +97,8 @@ pub enum Stream {
     Tcp(TcpStream),
     /// Unix, with the file descriptors that arrived on it (shared by its clones).
     Unix(UnixStream, FdInbox),
+    /// TLS over either of the above.
+    Tls(Box<TlsStream>),
 }
 
 /// Most file descriptors one read takes from a unix socket's ancillary data.
@@ -142,7 +152,105 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s, inbox) => Stream::Unix(s.try_clone()?, inbox.clone()),
+            Stream::Tls(t) => Stream::Tls(Box::new(t.try_clone()?)),
         })
+    }
+
+    /// The plain socket (under TLS, the one carrying it).
+    fn plain(&self) -> &Stream {
+        match self {
+            Stream::Tls(t) => t.socket(),
+            s => s,
+        }
+    }
+
+    /// Reads through a shared reference (the socket types allow it).
+    pub(crate) fn read_ref(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).read(buf),
+            Stream::Unix(s, inbox) => recv_unix(s, inbox, buf),
+            Stream::Tls(t) => t.read_ref(buf),
+        }
+    }
+
+    /// Writes through a shared reference.
+    pub(crate) fn write_ref(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).write(buf),
+            Stream::Unix(s, _) => (&*s).write(buf),
+            Stream::Tls(t) => t.write_ref(buf),
+        }
+    }
+
+    /// Whether this stream is TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// Whether input waits in memory (decrypted TLS data), so a reader must read before it
+    /// waits for the socket to become readable. Always false for plain sockets.
+    pub fn has_buffered_input(&self) -> bool {
+        match self {
+            Stream::Tls(t) => t.has_buffered_input(),
+            _ => false,
+        }
+    }
+
+    /// Writes `header` and then the bytes of `slices` (guest memory), in order, completely.
+    /// Plain sockets get them in vectored writes straight from guest memory; TLS through a
+    /// copy into one buffer per call (at most `scratch`'s capacity is allocated once).
+    pub fn write_pages<B: BitmapSlice>(
+        &mut self,
+        header: &[u8],
+        slices: &[VolatileSlice<'_, B>],
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let Stream::Tls(t) = self else {
+            return ferry_sys::iov::write_all_volatile(self.as_fd(), header, slices);
+        };
+        scratch.clear();
+        scratch.extend_from_slice(header);
+        for s in slices {
+            let at = scratch.len();
+            scratch.resize(at + s.len(), 0);
+            let copied = s.copy_to(scratch.get_mut(at..).unwrap_or_default());
+            scratch.truncate(at + copied);
+        }
+        let mut rest = &scratch[..];
+        while !rest.is_empty() {
+            let n = t.write_ref(rest)?;
+            rest = rest.get(n..).unwrap_or_default();
+        }
+        t.flush_ref()
+    }
+
+    /// Fills `slices` (guest memory) with the next bytes of the stream, in order. Plain
+    /// sockets read straight into guest memory; TLS through `scratch`.
+    pub fn read_pages<B: BitmapSlice>(
+        &mut self,
+        slices: &[VolatileSlice<'_, B>],
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let Stream::Tls(t) = self else {
+            return ferry_sys::iov::read_exact_volatile(self.as_fd(), slices);
+        };
+        for s in slices {
+            scratch.resize(s.len(), 0);
+            let mut filled = 0;
+            while let Some(room) = scratch.get_mut(filled..).filter(|r| !r.is_empty()) {
+                match t.read_ref(room) {
+                    Ok(0) => {
+                        let e = io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended in pages");
+                        return Err(e);
+                    }
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            s.copy_from(&scratch[..]);
+        }
+        Ok(())
     }
 
     /// Shuts down both directions, which also unblocks any thread blocked on the socket.
@@ -151,6 +259,10 @@ impl Stream {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s, _) => s.shutdown(Shutdown::Both),
+            Stream::Tls(t) => {
+                t.socket().shutdown();
+                Ok(())
+            }
         };
     }
 
@@ -159,49 +271,58 @@ impl Stream {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Write),
             Stream::Unix(s, _) => s.shutdown(Shutdown::Write),
+            Stream::Tls(t) => {
+                // close_notify first: the peer's TLS layer then reports a clean end.
+                t.close_notify();
+                t.socket().shutdown_write();
+                Ok(())
+            }
         };
     }
 
     /// Sets the read timeout.
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
+        match self.plain() {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s, _) => s.set_read_timeout(t),
+            Stream::Tls(_) => Ok(()),
         }
     }
 
     /// Sets the write timeout (a blocked write returns `WouldBlock` after it).
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
+        match self.plain() {
             Stream::Tcp(s) => s.set_write_timeout(t),
             Stream::Unix(s, _) => s.set_write_timeout(t),
+            Stream::Tls(_) => Ok(()),
         }
     }
 
     /// Makes reads and writes return `WouldBlock` instead of waiting.
     pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        match self {
+        match self.plain() {
             Stream::Tcp(s) => s.set_nonblocking(on),
             Stream::Unix(s, _) => s.set_nonblocking(on),
+            Stream::Tls(_) => Ok(()),
         }
     }
 
     /// Who is on the other end, for logs ("127.0.0.1:4242", or "a local process").
     pub fn peer(&self) -> String {
-        match self {
+        match self.plain() {
             Stream::Tcp(s) => s
                 .peer_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "an unknown TCP peer".into()),
-            Stream::Unix(..) => "a local process (unix socket)".into(),
+            Stream::Unix(..) | Stream::Tls(_) => "a local process (unix socket)".into(),
         }
     }
 
     /// Sends small control messages without Nagle delay (no-op for unix sockets).
     pub fn set_nodelay(&self) -> io::Result<()> {
-        match self {
+        match self.plain() {
             Stream::Tcp(s) => s.set_nodelay(true),
-            Stream::Unix(..) => Ok(()),
+            _ => Ok(()),
         }
     }
 
@@ -238,7 +359,7 @@ impl Stream {
     /// Takes the descriptors received so far (always none on TCP).
     pub fn take_fds(&self) -> Vec<OwnedFd> {
         match self {
-            Stream::Tcp(_) => Vec::new(),
+            Stream::Tcp(_) | Stream::Tls(_) => Vec::new(),
             Stream::Unix(_, inbox) => inbox.take(),
         }
     }
@@ -251,30 +372,31 @@ impl Stream {
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s, inbox) => recv_unix(s, inbox, buf),
-        }
+        self.read_ref(buf)
     }
 }
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s, _) => s.write(buf),
-        }
+        self.write_ref(buf)
     }
+    /// Writes out what a TLS stream still holds (plain sockets hold nothing).
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            Stream::Tls(t) => t.flush_ref(),
+            _ => Ok(()),
+        }
     }
 }
 
+/// The socket's descriptor (under TLS, the carrying socket's: poll it for readability, but
+/// read through the stream).
 impl AsFd for Stream {
     fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
             Stream::Tcp(s) => s.as_fd(),
             Stream::Unix(s, _) => s.as_fd(),
+            Stream::Tls(t) => t.socket().as_fd(),
         }
     }
 }
@@ -337,7 +459,32 @@ pub fn write_all_by(stream: &mut Stream, mut buf: &[u8], deadline: Instant) -> i
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    flush_by(stream, deadline)
+}
+
+/// Writes out what `stream` holds (TLS records whose write timed out), by `deadline`.
+fn flush_by(stream: &mut Stream, deadline: Instant) -> io::Result<()> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer did not take the data in time",
+            ));
+        }
+        stream.set_write_timeout(Some(left.max(Duration::from_millis(1))))?;
+        match stream.flush() {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Most sockets lingering at once; beyond it a closing socket is shut down at once (a peer
@@ -544,10 +691,7 @@ impl Drop for Listener {
 
 /// Makes an accepted stream blocking again (accepted sockets inherit non-blocking mode).
 pub fn set_blocking(s: &Stream) -> io::Result<()> {
-    match s {
-        Stream::Tcp(t) => t.set_nonblocking(false),
-        Stream::Unix(u, _) => u.set_nonblocking(false),
-    }
+    s.set_nonblocking(false)
 }
 
 #[cfg(test)]
