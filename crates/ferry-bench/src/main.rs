@@ -22,6 +22,7 @@ mod faults;
 mod ferry;
 mod limits;
 mod local;
+mod netshape;
 mod prepare;
 mod qemu;
 mod stats;

@@ -133,6 +133,11 @@ struct RunArgs {
     /// migration's channels to follow its first one); others are dropped.
     #[arg(long, default_value_t = 10_000, requires = "incoming")]
     handshake_timeout: u64,
+    /// Accept only mutual-TLS migrations: DIR holds ca.pem (the CA that signs the sources
+    /// this side trusts), cert.pem and key.pem (this side's own); see
+    /// scripts/make-test-certs.sh.
+    #[arg(long, value_name = "DIR", requires = "incoming")]
+    tls_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -217,9 +222,29 @@ struct MigrateArgs {
     /// file instead of copying pages (the VM needs --memory-backend memfd or hugetlb).
     #[arg(long)]
     local: bool,
+    /// Mutual TLS on every channel: DIR holds ca.pem (the CA that signs the destinations
+    /// this side trusts), cert.pem and key.pem (this side's own).
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// The name the destination's certificate must carry (default: the URI's host).
+    #[arg(long, value_name = "NAME", requires = "tls_dir")]
+    tls_hostname: Option<String>,
+    /// Page compression: none, lz4, zstd, zstd:LEVEL (1-19) or auto (zstd on each channel
+    /// while it pays on the measured link).
+    #[arg(long, default_value = "none", value_parser = parse_compress)]
+    compress: String,
+    /// No checksums on frames and pages (they are on by default without TLS).
+    #[arg(long)]
+    no_checksums: bool,
     /// Print the final statistics as one JSON line.
     #[arg(long)]
     json: bool,
+}
+
+/// Checks a `--compress` value here, so a typo fails before anything is sent.
+fn parse_compress(s: &str) -> Result<String, String> {
+    s.parse::<ferry_migrate::channel::Compression>()
+        .map(|c| c.to_string())
 }
 
 /// The environment variable of the test hook that flips one byte of an incoming guest's
@@ -263,6 +288,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
                 digest_file: args.digest_file,
                 flip_byte_at: flip_byte_hook()?,
                 handshake_timeout: std::time::Duration::from_millis(args.handshake_timeout),
+                tls: args
+                    .tls_dir
+                    .map(|d| ferry_transport::TlsConfig::load(&d, None))
+                    .transpose()?,
             },
         },
         _ => bail!("give one of --kernel IMAGE, --restore FILE or --incoming URI"),
@@ -388,6 +417,10 @@ fn remote(args: RemoteArgs) -> Result<ExitCode> {
                 "digest_file": m.digest_file.map(|p| std::path::absolute(&p).unwrap_or(p)),
                 "handshake_timeout_ms": m.handshake_timeout,
                 "local": m.local,
+                "tls_dir": m.tls_dir.map(|p| std::path::absolute(&p).unwrap_or(p)),
+                "tls_hostname": m.tls_hostname,
+                "compress": m.compress,
+                "checksums": !m.no_checksums,
                 "progress_timeout_ms": m.progress_timeout,
                 "switchover_timeout_ms": m.switchover_timeout,
             });

@@ -7,7 +7,7 @@ use ferry_memory::dirty::DirtyError;
 use ferry_memory::prepare::PrepareError;
 use ferry_memory::ram::MemoryError;
 use ferry_proto::{Message, ProtoError};
-use ferry_transport::TransportError;
+use ferry_transport::{TlsError, TransportError};
 
 use crate::vm::VmError;
 
@@ -324,6 +324,61 @@ pub enum MigrateError {
     /// A sender was stopped because the migration is ending.
     #[error("the migration is ending")]
     Stopping,
+    /// A channel's TLS handshake failed (a certificate refused either way, or a peer that
+    /// does not speak TLS).
+    #[error("{channel} channel: {source}")]
+    Tls {
+        /// Which channel.
+        channel: Channel,
+        /// Why.
+        source: TlsError,
+    },
+    /// A local hand-over passes file descriptors, which a TLS stream cannot carry.
+    #[error(
+        "--local and --tls-dir do not go together: a local hand-over passes the memory file \
+         over a unix socket to a process on this host"
+    )]
+    LocalWithTls,
+    /// The destination did not accept the compression asked for.
+    #[error("the destination does not accept {asked} compression")]
+    CompressionRefused {
+        /// What was asked (`--compress`).
+        asked: String,
+    },
+    /// Pages arrived without the checksums the handshake agreed on.
+    #[error("data {channel} channel: a {kind} frame came without page checksums, though they were agreed")]
+    MissingPageSums {
+        /// Which data channel.
+        channel: u16,
+        /// Pages or Compressed.
+        kind: &'static str,
+    },
+    /// A page's checksum did not match and no good copy followed: corrupted in transit.
+    #[error(
+        "page at guest address {gpa:#x} arrived corrupted on data {channel} channel (stream \
+         offset {offset}: checksum mismatch) and was never sent again intact"
+    )]
+    CorruptPage {
+        /// Which data channel.
+        channel: u16,
+        /// The page.
+        gpa: u64,
+        /// Byte offset of the page's data in the channel's stream.
+        offset: u64,
+    },
+    /// A compressed batch was corrupted: it did not decompress, or a page's checksum did
+    /// not match.
+    #[error(
+        "compressed pages corrupted on data {channel} channel at stream offset {offset}: {why}"
+    )]
+    CorruptBatch {
+        /// Which data channel.
+        channel: u16,
+        /// Byte offset of the batch's payload in the channel's stream.
+        offset: u64,
+        /// What was wrong.
+        why: String,
+    },
     /// Local I/O (digest files, threads).
     #[error("{what}: {source}")]
     Io {

@@ -24,6 +24,7 @@
 //! `Go` was sent but never confirmed leaves the guest paused on both sides until one side
 //! learns the outcome or an operator resumes one side with force.
 
+pub mod channel;
 pub mod compat;
 pub mod control;
 pub mod digest;

@@ -159,6 +159,24 @@ impl Convergence {
     }
 }
 
+/// What a data channel has measured about compressing its pages (`--compress auto`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CompressEstimate {
+    /// Compressing, ns per raw byte.
+    pub compress_ns_per_byte: f64,
+    /// Compressed bytes per raw byte.
+    pub ratio: f64,
+    /// Writing to the socket, ns per byte written (the link, or the copy when the link is
+    /// faster than the CPU).
+    pub wire_ns_per_byte: f64,
+}
+
+/// Whether compressing pays: compressing a byte and sending what is left of it costs less
+/// than sending it as it is.
+pub fn compression_pays(e: &CompressEstimate) -> bool {
+    e.compress_ns_per_byte + e.ratio * e.wire_ns_per_byte < e.wire_ns_per_byte
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,5 +343,20 @@ mod tests {
         };
         let e = c.estimate(&l, 20 * MB, Duration::from_millis(2));
         assert!((e.as_secs_f64() - 0.035).abs() < 1e-6, "{e:?}");
+    }
+
+    #[test]
+    fn compression_pays_only_where_the_link_is_the_bottleneck() {
+        let est = |c, r, w| CompressEstimate {
+            compress_ns_per_byte: c,
+            ratio: r,
+            wire_ns_per_byte: w,
+        };
+        // 1 Gbit/s is 8 ns per byte: zstd at 1 ns/byte shrinking 4x pays.
+        assert!(compression_pays(&est(1.0, 0.25, 8.0)));
+        // Loopback at 0.3 ns per byte: it does not.
+        assert!(!compression_pays(&est(1.0, 0.25, 0.3)));
+        // Incompressible data never pays.
+        assert!(!compression_pays(&est(0.5, 1.0, 8.0)));
     }
 }

@@ -86,6 +86,10 @@ pub struct Progress {
     pub throttle: AtomicU64,
     /// Guest RAM size.
     pub ram_bytes: AtomicU64,
+    /// Batches of data pages sent compressed.
+    pub batches_compressed: AtomicU64,
+    /// Batches of data pages sent as they are.
+    pub batches_raw: AtomicU64,
     started: Mutex<Option<Instant>>,
     phase: Mutex<&'static str>,
     error: Mutex<Option<String>>,
@@ -139,6 +143,8 @@ impl Default for Progress {
             expected_downtime_us: AtomicU64::new(0),
             throttle: AtomicU64::new(0),
             ram_bytes: AtomicU64::new(0),
+            batches_compressed: AtomicU64::new(0),
+            batches_raw: AtomicU64::new(0),
             started: Mutex::new(None),
             phase: Mutex::new("none"),
             error: Mutex::new(None),
@@ -164,6 +170,8 @@ impl Progress {
             &self.bandwidth,
             &self.expected_downtime_us,
             &self.throttle,
+            &self.batches_compressed,
+            &self.batches_raw,
         ] {
             c.store(0, Ordering::Relaxed);
         }
@@ -322,4 +330,14 @@ pub struct MigrationStats {
     /// Local hand-over: the destination mapping (and locking) the memory file, before the
     /// guest was paused.
     pub adopt_ms: f64,
+    /// Every channel was mutual TLS.
+    pub tls: bool,
+    /// Frames and pages carried checksums.
+    pub checksums: bool,
+    /// Page compression asked for (`none`, `lz4`, `zstd:N`, `auto`).
+    pub compression: String,
+    /// Batches of data pages sent compressed.
+    pub batches_compressed: u64,
+    /// Batches of data pages sent as they are.
+    pub batches_raw: u64,
 }

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use ferry_proto::{read_message, Message, ProtoError};
+use ferry_proto::{read_message_checked, Message, ProtoError};
 use ferry_transport::{wait_readable, write_all_by, Stream};
 
 use crate::error::MigrateError;
@@ -16,14 +16,16 @@ use crate::error::MigrateError;
 /// How often an idle reader looks at its stop flag.
 const READER_POLL: Duration = Duration::from_millis(100);
 
-/// Encodes `msg` and writes it, giving up at `deadline`. Returns the bytes written.
+/// Encodes `msg` (with its checksum if `sum`) and writes it, giving up at `deadline`.
+/// Returns the bytes written.
 pub(crate) fn send_by(
     stream: &mut Stream,
     msg: &Message,
+    sum: bool,
     deadline: Instant,
 ) -> std::io::Result<u64> {
     let mut buf = Vec::new();
-    msg.encode(&mut buf);
+    msg.encode_with(&mut buf, sum);
     write_all_by(stream, &buf, deadline)?;
     Ok(buf.len() as u64)
 }
@@ -32,11 +34,12 @@ pub(crate) fn send_by(
 /// as `wrap(Ok(message))`; the last event is `wrap(Err(..))` unless stopped. Waits for the
 /// first byte of a frame with a bounded poll so a stop is noticed; once a frame has
 /// started it is read whole (a peer that stalls mid-frame is ended by shutting the
-/// socket down).
+/// socket down). Once `sums` is set, frames without a checksum are refused.
 pub(crate) fn spawn_reader<E: Send + 'static>(
     mut stream: Stream,
     name: &str,
     stop: Arc<AtomicBool>,
+    sums: Arc<AtomicBool>,
     tx: Sender<E>,
     wrap: impl Fn(Result<Message, ProtoError>) -> E + Send + 'static,
 ) -> Result<JoinHandle<()>, MigrateError> {
@@ -45,15 +48,19 @@ pub(crate) fn spawn_reader<E: Send + 'static>(
         .spawn(move || {
             let mut scratch = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                match wait_readable(&[stream.as_fd()], READER_POLL) {
-                    Ok(r) if !r.first().copied().unwrap_or(false) => continue,
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = tx.send(wrap(Err(ProtoError::Io(e))));
-                        return;
+                // Decrypted TLS data may already wait in memory, with nothing on the socket.
+                if !stream.has_buffered_input() {
+                    match wait_readable(&[stream.as_fd()], READER_POLL) {
+                        Ok(r) if !r.first().copied().unwrap_or(false) => continue,
+                        Ok(_) => {}
+                        Err(e) => {
+                            let _ = tx.send(wrap(Err(ProtoError::Io(e))));
+                            return;
+                        }
                     }
                 }
-                let r = read_message(&mut stream, &mut scratch);
+                let require = sums.load(Ordering::Relaxed);
+                let r = read_message_checked(&mut stream, &mut scratch, require);
                 let end = r.is_err();
                 if tx.send(wrap(r)).is_err() || end {
                     return;

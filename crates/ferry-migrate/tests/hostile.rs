@@ -88,7 +88,14 @@ fn message() -> impl Strategy<Value = Message> {
         1 => Just(Message::Running { resume_us: 1 }),
         1 => Just(Message::SetupAccepted),
         1 => Just(Message::Welcome { version: VERSION, capabilities: 0 }),
-        2 => (0u32..3, runs()).prop_map(|(pass, runs)| Message::Pages { pass, runs }),
+        2 => (0u32..3, runs()).prop_map(|(pass, runs)| Message::Pages { pass, runs, sums: vec![] }),
+        1 => (0u32..3, runs(), 1u32..4096).prop_map(|(pass, runs, len)| Message::Compressed {
+            pass,
+            runs,
+            codec: ferry_proto::Codec::Zstd,
+            sums: vec![],
+            len,
+        }),
         1 => (0u32..3, runs()).prop_map(|(pass, runs)| Message::ZeroPages { pass, runs }),
         2 => (0u32..3).prop_map(|pass| Message::PassEnd { pass, pages: 0 }),
     ]
@@ -107,7 +114,8 @@ fn hello(session: u64, role: ChannelRole, data_channels: u16) -> Vec<u8> {
     let mut b = Vec::new();
     Message::Hello(Hello {
         version: VERSION,
-        capabilities: caps::ALL,
+        // Unsummed frames (checksums are the sender's and receiver's to test elsewhere).
+        capabilities: caps::ALL & !caps::PAGE_SUMS,
         session,
         role,
         data_channels,

@@ -7,9 +7,9 @@ use crate::message::{
     FEATURE_LEN, REGION_LEN, RUN_LEN, SECTION_MIN_LEN,
 };
 use crate::{
-    ChannelRole, Codec, CpuFeature, FLAG_SUMMED, MAX_BATCH_PAGES, Hello, MemRegion, Message, MessageKind, PageRun, ProtoError, Setup,
-    StateSection, Timeouts, VmDescription, FRAME_HEADER_LEN, MAGIC, MAX_CPU_FEATURES, MAX_REGIONS,
-    MAX_RUNS, MAX_SECTIONS, MAX_STRING,
+    ChannelRole, Codec, CpuFeature, Hello, MemRegion, Message, MessageKind, PageRun, ProtoError,
+    Setup, StateSection, Timeouts, VmDescription, FLAG_SUMMED, FRAME_HEADER_LEN, MAGIC,
+    MAX_BATCH_PAGES, MAX_CPU_FEATURES, MAX_REGIONS, MAX_RUNS, MAX_SECTIONS, MAX_STRING,
 };
 
 /// A decoded and checked frame header.
@@ -186,8 +186,8 @@ fn frame_sum(header: &[u8], body: &[u8]) -> u64 {
 
 /// Marks the frame that starts at `out[start]` as summed and appends its checksum.
 pub(crate) fn seal(out: &mut Vec<u8>, start: usize) {
-    if let Some(flags) = out.get_mut(start + 2..start + 4) {
-        flags.copy_from_slice(&FLAG_SUMMED.to_le_bytes());
+    if let Some([_, _, f0, f1, ..]) = out.get_mut(start..) {
+        [*f0, *f1] = FLAG_SUMMED.to_le_bytes();
     }
     let (header, body) = out
         .get(start..)

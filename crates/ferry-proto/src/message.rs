@@ -758,7 +758,10 @@ fn check_sums(what: &'static str, runs: &[PageRun], sums: &[u64]) -> Result<(), 
     }
     Err(invalid(
         what,
-        format!("{} checksums for {pages} pages (0 or one per page)", sums.len()),
+        format!(
+            "{} checksums for {pages} pages (0 or one per page)",
+            sums.len()
+        ),
     ))
 }
 

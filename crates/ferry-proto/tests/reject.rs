@@ -429,7 +429,11 @@ fn zero_pages_and_empty_lists() {
         "ZeroPages run",
         "0 pages",
     );
-    assert_invalid(&runs_body(0, &[]).u32(0).frame(K::Pages), "Pages runs", "no runs");
+    assert_invalid(
+        &runs_body(0, &[]).u32(0).frame(K::Pages),
+        "Pages runs",
+        "no runs",
+    );
     assert_invalid(
         &runs_body(0, &[]).frame(K::ZeroPages),
         "ZeroPages runs",
@@ -476,7 +480,9 @@ fn address_overflow() {
 
 #[test]
 fn too_many_pages() {
-    let e = err(&runs_body(0, &[(0, 200), (0x100_0000, 100)]).u32(0).frame(K::Pages));
+    let e = err(&runs_body(0, &[(0, 200), (0x100_0000, 100)])
+        .u32(0)
+        .frame(K::Pages));
     assert!(
         matches!(
             e,
@@ -493,10 +499,17 @@ fn too_many_pages() {
         "Pages frame page count: 300 exceeds the limit of 256"
     );
     // Huge page counts in runs of their own are too many, not an overflow.
-    let e = err(&runs_body(0, &[(0, u32::MAX), (0, u32::MAX)]).u32(0).frame(K::Pages));
+    let e = err(&runs_body(0, &[(0, u32::MAX), (0, u32::MAX)])
+        .u32(0)
+        .frame(K::Pages));
     assert!(matches!(e, ProtoError::TooMany { .. }), "{e}");
     // Exactly the limit is fine, and ZeroPages has no page limit.
-    assert!(read(&runs_body(0, &[(0, 255), (0x100_0000, 1)]).u32(0).frame(K::Pages)).is_ok());
+    assert!(read(
+        &runs_body(0, &[(0, 255), (0x100_0000, 1)])
+            .u32(0)
+            .frame(K::Pages)
+    )
+    .is_ok());
     assert!(read(&runs_body(0, &[(0, 1 << 20), (1 << 40, 1 << 20)]).frame(K::ZeroPages)).is_ok());
 }
 

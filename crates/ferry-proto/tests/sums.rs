@@ -46,7 +46,15 @@ fn a_corrupted_body_is_named_bad_sum() {
     let mut b = summed(&m);
     b[FRAME_HEADER_LEN] ^= 0x40;
     let e = read_message_checked(&mut &b[..], &mut Vec::new(), true).unwrap_err();
-    assert!(matches!(e, ProtoError::BadSum { kind: MessageKind::PassEnd }), "{e}");
+    assert!(
+        matches!(
+            e,
+            ProtoError::BadSum {
+                kind: MessageKind::PassEnd
+            }
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("corrupted"), "{e}");
 }
 
@@ -55,7 +63,15 @@ fn an_unsummed_frame_is_refused_once_sums_are_required() {
     let mut b = Vec::new();
     Message::Go.encode(&mut b);
     let e = read_message_checked(&mut &b[..], &mut Vec::new(), true).unwrap_err();
-    assert!(matches!(e, ProtoError::MissingSum { kind: MessageKind::Go }), "{e}");
+    assert!(
+        matches!(
+            e,
+            ProtoError::MissingSum {
+                kind: MessageKind::Go
+            }
+        ),
+        "{e}"
+    );
     assert_eq!(
         read_message_checked(&mut &b[..], &mut Vec::new(), false).unwrap(),
         Message::Go
@@ -64,7 +80,10 @@ fn an_unsummed_frame_is_refused_once_sums_are_required() {
 
 #[test]
 fn hot_path_encoders_match_the_messages() {
-    let runs = vec![PageRun { gpa: 0x3000, pages: 2 }];
+    let runs = vec![PageRun {
+        gpa: 0x3000,
+        pages: 2,
+    }];
     for sum in [false, true] {
         let mut a = Vec::new();
         encode_pages_header(4, &runs, &[5, 6], sum, &mut a);
@@ -108,7 +127,11 @@ fn page_and_compressed_rules_are_enforced() {
         runs: runs.clone(),
         sums: vec![1],
     };
-    assert!(wrong_sums.validate().unwrap_err().to_string().contains("1 checksums for 2 pages"));
+    assert!(wrong_sums
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("1 checksums for 2 pages"));
     for len in [0, 2 * PAGE_SIZE as u32, u32::MAX] {
         let m = Message::Compressed {
             pass: 0,
@@ -132,6 +155,8 @@ fn page_and_compressed_rules_are_enforced() {
     .encode(&mut b);
     let codec_at = FRAME_HEADER_LEN + 4 + 4 + 12;
     b[codec_at] = 9;
-    let e = read_message(&mut &b[..], &mut Vec::new()).unwrap_err().to_string();
+    let e = read_message(&mut &b[..], &mut Vec::new())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("unknown codec 9"), "{e}");
 }

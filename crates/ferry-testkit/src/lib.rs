@@ -5,9 +5,11 @@
 //!   an exact protocol step, or runs a hook there (signal a process, call the API);
 //! - [`fake`]: VMs without KVM (RAM, a writing "vCPU", a counter as state) that implement
 //!   the engine's traits;
+//! - [`certs`]: test certificates for mutual TLS;
 //! - [`serial`]: the workload guest's serial output, heartbeats timestamped;
 //! - [`matrix`]: the fault matrix against real `ferry` processes.
 
+pub mod certs;
 pub mod fake;
 pub mod matrix;
 pub mod proxy;

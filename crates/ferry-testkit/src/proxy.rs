@@ -66,6 +66,9 @@ pub enum Action {
     /// Forward the triggering frame with the first byte of its body flipped (of its header,
     /// for a frame without a body).
     Corrupt,
+    /// Forward the triggering frame with its last byte flipped: for a Pages frame, a byte
+    /// of the last page's data (damage only a checksum can see).
+    CorruptLast,
     /// Hold the triggering frame back this long, then forward it.
     Delay(Duration),
     /// Run a hook (kill or stop a process, say) before forwarding the triggering frame;
@@ -81,6 +84,7 @@ impl std::fmt::Debug for Action {
             Action::Cut => f.write_str("Cut"),
             Action::Drop => f.write_str("Drop"),
             Action::Corrupt => f.write_str("Corrupt"),
+            Action::CorruptLast => f.write_str("CorruptLast"),
             Action::Delay(d) => write!(f, "Delay({d:?})"),
             Action::Hook(_) => f.write_str("Hook"),
         }
@@ -106,6 +110,19 @@ struct Shared {
     cut: AtomicBool,
     sockets: Mutex<Vec<Stream>>,
     connections: AtomicU32,
+    /// Raw mode (for streams it cannot parse, such as TLS): forward bytes as they are, but
+    /// flip the byte at this offset of this connection (0 = the first) towards the
+    /// destination.
+    raw: Option<RawFlip>,
+}
+
+/// Where a raw-mode proxy flips a byte.
+#[derive(Debug, Clone, Copy)]
+pub struct RawFlip {
+    /// Which connection, in arrival order (0 = the first).
+    pub connection: u32,
+    /// Offset of the byte in that connection's source-to-destination stream.
+    pub offset: u64,
 }
 
 /// A running proxy; stops (and cuts everything) when dropped.
@@ -119,6 +136,20 @@ impl Proxy {
     /// Listens on `listen` (use port 0 or a fresh unix path) and forwards to `upstream`,
     /// applying `faults`.
     pub fn start(listen: &Uri, upstream: Uri, faults: Vec<Fault>) -> std::io::Result<Proxy> {
+        Proxy::start_with(listen, upstream, faults, None)
+    }
+
+    /// A proxy that does not parse what it forwards (a TLS stream), flipping one byte.
+    pub fn start_raw(listen: &Uri, upstream: Uri, flip: RawFlip) -> std::io::Result<Proxy> {
+        Proxy::start_with(listen, upstream, Vec::new(), Some(flip))
+    }
+
+    fn start_with(
+        listen: &Uri,
+        upstream: Uri,
+        faults: Vec<Fault>,
+        raw: Option<RawFlip>,
+    ) -> std::io::Result<Proxy> {
         let listener = Listener::bind(listen).map_err(std::io::Error::other)?;
         let uri = listener.local_uri();
         let shared = Arc::new(Shared {
@@ -130,6 +161,7 @@ impl Proxy {
             cut: AtomicBool::new(false),
             sockets: Mutex::new(Vec::new()),
             connections: AtomicU32::new(0),
+            raw,
         });
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st) = (shared.clone(), stop.clone());
@@ -272,6 +304,7 @@ fn accept_loop(listener: Listener, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
         let Ok(Some(client)) = listener.accept_timeout(Duration::from_millis(50)) else {
             continue;
         };
+        let index = shared.connections.load(Ordering::SeqCst);
         shared.on_first_connection();
         if shared.cut.load(Ordering::SeqCst) {
             client.shutdown();
@@ -297,6 +330,16 @@ fn accept_loop(listener: Listener, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
             }
         }
         let (a, b) = (shared.clone(), shared.clone());
+        if let Some(flip) = shared.raw {
+            let at = (flip.connection == index).then_some(flip.offset);
+            let _ = std::thread::Builder::new()
+                .name("proxy-raw-up".into())
+                .spawn(move || pump_raw(client, server, at, &a));
+            let _ = std::thread::Builder::new()
+                .name("proxy-raw-down".into())
+                .spawn(move || pump_raw(s2, c2, None, &b));
+            continue;
+        }
         let name = Arc::new(Mutex::new(String::from("?")));
         let n2 = name.clone();
         let _ = std::thread::Builder::new()
@@ -328,12 +371,14 @@ fn read_frame(r: &mut Stream) -> Option<Read> {
     };
     let mut frame = header.to_vec();
     let body_len = h.body_len as usize;
-    frame.resize(FRAME_HEADER_LEN + body_len, 0);
+    let sum_len = if h.summed { 8 } else { 0 };
+    frame.resize(FRAME_HEADER_LEN + body_len + sum_len, 0);
     if !fill(r, &mut frame[FRAME_HEADER_LEN..]) {
         return None;
     }
-    if h.kind == MessageKind::Pages {
-        let payload = decode_body(h.kind, &frame[FRAME_HEADER_LEN..])
+    if matches!(h.kind, MessageKind::Pages | MessageKind::Compressed) {
+        let body = &frame[FRAME_HEADER_LEN..FRAME_HEADER_LEN + body_len];
+        let payload = decode_body(h.kind, body)
             .map(|m| m.payload_len())
             .unwrap_or(0) as usize;
         let start = frame.len();
@@ -347,6 +392,7 @@ fn read_frame(r: &mut Stream) -> Option<Read> {
 
 /// Whether `frame` is a Hello of a data channel (to name the channel in logs).
 fn role_of(frame: &[u8]) -> Option<ChannelRole> {
+    // A Hello is never summed: its body is the rest of the frame.
     match decode_body(MessageKind::Hello, frame.get(FRAME_HEADER_LEN..)?) {
         Ok(Message::Hello(h)) => Some(h.role),
         _ => None,
@@ -391,6 +437,29 @@ fn pump(mut from: Stream, mut to: Stream, dir: Dir, shared: &Shared, channel: &M
     }
 }
 
+/// Forwards bytes as they come, flipping the one at offset `flip`.
+fn pump_raw(mut from: Stream, mut to: Stream, flip: Option<u64>, shared: &Shared) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut at = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(f) = flip.filter(|f| (at..at + n as u64).contains(f)) {
+            if let Some(b) = buf.get_mut((f - at) as usize) {
+                *b ^= 0x01;
+            }
+            shared.note(format!("flipped the byte at offset {f}"));
+        }
+        at += n as u64;
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    to.shutdown_write();
+}
+
 /// Applies a frame's fault; false means "do not forward this frame".
 fn apply(action: &Action, frame: &mut [u8], shared: &Shared) -> bool {
     match action {
@@ -413,6 +482,12 @@ fn apply(action: &Action, frame: &mut [u8], shared: &Shared) -> bool {
             };
             if let Some(b) = frame.get_mut(i) {
                 *b ^= 0xA5;
+            }
+            true
+        }
+        Action::CorruptLast => {
+            if let Some(b) = frame.last_mut() {
+                *b ^= 0x01;
             }
             true
         }

@@ -182,6 +182,21 @@ impl Stream {
         }
     }
 
+    /// Why the peer ended a TLS stream, if it said so: after a failed write, the alert it
+    /// sent before closing (a refused certificate, say) is still there to read. Waits at
+    /// most `timeout`; `None` for plain streams or when nothing explains it.
+    pub fn tls_refusal(&self, timeout: Duration) -> Option<io::Error> {
+        let Stream::Tls(t) = self else {
+            return None;
+        };
+        t.socket().set_read_timeout(Some(timeout)).ok()?;
+        let mut b = [0u8; 1];
+        match t.read_ref(&mut b) {
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => Some(e),
+            _ => None,
+        }
+    }
+
     /// Whether this stream is TLS.
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))
@@ -240,7 +255,8 @@ impl Stream {
             while let Some(room) = scratch.get_mut(filled..).filter(|r| !r.is_empty()) {
                 match t.read_ref(room) {
                     Ok(0) => {
-                        let e = io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended in pages");
+                        let e =
+                            io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended in pages");
                         return Err(e);
                     }
                     Ok(n) => filled += n,

@@ -169,7 +169,9 @@ impl TlsConfig {
             (Some(h), _) => h.clone(),
             (None, Uri::Tcp(addr)) => {
                 let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
-                host.trim_start_matches('[').trim_end_matches(']').to_string()
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string()
             }
             (None, Uri::Unix(_)) => "localhost".to_string(),
         };
@@ -191,12 +193,11 @@ pub fn connect(
 ) -> Result<Stream, TlsError> {
     let peer = sock.peer();
     let name = cfg.server_name(uri)?;
-    let conn = ClientConnection::new(cfg.client.clone(), name).map_err(|source| {
-        TlsError::Handshake {
+    let conn =
+        ClientConnection::new(cfg.client.clone(), name).map_err(|source| TlsError::Handshake {
             peer: peer.clone(),
             source,
-        }
-    })?;
+        })?;
     let mut tls = StreamOwned::new(conn, sock);
     let io_err = |source| TlsError::Io {
         peer: peer.clone(),
@@ -205,7 +206,10 @@ pub fn connect(
     while tls.conn.is_handshaking() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            let e = io::Error::new(io::ErrorKind::TimedOut, "no TLS handshake before the deadline");
+            let e = io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no TLS handshake before the deadline",
+            );
             return Err(io_err(e));
         }
         let t = Some(left.max(Duration::from_millis(1)));
@@ -246,32 +250,38 @@ fn handshake_error(peer: &str, e: io::Error) -> TlsError {
 /// destination's acceptor drives many at once).
 pub struct ServerHandshake {
     conn: ServerConnection,
+    sock: Stream,
 }
 
 impl ServerHandshake {
-    /// Starts the server side with `cfg`.
-    pub fn new(cfg: &TlsConfig) -> Result<ServerHandshake, TlsError> {
+    /// Starts the server side on `sock` (which should be non-blocking).
+    pub fn new(cfg: &TlsConfig, sock: Stream) -> Result<ServerHandshake, TlsError> {
         let conn =
             ServerConnection::new(cfg.server.clone()).map_err(|source| TlsError::Handshake {
-                peer: "a new connection".into(),
+                peer: sock.peer(),
                 source,
             })?;
-        Ok(ServerHandshake { conn })
+        Ok(ServerHandshake { conn, sock })
     }
 
-    /// Takes what `sock` has and answers; `Ok(true)` once the client is authenticated.
+    /// The socket (to poll it).
+    pub fn socket(&self) -> &Stream {
+        &self.sock
+    }
+
+    /// Takes what the socket has and answers; `Ok(true)` once the client is authenticated.
     /// On a failure the alert that says why is sent to the client first (best effort).
-    pub fn advance(&mut self, sock: &mut Stream) -> Result<bool, TlsError> {
-        let peer = sock.peer();
+    pub fn advance(&mut self) -> Result<bool, TlsError> {
+        let peer = self.sock.peer();
         loop {
-            match self.conn.read_tls(sock) {
+            match self.conn.read_tls(&mut self.sock) {
                 Ok(0) => {
                     let e = io::Error::new(io::ErrorKind::UnexpectedEof, "closed in the handshake");
                     return Err(TlsError::Io { peer, source: e });
                 }
                 Ok(_) => {
                     if let Err(source) = self.conn.process_new_packets() {
-                        let _ = self.conn.write_tls(sock);
+                        let _ = self.conn.write_tls(&mut self.sock);
                         return Err(TlsError::Handshake { peer, source });
                     }
                 }
@@ -284,7 +294,7 @@ impl ServerHandshake {
             }
         }
         while self.conn.wants_write() {
-            match self.conn.write_tls(sock) {
+            match self.conn.write_tls(&mut self.sock) {
                 Ok(_) => {}
                 // The handshake's flights are small; the rest goes at the next wake-up.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -294,9 +304,17 @@ impl ServerHandshake {
         Ok(!self.conn.is_handshaking())
     }
 
-    /// The finished connection as a stream over `sock`.
-    pub fn finish(self, sock: Stream) -> Stream {
-        Stream::Tls(Box::new(TlsStream::new(sock, Connection::Server(self.conn))))
+    /// Gives up the handshake: the plain socket (to answer a peer that does not speak TLS).
+    pub fn into_socket(self) -> Stream {
+        self.sock
+    }
+
+    /// The finished connection as a stream.
+    pub fn finish(self) -> Stream {
+        Stream::Tls(Box::new(TlsStream::new(
+            self.sock,
+            Connection::Server(self.conn),
+        )))
     }
 }
 
@@ -321,6 +339,9 @@ struct WriteSide {
 }
 
 struct Shared {
+    /// Set once rustls reported an error (and queued a fatal alert): nothing more may be
+    /// sent on the connection, not even `close_notify`.
+    failed: std::sync::atomic::AtomicBool,
     conn: Mutex<Connection>,
     read: Mutex<ReadSide>,
     write: Mutex<WriteSide>,
@@ -344,7 +365,9 @@ pub struct TlsStream {
 
 impl std::fmt::Debug for TlsStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsStream").field("sock", &self.sock).finish()
+        f.debug_struct("TlsStream")
+            .field("sock", &self.sock)
+            .finish()
     }
 }
 
@@ -354,6 +377,7 @@ impl TlsStream {
         TlsStream {
             sock,
             shared: Arc::new(Shared {
+                failed: std::sync::atomic::AtomicBool::new(false),
                 conn: Mutex::new(conn),
                 read: Mutex::new(ReadSide::default()),
                 write: Mutex::new(WriteSide::default()),
@@ -382,7 +406,7 @@ impl TlsStream {
         }
         drop(rs);
         let mut c = lock(&self.shared.conn);
-        c.process_new_packets()
+        self.process(&mut c)
             .map(|s| s.plaintext_bytes_to_read() > 0)
             .unwrap_or(true)
     }
@@ -411,8 +435,22 @@ impl TlsStream {
         Ok(())
     }
 
-    /// Sends a `close_notify` and what is pending (best effort).
+    /// Decrypts what rustls holds; an error marks the connection failed.
+    fn process(&self, c: &mut Connection) -> io::Result<rustls::IoState> {
+        c.process_new_packets().map_err(|e| {
+            self.shared
+                .failed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            tls_io(e)
+        })
+    }
+
+    /// Sends a `close_notify` and what is pending (best effort; nothing after a failure,
+    /// whose fatal alert already ended the connection).
     pub(crate) fn close_notify(&self) {
+        if self.shared.failed.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let mut ws = lock(&self.shared.write);
         lock(&self.shared.conn).send_close_notify();
         if self.collect_output(&mut ws).is_ok() {
@@ -423,6 +461,8 @@ impl TlsStream {
     /// Plaintext already decrypted, if any: `Ok(None)` when there is none yet.
     fn take_plaintext(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         let mut c = lock(&self.shared.conn);
+        // Records may wait undecrypted (they came with the handshake's last flight).
+        self.process(&mut c)?;
         match c.reader().read(buf) {
             Ok(n) => Ok(Some(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
@@ -446,7 +486,7 @@ impl TlsStream {
                 Err(e) => return Err(e),
             };
             rs.start += n;
-            c.process_new_packets().map_err(tls_io)?;
+            self.process(&mut c)?;
             if n == 0 {
                 break;
             }
@@ -481,7 +521,7 @@ impl TlsStream {
                 // The socket ended: tell rustls, which then reports close_notify or not.
                 let mut c = lock(&self.shared.conn);
                 let _ = c.read_tls(&mut io::empty());
-                c.process_new_packets().map_err(tls_io)?;
+                self.process(&mut c)?;
                 drop(c);
                 return Ok(self.take_plaintext(buf)?.unwrap_or(0));
             }
@@ -542,7 +582,10 @@ mod tests {
             .arg(dir.path())
             .status()
             .expect("bash runs scripts/make-test-certs.sh");
-        assert!(st.success(), "make-test-certs.sh failed (is openssl installed?)");
+        assert!(
+            st.success(),
+            "make-test-certs.sh failed (is openssl installed?)"
+        );
         dir
     }
 
@@ -574,14 +617,14 @@ mod tests {
             }
             r
         });
-        let mut sock = l.accept_timeout(Duration::from_secs(5)).unwrap().unwrap();
+        let sock = l.accept_timeout(Duration::from_secs(5)).unwrap().unwrap();
         sock.set_nonblocking(true).unwrap();
-        let mut hs = ServerHandshake::new(&server_cfg).unwrap();
+        let mut hs = ServerHandshake::new(&server_cfg, sock).unwrap();
         let server = loop {
-            match hs.advance(&mut sock) {
+            match hs.advance() {
                 Ok(true) => {
-                    sock.set_nonblocking(false).unwrap();
-                    let mut s = hs.finish(sock);
+                    let mut s = hs.finish();
+                    s.set_nonblocking(false).unwrap();
                     s.write_all(b"!").unwrap();
                     break Ok(s);
                 }
@@ -598,7 +641,11 @@ mod tests {
     #[test]
     fn mutual_tls_carries_pages_both_ways_at_once() {
         let d = certs();
-        let (c, s) = pair(&d.path().join("source"), &d.path().join("destination"), None);
+        let (c, s) = pair(
+            &d.path().join("source"),
+            &d.path().join("destination"),
+            None,
+        );
         let (mut c, mut s) = (c.unwrap(), s.unwrap());
         assert!(c.is_tls() && s.is_tls());
         // One clone writes 32 MiB while another reads the peer's 32 MiB.
@@ -640,7 +687,11 @@ mod tests {
     #[test]
     fn a_client_of_another_ca_is_refused_by_name() {
         let d = certs();
-        let (c, s) = pair(&d.path().join("other-ca"), &d.path().join("destination"), None);
+        let (c, s) = pair(
+            &d.path().join("other-ca"),
+            &d.path().join("destination"),
+            None,
+        );
         let e = s.unwrap_err().to_string();
         assert!(e.contains("UnknownIssuer") || e.contains("issuer"), "{e}");
         assert!(c.is_err(), "the client learns it too");
@@ -663,14 +714,16 @@ mod tests {
         let d = certs();
         let cfg = TlsConfig::load(&d.path().join("destination"), None).unwrap();
         let l = Listener::bind(&Uri::Tcp("127.0.0.1:0".into())).unwrap();
-        let mut c = crate::connect(&l.local_uri(), Instant::now() + Duration::from_secs(5)).unwrap();
-        c.write_all(b"FERRYMIG plaintext hello, not a ClientHello....").unwrap();
-        let mut sock = l.accept_timeout(Duration::from_secs(5)).unwrap().unwrap();
+        let mut c =
+            crate::connect(&l.local_uri(), Instant::now() + Duration::from_secs(5)).unwrap();
+        c.write_all(b"FERRYMIG plaintext hello, not a ClientHello....")
+            .unwrap();
+        let sock = l.accept_timeout(Duration::from_secs(5)).unwrap().unwrap();
         sock.set_nonblocking(true).unwrap();
-        let mut hs = ServerHandshake::new(&cfg).unwrap();
+        let mut hs = ServerHandshake::new(&cfg, sock).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         let e = loop {
-            match hs.advance(&mut sock) {
+            match hs.advance() {
                 Err(e) => break e,
                 Ok(done) => assert!(!done && Instant::now() < deadline),
             }
@@ -682,7 +735,9 @@ mod tests {
     #[test]
     fn missing_and_bad_files_are_named() {
         let d = certs();
-        let e = TlsConfig::load(&d.path().join("nowhere"), None).unwrap_err().to_string();
+        let e = TlsConfig::load(&d.path().join("nowhere"), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ca.pem"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         for f in ["ca.pem", "cert.pem"] {

@@ -157,6 +157,14 @@ struct MigrateRequest {
     progress_timeout_ms: Option<u64>,
     switchover_timeout_ms: Option<u64>,
     local: Option<bool>,
+    /// Directory with ca.pem, cert.pem and key.pem: mutual TLS on every channel.
+    tls_dir: Option<PathBuf>,
+    /// The name the destination's certificate must carry (default: the URI's host).
+    tls_hostname: Option<String>,
+    /// none, lz4, zstd, zstd:LEVEL or auto.
+    compress: Option<String>,
+    /// Checksums on frames and pages without TLS (default true).
+    checksums: Option<bool>,
 }
 
 /// The running API server; removes its socket when dropped (if it is still its own).
@@ -473,6 +481,20 @@ fn migrate(m: MigrateRequest, vmm: &Arc<Vmm>, writer: &Mutex<UnixStream>) -> Res
         .map_err(|e: ferry_transport::TransportError| e.to_string())?;
     let d = SendParams::default();
     let ms = |v: Option<u64>, def: Duration| v.map(Duration::from_millis).unwrap_or(def);
+    let tls = match &m.tls_dir {
+        Some(dir) => Some(
+            ferry_transport::TlsConfig::load(dir, m.tls_hostname.clone())
+                .map_err(|e| e.to_string())?,
+        ),
+        None if m.tls_hostname.is_some() => {
+            return Err("tls_hostname needs tls_dir (--tls-hostname needs --tls-dir)".into())
+        }
+        None => None,
+    };
+    let compression = match &m.compress {
+        Some(c) => c.parse().map_err(|e: String| format!("compress {e}"))?,
+        None => d.compression,
+    };
     let params = SendParams {
         channels: m.channels.unwrap_or(d.channels),
         downtime_limit: ms(m.downtime_limit_ms, d.downtime_limit),
@@ -483,6 +505,9 @@ fn migrate(m: MigrateRequest, vmm: &Arc<Vmm>, writer: &Mutex<UnixStream>) -> Res
         progress_timeout: ms(m.progress_timeout_ms, d.progress_timeout),
         switchover_timeout: ms(m.switchover_timeout_ms, d.switchover_timeout),
         local: m.local.unwrap_or(false),
+        tls,
+        compression,
+        checksums: m.checksums.unwrap_or(true),
     };
     let (progress, result) = vmm
         .start_migration(uri, params)

@@ -3,8 +3,10 @@
 //! port scan, a health check, garbage, a peer that says nothing) is dropped and logged, and
 //! the destination keeps listening. A peer of another protocol version is told why.
 //!
-//! Peer authentication (TLS) slots in here: a connection becomes a candidate only once it
-//! has authenticated and greeted.
+//! With TLS, every connection first completes a mutual TLS handshake here (driven without
+//! blocking, like the greeting): a connection becomes a candidate only once its client
+//! certificate is verified and it has greeted. A plaintext Ferry source is told that TLS
+//! is required; anything else that fails the handshake is dropped with the reason logged.
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,7 +17,8 @@ use ferry_proto::{
     decode_body, decode_header, Hello, Message, MessageKind, FRAME_HEADER_LEN, HELLO_FRAME_LEN,
     VERSION,
 };
-use ferry_transport::{set_blocking, wait_readable, Listener, Stream};
+use ferry_transport::tls::ServerHandshake;
+use ferry_transport::{set_blocking, wait_readable, Listener, Stream, TlsConfig};
 
 use crate::wire::send_by;
 
@@ -31,9 +34,24 @@ pub(crate) struct Greeted {
     pub(crate) peer: String,
 }
 
+/// A pending connection's socket: still in its TLS handshake, or carrying Ferry frames.
+enum Conn {
+    Handshaking(Box<ServerHandshake>),
+    Ready(Stream),
+}
+
+impl Conn {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Conn::Handshaking(h) => h.socket().as_fd(),
+            Conn::Ready(s) => s.as_fd(),
+        }
+    }
+}
+
 /// A connection whose Hello is still arriving.
 struct Pending {
-    stream: Stream,
+    conn: Conn,
     peer: String,
     buf: [u8; HELLO_FRAME_LEN],
     filled: usize,
@@ -54,6 +72,7 @@ enum Greeting {
 /// `tx` as `wrap(Greeted)`; each dropped one counts in `strays`.
 pub(crate) fn run<E>(
     listener: &Listener,
+    tls: Option<&TlsConfig>,
     timeout: Duration,
     stop: &AtomicBool,
     strays: &AtomicU64,
@@ -70,7 +89,7 @@ pub(crate) fn run<E>(
             .min(POLL);
         let ready = {
             let mut fds: Vec<BorrowedFd<'_>> = vec![listener.as_fd()];
-            fds.extend(pending.iter().map(|p| p.stream.as_fd()));
+            fds.extend(pending.iter().map(|p| p.conn.fd()));
             match wait_readable(&fds, wait) {
                 Ok(r) => r,
                 Err(e) => {
@@ -88,7 +107,7 @@ pub(crate) fn run<E>(
         }
         pending = survivors;
         if ready.first().copied().unwrap_or(false) {
-            accept_all(listener, timeout, &mut pending, strays);
+            accept_all(listener, tls, timeout, &mut pending, strays);
         }
     }
 }
@@ -96,6 +115,7 @@ pub(crate) fn run<E>(
 /// Takes every connection waiting in the backlog.
 fn accept_all(
     listener: &Listener,
+    tls: Option<&TlsConfig>,
     timeout: Duration,
     pending: &mut Vec<Pending>,
     strays: &AtomicU64,
@@ -112,9 +132,20 @@ fn accept_all(
                 strays,
             );
         }
+        let peer = stream.peer();
+        let conn = match tls {
+            None => Conn::Ready(stream),
+            Some(cfg) => match ServerHandshake::new(cfg, stream) {
+                Ok(h) => Conn::Handshaking(Box::new(h)),
+                Err(e) => {
+                    drop_conn(peer, &e.to_string(), strays);
+                    continue;
+                }
+            },
+        };
         pending.push(Pending {
-            peer: stream.peer(),
-            stream,
+            peer,
+            conn,
             buf: [0; HELLO_FRAME_LEN],
             filled: 0,
             deadline: Instant::now() + timeout,
@@ -124,13 +155,16 @@ fn accept_all(
 
 /// Advances one pending connection; returns it if it is still pending.
 fn step<E>(
-    mut p: Pending,
+    p: Pending,
     readable: bool,
     strays: &AtomicU64,
     tx: &Sender<E>,
     wrap: fn(Greeted) -> E,
 ) -> Option<Pending> {
-    let progress = if readable {
+    let (mut p, early) = if readable { shake(p) } else { (p, None) };
+    let progress = if let Some(g) = early {
+        g
+    } else if readable {
         read_some(&mut p)
     } else if Instant::now() >= p.deadline {
         Greeting::Drop("no Ferry handshake before the deadline".into())
@@ -153,19 +187,36 @@ fn step<E>(
         }
         Greeting::Refuse(reason) => {
             let deadline = Instant::now() + Duration::from_secs(1);
-            let _ = p.stream.set_nonblocking(false);
-            let _ = send_by(&mut p.stream, &Message::refuse(reason.clone()), deadline);
+            // A peer refused during the TLS handshake spoke plaintext: answer in plaintext.
+            let mut stream = match p.conn {
+                Conn::Ready(s) => s,
+                Conn::Handshaking(h) => h.into_socket(),
+            };
+            let _ = stream.set_nonblocking(false);
+            let _ = send_by(
+                &mut stream,
+                &Message::refuse(reason.clone()),
+                false,
+                deadline,
+            );
+            // Unread bytes (a plaintext Hello is only peeked at) would turn a plain close
+            // into a reset that loses the reason.
+            ferry_transport::close_gracefully(stream, Duration::from_secs(1));
             drop_conn(p.peer, &reason, strays);
             None
         }
         Greeting::Greeted(hello) => {
-            if set_blocking(&p.stream).is_err() {
+            let Conn::Ready(stream) = p.conn else {
+                drop_conn(p.peer, "internal: greeted during the TLS handshake", strays);
+                return None;
+            };
+            if set_blocking(&stream).is_err() {
                 drop_conn(p.peer, "could not configure the socket", strays);
                 return None;
             }
             let g = Greeted {
                 hello,
-                stream: p.stream,
+                stream,
                 peer: p.peer,
             };
             let _ = tx.send(wrap(g));
@@ -179,13 +230,48 @@ fn drop_conn(peer: String, why: &str, strays: &AtomicU64) {
     tracing::warn!("dropped a connection from {peer}: {why}; still waiting for a migration");
 }
 
+/// Advances a TLS handshake: the connection (`Ready` once the handshake is done), and
+/// what to do with it if that is already decided.
+fn shake(mut p: Pending) -> (Pending, Option<Greeting>) {
+    let Conn::Handshaking(h) = &mut p.conn else {
+        return (p, None);
+    };
+    if plaintext_hello(h.socket()) {
+        let why = "this destination accepts only mutual-TLS migrations: start the source with \
+                   --tls-dir";
+        return (p, Some(Greeting::Refuse(why.into())));
+    }
+    match h.advance() {
+        Ok(false) => (p, Some(Greeting::Incomplete)),
+        Ok(true) => {
+            let conn = match p.conn {
+                Conn::Handshaking(h) => Conn::Ready(h.finish()),
+                c => c,
+            };
+            (Pending { conn, ..p }, None)
+        }
+        Err(e) => (p, Some(Greeting::Drop(format!("refused: {e}")))),
+    }
+}
+
+/// Whether a connection that should start a TLS handshake starts with a plaintext Ferry
+/// frame instead (looked at without consuming it).
+fn plaintext_hello(sock: &Stream) -> bool {
+    let mut first = [0u8; 2];
+    let peeked = rustix::net::recv(sock, &mut first, rustix::net::RecvFlags::PEEK);
+    matches!(peeked, Ok((2, _))) && u16::from_le_bytes(first) == MessageKind::Hello as u16
+}
+
 /// Reads what has arrived (never past the Hello frame) and judges it.
 fn read_some(p: &mut Pending) -> Greeting {
     use std::io::Read;
+    let Conn::Ready(stream) = &mut p.conn else {
+        return Greeting::Incomplete;
+    };
     let Some(room) = p.buf.get_mut(p.filled..) else {
         return Greeting::Drop("internal: Hello buffer overrun".into());
     };
-    match p.stream.read(room) {
+    match stream.read(room) {
         Ok(0) => return Greeting::Drop("closed before completing the Ferry handshake".into()),
         Ok(n) => p.filled += n,
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -197,6 +283,12 @@ fn read_some(p: &mut Pending) -> Greeting {
 
 /// Whether `bytes` (the start of a connection) are, or can still become, a Hello.
 fn judge(bytes: &[u8]) -> Greeting {
+    // A TLS handshake record: content type 22, version 3.x.
+    if let [0x16, 0x03, ..] = bytes {
+        return Greeting::Drop(
+            "a TLS handshake, but this destination was started without --tls-dir".into(),
+        );
+    }
     let Some(header) = bytes.first_chunk::<FRAME_HEADER_LEN>() else {
         return Greeting::Incomplete;
     };

@@ -1,19 +1,20 @@
 //! Data-channel receivers: one thread per channel reads pages straight into guest memory
 //! and reports pass ends to the event loop.
 
-use std::os::fd::AsFd;
+use std::collections::HashMap;
+use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::Instant;
 
 use crossbeam_channel::Sender;
 use ferry_memory::ram::{GuestRam, PAGE_SIZE};
-use ferry_proto::{read_message, Message, PageRun, ProtoError};
-use ferry_sys::iov;
+use ferry_proto::{page_sum, read_message_checked, Codec, Message, PageRun, ProtoError};
 use ferry_transport::Stream;
 use vm_memory::Bytes;
 
 use super::Event;
+use crate::channel::{Unpacker, Wire};
 use crate::error::{Channel, MigrateError};
 use crate::progress::Progress;
 
@@ -41,6 +42,9 @@ pub(crate) struct Activity {
     /// Once set, no receiver writes guest memory any more (the state is being loaded and
     /// the guest may run). Receivers hold it shared while they write a frame.
     sealed: RwLock<bool>,
+    /// Pages whose checksum did not match and that no intact copy has replaced yet:
+    /// guest address to (data channel, stream offset of its bytes).
+    suspects: Mutex<HashMap<u64, (u16, u64)>>,
 }
 
 impl Activity {
@@ -50,6 +54,24 @@ impl Activity {
             last_ms: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             sealed: RwLock::new(false),
+            suspects: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn suspects(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (u16, u64)>> {
+        self.suspects.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fails, naming the lowest one, if any page arrived corrupted and never intact after.
+    pub(crate) fn check_suspects(&self) -> Result<(), MigrateError> {
+        let s = self.suspects();
+        match s.iter().min_by_key(|(gpa, _)| **gpa) {
+            None => Ok(()),
+            Some((gpa, (channel, offset))) => Err(MigrateError::CorruptPage {
+                channel: *channel,
+                gpa: *gpa,
+                offset: *offset,
+            }),
         }
     }
 
@@ -140,6 +162,7 @@ impl Written {
 
 pub(crate) struct DataRx {
     pub(crate) attempt: u64,
+    pub(crate) wire: Wire,
     pub(crate) channel: u16,
     pub(crate) ram: Arc<GuestRam>,
     pub(crate) written: Arc<Written>,
@@ -190,18 +213,33 @@ impl DataRx {
 
     fn receive(&self, stream: &mut Stream) -> Result<(), MigrateError> {
         let mut scratch = Vec::new();
+        let mut ch = ChannelRx {
+            stream,
+            offset: 0,
+            copy: Vec::new(),
+            unpacker: Unpacker::default(),
+        };
         // Pages (data and zero) since the last PassEnd, checked against its count: a frame
         // lost on the way cannot go unnoticed.
         let mut pass_pages = 0u64;
         loop {
-            let msg = match read_message(stream, &mut scratch) {
+            let msg = match read_message_checked(&mut ch, &mut scratch, self.wire.sums) {
                 Ok(m) => m,
                 Err(ProtoError::Eof) => return Ok(()),
                 Err(source) => return Err(self.read_error(source)),
             };
             self.activity.touch();
             match msg {
-                Message::Pages { runs, .. } => pass_pages += self.place(stream, &runs)?,
+                Message::Pages { runs, sums, .. } => {
+                    pass_pages += self.place(&mut ch, &runs, &sums)?;
+                }
+                Message::Compressed {
+                    runs,
+                    codec,
+                    sums,
+                    len,
+                    ..
+                } => pass_pages += self.unpack(&mut ch, &runs, codec, &sums, len)?,
                 Message::ZeroPages { runs, .. } => pass_pages += self.zero(&runs)?,
                 Message::PassEnd { pass, pages } => {
                     if pages != pass_pages {
@@ -240,8 +278,20 @@ impl DataRx {
         }
     }
 
-    /// Reads a Pages frame's payload straight into guest memory; returns its page count.
-    fn place(&self, stream: &mut Stream, runs: &[PageRun]) -> Result<u64, MigrateError> {
+    /// Reads a Pages frame's payload straight into guest memory and checks its pages;
+    /// returns its page count.
+    fn place(
+        &self,
+        ch: &mut ChannelRx<'_>,
+        runs: &[PageRun],
+        sums: &[u64],
+    ) -> Result<u64, MigrateError> {
+        if self.wire.sums && sums.is_empty() {
+            return Err(MigrateError::MissingPageSums {
+                channel: self.channel,
+                kind: "Pages",
+            });
+        }
         let _open = self.activity.open(self.channel)?;
         let slices = runs
             .iter()
@@ -254,15 +304,133 @@ impl DataRx {
                 self.written.set(r.gpa + p * PAGE_SIZE);
             }
         }
-        iov::read_exact_volatile(stream.as_fd(), &slices)
+        let at = ch.offset;
+        ch.stream
+            .read_pages(&slices, &mut ch.copy)
             .map_err(|e| self.read_error(ProtoError::Io(e)))?;
-        self.activity.touch();
         let pages: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
         let bytes = pages * PAGE_SIZE;
+        ch.offset += bytes;
+        if !sums.is_empty() {
+            self.check_placed(runs, sums, at)?;
+        }
+        self.activity.touch();
         self.progress.pages_data.fetch_add(pages, Ordering::Relaxed);
         self.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
         self.activity.bytes.fetch_add(bytes, Ordering::Relaxed);
         Ok(pages)
+    }
+
+    /// Checks pages that landed in guest memory against their sums: a mismatch makes the
+    /// page suspect (the source guest may have written it while it was sent, and then it
+    /// comes again), a match clears an earlier suspicion.
+    fn check_placed(&self, runs: &[PageRun], sums: &[u64], at: u64) -> Result<(), MigrateError> {
+        let mut page = [0u8; PAGE_SIZE as usize];
+        let mut suspects = self.activity.suspects();
+        let gpas = runs
+            .iter()
+            .flat_map(|r| (0..u64::from(r.pages)).map(move |p| r.gpa + p * PAGE_SIZE));
+        for (i, (gpa, sum)) in gpas.zip(sums).enumerate() {
+            self.ram
+                .slice(gpa, PAGE_SIZE as usize)?
+                .copy_to(&mut page[..]);
+            if page_sum(&page) == *sum {
+                suspects.remove(&gpa);
+            } else {
+                let offset = at + i as u64 * PAGE_SIZE;
+                tracing::debug!(
+                    gpa,
+                    offset,
+                    channel = self.channel,
+                    "page checksum mismatch"
+                );
+                suspects.insert(gpa, (self.channel, offset));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a Compressed frame's payload, decompresses and checks it, and copies the
+    /// pages into guest memory; returns its page count.
+    fn unpack(
+        &self,
+        ch: &mut ChannelRx<'_>,
+        runs: &[PageRun],
+        codec: Codec,
+        sums: &[u64],
+        len: u32,
+    ) -> Result<u64, MigrateError> {
+        if !self.wire.allows(codec) {
+            return Err(MigrateError::Unexpected {
+                message: "Compressed (codec not agreed)",
+                phase: PHASE,
+                channel: self.name(),
+            });
+        }
+        if self.wire.sums && sums.is_empty() {
+            return Err(MigrateError::MissingPageSums {
+                channel: self.channel,
+                kind: "Compressed",
+            });
+        }
+        let _open = self.activity.open(self.channel)?;
+        let at = ch.offset;
+        // `len` is below the batch's raw size (checked by the decoder): at most 1 MiB.
+        let mut packed = std::mem::take(&mut ch.unpacker.packed);
+        packed.resize(len as usize, 0);
+        let read = ch.read_exact(&mut packed);
+        ch.unpacker.packed = packed;
+        read.map_err(|e| self.read_error(ProtoError::Io(e)))?;
+        let pages: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
+        let corrupt = |why: String| MigrateError::CorruptBatch {
+            channel: self.channel,
+            offset: at,
+            why,
+        };
+        ch.unpacker
+            .unpack(codec, (pages * PAGE_SIZE) as usize)
+            .map_err(corrupt)?;
+        // Hashed from the copy that was compressed: any mismatch is corruption.
+        let raw = &ch.unpacker.pages;
+        if let Some(i) = sums
+            .iter()
+            .zip(raw.chunks(PAGE_SIZE as usize))
+            .position(|(s, p)| page_sum(p) != *s)
+        {
+            return Err(corrupt(format!(
+                "checksum mismatch on page {i} of the batch"
+            )));
+        }
+        self.copy_in(runs, raw)?;
+        self.activity.touch();
+        self.progress.pages_data.fetch_add(pages, Ordering::Relaxed);
+        self.progress
+            .bytes
+            .fetch_add(u64::from(len), Ordering::Relaxed);
+        self.activity
+            .bytes
+            .fetch_add(u64::from(len), Ordering::Relaxed);
+        Ok(pages)
+    }
+
+    /// Writes decompressed pages into guest memory, run by run.
+    fn copy_in(&self, runs: &[PageRun], mut raw: &[u8]) -> Result<(), MigrateError> {
+        let mut suspects = self.activity.suspects();
+        for r in runs {
+            let len = (u64::from(r.pages) * PAGE_SIZE) as usize;
+            let (this, rest) = raw.split_at_checked(len).ok_or(MigrateError::OutsideRam {
+                channel: self.name(),
+                gpa: r.gpa,
+                pages: r.pages,
+            })?;
+            for p in 0..u64::from(r.pages) {
+                self.written.set(r.gpa + p * PAGE_SIZE);
+                suspects.remove(&(r.gpa + p * PAGE_SIZE));
+            }
+            self.slice_of(r)?.copy_from(this);
+            raw = rest;
+        }
+        Ok(())
     }
 
     /// Clears the pages of a zero run that hold data; returns its page count.
@@ -284,9 +452,31 @@ impl DataRx {
                         })?;
                 }
             }
+            let mut suspects = self.activity.suspects();
+            for p in 0..u64::from(r.pages) {
+                suspects.remove(&(r.gpa + p * PAGE_SIZE));
+            }
             total += u64::from(r.pages);
         }
         self.progress.pages_zero.fetch_add(total, Ordering::Relaxed);
         Ok(total)
+    }
+}
+
+/// A data channel's stream, with the count of bytes read from it (to name where in the
+/// stream a corrupted page was) and its buffers.
+struct ChannelRx<'a> {
+    stream: &'a mut Stream,
+    offset: u64,
+    /// The TLS layer's copy of page data.
+    copy: Vec<u8>,
+    unpacker: Unpacker,
+}
+
+impl Read for ChannelRx<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.stream.read(buf)?;
+        self.offset += n as u64;
+        Ok(n)
     }
 }

@@ -62,6 +62,8 @@ pub struct ReceiveParams {
     /// A connection must send its Hello within this, and a migration's data channels and
     /// VM description must follow its main channel within this.
     pub handshake_timeout: Duration,
+    /// Accept only mutual-TLS connections, with clients this configuration's CA signed.
+    pub tls: Option<ferry_transport::TlsConfig>,
 }
 
 impl Default for ReceiveParams {
@@ -73,6 +75,7 @@ impl Default for ReceiveParams {
             digest_file: None,
             flip_byte_at: None,
             handshake_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -170,10 +173,19 @@ pub fn receive(
     std::thread::scope(|scope| {
         let (tx, strays) = (rx.events_tx.clone(), rx.strays.clone());
         let (timeout, stop) = (rx.params.handshake_timeout, &stop);
+        let tls = rx.params.tls.clone();
         let acceptor = std::thread::Builder::new()
             .name("mig-accept".into())
             .spawn_scoped(scope, move || {
-                accept::run(listener, timeout, stop, &strays, &tx, Event::Greeted)
+                accept::run(
+                    listener,
+                    tls.as_ref(),
+                    timeout,
+                    stop,
+                    &strays,
+                    &tx,
+                    Event::Greeted,
+                )
             })
             .map_err(MigrateError::io("starting the acceptor thread"))?;
         let r = rx.run();

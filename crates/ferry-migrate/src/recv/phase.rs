@@ -10,7 +10,7 @@
 //! The guest runs here only after `Go`. Before that, any failure discards the attempt and
 //! tells the source (an `Error` from here is the promise never to run it).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -23,6 +23,7 @@ use ferry_transport::{close_gracefully, Stream};
 use super::accept::{Greeted, MAX_PENDING};
 use super::data::{Activity, DataEvent, DataRx};
 use super::{Destination, Event, ReceiveStats, RecvOutcome, MAX_CHANNELS};
+use crate::channel::Wire;
 use crate::control::{self, Command, Request};
 use crate::error::{Channel, MigrateError, Waited};
 use crate::progress::Status;
@@ -134,6 +135,10 @@ pub(super) struct Attempt {
     activity: Arc<Activity>,
     timeouts: Timeouts,
     started: Instant,
+    /// What the Welcome agreed for frames and pages.
+    wire: Wire,
+    /// Set with `wire.sums` once the Welcome is out: the main reader then requires them.
+    sums: Arc<AtomicBool>,
 }
 
 /// Refuses a migration announcing a channel count this destination does not take.
@@ -148,7 +153,12 @@ fn refuse_count(rx: &Destination, g: Greeted) {
         max: MAX_CHANNELS,
     };
     let deadline = Instant::now() + ERROR_SEND_TIMEOUT;
-    let _ = send_by(&mut stream, &Message::refuse(e.to_string()), deadline);
+    let _ = send_by(
+        &mut stream,
+        &Message::refuse(e.to_string()),
+        false,
+        deadline,
+    );
     rx.stray(&peer, &e.to_string());
 }
 
@@ -169,8 +179,11 @@ impl Attempt {
             channels = hello.data_channels,
             "incoming migration"
         );
-        let reader = attempt_reader(rx, &stream, id)?;
+        let sums = Arc::new(AtomicBool::new(false));
+        let reader = attempt_reader(rx, &stream, id, &sums)?;
         Ok(Attempt {
+            wire: Wire::default(),
+            sums,
             id,
             hello,
             peer,
@@ -194,7 +207,7 @@ impl Attempt {
         phase: &'static str,
         deadline: Instant,
     ) -> Result<(), MigrateError> {
-        send_by(&mut self.main, msg, deadline)
+        send_by(&mut self.main, msg, self.wire.sums, deadline)
             .map(|_| ())
             .map_err(|source| MigrateError::Send {
                 channel: Channel::Main,
@@ -300,6 +313,7 @@ impl Destination {
                 let _ = send_by(
                     &mut s,
                     &Message::refuse(reason),
+                    false,
                     Instant::now() + ERROR_SEND_TIMEOUT,
                 );
                 self.stray(
@@ -465,8 +479,10 @@ impl Handshake {
             setup: None,
             deadline: Instant::now() + rx.params.handshake_timeout,
         };
+        // A local hand-over sends no page, and its source sends its first frames before
+        // this answer: nothing to checksum, and no agreement in time for it.
         let offered = if local {
-            caps::ALL
+            caps::ALL & !caps::PAGE_SUMS
         } else {
             caps::ALL & !caps::LOCAL
         };
@@ -478,6 +494,9 @@ impl Handshake {
             rx.discard(*h.att, e, "handshake");
             return None;
         }
+        // Everything after the Welcome, both ways, goes as agreed.
+        h.att.wire = Wire::accepted(h.att.hello.capabilities & offered);
+        h.att.sums.store(h.att.wire.sums, Ordering::Relaxed);
         for (g, _) in std::mem::take(pending) {
             if let Some(g) = rx.busy(g, &h.att) {
                 if let Err(e) = h.attach(g) {
@@ -557,7 +576,12 @@ impl Handshake {
 }
 
 /// Starts reading attempt `id`'s main channel into the event loop.
-fn attempt_reader(rx: &Destination, main: &Stream, id: u64) -> Result<ReaderGuard, MigrateError> {
+fn attempt_reader(
+    rx: &Destination,
+    main: &Stream,
+    id: u64,
+    sums: &Arc<AtomicBool>,
+) -> Result<ReaderGuard, MigrateError> {
     let reader = main
         .try_clone()
         .map_err(MigrateError::io("cloning the main socket"))?;
@@ -566,6 +590,7 @@ fn attempt_reader(rx: &Destination, main: &Stream, id: u64) -> Result<ReaderGuar
         reader,
         "mig-main-rx",
         stop.clone(),
+        sums.clone(),
         rx.events_tx.clone(),
         move |msg| Event::Main { attempt: id, msg },
     )?;
@@ -700,6 +725,7 @@ fn spawn_receiver(
     );
     let ctx = DataRx {
         attempt: att.id,
+        wire: att.wire,
         channel: u16::try_from(index).unwrap_or(u16::MAX),
         ram: rx.ram.clone(),
         written: rx.written.clone(),
@@ -953,6 +979,10 @@ impl AwaitGo {
         // Every page is here: nothing may touch guest memory any more (the guest may run).
         // Sealing is one lock; the receivers themselves are stopped once the guest runs.
         if let Err(e) = att.activity.seal() {
+            return Err((att, e));
+        }
+        // A page whose checksum failed and that never came again intact is corrupt.
+        if let Err(e) = att.activity.check_suspects() {
             return Err((att, e));
         }
         if let Err(e) = rx.after_last_page() {

@@ -18,7 +18,9 @@ use crossbeam_channel::{Receiver, Sender};
 use ferry_memory::dirty::DirtyTracker;
 use ferry_memory::ram::GuestRam;
 use ferry_proto::{Message, ProtoError, Timeouts};
-use ferry_transport::{close_gracefully, Stream, Uri};
+use ferry_transport::{close_gracefully, Stream, TlsConfig, Uri};
+
+use crate::channel::{Compression, Wire};
 
 use crate::control::Request;
 use crate::error::{Channel, MigrateError};
@@ -60,6 +62,12 @@ pub struct SendParams {
     /// A local hand-over: pass the guest memory file to a destination on this host (over a
     /// unix socket) instead of copying pages; `channels` is not used.
     pub local: bool,
+    /// Mutual TLS on every channel with these certificates.
+    pub tls: Option<TlsConfig>,
+    /// How pages are compressed.
+    pub compression: Compression,
+    /// A checksum on every frame and every page (without TLS, whose AEAD covers it).
+    pub checksums: bool,
 }
 
 impl Default for SendParams {
@@ -74,6 +82,9 @@ impl Default for SendParams {
             progress_timeout: Duration::from_secs(30),
             switchover_timeout: Duration::from_secs(2),
             local: false,
+            tls: None,
+            compression: Compression::Off,
+            checksums: true,
         }
     }
 }
@@ -163,6 +174,8 @@ pub fn migrate(
         data: Vec::new(),
         sockets: Vec::new(),
         reader: None,
+        wire: Wire::default(),
+        peer_sums: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         workers: Workers::default(),
         tracker: None,
         paused_by_us: false,
@@ -179,6 +192,9 @@ pub fn migrate(
 fn check_local(params: &SendParams, uri: &Uri, ram: &GuestRam) -> Result<(), MigrateError> {
     if !params.local {
         return Ok(());
+    }
+    if params.tls.is_some() {
+        return Err(MigrateError::LocalWithTls);
     }
     if !matches!(uri, Uri::Unix(_)) {
         return Err(MigrateError::LocalNeedsUnix {
@@ -227,6 +243,10 @@ struct Source {
     /// Every socket, to shut down when the migration ends.
     sockets: Vec<Stream>,
     reader: Option<ReaderGuard>,
+    /// What the handshake agreed for frames and pages.
+    wire: Wire,
+    /// Set once checksums are agreed: the main channel's reader then requires them.
+    peer_sums: Arc<std::sync::atomic::AtomicBool>,
     workers: Workers,
     tracker: Option<Arc<DirtyTracker>>,
     paused_by_us: bool,
@@ -251,7 +271,7 @@ impl Source {
             let event = self.next_event(phase.deadline());
             match phase.on(event, self) {
                 Ok(Step::Next(next)) => phase = next,
-                Ok(Step::End(outcome)) => return outcome,
+                Ok(Step::End(outcome)) => return *outcome,
                 Err(e) => return self.abort(e, name),
             }
         }
@@ -284,9 +304,10 @@ impl Source {
         phase: &'static str,
     ) -> Result<(), MigrateError> {
         let timeout = self.params.handshake_timeout;
+        let sum = self.wire.sums;
         let main = self.main_channel(phase)?;
         let mut buf = Vec::new();
-        msg.encode(&mut buf);
+        msg.encode_with(&mut buf, sum);
         main.set_write_timeout(Some(timeout))
             .and_then(|()| main.send_with_fds(&buf, &[std::os::fd::AsFd::as_fd(file)]))
             .map_err(|source| MigrateError::Send {
@@ -302,8 +323,9 @@ impl Source {
         phase: &'static str,
         deadline: Instant,
     ) -> Result<(), MigrateError> {
+        let sum = self.wire.sums;
         let main = self.main_channel(phase)?;
-        let n = send_by(main, msg, deadline).map_err(|source| MigrateError::Send {
+        let n = send_by(main, msg, sum, deadline).map_err(|source| MigrateError::Send {
             channel: Channel::Main,
             phase,
             source,

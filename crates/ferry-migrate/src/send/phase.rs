@@ -17,10 +17,11 @@ use std::time::{Duration, Instant};
 use ferry_memory::dirty::{DirtySnapshot, DirtyTracker};
 use ferry_memory::ram::PAGE_SIZE;
 use ferry_proto::{caps, ChannelRole, Hello, Message, Setup, VERSION};
-use ferry_transport::{connect, Uri};
+use ferry_transport::{connect, Stream, TlsConfig, Uri};
 
 use super::worker::{self, PassTotals, WorkerEvent};
 use super::{ms, write_digests, Connection, Event, SendOutcome, Source};
+use crate::channel::Wire;
 use crate::control::{self, Command, Request};
 use crate::error::{AbortCause, Channel, MigrateError, Waited};
 use crate::policy::{Convergence, Decision, Limits, PassSample};
@@ -33,7 +34,7 @@ const WAIT_FOR_DESTINATION: Duration = Duration::from_millis(20);
 /// What a phase returns: the next phase, or the end of the migration.
 pub(super) enum Step {
     Next(Phase),
-    End(SendOutcome),
+    End(Box<SendOutcome>),
 }
 
 /// Where the sender is.
@@ -57,10 +58,24 @@ impl Phase {
         // A local hand-over copies no page: no data channel.
         let n = if local { 0 } else { src.params.channels };
         let (uri, session) = (uri.clone(), session_id());
+        let tls = src.params.tls.clone();
+        // TLS's AEAD already authenticates every byte: no checksums on top. A local
+        // hand-over sends no page, and its first frames go before the answer that would
+        // agree on checksums.
+        let sums = src.params.checksums && tls.is_none() && !local;
+        let wire = Wire::offer(sums, src.params.compression);
         let spawned = std::thread::Builder::new()
             .name("mig-connect".into())
             .spawn(move || {
-                let conn = connect_all(&uri, n, session, deadline, local);
+                let how = How {
+                    n,
+                    session,
+                    deadline,
+                    local,
+                    wire,
+                    tls,
+                };
+                let conn = connect_all(&uri, &how);
                 let _ = tx.send(Event::Connected(conn));
             });
         if let Err(e) = spawned {
@@ -124,19 +139,39 @@ fn session_id() -> u64 {
     t ^ (u64::from(std::process::id()) << 40)
 }
 
-/// Opens the main channel and every data channel and sends each its Hello.
-fn connect_all(
-    uri: &Uri,
+/// How to open the channels.
+struct How {
     n: u16,
     session: u64,
     deadline: Instant,
     local: bool,
-) -> Result<Connection, MigrateError> {
-    let capabilities = if local {
-        caps::ALL
-    } else {
-        caps::ALL & !caps::LOCAL
-    };
+    /// Capability bits for checksums and compression.
+    wire: u64,
+    tls: Option<TlsConfig>,
+}
+
+/// Connects one channel, in TLS if configured.
+fn open(uri: &Uri, how: &How, channel: Channel) -> Result<Stream, MigrateError> {
+    let sock = connect(uri, how.deadline)?;
+    match &how.tls {
+        None => Ok(sock),
+        Some(cfg) => ferry_transport::tls::connect(sock, cfg, uri, how.deadline)
+            .map_err(|source| MigrateError::Tls { channel, source }),
+    }
+}
+
+/// Sends a channel's Hello. A TLS 1.3 client learns that the destination refused its
+/// certificate only after its handshake: a failed write then reports the alert instead.
+fn send_hello(s: &mut Stream, hello: &Message, deadline: Instant) -> std::io::Result<u64> {
+    send_by(s, hello, false, deadline)
+        .map_err(|e| s.tls_refusal(Duration::from_millis(500)).unwrap_or(e))
+}
+
+/// Opens the main channel and every data channel and sends each its Hello.
+fn connect_all(uri: &Uri, how: &How) -> Result<Connection, MigrateError> {
+    let (n, session, deadline) = (how.n, how.session, how.deadline);
+    let base = caps::ZERO_RUNS | caps::SWITCHOVER_ACK;
+    let capabilities = base | how.wire | if how.local { caps::LOCAL } else { 0 };
     let hello = |role| {
         Message::Hello(Hello {
             version: VERSION,
@@ -153,13 +188,13 @@ fn connect_all(
             source,
         }
     };
-    let mut main = connect(uri, deadline)?;
+    let mut main = open(uri, how, Channel::Main)?;
     let _ = main.set_nodelay();
-    send_by(&mut main, &hello(ChannelRole::Main), deadline).map_err(send_err(Channel::Main))?;
+    send_hello(&mut main, &hello(ChannelRole::Main), deadline).map_err(send_err(Channel::Main))?;
     let mut data = Vec::with_capacity(usize::from(n));
     for index in 0..n {
-        let mut s = connect(uri, deadline)?;
-        send_by(&mut s, &hello(ChannelRole::Data { index }), deadline)
+        let mut s = open(uri, how, Channel::Data(index))?;
+        send_hello(&mut s, &hello(ChannelRole::Data { index }), deadline)
             .map_err(send_err(Channel::Data(index)))?;
         // The senders write blocking; a stalled peer is the event loop's to judge.
         s.set_write_timeout(None)
@@ -260,6 +295,7 @@ impl Source {
             reader,
             "mig-return",
             stop.clone(),
+            self.peer_sums.clone(),
             self.events_tx.clone(),
             Event::Peer,
         )?;
@@ -293,6 +329,10 @@ impl Handshake {
                 if src.params.local && capabilities & caps::LOCAL == 0 {
                     return Err(MigrateError::LocalRefused);
                 }
+                src.wire = Wire::agreed(capabilities, src.params.compression)?;
+                // From here on every frame both ways carries its checksum, if agreed.
+                src.peer_sums
+                    .store(src.wire.sums, std::sync::atomic::Ordering::Relaxed);
                 src.need_prepared = capabilities & caps::SWITCHOVER_ACK != 0;
                 let sent_at = Instant::now();
                 if !src.params.local {
@@ -496,17 +536,24 @@ impl Precopy {
         tracker.start()?;
         src.tracker = Some(tracker.clone());
         let data = std::mem::take(&mut src.data);
+        let how = worker::Sending {
+            wire: src.wire,
+            max_bandwidth: src.params.max_bandwidth,
+        };
         src.workers = worker::spawn(
             data,
+            how,
             &src.ram,
             &tracker,
-            src.params.max_bandwidth,
             &src.progress,
             &src.events_tx,
             Event::Worker,
         )?;
         src.stats.setup_ms = ms(src.started.elapsed());
         src.stats.channels = src.params.channels;
+        src.stats.tls = src.params.tls.is_some();
+        src.stats.checksums = src.wire.sums;
+        src.stats.compression = src.params.compression.to_string();
         src.stats.ram_bytes = src.ram.size();
         src.stats.downtime_limit_ms = ms(src.params.downtime_limit);
         src.progress.set_status(Status::Active);
@@ -969,6 +1016,8 @@ impl Source {
         self.stats.bytes = self.progress.bytes.load(Ordering::Relaxed);
         self.stats.pages_data = self.progress.pages_data.load(Ordering::Relaxed);
         self.stats.pages_zero = self.progress.pages_zero.load(Ordering::Relaxed);
+        self.stats.batches_compressed = self.progress.batches_compressed.load(Ordering::Relaxed);
+        self.stats.batches_raw = self.progress.batches_raw.load(Ordering::Relaxed);
         self.stats.throughput = (self.stats.bytes as f64 / total.as_secs_f64()) as u64;
         self.stats.status = "completed".into();
         self.close();
@@ -977,7 +1026,7 @@ impl Source {
             self.write_digest_file();
         }
         self.progress.set_status(Status::Completed);
-        Step::End(SendOutcome::Completed(self.stats.clone()))
+        Step::End(Box::new(SendOutcome::Completed(self.stats.clone())))
     }
 
     /// After `Go`, the destination said it will not run the guest (its `Error` is that
@@ -992,7 +1041,7 @@ impl Source {
         self.close();
         self.progress.set_error(&e);
         self.progress.set_status(Status::Failed);
-        Step::End(SendOutcome::Failed(e))
+        Step::End(Box::new(SendOutcome::Failed(e)))
     }
 }
 
@@ -1055,14 +1104,14 @@ impl Unconfirmed {
                 src.paused_by_us = false;
                 src.close();
                 src.progress.set_status(Status::Failed);
-                Step::End(SendOutcome::ForcedResume)
+                Step::End(Box::new(SendOutcome::ForcedResume))
             }
             Command::Quit { force: true } => {
                 req.answer(Ok(
                     "quitting by force; the destination's copy is the only one left".into(),
                 ));
                 src.close();
-                Step::End(SendOutcome::Quit)
+                Step::End(Box::new(SendOutcome::Quit))
             }
             Command::Resume { force: false }
             | Command::Quit { force: false }

@@ -2,7 +2,6 @@
 //! pass, straight from guest memory, and reports when the pass is done on its channel.
 
 use std::io::Write;
-use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -11,11 +10,13 @@ use crossbeam_channel::{Receiver, Sender};
 use ferry_memory::dirty::{DirtyChunk, DirtyError, DirtySnapshot, DirtyTracker};
 use ferry_memory::ram::{GuestRam, PAGE_SIZE};
 use ferry_proto::{
-    encode_pages_header, encode_zero_header, Message, PageRun, MAX_BATCH_PAGES, MAX_RUNS,
+    encode_compressed_header, encode_pages_header, encode_zero_header, Message, PageRun,
+    MAX_BATCH_PAGES, MAX_RUNS,
 };
 use ferry_sys::iov;
 use ferry_transport::Stream;
 
+use crate::channel::{copy_guest_pages, sum_guest_pages, sum_pages, Packer, Wire};
 use crate::error::{Channel, MigrateError};
 use crate::limit::RateLimiter;
 use crate::progress::Progress;
@@ -71,16 +72,26 @@ impl Workers {
     }
 }
 
+/// How the senders send: what the handshake agreed, and the bandwidth cap they share.
+pub(crate) struct Sending {
+    pub(crate) wire: Wire,
+    pub(crate) max_bandwidth: Option<u64>,
+}
+
 /// Starts one sender per data stream; each reports through `events` wrapped by `wrap`.
 pub(crate) fn spawn<E: Send + 'static>(
     data: Vec<Stream>,
+    how: Sending,
     ram: &Arc<GuestRam>,
     tracker: &Arc<DirtyTracker>,
-    max_bandwidth: Option<u64>,
     progress: &Arc<Progress>,
     events: &Sender<E>,
     wrap: fn(WorkerEvent) -> E,
 ) -> Result<Workers, MigrateError> {
+    let Sending {
+        wire,
+        max_bandwidth,
+    } = how;
     let limiter = max_bandwidth.map(|r| Arc::new(RateLimiter::new(r)));
     let mut workers = Workers {
         list: Vec::with_capacity(data.len()),
@@ -90,6 +101,7 @@ pub(crate) fn spawn<E: Send + 'static>(
         let (tx, rx) = crossbeam_channel::unbounded::<WorkItem>();
         let ctx = WorkerCtx {
             index: u16::try_from(index).unwrap_or(u16::MAX),
+            wire,
             ram: ram.clone(),
             tracker: tracker.clone(),
             limiter: limiter.clone(),
@@ -98,7 +110,7 @@ pub(crate) fn spawn<E: Send + 'static>(
         let events = events.clone();
         let join = std::thread::Builder::new()
             .name(format!("mig-send{index}"))
-            .spawn(move || ctx.run(stream, rx, |e| events.send(wrap(e)).is_ok()))
+            .spawn(move || ctx.start(stream, rx, |e| events.send(wrap(e)).is_ok()))
             .map_err(MigrateError::io("starting a data channel sender thread"))?;
         workers.list.push(Worker {
             tx: Some(tx),
@@ -165,10 +177,20 @@ fn chunk_channel(ram: &GuestRam, c: &DirtyChunk, channels: usize) -> usize {
 
 struct WorkerCtx {
     index: u16,
+    wire: Wire,
     ram: Arc<GuestRam>,
     tracker: Arc<DirtyTracker>,
     limiter: Option<Arc<RateLimiter>>,
     progress: Arc<Progress>,
+}
+
+/// A sender thread's reusable buffers: nothing is allocated per page or per batch.
+struct Bufs {
+    header: Vec<u8>,
+    sums: Vec<u64>,
+    /// A batch copied out of guest memory (to compress it), or the TLS layer's copy.
+    batch: Vec<u8>,
+    packer: Option<Packer>,
 }
 
 /// Appends `gpa` to `runs`, extending the last run when contiguous. Returns false (and does
@@ -188,9 +210,32 @@ fn push_page(runs: &mut Vec<PageRun>, gpa: u64) -> bool {
 }
 
 impl WorkerCtx {
-    fn run(self, mut stream: Stream, rx: Receiver<WorkItem>, report: impl Fn(WorkerEvent) -> bool) {
+    fn start(self, stream: Stream, rx: Receiver<WorkItem>, report: impl Fn(WorkerEvent) -> bool) {
+        let packer = match Packer::new(self.wire.compression) {
+            Ok(p) => p,
+            Err(e) => {
+                report(WorkerEvent::Failed(e));
+                return;
+            }
+        };
+        let mut bufs = Bufs {
+            header: Vec::with_capacity(16 + 20 * MAX_RUNS as usize),
+            sums: Vec::with_capacity(MAX_BATCH_PAGES as usize),
+            batch: Vec::new(),
+            packer,
+        };
+        self.run(stream, &mut bufs, rx, report);
+    }
+
+    fn run(
+        &self,
+        mut stream: Stream,
+        bufs: &mut Bufs,
+        rx: Receiver<WorkItem>,
+        report: impl Fn(WorkerEvent) -> bool,
+    ) {
         for item in rx.iter() {
-            match self.send_pass(&mut stream, &item) {
+            match self.send_pass(&mut stream, bufs, &item) {
                 Ok(totals) => {
                     if !report(WorkerEvent::Done {
                         pass: item.pass,
@@ -215,34 +260,116 @@ impl WorkerCtx {
         }
     }
 
+    /// Waits for the bandwidth limit to allow `bytes` more.
+    fn take_bandwidth(&self, bytes: u64) -> Result<(), MigrateError> {
+        match &self.limiter {
+            Some(l) if !l.take(bytes) => Err(MigrateError::Stopping),
+            _ => Ok(()),
+        }
+    }
+
+    /// Sends one batch of data pages: compressed from a copy when the packer wants it and
+    /// it shrinks, else straight from guest memory. Returns the bytes written.
+    fn send_batch(
+        &self,
+        stream: &mut Stream,
+        bufs: &mut Bufs,
+        item: &WorkItem,
+        runs: &[PageRun],
+    ) -> Result<u64, MigrateError> {
+        let compress = bufs.packer.as_mut().is_some_and(Packer::wants);
+        if compress {
+            if let Some(n) = self.send_compressed(stream, bufs, item, runs)? {
+                self.progress
+                    .batches_compressed
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(n);
+            }
+        }
+        self.progress.batches_raw.fetch_add(1, Ordering::Relaxed);
+        let sum = self.wire.sums;
+        bufs.sums.clear();
+        if sum {
+            sum_guest_pages(&self.ram, runs, &mut bufs.sums)?;
+        }
+        let mut slices = Vec::with_capacity(runs.len());
+        let mut pages = 0u64;
+        for r in runs {
+            slices.push(
+                self.ram
+                    .slice(r.gpa, (u64::from(r.pages) * PAGE_SIZE) as usize)?,
+            );
+            pages += u64::from(r.pages);
+        }
+        bufs.header.clear();
+        encode_pages_header(item.pass, runs, &bufs.sums, sum, &mut bufs.header);
+        let bytes = bufs.header.len() as u64 + pages * PAGE_SIZE;
+        self.take_bandwidth(bytes)?;
+        let t = std::time::Instant::now();
+        stream
+            .write_pages(&bufs.header, &slices, &mut bufs.batch)
+            .map_err(self.send_err(item.phase))?;
+        if let Some(p) = &mut bufs.packer {
+            p.wrote(t.elapsed(), bytes as usize);
+        }
+        Ok(bytes)
+    }
+
+    /// Copies the batch, hashes and compresses the copy, and sends it if it shrank.
+    fn send_compressed(
+        &self,
+        stream: &mut Stream,
+        bufs: &mut Bufs,
+        item: &WorkItem,
+        runs: &[PageRun],
+    ) -> Result<Option<u64>, MigrateError> {
+        copy_guest_pages(&self.ram, runs, &mut bufs.batch)?;
+        bufs.sums.clear();
+        if self.wire.sums {
+            sum_pages(&bufs.batch, &mut bufs.sums);
+        }
+        let Some(packer) = bufs.packer.as_mut() else {
+            return Ok(None);
+        };
+        let Some((codec, packed)) = packer.compress(&bufs.batch)? else {
+            return Ok(None);
+        };
+        let len = u32::try_from(packed.len()).unwrap_or(u32::MAX);
+        bufs.header.clear();
+        encode_compressed_header(
+            item.pass,
+            runs,
+            codec,
+            &bufs.sums,
+            len,
+            self.wire.sums,
+            &mut bufs.header,
+        );
+        let bytes = (bufs.header.len() + packed.len()) as u64;
+        self.take_bandwidth(bytes)?;
+        let t = std::time::Instant::now();
+        stream
+            .write_all(&bufs.header)
+            .and_then(|()| stream.write_all(packed))
+            .and_then(|()| stream.flush())
+            .map_err(self.send_err(item.phase))?;
+        packer.wrote(t.elapsed(), bytes as usize);
+        Ok(Some(bytes))
+    }
+
     fn flush_data(
         &self,
-        stream: &Stream,
+        stream: &mut Stream,
+        bufs: &mut Bufs,
         item: &WorkItem,
         runs: &mut Vec<PageRun>,
-        header: &mut Vec<u8>,
         totals: &mut PassTotals,
     ) -> Result<(), MigrateError> {
         if runs.is_empty() {
             return Ok(());
         }
-        let mut slices = Vec::with_capacity(runs.len());
-        let mut pages = 0u64;
-        for r in runs.iter() {
-            let len = u64::from(r.pages) * PAGE_SIZE;
-            slices.push(self.ram.slice(r.gpa, len as usize)?);
-            pages += u64::from(r.pages);
-        }
-        header.clear();
-        encode_pages_header(item.pass, runs, header);
-        let bytes = header.len() as u64 + pages * PAGE_SIZE;
-        if let Some(l) = &self.limiter {
-            if !l.take(bytes) {
-                return Err(MigrateError::Stopping);
-            }
-        }
-        iov::write_all_volatile(stream.as_fd(), header, &slices)
-            .map_err(self.send_err(item.phase))?;
+        let bytes = self.send_batch(stream, bufs, item, runs)?;
+        let pages: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
         totals.bytes += bytes;
         self.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
         self.progress.pages_data.fetch_add(pages, Ordering::Relaxed);
@@ -253,35 +380,39 @@ impl WorkerCtx {
     fn flush_zero(
         &self,
         stream: &mut Stream,
+        bufs: &mut Bufs,
         item: &WorkItem,
         runs: &mut Vec<PageRun>,
-        header: &mut Vec<u8>,
         totals: &mut PassTotals,
     ) -> Result<(), MigrateError> {
         if runs.is_empty() {
             return Ok(());
         }
-        header.clear();
-        encode_zero_header(item.pass, runs, header);
+        bufs.header.clear();
+        encode_zero_header(item.pass, runs, self.wire.sums, &mut bufs.header);
         stream
-            .write_all(header)
+            .write_all(&bufs.header)
+            .and_then(|()| stream.flush())
             .map_err(self.send_err(item.phase))?;
         let pages: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
-        totals.bytes += header.len() as u64;
-        self.progress
-            .bytes
-            .fetch_add(header.len() as u64, Ordering::Relaxed);
+        let bytes = bufs.header.len() as u64;
+        totals.bytes += bytes;
+        self.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
         self.progress.pages_zero.fetch_add(pages, Ordering::Relaxed);
         runs.clear();
         Ok(())
     }
 
-    fn send_pass(&self, stream: &mut Stream, item: &WorkItem) -> Result<PassTotals, MigrateError> {
+    fn send_pass(
+        &self,
+        stream: &mut Stream,
+        bufs: &mut Bufs,
+        item: &WorkItem,
+    ) -> Result<PassTotals, MigrateError> {
         let mut totals = PassTotals::default();
         let mut data: Vec<PageRun> = Vec::with_capacity(64);
         let mut zero: Vec<PageRun> = Vec::with_capacity(64);
         let mut data_pages = 0u32;
-        let mut header = Vec::with_capacity(16 + 12 * MAX_RUNS as usize);
         let regions = self.ram.regions();
         for chunk in &item.chunks {
             // Re-protect just before reading: a guest write from now on is caught next pass.
@@ -295,13 +426,13 @@ impl WorkerCtx {
                 let slice = self.ram.slice(gpa, PAGE_SIZE as usize)?;
                 if iov::is_zero(&slice) {
                     if !push_page(&mut zero, gpa) {
-                        self.flush_zero(stream, item, &mut zero, &mut header, &mut totals)?;
+                        self.flush_zero(stream, bufs, item, &mut zero, &mut totals)?;
                         push_page(&mut zero, gpa);
                     }
                     totals.zero_pages += 1;
                 } else {
                     if data_pages == MAX_BATCH_PAGES || !push_page(&mut data, gpa) {
-                        self.flush_data(stream, item, &mut data, &mut header, &mut totals)?;
+                        self.flush_data(stream, bufs, item, &mut data, &mut totals)?;
                         data_pages = 0;
                         push_page(&mut data, gpa);
                     }
@@ -310,21 +441,32 @@ impl WorkerCtx {
                 }
             }
         }
-        self.flush_data(stream, item, &mut data, &mut header, &mut totals)?;
-        self.flush_zero(stream, item, &mut zero, &mut header, &mut totals)?;
-        header.clear();
+        self.flush_data(stream, bufs, item, &mut data, &mut totals)?;
+        self.flush_zero(stream, bufs, item, &mut zero, &mut totals)?;
+        self.send_pass_end(stream, bufs, item, &mut totals)?;
+        Ok(totals)
+    }
+
+    fn send_pass_end(
+        &self,
+        stream: &mut Stream,
+        bufs: &mut Bufs,
+        item: &WorkItem,
+        totals: &mut PassTotals,
+    ) -> Result<(), MigrateError> {
+        bufs.header.clear();
         Message::PassEnd {
             pass: item.pass,
             pages: totals.data_pages + totals.zero_pages,
         }
-        .encode(&mut header);
+        .encode_with(&mut bufs.header, self.wire.sums);
         stream
-            .write_all(&header)
+            .write_all(&bufs.header)
+            .and_then(|()| stream.flush())
             .map_err(self.send_err(item.phase))?;
-        totals.bytes += header.len() as u64;
-        self.progress
-            .bytes
-            .fetch_add(header.len() as u64, Ordering::Relaxed);
-        Ok(totals)
+        let bytes = bufs.header.len() as u64;
+        totals.bytes += bytes;
+        self.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
     }
 }

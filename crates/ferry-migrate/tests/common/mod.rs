@@ -29,6 +29,15 @@ pub fn params() -> SendParams {
     }
 }
 
+/// The destination's parameters in tests: no preparation, short deadlines.
+pub fn recv_params() -> ReceiveParams {
+    ReceiveParams {
+        prepare: PrepareMode::None,
+        handshake_timeout: Duration::from_millis(1000),
+        ..ReceiveParams::default()
+    }
+}
+
 /// A destination receiving on a fresh unix socket, on its own thread.
 pub struct Dest {
     pub target: Arc<FakeTarget>,
@@ -45,16 +54,15 @@ impl Dest {
     }
 
     pub fn with_target(target: Arc<FakeTarget>) -> Dest {
+        Dest::with(target, recv_params())
+    }
+
+    pub fn with(target: Arc<FakeTarget>, params: ReceiveParams) -> Dest {
         let dir = tempfile::tempdir().unwrap();
         let uri = Uri::Unix(dir.path().join("incoming.sock"));
         let listener = Listener::bind(&uri).unwrap();
         let progress = Progress::new();
         let (commander, commands) = control::channel();
-        let params = ReceiveParams {
-            prepare: PrepareMode::None,
-            handshake_timeout: Duration::from_millis(1000),
-            ..ReceiveParams::default()
-        };
         let (t, p) = (target.clone(), progress.clone());
         let join = std::thread::spawn(move || receive(t, &listener, &params, p, None, commands));
         let d = Dest {
