@@ -298,6 +298,21 @@ fn assert_same_memory(src: &Path, dst: &Path) {
 }
 
 fn migrate_case(uri_kind: &str, channels: u16, vcpus: u32) {
+    let stats = migrate_case_with(uri_kind, channels, vcpus, &[], &[]);
+    // Checksums are on by default on plain channels.
+    assert_eq!(stats["checksums"], true, "{stats}");
+    assert_eq!(stats["tls"], false, "{stats}");
+}
+
+/// A migration with `dst_extra` for the destination and `mig_extra` for `migrate`, checked
+/// end to end; returns its statistics.
+fn migrate_case_with(
+    uri_kind: &str,
+    channels: u16,
+    vcpus: u32,
+    dst_extra: &[String],
+    mig_extra: &[&str],
+) -> Value {
     let _g = serial_guard();
     let dir = tempfile::tempdir().unwrap();
     let uri = if uri_kind == "tcp" {
@@ -307,30 +322,24 @@ fn migrate_case(uri_kind: &str, channels: u16, vcpus: u32) {
     };
     let dst_digest = dir.path().join("dst.digest");
     let src_digest = dir.path().join("src.digest");
-    let mut dst = destination(
-        dir.path(),
-        "destination",
-        &uri,
-        MEM,
-        vcpus,
-        &[s("--digest-file"), dst_digest.display().to_string()],
-    );
+    let mut dst_args = vec![s("--digest-file"), dst_digest.display().to_string()];
+    dst_args.extend_from_slice(dst_extra);
+    let mut dst = destination(dir.path(), "destination", &uri, MEM, vcpus, &dst_args);
     let mut src = source(dir.path(), vcpus);
     let before = *src.sweeps().last().unwrap();
 
-    let out = migrate_json(
-        &src,
-        &uri,
-        &[
-            "--channels",
-            &channels.to_string(),
-            "--digest-file",
-            src_digest.to_str().unwrap(),
-            // The destination hashes all of memory inside the switchover.
-            "--switchover-timeout",
-            "60000",
-        ],
-    );
+    let channels_arg = channels.to_string();
+    let mut args = vec![
+        "--channels",
+        &channels_arg,
+        "--digest-file",
+        src_digest.to_str().unwrap(),
+        // The destination hashes all of memory inside the switchover.
+        "--switchover-timeout",
+        "60000",
+    ];
+    args.extend_from_slice(mig_extra);
+    let out = migrate_json(&src, &uri, &args);
     assert!(
         out.status.success(),
         "migrate failed: {}\nsource: {}\ndestination: {}",
@@ -397,6 +406,125 @@ fn migrate_case(uri_kind: &str, channels: u16, vcpus: u32) {
     assert!(dst
         .wait_exit(Duration::from_secs(10))
         .is_some_and(|s| s.success()));
+    stats
+}
+
+#[test]
+fn migrates_over_mutual_tls_with_zstd() {
+    let certs = ferry_testkit::certs::Certs::make();
+    let (src_tls, dst_tls) = (certs.source(), certs.destination());
+    let stats = migrate_case_with(
+        "tcp",
+        2,
+        1,
+        &[s("--tls-dir"), dst_tls.display().to_string()],
+        &["--tls-dir", src_tls.to_str().unwrap(), "--compress", "zstd"],
+    );
+    assert_eq!(stats["tls"], true, "{stats}");
+    assert_eq!(stats["checksums"], false, "TLS authenticates every byte: {stats}");
+    assert!(stats["batches_compressed"].as_u64().unwrap() > 0, "{stats}");
+}
+
+#[test]
+fn migrates_with_lz4_and_checksums() {
+    let stats = migrate_case_with("unix", 2, 2, &[], &["--compress", "lz4"]);
+    assert_eq!(stats["checksums"], true, "{stats}");
+    assert!(stats["batches_compressed"].as_u64().unwrap() > 0, "{stats}");
+}
+
+/// A mutual-TLS destination refuses a plaintext source and one whose certificate another
+/// CA signed; both sources keep their guests, the destination keeps listening.
+#[test]
+fn a_tls_destination_refuses_plaintext_and_foreign_certificates() {
+    let _g = serial_guard();
+    let certs = ferry_testkit::certs::Certs::make();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = tcp_uri();
+    let tls = [s("--tls-dir"), certs.destination().display().to_string()];
+    let mut dst = destination(dir.path(), "destination", &uri, MEM, 1, &tls);
+    let mut src = source(dir.path(), 1);
+    let other = certs.other_ca();
+    for (extra, why) in [
+        (vec![], "accepts only mutual-TLS migrations"),
+        (
+            vec!["--tls-dir", other.to_str().unwrap()],
+            "received fatal alert: UnknownCA",
+        ),
+    ] {
+        let out = migrate_json(&src, &uri, &extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "{err}");
+        assert_source_unharmed(&mut src);
+        assert!(
+            dst.wait_exit(Duration::from_millis(200)).is_none(),
+            "{}",
+            dst.stderr()
+        );
+        assert_eq!(dst.info()["state"], "paused", "the guest never ran here");
+    }
+    let log = dst.stderr();
+    assert!(log.contains("accepts only mutual-TLS"), "{log}");
+    assert!(log.contains("UnknownIssuer"), "refusal logged with its reason: {log}");
+}
+
+/// A byte flipped in a cold page's data on the way: with checksums (plain) and with TLS the
+/// migration fails with the reason, the source keeps its guest, the destination never runs
+/// one with a wrong page.
+#[test]
+fn a_flipped_byte_in_the_page_stream_fails_plain_and_tls_migrations() {
+    use ferry_testkit::proxy::{Action, Dir, Fault, Proxy, RawFlip, Trigger};
+    use ferry_transport::Uri;
+    let _g = serial_guard();
+    let certs = ferry_testkit::certs::Certs::make();
+    let dir = tempfile::tempdir().unwrap();
+    let mut src = source(dir.path(), 1);
+    for tls in [false, true] {
+        let uri = tcp_uri();
+        let mut dst_args = vec![];
+        let mut mig: Vec<String> = vec![];
+        if tls {
+            dst_args = vec![s("--tls-dir"), certs.destination().display().to_string()];
+            mig = vec![
+                s("--tls-dir"),
+                certs.source().display().to_string(),
+                s("--tls-hostname"),
+                s("localhost"),
+            ];
+        }
+        let name = if tls { "tls-destination" } else { "destination" };
+        let mut dst = destination(dir.path(), name, &uri, MEM, 1, &dst_args);
+        let upstream: Uri = uri.parse().unwrap();
+        let listen = Uri::Tcp("127.0.0.1:0".into());
+        // The 100th page batch holds cold pages (the hot set is the first 8 MiB).
+        let p = if tls {
+            let flip = RawFlip {
+                connection: 1,
+                offset: 50 << 20,
+            };
+            Proxy::start_raw(&listen, upstream, flip).unwrap()
+        } else {
+            let when = Trigger::Frame {
+                dir: Dir::ToDestination,
+                kind: ferry_proto::MessageKind::Pages,
+                nth: 100,
+            };
+            let f = Fault {
+                when,
+                action: Action::CorruptLast,
+            };
+            Proxy::start(&listen, upstream, vec![f]).unwrap()
+        };
+        let via = p.uri().to_string();
+        let mut args: Vec<&str> = vec!["--channels", "2"];
+        args.extend(mig.iter().map(String::as_str));
+        let out = migrate_json(&src, &via, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!p.fired().is_empty(), "tls={tls}: the byte was flipped");
+        let why = if tls { "decrypt" } else { "arrived corrupted on data" };
+        assert!(!out.status.success() && err.contains(why), "tls={tls}: {err}");
+        assert_source_unharmed(&mut src);
+        assert_destination_listening(&mut dst, &[why]);
+    }
 }
 
 #[test]
