@@ -74,6 +74,13 @@ pub struct FerryConfig {
     /// Compare every page's digest on both sides (the hashing happens while the guest is
     /// paused, so a verified run's downtime is not a benchmark figure).
     pub verify: bool,
+    /// Extra arguments for `ferry remote migrate` (`--tls-dir`, `--compress`, ...).
+    pub migrate_args: Vec<String>,
+    /// Run the destination in this network namespace (`ip netns exec`), reached at
+    /// `dest_host` ([`crate::netshape::ShapedLink`]).
+    pub dest_netns: Option<String>,
+    /// The destination's address, default `127.0.0.1`.
+    pub dest_host: String,
 }
 
 impl FerryConfig {
@@ -96,6 +103,9 @@ impl FerryConfig {
             local: false,
             dest_env: Vec::new(),
             verify: false,
+            migrate_args: Vec::new(),
+            dest_netns: None,
+            dest_host: "127.0.0.1".to_string(),
         }
     }
 }
@@ -342,7 +352,7 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
     let uri = if cfg.local {
         format!("unix:{}", dir.0.join("mig.sock").display())
     } else {
-        format!("tcp:127.0.0.1:{}", free_port()?)
+        format!("tcp:{}:{}", cfg.dest_host, free_port()?)
     };
     let mem = format!("{}M", cfg.mem_mib);
     let cpus = cfg.cpus.to_string();
@@ -389,7 +399,17 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
         src_args.extend([s("--memory-backend"), s("memfd")]);
     }
     // Both start at once, as for QEMU; the destination starts preparing its memory now.
-    let mut dst = FerryProc::spawn(&cfg.binary, "dst", &dst_args, &cfg.dest_env, dst_api)?;
+    let (dst_bin, dst_args) = match &cfg.dest_netns {
+        // `ip netns exec` execs ferry, so the child's pid is ferry's own.
+        Some(ns) => {
+            let mut a = vec![s("netns"), s("exec"), ns.clone()];
+            a.push(cfg.binary.display().to_string());
+            a.extend(dst_args);
+            (PathBuf::from("ip"), a)
+        }
+        None => (cfg.binary.clone(), dst_args),
+    };
+    let mut dst = FerryProc::spawn(&dst_bin, "dst", &dst_args, &cfg.dest_env, dst_api)?;
     let mut src = FerryProc::spawn(&cfg.binary, "src", &src_args, &[], src_api)?;
     dst.wait_api(cfg.start_timeout)?;
     src.wait_api(cfg.start_timeout)?;
@@ -426,6 +446,7 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
     if cfg.local {
         args.push(s("--local"));
     }
+    args.extend(cfg.migrate_args.iter().cloned());
     if cfg.verify {
         // The destination hashes all of its memory inside the switchover.
         args.extend([

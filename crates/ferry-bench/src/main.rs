@@ -11,6 +11,8 @@
 //!   `ferry` processes at every moment of a migration, each case several times.
 //! - `local`: a local hand-over (issue 10), QEMU 7.2 `x-ignore-shared` against Ferry
 //!   `migrate --local`, at 1, 4 and 8 GiB.
+//! - `secure`: mutual TLS, checksums and compression (issue 11) against QEMU 7.2
+//!   `tls-creds-x509` and multifd zstd, on loopback and on links shaped to 1 and 10 Gbit/s.
 //!
 //! Build both binaries first: `cargo build --release -p ferry-cli -p ferry-bench`, then
 //! `target/release/ferry-bench SUBCOMMAND`. See BENCHMARKS.md.
@@ -25,6 +27,7 @@ mod local;
 mod netshape;
 mod prepare;
 mod qemu;
+mod secure;
 mod stats;
 
 use std::path::{Path, PathBuf};
@@ -61,6 +64,37 @@ enum Cmd {
     /// Local hand-over without copying memory, QEMU x-ignore-shared vs Ferry --local, by
     /// size (issue 10).
     Local(LocalArgs),
+    /// Mutual TLS, checksums and compression, QEMU 7.2 tls-creds-x509 and multifd zstd vs
+    /// Ferry, on loopback and shaped links (issue 11; needs root for the links).
+    Secure(SecureArgs),
+}
+
+#[derive(Args)]
+struct SecureArgs {
+    /// Repetitions of every configuration.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    mem: u64,
+    /// Hot working set the guest rewrites continuously (`ws=`).
+    #[arg(long, default_value = "16M")]
+    ws: String,
+    /// Links for the compression runs: `loopback` or tc rates.
+    #[arg(long, value_delimiter = ',', default_value = "1gbit,10gbit,loopback")]
+    links: Vec<String>,
+    /// Skip the TLS runs.
+    #[arg(long)]
+    no_tls: bool,
+    /// The ferry binary (default: `ferry` next to this program).
+    #[arg(long, value_name = "PATH")]
+    ferry: Option<PathBuf>,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64", value_name = "PATH")]
+    qemu: PathBuf,
+    /// Print every raw run as one JSON document on stdout (the tables then go to stderr).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -427,6 +461,41 @@ fn local_handover(a: LocalArgs) -> Result<()> {
     Ok(())
 }
 
+fn secure_bench(a: SecureArgs) -> Result<()> {
+    if !executable_exists(&a.qemu) {
+        bail!(
+            "{} not found: install QEMU 7.2 with `apt-get install qemu-system-x86`, or give \
+             --qemu PATH",
+            a.qemu.display()
+        );
+    }
+    let dir = qemu::WorkDir::new()?;
+    let image = ferry_guest::write_image(ferry_guest::ImageKind::Elf, &dir.0)?;
+    let certs = dir.0.join("certs");
+    let st = std::process::Command::new("bash")
+        .arg(ferry_testkit::certs::script())
+        .arg(&certs)
+        .status()
+        .context("running scripts/make-test-certs.sh")?;
+    if !st.success() {
+        bail!("scripts/make-test-certs.sh failed (is openssl installed?)");
+    }
+    let plan = secure::Plan {
+        reps: a.reps,
+        mem_mib: a.mem,
+        append: format!("ws={} hb=1", a.ws),
+        links: a.links,
+        no_tls: a.no_tls,
+        ferry: locate_ferry(a.ferry)?,
+        qemu: a.qemu,
+        image,
+        certs,
+    };
+    let report = secure::run(&plan)?;
+    emit(&report.text(), a.json.then(|| report.to_json()));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = cleanup::install() {
@@ -440,6 +509,7 @@ fn main() -> ExitCode {
         Cmd::DirtyLog(a) => dirty_log(a),
         Cmd::Faults(a) => fault_matrix(a),
         Cmd::Local(a) => local_handover(a),
+        Cmd::Secure(a) => secure_bench(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,9 +12,6 @@
 //! since every link uses the same addresses. Needs root and iproute2 (`ip`, `tc`); netem
 //! is not available here, so links have a rate but no added delay or loss.
 
-// The issue 11 subcommand is wired up separately; until then only the tests use this.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener};
 use std::process::{Command, Stdio};
@@ -127,11 +124,6 @@ impl ShapedLink {
     /// The namespace's name, for `ip netns exec` or `ip -n`.
     pub fn netns(&self) -> &str {
         &self.netns
-    }
-
-    /// The veth end in the root namespace (its counters are the source's traffic).
-    pub fn root_if(&self) -> &str {
-        &self.root_if
     }
 
     /// Bytes the root end has sent so far (the source's side of a migration: everything

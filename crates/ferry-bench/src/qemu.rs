@@ -89,6 +89,9 @@ pub struct QemuConfig {
     /// both QEMUs map (`memory-backend-file,share=on`), the `x-ignore-shared` capability
     /// (no page is sent), over a unix socket. Default false.
     pub ignore_shared: bool,
+    /// The `auto-converge` capability (vCPU throttling when precopy does not converge, as
+    /// Ferry does by default). Default false (QEMU's default).
+    pub auto_converge: bool,
     /// TLS on every migration channel, with certificates checked both ways: a directory
     /// in QEMU's layout (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`,
     /// `client-cert.pem`, `client-key.pem`; `scripts/make-test-certs.sh OUT` writes it to
@@ -132,6 +135,7 @@ impl QemuConfig {
             migrate_timeout: Duration::from_secs(300),
             poll_interval: Duration::from_millis(20),
             ignore_shared: false,
+            auto_converge: false,
             tls_dir: None,
             compress: None,
             dest_netns: None,
@@ -411,6 +415,13 @@ fn set_migration_params(qmp: &mut Qmp, cfg: &QemuConfig) -> Result<()> {
             Some(json!({ "capabilities": [{ "capability": "multifd", "state": true }] })),
         )
         .context("enabling multifd")?;
+    }
+    if cfg.auto_converge {
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [{ "capability": "auto-converge", "state": true }] })),
+        )
+        .context("enabling auto-converge")?;
     }
     let mut params = serde_json::Map::new();
     if cfg.channels > 1 {

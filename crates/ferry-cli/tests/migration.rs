@@ -421,7 +421,10 @@ fn migrates_over_mutual_tls_with_zstd() {
         &["--tls-dir", src_tls.to_str().unwrap(), "--compress", "zstd"],
     );
     assert_eq!(stats["tls"], true, "{stats}");
-    assert_eq!(stats["checksums"], false, "TLS authenticates every byte: {stats}");
+    assert_eq!(
+        stats["checksums"], false,
+        "TLS authenticates every byte: {stats}"
+    );
     assert!(stats["batches_compressed"].as_u64().unwrap() > 0, "{stats}");
 }
 
@@ -464,7 +467,10 @@ fn a_tls_destination_refuses_plaintext_and_foreign_certificates() {
     }
     let log = dst.stderr();
     assert!(log.contains("accepts only mutual-TLS"), "{log}");
-    assert!(log.contains("UnknownIssuer"), "refusal logged with its reason: {log}");
+    assert!(
+        log.contains("UnknownIssuer"),
+        "refusal logged with its reason: {log}"
+    );
 }
 
 /// A byte flipped in a cold page's data on the way: with checksums (plain) and with TLS the
@@ -491,7 +497,11 @@ fn a_flipped_byte_in_the_page_stream_fails_plain_and_tls_migrations() {
                 s("localhost"),
             ];
         }
-        let name = if tls { "tls-destination" } else { "destination" };
+        let name = if tls {
+            "tls-destination"
+        } else {
+            "destination"
+        };
         let mut dst = destination(dir.path(), name, &uri, MEM, 1, &dst_args);
         let upstream: Uri = uri.parse().unwrap();
         let listen = Uri::Tcp("127.0.0.1:0".into());
@@ -520,8 +530,15 @@ fn a_flipped_byte_in_the_page_stream_fails_plain_and_tls_migrations() {
         let out = migrate_json(&src, &via, &args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!p.fired().is_empty(), "tls={tls}: the byte was flipped");
-        let why = if tls { "decrypt" } else { "arrived corrupted on data" };
-        assert!(!out.status.success() && err.contains(why), "tls={tls}: {err}");
+        let why = if tls {
+            "TLS record failed authentication"
+        } else {
+            "arrived corrupted on data"
+        };
+        assert!(
+            !out.status.success() && err.contains(why),
+            "tls={tls}: {err}"
+        );
         assert_source_unharmed(&mut src);
         assert_destination_listening(&mut dst, &[why]);
     }

@@ -256,12 +256,7 @@ fn a_flipped_byte_in_a_tls_stream_fails_the_migration() {
     let e = failed(Migration::start(&src, &p.uri(), tls_params(&certs.source(), None)).finish());
     assert!(p.wait_fired(Duration::from_secs(1)), "the byte was flipped");
     let text = e.to_string();
-    assert!(
-        ["decrypt", "BadRecordMac", "alert", "closed"]
-            .iter()
-            .any(|r| text.contains(r)),
-        "{text}"
-    );
+    assert!(text.contains("TLS record failed authentication"), "{text}");
     assert_source_owns(&src, &dst.target);
 }
 

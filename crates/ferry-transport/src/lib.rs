@@ -20,6 +20,7 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::VolatileSlice;
 
+pub mod record;
 pub mod tls;
 pub use tls::{TlsConfig, TlsError, TlsStream};
 
@@ -211,62 +212,38 @@ impl Stream {
         }
     }
 
-    /// Writes `header` and then the bytes of `slices` (guest memory), in order, completely.
-    /// Plain sockets get them in vectored writes straight from guest memory; TLS through a
-    /// copy into one buffer per call (at most `scratch`'s capacity is allocated once).
+    /// Writes `header` and then the bytes of `slices` (guest memory), in order, completely:
+    /// plain sockets in vectored writes straight from guest memory, TLS sealed into records
+    /// straight from it.
     pub fn write_pages<B: BitmapSlice>(
         &mut self,
         header: &[u8],
         slices: &[VolatileSlice<'_, B>],
-        scratch: &mut Vec<u8>,
     ) -> io::Result<()> {
         let Stream::Tls(t) = self else {
             return ferry_sys::iov::write_all_volatile(self.as_fd(), header, slices);
         };
-        scratch.clear();
-        scratch.extend_from_slice(header);
-        for s in slices {
-            let at = scratch.len();
-            scratch.resize(at + s.len(), 0);
-            let copied = s.copy_to(scratch.get_mut(at..).unwrap_or_default());
-            scratch.truncate(at + copied);
-        }
-        let mut rest = &scratch[..];
+        let mut rest = header;
         while !rest.is_empty() {
             let n = t.write_ref(rest)?;
             rest = rest.get(n..).unwrap_or_default();
         }
+        for s in slices {
+            t.write_volatile(s)?;
+        }
         t.flush_ref()
     }
 
-    /// Fills `slices` (guest memory) with the next bytes of the stream, in order. Plain
-    /// sockets read straight into guest memory; TLS through `scratch`.
+    /// Fills `slices` (guest memory) with the next bytes of the stream, in order: plain
+    /// sockets read straight into guest memory, TLS copies from the opened records.
     pub fn read_pages<B: BitmapSlice>(
         &mut self,
         slices: &[VolatileSlice<'_, B>],
-        scratch: &mut Vec<u8>,
     ) -> io::Result<()> {
         let Stream::Tls(t) = self else {
             return ferry_sys::iov::read_exact_volatile(self.as_fd(), slices);
         };
-        for s in slices {
-            scratch.resize(s.len(), 0);
-            let mut filled = 0;
-            while let Some(room) = scratch.get_mut(filled..).filter(|r| !r.is_empty()) {
-                match t.read_ref(room) {
-                    Ok(0) => {
-                        let e =
-                            io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended in pages");
-                        return Err(e);
-                    }
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            s.copy_from(&scratch[..]);
-        }
-        Ok(())
+        slices.iter().try_for_each(|s| t.read_volatile(s))
     }
 
     /// Shuts down both directions, which also unblocks any thread blocked on the socket.
@@ -397,6 +374,26 @@ impl Write for Stream {
         self.write_ref(buf)
     }
     /// Writes out what a TLS stream still holds (plain sockets hold nothing).
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tls(t) => t.flush_ref(),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Reading through a shared reference, as the socket types allow.
+impl Read for &Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_ref(buf)
+    }
+}
+
+/// Writing through a shared reference, as the socket types allow.
+impl Write for &Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_ref(buf)
+    }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Tls(t) => t.flush_ref(),

@@ -5,12 +5,13 @@
 //! destination demands a client certificate signed by its CA; the source checks the
 //! destination's certificate against its CA and the expected name.
 //!
-//! A [`TlsStream`] is shared by a reading thread and a writing thread (its clones share one
-//! connection), so socket I/O never happens under the connection's lock: ciphertext is read
-//! into a buffer before it is handed to rustls, and written from a buffer after. A blocked
-//! write therefore never keeps the reader from decrypting, nor the other way round.
+//! rustls does the handshake; then its traffic keys go to Ferry's record layer
+//! ([`crate::record`], as they would go to kernel TLS), so a [`TlsStream`]'s two directions
+//! are independent: one thread reads while another writes, neither waits for the other,
+//! and page data is sealed straight from guest memory and opened in the buffer it was read
+//! into.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -18,10 +19,11 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig};
-use rustls::{ServerConnection, StreamOwned};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::VolatileSlice;
 
-use crate::{Stream, Uri};
+use crate::{record, Stream, Uri};
 
 /// Errors of TLS configuration and handshakes.
 #[derive(Debug, thiserror::Error)]
@@ -145,12 +147,15 @@ impl TlsConfig {
             .map_err(cfg_err)?;
         // Nothing resumes a migration session: no tickets to send or to wait for.
         server.send_tls13_tickets = 0;
-        let client = ClientConfig::builder_with_provider(p)
+        // The record layer (`record`) takes the keys over after the handshake.
+        server.enable_secret_extraction = true;
+        let mut client = ClientConfig::builder_with_provider(p)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(cfg_err)?
             .with_root_certificates(roots)
             .with_client_auth_cert(certs, key)
             .map_err(cfg_err)?;
+        client.enable_secret_extraction = true;
         if let Some(h) = &hostname {
             ServerName::try_from(h.as_str()).map_err(|_| TlsError::BadName(h.clone()))?;
         }
@@ -193,56 +198,108 @@ pub fn connect(
 ) -> Result<Stream, TlsError> {
     let peer = sock.peer();
     let name = cfg.server_name(uri)?;
-    let conn =
-        ClientConnection::new(cfg.client.clone(), name).map_err(|source| TlsError::Handshake {
-            peer: peer.clone(),
-            source,
-        })?;
-    let mut tls = StreamOwned::new(conn, sock);
+    let hs_err = |source| TlsError::Handshake {
+        peer: peer.clone(),
+        source,
+    };
+    let mut conn = ClientConnection::new(cfg.client.clone(), name).map_err(hs_err)?;
     let io_err = |source| TlsError::Io {
         peer: peer.clone(),
         source,
     };
-    while tls.conn.is_handshaking() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            let e = io::Error::new(
-                io::ErrorKind::TimedOut,
-                "no TLS handshake before the deadline",
-            );
-            return Err(io_err(e));
+    let mut reader = OneRecord::new(&sock);
+    loop {
+        while conn.wants_write() {
+            set_timeouts(&sock, deadline).map_err(io_err)?;
+            conn.write_tls(&mut &sock).map_err(io_err)?;
         }
-        let t = Some(left.max(Duration::from_millis(1)));
-        tls.sock.set_read_timeout(t).map_err(io_err)?;
-        tls.sock.set_write_timeout(t).map_err(io_err)?;
-        if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
-            return Err(handshake_error(&peer, e));
+        if !conn.is_handshaking() {
+            break;
+        }
+        set_timeouts(&sock, deadline).map_err(io_err)?;
+        match conn.read_tls(&mut reader) {
+            Ok(0) => return Err(io_err(closed_in_handshake())),
+            Ok(_) => {
+                if let Err(source) = conn.process_new_packets() {
+                    let _ = conn.write_tls(&mut &sock);
+                    return Err(hs_err(source));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err(e)),
         }
     }
-    tls.sock.set_read_timeout(None).map_err(io_err)?;
-    tls.sock.set_write_timeout(None).map_err(io_err)?;
-    Ok(Stream::Tls(Box::new(TlsStream::new(
-        tls.sock,
-        Connection::Client(tls.conn),
-    ))))
+    sock.set_read_timeout(None).map_err(io_err)?;
+    sock.set_write_timeout(None).map_err(io_err)?;
+    let secrets = conn.dangerous_extract_secrets().map_err(hs_err)?;
+    TlsStream::new(sock, secrets).map_err(|(e, _)| io_err(e))
 }
 
-/// A rustls error carried in an `io::Error` becomes a handshake error, so the reason (an
-/// unknown issuer, a missing certificate, an alert from the peer) reaches the operator.
-fn handshake_error(peer: &str, e: io::Error) -> TlsError {
-    let inner = e
-        .get_ref()
-        .and_then(|i| i.downcast_ref::<rustls::Error>())
-        .cloned();
-    match inner {
-        Some(source) => TlsError::Handshake {
-            peer: peer.to_string(),
-            source,
-        },
-        None => TlsError::Io {
-            peer: peer.to_string(),
-            source: e,
-        },
+fn closed_in_handshake() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the peer closed the connection in the TLS handshake (does it expect TLS?)",
+    )
+}
+
+/// Socket timeouts for what is left until `deadline` (never 0, which means "forever").
+fn set_timeouts(sock: &Stream, deadline: Instant) -> io::Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no TLS handshake before the deadline",
+        ));
+    }
+    let t = Some(left.max(Duration::from_millis(1)));
+    sock.set_read_timeout(t)?;
+    sock.set_write_timeout(t)
+}
+
+/// Reads a socket without ever going past the end of the TLS record it is in, so that
+/// rustls, fed from it, holds nothing beyond the handshake's last record when the keys
+/// are taken over.
+struct OneRecord<'a> {
+    sock: &'a Stream,
+    header: [u8; record::HEADER_LEN],
+    have: usize,
+    left: usize,
+}
+
+impl<'a> OneRecord<'a> {
+    fn new(sock: &'a Stream) -> OneRecord<'a> {
+        OneRecord {
+            sock,
+            header: [0; record::HEADER_LEN],
+            have: 0,
+            left: 0,
+        }
+    }
+}
+
+impl Read for OneRecord<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.have < record::HEADER_LEN {
+            let want = (record::HEADER_LEN - self.have).min(buf.len());
+            let n = self.sock.read_ref(&mut buf[..want])?;
+            self.header[self.have..self.have + n].copy_from_slice(&buf[..n]);
+            self.have += n;
+            if self.have == record::HEADER_LEN {
+                let [_, _, _, hi, lo] = self.header;
+                self.left = usize::from(u16::from_be_bytes([hi, lo]));
+                if self.left == 0 {
+                    self.have = 0;
+                }
+            }
+            return Ok(n);
+        }
+        let want = self.left.min(buf.len());
+        let n = self.sock.read_ref(&mut buf[..want])?;
+        self.left -= n;
+        if self.left == 0 {
+            self.have = 0;
+        }
+        Ok(n)
     }
 }
 
@@ -251,6 +308,9 @@ fn handshake_error(peer: &str, e: io::Error) -> TlsError {
 pub struct ServerHandshake {
     conn: ServerConnection,
     sock: Stream,
+    header: [u8; record::HEADER_LEN],
+    have: usize,
+    left: usize,
 }
 
 impl ServerHandshake {
@@ -261,7 +321,13 @@ impl ServerHandshake {
                 peer: sock.peer(),
                 source,
             })?;
-        Ok(ServerHandshake { conn, sock })
+        Ok(ServerHandshake {
+            conn,
+            sock,
+            header: [0; record::HEADER_LEN],
+            have: 0,
+            left: 0,
+        })
     }
 
     /// The socket (to poll it).
@@ -273,15 +339,23 @@ impl ServerHandshake {
     /// On a failure the alert that says why is sent to the client first (best effort).
     pub fn advance(&mut self) -> Result<bool, TlsError> {
         let peer = self.sock.peer();
-        loop {
-            match self.conn.read_tls(&mut self.sock) {
+        while self.conn.is_handshaking() {
+            let mut r = OneRecord {
+                sock: &self.sock,
+                header: self.header,
+                have: self.have,
+                left: self.left,
+            };
+            let got = self.conn.read_tls(&mut r);
+            (self.header, self.have, self.left) = (r.header, r.have, r.left);
+            match got {
                 Ok(0) => {
-                    let e = io::Error::new(io::ErrorKind::UnexpectedEof, "closed in the handshake");
-                    return Err(TlsError::Io { peer, source: e });
+                    let source = closed_in_handshake();
+                    return Err(TlsError::Io { peer, source });
                 }
                 Ok(_) => {
                     if let Err(source) = self.conn.process_new_packets() {
-                        let _ = self.conn.write_tls(&mut self.sock);
+                        let _ = self.conn.write_tls(&mut &self.sock);
                         return Err(TlsError::Handshake { peer, source });
                     }
                 }
@@ -289,15 +363,12 @@ impl ServerHandshake {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(source) => return Err(TlsError::Io { peer, source }),
             }
-            if !self.conn.is_handshaking() {
-                break;
-            }
         }
         while self.conn.wants_write() {
-            match self.conn.write_tls(&mut self.sock) {
+            match self.conn.write_tls(&mut &self.sock) {
                 Ok(_) => {}
                 // The handshake's flights are small; the rest goes at the next wake-up.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(source) => return Err(TlsError::Io { peer, source }),
             }
         }
@@ -309,58 +380,56 @@ impl ServerHandshake {
         self.sock
     }
 
-    /// The finished connection as a stream.
-    pub fn finish(self) -> Stream {
-        Stream::Tls(Box::new(TlsStream::new(
-            self.sock,
-            Connection::Server(self.conn),
-        )))
+    /// The finished connection as a stream (the record layer takes over its keys); on an
+    /// error, the error and the plain socket (to close it).
+    pub fn finish(self) -> Result<Stream, (TlsError, Stream)> {
+        let peer = self.sock.peer();
+        let secrets = match self.conn.dangerous_extract_secrets() {
+            Ok(s) => s,
+            Err(source) => return Err((TlsError::Handshake { peer, source }, self.sock)),
+        };
+        TlsStream::new(self.sock, secrets)
+            .map_err(|(source, sock)| (TlsError::Io { peer, source }, sock))
     }
 }
 
-/// Largest plaintext encrypted per write call (many full 16 KiB records).
-const WRITE_CHUNK: usize = 256 << 10;
+/// Plaintext bytes per record the sender fills (full records keep the per-byte cost low).
+const RECORD_PLAINTEXT: usize = record::MAX_PLAINTEXT;
+/// Records sealed into one buffer before it is written out.
+const RECORDS_PER_WRITE: usize = 16;
 /// Ciphertext read from the socket per system call.
-const READ_CHUNK: usize = 64 << 10;
+const READ_CHUNK: usize = 256 << 10;
 
-/// Ciphertext read from the socket and not yet taken by rustls.
-#[derive(Default)]
-struct ReadSide {
-    raw: Vec<u8>,
-    start: usize,
-    end: usize,
-}
-
-/// Ciphertext produced and not yet written to the socket.
-#[derive(Default)]
-struct WriteSide {
+/// The sending direction: its keys and the records not yet written, `out[sent..filled]`
+/// (`out` keeps its size between writes, so it is never zeroed again).
+struct TxSide {
+    sealer: record::Sealer,
     out: Vec<u8>,
+    filled: usize,
     sent: usize,
 }
 
-struct Shared {
-    /// Set once rustls reported an error (and queued a fatal alert): nothing more may be
-    /// sent on the connection, not even `close_notify`.
-    failed: std::sync::atomic::AtomicBool,
-    conn: Mutex<Connection>,
-    read: Mutex<ReadSide>,
-    write: Mutex<WriteSide>,
+/// The receiving direction: its keys and what was read. `buf[plain]` is decrypted data
+/// not yet taken; `buf[start..end]` is ciphertext not yet opened.
+struct RxSide {
+    opener: record::Opener,
+    buf: Vec<u8>,
+    plain: std::ops::Range<usize>,
+    start: usize,
+    end: usize,
+    closed: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn tls_io(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
-}
-
-/// One TLS connection over a socket; clones share the connection (one may read while
-/// another writes). Lock order: read side, then write side, then the connection; the
-/// connection's lock is never held across socket I/O.
+/// One TLS connection over a socket, after the handshake: each direction has its own keys
+/// and lock, so one thread can read while another writes. Clones share both directions.
 pub struct TlsStream {
     sock: Stream,
-    shared: Arc<Shared>,
+    tx: Arc<Mutex<TxSide>>,
+    rx: Arc<Mutex<RxSide>>,
 }
 
 impl std::fmt::Debug for TlsStream {
@@ -372,17 +441,33 @@ impl std::fmt::Debug for TlsStream {
 }
 
 impl TlsStream {
-    fn new(sock: Stream, mut conn: Connection) -> TlsStream {
-        conn.set_buffer_limit(Some(2 * WRITE_CHUNK));
-        TlsStream {
+    /// The stream over `sock` with the handshake's keys; on an error, `sock` back.
+    fn new(sock: Stream, secrets: rustls::ExtractedSecrets) -> Result<Stream, (io::Error, Stream)> {
+        let (tx_seq, tx) = secrets.tx;
+        let (rx_seq, rx) = secrets.rx;
+        let keys =
+            record::Sealer::new(tx_seq, tx).and_then(|s| Ok((s, record::Opener::new(rx_seq, rx)?)));
+        let (sealer, opener) = match keys {
+            Ok(k) => k,
+            Err(e) => return Err((e, sock)),
+        };
+        Ok(Stream::Tls(Box::new(TlsStream {
             sock,
-            shared: Arc::new(Shared {
-                failed: std::sync::atomic::AtomicBool::new(false),
-                conn: Mutex::new(conn),
-                read: Mutex::new(ReadSide::default()),
-                write: Mutex::new(WriteSide::default()),
-            }),
-        }
+            tx: Arc::new(Mutex::new(TxSide {
+                sealer,
+                out: Vec::new(),
+                filled: 0,
+                sent: 0,
+            })),
+            rx: Arc::new(Mutex::new(RxSide {
+                opener,
+                buf: Vec::new(),
+                plain: 0..0,
+                start: 0,
+                end: 0,
+                closed: false,
+            })),
+        })))
     }
 
     /// The socket under the TLS layer.
@@ -393,185 +478,243 @@ impl TlsStream {
     pub(crate) fn try_clone(&self) -> io::Result<TlsStream> {
         Ok(TlsStream {
             sock: self.sock.try_clone()?,
-            shared: self.shared.clone(),
+            tx: self.tx.clone(),
+            rx: self.rx.clone(),
         })
     }
 
-    /// Whether plaintext (or unprocessed ciphertext) waits in memory, so a reader must not
-    /// wait for the socket to become readable first.
+    /// Whether decrypted data, or a whole record, waits in memory (so a reader must not
+    /// wait for the socket to become readable first).
     pub fn has_buffered_input(&self) -> bool {
-        let rs = lock(&self.shared.read);
-        if rs.end > rs.start {
-            return true;
-        }
-        drop(rs);
-        let mut c = lock(&self.shared.conn);
-        self.process(&mut c)
-            .map(|s| s.plaintext_bytes_to_read() > 0)
-            .unwrap_or(true)
+        let rx = lock(&self.rx);
+        !rx.plain.is_empty() || whole_record(&rx).is_some()
     }
 
-    /// Writes out pending ciphertext; a write timeout leaves the rest pending.
-    fn drain(&self, ws: &mut WriteSide) -> io::Result<()> {
-        while let Some(rest) = ws.out.get(ws.sent..).filter(|r| !r.is_empty()) {
+    /// Writes out pending records; a write timeout leaves the rest pending.
+    fn drain(&self, tx: &mut TxSide) -> io::Result<()> {
+        while let Some(rest) = tx.out.get(tx.sent..tx.filled).filter(|r| !r.is_empty()) {
             match self.sock.write_ref(rest) {
                 Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes")),
-                Ok(n) => ws.sent += n,
+                Ok(n) => tx.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        ws.out.clear();
-        ws.sent = 0;
+        tx.filled = 0;
+        tx.sent = 0;
         Ok(())
     }
 
-    /// Moves whatever rustls has to send (records, alerts) into the pending output.
-    fn collect_output(&self, ws: &mut WriteSide) -> io::Result<()> {
-        let mut c = lock(&self.shared.conn);
-        while c.wants_write() {
-            c.write_tls(&mut ws.out)?;
+    /// Seals one record of `len` bytes (filled by `fill`) after what is pending.
+    fn seal(
+        tx: &mut TxSide,
+        content: u8,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> io::Result<()> {
+        let need = tx.filled + record::record_len(len);
+        if tx.out.len() < need {
+            tx.out.resize(need, 0);
         }
+        let dst = &mut tx.out[tx.filled..];
+        tx.filled += tx.sealer.seal_into(dst, content, len, fill)?;
         Ok(())
     }
 
-    /// Decrypts what rustls holds; an error marks the connection failed.
-    fn process(&self, c: &mut Connection) -> io::Result<rustls::IoState> {
-        c.process_new_packets().map_err(|e| {
-            self.shared
-                .failed
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            tls_io(e)
-        })
-    }
-
-    /// Sends a `close_notify` and what is pending (best effort; nothing after a failure,
-    /// whose fatal alert already ended the connection).
+    /// Sends a `close_notify` and what is pending (best effort).
     pub(crate) fn close_notify(&self) {
-        if self.shared.failed.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
-        }
-        let mut ws = lock(&self.shared.write);
-        lock(&self.shared.conn).send_close_notify();
-        if self.collect_output(&mut ws).is_ok() {
-            let _ = self.drain(&mut ws);
-        }
-    }
-
-    /// Plaintext already decrypted, if any: `Ok(None)` when there is none yet.
-    fn take_plaintext(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        let mut c = lock(&self.shared.conn);
-        // Records may wait undecrypted (they came with the handshake's last flight).
-        self.process(&mut c)?;
-        match c.reader().read(buf) {
-            Ok(n) => Ok(Some(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            // A peer that vanished without close_notify: the same clean EOF as a plain
-            // socket. Ferry's framing catches a stream cut inside a frame.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(Some(0)),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Hands buffered ciphertext to rustls until it is all taken or rustls' plaintext
-    /// buffer is full; returns whether rustls has something to send (an alert).
-    fn feed(&self, rs: &mut ReadSide) -> io::Result<bool> {
-        let mut c = lock(&self.shared.conn);
-        while rs.end > rs.start {
-            let mut slice = rs.raw.get(rs.start..rs.end).unwrap_or_default();
-            let n = match c.read_tls(&mut slice) {
-                Ok(n) => n,
-                // Plaintext buffer full: the caller reads some out first.
-                Err(e) if e.kind() == io::ErrorKind::Other => break,
-                Err(e) => return Err(e),
-            };
-            rs.start += n;
-            self.process(&mut c)?;
-            if n == 0 {
-                break;
+        let mut tx = lock(&self.tx);
+        let tx = &mut *tx;
+        let mut alert = Vec::new();
+        if tx.sealer.close_notify(&mut alert).is_ok() {
+            let need = tx.filled + alert.len();
+            if tx.out.len() < need {
+                tx.out.resize(need, 0);
             }
-        }
-        Ok(c.wants_write())
-    }
-
-    fn fill(&self, rs: &mut ReadSide) -> io::Result<usize> {
-        if rs.raw.len() < READ_CHUNK {
-            rs.raw.resize(READ_CHUNK, 0);
-        }
-        rs.start = 0;
-        rs.end = 0;
-        let n = self.sock.read_ref(&mut rs.raw)?;
-        rs.end = n;
-        Ok(n)
-    }
-}
-
-impl TlsStream {
-    /// Reads plaintext (`Read::read`, through a shared reference).
-    pub(crate) fn read_ref(&self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        let mut rs = lock(&self.shared.read);
-        loop {
-            if let Some(n) = self.take_plaintext(buf)? {
-                return Ok(n);
-            }
-            if rs.end == rs.start && self.fill(&mut rs)? == 0 {
-                // The socket ended: tell rustls, which then reports close_notify or not.
-                let mut c = lock(&self.shared.conn);
-                let _ = c.read_tls(&mut io::empty());
-                self.process(&mut c)?;
-                drop(c);
-                return Ok(self.take_plaintext(buf)?.unwrap_or(0));
-            }
-            if self.feed(&mut rs)? {
-                let mut ws = lock(&self.shared.write);
-                self.collect_output(&mut ws)?;
-                self.drain(&mut ws)?;
-            }
+            tx.out[tx.filled..need].copy_from_slice(&alert);
+            tx.filled = need;
+            let _ = self.drain(tx);
         }
     }
-}
 
-impl TlsStream {
-    /// Encrypts up to [`WRITE_CHUNK`] bytes of `buf` and writes them out. Pending output of
-    /// an earlier call that timed out goes first; if that times out again nothing of `buf`
-    /// is taken. Once `buf` is taken, a timeout leaves its records pending for the next
-    /// call or [`Write::flush`].
-    pub(crate) fn write_ref(&self, buf: &[u8]) -> io::Result<usize> {
-        let mut ws = lock(&self.shared.write);
-        self.drain(&mut ws)?;
-        let take = buf.get(..buf.len().min(WRITE_CHUNK)).unwrap_or_default();
-        let n = lock(&self.shared.conn).writer().write(take)?;
-        self.collect_output(&mut ws)?;
-        match self.drain(&mut ws) {
-            Ok(()) => Ok(n),
+    /// Seals `len` bytes, filled by `fill(offset, dst)` record by record, and writes them
+    /// out. Pending records of an earlier call that timed out go first; if that times out
+    /// again nothing is taken. Once sealed, a timeout leaves the records pending for the
+    /// next call or a flush: the bytes count as written.
+    fn write_with(&self, len: usize, mut fill: impl FnMut(usize, &mut [u8])) -> io::Result<usize> {
+        let mut tx = lock(&self.tx);
+        let tx = &mut *tx;
+        self.drain(tx)?;
+        let take = len.min(RECORD_PLAINTEXT * RECORDS_PER_WRITE);
+        let mut at = 0;
+        while at < take {
+            let n = (take - at).min(RECORD_PLAINTEXT);
+            Self::seal(tx, record::DATA, n, |dst| fill(at, dst))?;
+            at += n;
+        }
+        match self.drain(tx) {
+            Ok(()) => Ok(take),
             Err(e)
-                if n > 0
+                if take > 0
                     && matches!(
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
             {
-                Ok(n)
+                Ok(take)
             }
             Err(e) => Err(e),
         }
     }
 
+    /// Encrypts and writes (part of) `buf` (`Write::write` through a shared reference).
+    pub(crate) fn write_ref(&self, buf: &[u8]) -> io::Result<usize> {
+        self.write_with(buf.len(), |at, dst| {
+            dst.copy_from_slice(&buf[at..at + dst.len()]);
+        })
+    }
+
+    /// Encrypts and writes all of `src` (guest memory), straight from it into the records.
+    pub(crate) fn write_volatile<B: BitmapSlice>(
+        &self,
+        src: &VolatileSlice<'_, B>,
+    ) -> io::Result<()> {
+        let mut done = 0;
+        while done < src.len() {
+            let n = self.write_with(src.len() - done, |at, dst| {
+                if let Ok(s) = src.subslice(done + at, dst.len()) {
+                    s.copy_to(dst);
+                }
+            })?;
+            done += n;
+        }
+        Ok(())
+    }
+
     /// Writes out everything pending.
     pub(crate) fn flush_ref(&self) -> io::Result<()> {
-        let mut ws = lock(&self.shared.write);
-        self.drain(&mut ws)
+        let mut tx = lock(&self.tx);
+        self.drain(&mut tx)
     }
+
+    /// Decrypts the next record into `rx.plain`; `false` at the peer's `close_notify` or
+    /// at a clean end of the socket between records.
+    fn next_record(&self, rx: &mut RxSide) -> io::Result<bool> {
+        loop {
+            if let Some(len) = whole_record(rx) {
+                let rec = rx.start..rx.start + len;
+                rx.start += len;
+                let opened = rx.opener.open(&mut rx.buf[rec.clone()])?;
+                return match opened {
+                    record::Opened::Data(r) => {
+                        rx.plain = rec.start + r.start..rec.start + r.end;
+                        Ok(true)
+                    }
+                    record::Opened::Closed => {
+                        rx.closed = true;
+                        Ok(false)
+                    }
+                };
+            }
+            if !self.fill(rx)? {
+                return if rx.start == rx.end {
+                    Ok(false)
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the TLS stream ended inside a record",
+                    ))
+                };
+            }
+        }
+    }
+
+    /// Reads more ciphertext from the socket; `false` at its end.
+    fn fill(&self, rx: &mut RxSide) -> io::Result<bool> {
+        if rx.start > 0 {
+            // Keep the unopened tail at the front.
+            rx.buf.copy_within(rx.start..rx.end, 0);
+            rx.end -= rx.start;
+            rx.start = 0;
+            rx.plain = 0..0;
+        }
+        if rx.buf.len() < rx.end + READ_CHUNK {
+            rx.buf.resize(rx.end + READ_CHUNK, 0);
+        }
+        let n = self.sock.read_ref(&mut rx.buf[rx.end..])?;
+        rx.end += n;
+        Ok(n > 0)
+    }
+
+    /// Reads decrypted data into `buf` (`Read::read` through a shared reference); 0 at the
+    /// end of the stream.
+    pub(crate) fn read_ref(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_with(buf.len(), |src, at| {
+            buf[at..at + src.len()].copy_from_slice(src)
+        })
+    }
+
+    /// Fills `dst` (guest memory) with the next decrypted bytes, straight from the records.
+    pub(crate) fn read_volatile<B: BitmapSlice>(
+        &self,
+        dst: &VolatileSlice<'_, B>,
+    ) -> io::Result<()> {
+        let mut done = 0;
+        while done < dst.len() {
+            let n = self.read_with(dst.len() - done, |src, at| {
+                if let Ok(d) = dst.subslice(done + at, src.len()) {
+                    d.copy_from(src);
+                }
+            })?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the stream ended inside page data",
+                ));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Hands up to `len` decrypted bytes to `take(bytes, offset)`, in order; returns how many.
+    fn read_with(&self, len: usize, mut take: impl FnMut(&[u8], usize)) -> io::Result<usize> {
+        if len == 0 {
+            return Ok(0);
+        }
+        let mut rx = lock(&self.rx);
+        let rx = &mut *rx;
+        if rx.plain.is_empty() && (rx.closed || !self.next_record(rx)?) {
+            return Ok(0);
+        }
+        let mut done = 0;
+        // Whatever is already decrypted or whole in memory, without waiting for the socket.
+        loop {
+            let n = rx.plain.len().min(len - done);
+            take(&rx.buf[rx.plain.start..rx.plain.start + n], done);
+            rx.plain.start += n;
+            done += n;
+            if done == len || whole_record(rx).is_none() || !self.next_record(rx)? {
+                return Ok(done);
+            }
+        }
+    }
+}
+
+/// The length of the whole record at `rx.start`, if all of it has been read.
+fn whole_record(rx: &RxSide) -> Option<usize> {
+    let header: &[u8; record::HEADER_LEN] = rx.buf.get(rx.start..rx.end)?.first_chunk()?;
+    // A bad header is reported by `open` on the next read, not here.
+    let body = record::Opener::body_len(header).unwrap_or(0);
+    let len = record::HEADER_LEN + body;
+    (rx.end - rx.start >= len).then_some(len)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{Listener, Uri};
-    use std::io::Read;
+    use std::io::{Read, Write};
 
     /// Certificates from scripts/make-test-certs.sh (openssl is required, as in CI).
     fn certs() -> tempfile::TempDir {
@@ -612,7 +755,10 @@ mod tests {
                         peer: "server".into(),
                         source: io::Error::new(io::ErrorKind::UnexpectedEof, "closed"),
                     }),
-                    Err(e) => Err(handshake_error("server", e)),
+                    Err(source) => Err(TlsError::Io {
+                        peer: "server".into(),
+                        source,
+                    }),
                 };
             }
             r
@@ -623,7 +769,7 @@ mod tests {
         let server = loop {
             match hs.advance() {
                 Ok(true) => {
-                    let mut s = hs.finish();
+                    let mut s = hs.finish().map_err(|(e, _)| e).unwrap();
                     s.set_nonblocking(false).unwrap();
                     s.write_all(b"!").unwrap();
                     break Ok(s);
@@ -656,10 +802,9 @@ mod tests {
         let w = std::thread::spawn(move || {
             let mut d1 = d1;
             let mem = vm_memory::VolatileSlice::from(&mut d1[..]);
-            let mut scratch = Vec::new();
             for chunk in 0..(n / (1 << 20)) {
                 let sub = mem.subslice(chunk << 20, 1 << 20).unwrap();
-                c.write_pages(b"hdr", &[sub], &mut scratch).unwrap();
+                c.write_pages(b"hdr", &[sub]).unwrap();
             }
         });
         let r = std::thread::spawn(move || {
@@ -670,18 +815,59 @@ mod tests {
         let mut s2 = s.try_clone().unwrap();
         let sw = std::thread::spawn(move || s2.write_all(&d2).unwrap());
         let mut got = vec![0u8; n];
-        let mut scratch = Vec::new();
         for chunk in 0..(n / (1 << 20)) {
             let mut hdr = [0u8; 3];
             s.read_exact(&mut hdr).unwrap();
             assert_eq!(&hdr, b"hdr");
             let mem = vm_memory::VolatileSlice::from(&mut got[chunk << 20..(chunk + 1) << 20]);
-            s.read_pages(&[mem], &mut scratch).unwrap();
+            s.read_pages(&[mem]).unwrap();
         }
         w.join().unwrap();
         sw.join().unwrap();
         assert!(got == data, "pages arrived intact");
         assert!(r.join().unwrap() == data, "the other direction too");
+    }
+
+    /// Ferry's record layer against rustls' own: both directions and close_notify.
+    #[test]
+    fn the_record_layer_speaks_standard_tls() {
+        let d = certs();
+        let server_cfg = TlsConfig::load(&d.path().join("destination"), None).unwrap();
+        let client_cfg = TlsConfig::load(&d.path().join("source"), None).unwrap();
+        let l = Listener::bind(&Uri::Tcp("127.0.0.1:0".into())).unwrap();
+        let uri = l.local_uri();
+        let server = std::thread::spawn(move || {
+            let Stream::Tcp(sock) = l.accept_timeout(Duration::from_secs(5)).unwrap().unwrap()
+            else {
+                unreachable!()
+            };
+            let conn = ServerConnection::new(server_cfg.server.clone()).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, sock);
+            let mut got = vec![0u8; 100_000];
+            tls.read_exact(&mut got).unwrap();
+            tls.write_all(&got[..50_000]).unwrap();
+            tls.conn.send_close_notify();
+            tls.flush().unwrap();
+            got
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let sock = crate::connect(&uri, deadline).unwrap();
+        let mut c = connect(sock, &client_cfg, &uri, deadline).unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        c.write_all(&data).unwrap();
+        c.flush().unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        assert_eq!(
+            server.join().unwrap(),
+            data,
+            "rustls read what Ferry sealed"
+        );
+        assert_eq!(
+            back,
+            data[..50_000],
+            "Ferry opened what rustls sealed, then its close"
+        );
     }
 
     #[test]

@@ -243,13 +243,26 @@ fn shake(mut p: Pending) -> (Pending, Option<Greeting>) {
     }
     match h.advance() {
         Ok(false) => (p, Some(Greeting::Incomplete)),
-        Ok(true) => {
-            let conn = match p.conn {
-                Conn::Handshaking(h) => Conn::Ready(h.finish()),
-                c => c,
-            };
-            (Pending { conn, ..p }, None)
-        }
+        Ok(true) => match p.conn {
+            Conn::Handshaking(h) => match h.finish() {
+                Ok(stream) => (
+                    Pending {
+                        conn: Conn::Ready(stream),
+                        ..p
+                    },
+                    None,
+                ),
+                Err((e, sock)) => {
+                    let why = Greeting::Drop(format!("refused: {e}"));
+                    let p = Pending {
+                        conn: Conn::Ready(sock),
+                        ..p
+                    };
+                    (p, Some(why))
+                }
+            },
+            c => (Pending { conn: c, ..p }, None),
+        },
         Err(e) => (p, Some(Greeting::Drop(format!("refused: {e}")))),
     }
 }

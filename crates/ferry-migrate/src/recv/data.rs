@@ -216,7 +216,6 @@ impl DataRx {
         let mut ch = ChannelRx {
             stream,
             offset: 0,
-            copy: Vec::new(),
             unpacker: Unpacker::default(),
         };
         // Pages (data and zero) since the last PassEnd, checked against its count: a frame
@@ -306,7 +305,7 @@ impl DataRx {
         }
         let at = ch.offset;
         ch.stream
-            .read_pages(&slices, &mut ch.copy)
+            .read_pages(&slices)
             .map_err(|e| self.read_error(ProtoError::Io(e)))?;
         let pages: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
         let bytes = pages * PAGE_SIZE;
@@ -468,8 +467,6 @@ impl DataRx {
 struct ChannelRx<'a> {
     stream: &'a mut Stream,
     offset: u64,
-    /// The TLS layer's copy of page data.
-    copy: Vec<u8>,
     unpacker: Unpacker,
 }
 

@@ -188,7 +188,7 @@ struct WorkerCtx {
 struct Bufs {
     header: Vec<u8>,
     sums: Vec<u64>,
-    /// A batch copied out of guest memory (to compress it), or the TLS layer's copy.
+    /// A batch copied out of guest memory (to compress it).
     batch: Vec<u8>,
     packer: Option<Packer>,
 }
@@ -307,7 +307,7 @@ impl WorkerCtx {
         self.take_bandwidth(bytes)?;
         let t = std::time::Instant::now();
         stream
-            .write_pages(&bufs.header, &slices, &mut bufs.batch)
+            .write_pages(&bufs.header, &slices)
             .map_err(self.send_err(item.phase))?;
         if let Some(p) = &mut bufs.packer {
             p.wrote(t.elapsed(), bytes as usize);
