@@ -83,9 +83,9 @@ struct SecureArgs {
     /// Links for the compression runs: `loopback` or tc rates.
     #[arg(long, value_delimiter = ',', default_value = "1gbit,10gbit,loopback")]
     links: Vec<String>,
-    /// Skip the TLS runs.
-    #[arg(long)]
-    no_tls: bool,
+    /// Links for the TLS runs (`none` for no TLS runs).
+    #[arg(long, value_delimiter = ',', default_value = "loopback,10gbit")]
+    tls_links: Vec<String>,
     /// The ferry binary (default: `ferry` next to this program).
     #[arg(long, value_name = "PATH")]
     ferry: Option<PathBuf>,
@@ -485,7 +485,7 @@ fn secure_bench(a: SecureArgs) -> Result<()> {
         mem_mib: a.mem,
         append: format!("ws={} hb=1", a.ws),
         links: a.links,
-        no_tls: a.no_tls,
+        tls_links: a.tls_links.into_iter().filter(|l| l != "none").collect(),
         ferry: locate_ferry(a.ferry)?,
         qemu: a.qemu,
         image,

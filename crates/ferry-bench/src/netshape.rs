@@ -126,6 +126,12 @@ impl ShapedLink {
         &self.netns
     }
 
+    /// The veth end in the root namespace (its counters are the source's traffic).
+    #[cfg(test)]
+    pub fn root_if(&self) -> &str {
+        &self.root_if
+    }
+
     /// Bytes the root end has sent so far (the source's side of a migration: everything
     /// that went into the namespace, headers included). Read it before and after a run.
     pub fn root_tx_bytes(&self) -> Result<u64> {

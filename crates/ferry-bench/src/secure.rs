@@ -4,7 +4,7 @@
 //! - Limits, in this process: memcpy, the checksum candidates (xxh3, crc32), one loopback
 //!   TCP stream plain and in TLS (Ferry's own TLS stream), and zstd/LZ4 on the guest's kind
 //!   of pages and on random pages.
-//! - TLS on loopback: Ferry plain (checksums on, the default), plain without checksums, and
+//! - TLS, on loopback and on a 10 Gbit/s link: Ferry plain (checksums on, the default), plain without checksums, and
 //!   TLS; QEMU multifd plain and `tls-creds-x509`. Both configured alike: 2 channels, 50 ms
 //!   downtime limit, destination memory prepared (QEMU `-mem-prealloc`).
 //! - Compression per link (tc tbf on a veth pair into a network namespace, or loopback):
@@ -41,8 +41,8 @@ pub struct Plan {
     pub append: String,
     /// Links for the compression runs: `loopback` or a tc rate (`1gbit`, `10gbit`).
     pub links: Vec<String>,
-    /// Skip the TLS runs.
-    pub no_tls: bool,
+    /// Links for the TLS runs (empty: none).
+    pub tls_links: Vec<String>,
     /// The `ferry` binary.
     pub ferry: PathBuf,
     /// The QEMU binary.
@@ -154,7 +154,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
     eprintln!("{}", limits_text(&limits));
     let mut runs = Vec::new();
     let mut link_rates = Vec::new();
-    if !plan.no_tls {
+    for link in &plan.tls_links {
         let tls = [
             ferry_cfg("plain, checksums", &[], false),
             ferry_cfg("plain, no checksums", &["--no-checksums"], false),
@@ -162,7 +162,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
             qemu_cfg("multifd plain", false, false),
             qemu_cfg("multifd tls-creds-x509", true, false),
         ];
-        run_section(plan, "tls", "loopback", &tls, &mut runs, &mut link_rates)?;
+        run_section(plan, "tls", link, &tls, &mut runs, &mut link_rates)?;
     }
     let compress = [
         ferry_cfg("none", &["--compress", "none"], false),
@@ -203,7 +203,10 @@ fn run_section(
         "loopback" => None,
         rate => Some(ShapedLink::new(rate).with_context(|| format!("shaping a {rate} link"))?),
     };
-    if let Some(l) = &shaped {
+    if let Some(l) = shaped
+        .as_ref()
+        .filter(|_| !link_rates.iter().any(|(k, _)| k == link))
+    {
         // About a second's worth of traffic.
         let r = l.measure_tcp(l.rate_bits_per_s() / 8)?;
         eprintln!(
@@ -559,8 +562,8 @@ impl Report {
                     system.to_string(),
                     config.clone(),
                     col(|r| r.total_ms).display(1.0, 0),
-                    col(|r| r.pass0_rate).display(1e-9, 2),
-                    col(|r| r.wire_bytes as f64).display(1e-6, 1),
+                    col(|r| r.pass0_rate).display(1e9, 2),
+                    col(|r| r.wire_bytes as f64).display(1e6, 1),
                     col(|r| r.guest_downtime_ms).display(1.0, 1),
                     if system == "ferry" {
                         format!("{}/{}", b.0, b.1)
@@ -589,17 +592,19 @@ impl Report {
         for (link, bits) in &self.link_rates {
             let _ = writeln!(out, "{link} link: TCP goodput {:.2} Gbit/s", bits / 1e9);
         }
-        if !self.plan.no_tls {
-            let _ = writeln!(out, "\nTLS, loopback:\n{}", self.table("tls", "loopback"));
-            let f = |sys, cfg| self.med("tls", "loopback", sys, cfg, |r| r.pass0_rate);
-            let t = |sys, cfg| self.med("tls", "loopback", sys, cfg, |r| r.total_ms);
+        for link in &self.plan.tls_links {
+            let _ = writeln!(out, "\nTLS, {link}:\n{}", self.table("tls", link));
+            let f = |sys, cfg| self.med("tls", link, sys, cfg, |r| r.pass0_rate);
+            let t = |sys, cfg| self.med("tls", link, sys, cfg, |r| r.total_ms);
             let _ = writeln!(
                 out,
-                "Ferry TLS / plain: pass-0 throughput {:.2}x, total time {:.2}x; checksums \
-                 cost {:.2}x pass-0 throughput\nQEMU TLS / plain: throughput {:.2}x, total \
-                 time {:.2}x\nFerry TLS / QEMU TLS total time: {:.2}x",
+                "Ferry TLS / plain with checksums (the default): pass-0 throughput {:.2}x, \
+                 total time {:.2}x; TLS / plain without checksums: {:.2}x; checksums cost \
+                 {:.2}x pass-0 throughput\nQEMU TLS / plain: throughput {:.2}x, total time \
+                 {:.2}x\nFerry TLS / QEMU TLS total time: {:.2}x",
                 f("ferry", "mutual TLS") / f("ferry", "plain, checksums"),
                 t("ferry", "mutual TLS") / t("ferry", "plain, checksums"),
+                f("ferry", "mutual TLS") / f("ferry", "plain, no checksums"),
                 f("ferry", "plain, checksums") / f("ferry", "plain, no checksums"),
                 f("qemu", "multifd tls-creds-x509") / f("qemu", "multifd plain"),
                 t("qemu", "multifd tls-creds-x509") / t("qemu", "multifd plain"),
@@ -642,6 +647,8 @@ impl Report {
             "mem_mib": self.plan.mem_mib,
             "append": self.plan.append,
             "reps": self.plan.reps,
+            "links": self.plan.links,
+            "tls_links": self.plan.tls_links,
             "limits": self.limits,
             "link_rates": self.link_rates,
             "runs": self.runs,

@@ -14,13 +14,13 @@
 //! corruption at once.
 
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_memory::ram::{GuestRam, PAGE_SIZE};
 use ferry_proto::{caps, page_sum, Codec, PageRun};
 
 use crate::error::MigrateError;
-use crate::policy::{compression_pays, CompressEstimate};
+use crate::policy::{cheapest, Way};
 
 /// What `--compress` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -32,14 +32,18 @@ pub enum Compression {
     Zstd(i32),
     /// LZ4.
     Lz4,
-    /// zstd level 1 on each channel while it pays: per batch, compression is used when its
-    /// measured cost per byte plus the compressed bytes' wire time is below the raw bytes'
-    /// wire time; the other choice is re-measured every [`PROBE_EVERY`] batches.
+    /// Per channel and batch, the cheapest of raw, LZ4 and zstd level 1: each one's
+    /// measured cost per byte (copy and compression) plus the wire time of what it leaves,
+    /// against the raw bytes' wire time (`policy::cheapest`). The ways not taken are
+    /// measured again now and then, less often the longer the choice stands (from every
+    /// [`FIRST_PROBE_GAP`] batches to every [`MAX_PROBE_GAP`]).
     Auto,
 }
 
-/// Batches between two trials of the choice `auto` is not making.
-pub const PROBE_EVERY: u32 = 32;
+/// Batches before a way `auto` is not taking is tried again, after a change of choice.
+pub const FIRST_PROBE_GAP: u64 = 16;
+/// Most batches between two trials of a way `auto` is not taking.
+pub const MAX_PROBE_GAP: u64 = 256;
 
 impl FromStr for Compression {
     type Err = String;
@@ -73,12 +77,22 @@ impl std::fmt::Display for Compression {
 }
 
 impl Compression {
-    /// The codec it uses, if any.
+    /// The codec it always uses, if it is a fixed one.
     pub fn codec(self) -> Option<Codec> {
         match self {
-            Compression::Off => None,
-            Compression::Zstd(_) | Compression::Auto => Some(Codec::Zstd),
+            Compression::Off | Compression::Auto => None,
+            Compression::Zstd(_) => Some(Codec::Zstd),
             Compression::Lz4 => Some(Codec::Lz4),
+        }
+    }
+
+    /// The capability bits of the codecs it may use.
+    fn caps(self) -> u64 {
+        match self {
+            Compression::Off => 0,
+            Compression::Zstd(_) => caps::ZSTD,
+            Compression::Lz4 => caps::LZ4,
+            Compression::Auto => caps::ZSTD | caps::LZ4,
         }
     }
 
@@ -95,26 +109,23 @@ impl Compression {
 pub(crate) struct Wire {
     /// Frames carry checksums, pages too.
     pub(crate) sums: bool,
-    /// Pages may be compressed with this.
+    /// How the source compresses (on the destination: [`Compression::Off`]).
     pub(crate) compression: Compression,
+    /// Capability bits of the codecs Compressed frames may use.
+    codecs: u64,
 }
 
 impl Wire {
     /// The capability bits a source offers for these settings.
     pub(crate) fn offer(checksums: bool, compression: Compression) -> u64 {
         let sums = if checksums { caps::PAGE_SUMS } else { 0 };
-        let codec = match compression.codec() {
-            Some(Codec::Zstd) => caps::ZSTD,
-            Some(Codec::Lz4) => caps::LZ4,
-            None => 0,
-        };
-        sums | codec
+        sums | compression.caps()
     }
 
     /// What a source that asked for `compression` gets with the destination's `accepted`
     /// capabilities.
     pub(crate) fn agreed(accepted: u64, compression: Compression) -> Result<Wire, MigrateError> {
-        let wanted = Wire::offer(false, compression);
+        let wanted = compression.caps();
         if accepted & wanted != wanted {
             return Err(MigrateError::CompressionRefused {
                 asked: compression.to_string(),
@@ -123,27 +134,26 @@ impl Wire {
         Ok(Wire {
             sums: accepted & caps::PAGE_SUMS != 0,
             compression,
+            codecs: wanted,
         })
     }
 
     /// What a destination accepts from a source that offered `offered`.
     pub(crate) fn accepted(offered: u64) -> Wire {
-        let compression = if offered & caps::ZSTD != 0 {
-            Compression::Zstd(1)
-        } else if offered & caps::LZ4 != 0 {
-            Compression::Lz4
-        } else {
-            Compression::Off
-        };
         Wire {
             sums: offered & caps::PAGE_SUMS != 0,
-            compression,
+            compression: Compression::Off,
+            codecs: offered & (caps::ZSTD | caps::LZ4),
         }
     }
 
-    /// Whether a destination that agreed to this may receive frames of `codec`.
+    /// Whether Compressed frames of `codec` were agreed.
     pub(crate) fn allows(&self, codec: Codec) -> bool {
-        self.compression.codec() == Some(codec)
+        let bit = match codec {
+            Codec::Zstd => caps::ZSTD,
+            Codec::Lz4 => caps::LZ4,
+        };
+        self.codecs & bit != 0
     }
 }
 
@@ -187,7 +197,7 @@ pub(crate) fn copy_guest_pages(
     Ok(())
 }
 
-/// A channel's compressor, with its buffers and (for `auto`) its measurements.
+/// A channel's compressors, their buffer and (for `auto`) its measurements.
 pub(crate) struct Packer {
     compression: Compression,
     zstd: Option<zstd::bulk::Compressor<'static>>,
@@ -197,13 +207,15 @@ pub(crate) struct Packer {
 
 impl Packer {
     pub(crate) fn new(compression: Compression) -> Result<Option<Packer>, MigrateError> {
-        let zstd = match compression.codec() {
-            None => return Ok(None),
-            Some(Codec::Zstd) => Some(
+        if compression == Compression::Off {
+            return Ok(None);
+        }
+        let zstd = match compression {
+            Compression::Zstd(_) | Compression::Auto => Some(
                 zstd::bulk::Compressor::new(compression.level())
                     .map_err(MigrateError::io("starting a zstd compressor"))?,
             ),
-            Some(Codec::Lz4) => None,
+            _ => None,
         };
         Ok(Some(Packer {
             compression,
@@ -213,57 +225,106 @@ impl Packer {
         }))
     }
 
-    /// Whether the next batch should be compressed.
-    pub(crate) fn wants(&mut self) -> bool {
-        self.auto.as_mut().is_none_or(Auto::choose)
+    /// How to send the next batch: compressed with this codec, or raw (`None`).
+    pub(crate) fn choose(&mut self) -> Option<Codec> {
+        match &mut self.auto {
+            Some(a) => a.choose(),
+            None => self.compression.codec(),
+        }
     }
 
-    /// Compresses `input`; `None` when the result would not be smaller.
+    /// The last compression's output, `len` bytes long.
+    pub(crate) fn output(&self, len: usize) -> &[u8] {
+        self.out.get(..len).unwrap_or_default()
+    }
+
+    /// Compresses `input` with `codec` into [`Packer::output`]; its length, or `None` when
+    /// it would not be smaller than the input.
     pub(crate) fn compress(
         &mut self,
+        codec: Codec,
         input: &[u8],
-    ) -> Result<Option<(Codec, &[u8])>, MigrateError> {
-        let t = Instant::now();
-        let codec = self.compression.codec().unwrap_or(Codec::Zstd);
+    ) -> Result<Option<usize>, MigrateError> {
         let bound = match codec {
             Codec::Zstd => zstd::zstd_safe::compress_bound(input.len()),
             Codec::Lz4 => lz4_flex::block::get_maximum_output_size(input.len()),
         };
-        self.out.resize(bound, 0);
+        if self.out.len() < bound {
+            self.out.resize(bound, 0);
+        }
         let n = match (codec, self.zstd.as_mut()) {
             (Codec::Zstd, Some(z)) => z
                 .compress_to_buffer(input, &mut self.out[..])
                 .map_err(MigrateError::io("compressing pages (zstd)"))?,
-            _ => lz4_flex::block::compress_into(input, &mut self.out[..]).map_err(|e| {
-                MigrateError::io("compressing pages (lz4)")(std::io::Error::other(e))
-            })?,
+            (Codec::Zstd, None) => {
+                let e = std::io::Error::other("no zstd compressor on this channel");
+                return Err(MigrateError::io("compressing pages")(e));
+            }
+            (Codec::Lz4, _) => {
+                lz4_flex::block::compress_into(input, &mut self.out[..]).map_err(|e| {
+                    MigrateError::io("compressing pages (lz4)")(std::io::Error::other(e))
+                })?
+            }
         };
-        if let Some(a) = &mut self.auto {
-            a.compressed(t.elapsed(), input.len(), n);
-        }
-        Ok((n < input.len()).then(|| (codec, self.out.get(..n).unwrap_or_default())))
+        Ok((n < input.len()).then_some(n))
     }
 
-    /// Records how long writing `bytes` to the socket took (for `auto`).
-    pub(crate) fn wrote(&mut self, took: Duration, bytes: usize) {
+    /// Records what copying and compressing `raw` bytes into `packed` cost (for `auto`).
+    pub(crate) fn compressed(&mut self, codec: Codec, took: Duration, raw: usize, packed: usize) {
         if let Some(a) = &mut self.auto {
-            a.wrote(took, bytes);
+            a.compressed(codec, took, raw, packed);
+        }
+    }
+
+    /// Records how long writing `bytes` raw bytes to the socket took (for `auto`).
+    pub(crate) fn wrote_raw(&mut self, took: Duration, bytes: usize) {
+        if let Some(a) = &mut self.auto {
+            a.wrote_raw(took, bytes);
         }
     }
 }
 
-/// `auto`'s running estimates of one channel (exponential averages).
-#[derive(Debug, Default)]
+/// Indices of `auto`'s ways.
+const RAW: usize = 0;
+const LZ4: usize = 1;
+const ZSTD: usize = 2;
+
+/// One way of `auto`: its running estimate and when to try it again.
+#[derive(Debug, Default, Clone, Copy)]
+struct Arm {
+    way: Way,
+    measured: bool,
+    next_probe: u64,
+    gap: u64,
+}
+
+/// `auto`'s running estimates on one channel (exponential averages).
+#[derive(Debug)]
 struct Auto {
-    est: CompressEstimate,
-    measured_compress: bool,
-    measured_wire: bool,
-    batches: u32,
-    on: bool,
+    arms: [Arm; 3],
+    wire_ns_per_byte: f64,
+    batches: u64,
+    best: usize,
+}
+
+impl Default for Auto {
+    fn default() -> Auto {
+        let mut arms = [Arm::default(); 3];
+        arms[RAW].way = Way {
+            cost_ns_per_byte: 0.0,
+            ratio: 1.0,
+        };
+        Auto {
+            arms,
+            wire_ns_per_byte: 0.0,
+            batches: 0,
+            best: RAW,
+        }
+    }
 }
 
 /// Weight of a new sample in the running averages.
-const ALPHA: f64 = 0.2;
+const ALPHA: f64 = 0.25;
 
 fn blend(old: f64, new: f64, first: bool) -> f64 {
     if first {
@@ -273,42 +334,80 @@ fn blend(old: f64, new: f64, first: bool) -> f64 {
     }
 }
 
+fn codec_of(arm: usize) -> Option<Codec> {
+    match arm {
+        LZ4 => Some(Codec::Lz4),
+        ZSTD => Some(Codec::Zstd),
+        _ => None,
+    }
+}
+
 impl Auto {
-    /// Compress this batch? Measures both choices first, then follows the estimate, trying
-    /// the other choice now and then (the link or the data may change).
-    fn choose(&mut self) -> bool {
-        self.batches = self.batches.wrapping_add(1);
-        self.on = if !self.measured_compress {
-            true
-        } else if !self.measured_wire {
-            false
-        } else {
-            let pays = compression_pays(&self.est);
-            if self.batches.is_multiple_of(PROBE_EVERY) {
-                !pays
-            } else {
-                pays
+    /// Measures every way once, then takes the cheapest, trying each other way again after
+    /// a gap that doubles while the choice stands (the link or the data may change).
+    fn choose(&mut self) -> Option<Codec> {
+        self.batches += 1;
+        if let Some(i) = (0..self.arms.len()).find(|i| !self.arms[*i].measured) {
+            return codec_of(i);
+        }
+        let ways = self.arms.map(|a| a.way);
+        let best = cheapest(&ways, self.wire_ns_per_byte);
+        if best != self.best {
+            self.best = best;
+            for a in &mut self.arms {
+                a.gap = FIRST_PROBE_GAP;
+                a.next_probe = self.batches + FIRST_PROBE_GAP;
             }
-        };
-        self.on
+        }
+        let batches = self.batches;
+        let probe = self
+            .arms
+            .iter_mut()
+            .enumerate()
+            .find(|(i, a)| *i != best && batches >= a.next_probe);
+        match probe {
+            Some((i, a)) => {
+                a.next_probe = batches + a.gap;
+                a.gap = (a.gap * 2).clamp(FIRST_PROBE_GAP, MAX_PROBE_GAP);
+                codec_of(i)
+            }
+            None => codec_of(best),
+        }
     }
 
-    fn compressed(&mut self, took: Duration, raw: usize, packed: usize) {
+    /// After a sample of way `i`: if the sample alone makes it the cheapest while the
+    /// running estimate does not yet, try it again at once (the average catches up in a
+    /// few batches instead of a few gaps).
+    fn follow_up(&mut self, i: usize, sample: Way, wire: f64) {
+        let mut ways = self.arms.map(|a| a.way);
+        ways[i] = sample;
+        if i != self.best && cheapest(&ways, wire) == i {
+            self.arms[i].next_probe = self.batches + 1;
+        }
+    }
+
+    fn compressed(&mut self, codec: Codec, took: Duration, raw: usize, packed: usize) {
+        let i = if codec == Codec::Lz4 { LZ4 } else { ZSTD };
         let raw = raw.max(1) as f64;
-        let first = !self.measured_compress;
-        self.est.compress_ns_per_byte = blend(
-            self.est.compress_ns_per_byte,
-            took.as_nanos() as f64 / raw,
-            first,
-        );
-        self.est.ratio = blend(self.est.ratio, packed as f64 / raw, first);
-        self.measured_compress = true;
+        let sample = Way {
+            cost_ns_per_byte: took.as_nanos() as f64 / raw,
+            ratio: (packed as f64 / raw).min(1.0),
+        };
+        let arm = &mut self.arms[i];
+        let first = !arm.measured;
+        arm.way.cost_ns_per_byte = blend(arm.way.cost_ns_per_byte, sample.cost_ns_per_byte, first);
+        arm.way.ratio = blend(arm.way.ratio, sample.ratio, first);
+        arm.measured = true;
+        self.follow_up(i, sample, self.wire_ns_per_byte);
     }
 
-    fn wrote(&mut self, took: Duration, bytes: usize) {
+    fn wrote_raw(&mut self, took: Duration, bytes: usize) {
         let per = took.as_nanos() as f64 / bytes.max(1) as f64;
-        self.est.wire_ns_per_byte = blend(self.est.wire_ns_per_byte, per, !self.measured_wire);
-        self.measured_wire = true;
+        let raw = &mut self.arms[RAW];
+        self.wire_ns_per_byte = blend(self.wire_ns_per_byte, per, !raw.measured);
+        raw.measured = true;
+        let way = raw.way;
+        self.follow_up(RAW, way, per);
     }
 }
 
@@ -377,10 +476,11 @@ mod tests {
         }
         for c in [Compression::Zstd(1), Compression::Lz4] {
             let mut packer = Packer::new(c).unwrap().unwrap();
-            assert!(packer.wants());
-            let (codec, packed) = packer.compress(&pages).unwrap().unwrap();
+            let codec = packer.choose().unwrap();
+            let n = packer.compress(codec, &pages).unwrap().unwrap();
+            let packed = packer.output(n).to_vec();
             let mut u = Unpacker {
-                packed: packed.to_vec(),
+                packed,
                 ..Unpacker::default()
             };
             u.unpack(codec, pages.len()).unwrap();
@@ -398,33 +498,45 @@ mod tests {
                     x as u8
                 })
                 .collect();
-            assert!(packer.compress(&noise).unwrap().is_none(), "{c}");
+            assert!(packer.compress(codec, &noise).unwrap().is_none(), "{c}");
         }
         assert!(Packer::new(Compression::Off).unwrap().is_none());
     }
 
-    #[test]
-    fn auto_follows_what_pays_and_probes_the_other_choice() {
-        let mut a = Auto::default();
-        assert!(a.choose(), "measures compression first");
-        a.compressed(Duration::from_micros(100), 1 << 20, 1 << 16);
-        assert!(!a.choose(), "then a raw write");
-        // A slow link: 1 ns per byte on the wire, compression 0.1 ns per byte, ratio 1/16.
-        a.wrote(Duration::from_micros(1 << 10), 1 << 20);
-        let choices: Vec<bool> = (0..2 * PROBE_EVERY).map(|_| a.choose()).collect();
-        let on = choices.iter().filter(|c| **c).count();
-        assert!(
-            on >= choices.len() - 2,
-            "slow link: compressed {on} of {}",
-            choices.len()
-        );
-        assert!(on < choices.len(), "but probes raw now and then");
-        // The link becomes fast: writes cost 0.01 ns per byte.
-        for _ in 0..20 {
-            a.wrote(Duration::from_nanos(10_000), 1 << 20);
+    /// Feeds `auto` what a link and the codecs cost and returns how many of `n` batches
+    /// went each way (raw, lz4, zstd).
+    fn run_auto(a: &mut Auto, n: u64, wire_ns: f64) -> [u64; 3] {
+        let mut counts = [0u64; 3];
+        let mib = 1 << 20;
+        for _ in 0..n {
+            match a.choose() {
+                None => {
+                    counts[RAW] += 1;
+                    a.wrote_raw(Duration::from_nanos((wire_ns * mib as f64) as u64), mib);
+                }
+                Some(Codec::Lz4) => {
+                    counts[LZ4] += 1;
+                    a.compressed(Codec::Lz4, Duration::from_micros(200), mib, mib / 20);
+                }
+                Some(Codec::Zstd) => {
+                    counts[ZSTD] += 1;
+                    a.compressed(Codec::Zstd, Duration::from_micros(300), mib, mib / 400);
+                }
+            }
         }
-        let on = (0..2 * PROBE_EVERY).filter(|_| a.choose()).count();
-        assert!(on <= 2, "fast link: compressed {on} batches");
+        counts
+    }
+
+    #[test]
+    fn auto_takes_the_cheapest_way_and_probes_the_others_less_and_less() {
+        let mut a = Auto::default();
+        // 1 Gbit/s: 8 ns per byte on the wire; zstd's ratio wins.
+        let c = run_auto(&mut a, 1000, 8.0);
+        assert!(c[ZSTD] >= 980, "slow link: {c:?}");
+        assert!(c[RAW] >= 1 && c[RAW] <= 10, "raw probed rarely: {c:?}");
+        // The link becomes fast (0.1 ns per byte): raw wins within a few probes.
+        let c = run_auto(&mut a, 2000, 0.1);
+        assert!(c[RAW] >= 1900, "fast link: {c:?}");
     }
 
     #[test]
@@ -435,7 +547,10 @@ mod tests {
         assert!(w.sums && w.allows(Codec::Lz4) && !w.allows(Codec::Zstd));
         let e = Wire::agreed(caps::PAGE_SUMS, Compression::Zstd(3)).unwrap_err();
         assert!(e.to_string().contains("zstd:3"), "{e}");
-        let w = Wire::agreed(caps::ZSTD, Compression::Auto).unwrap();
+        let w = Wire::agreed(caps::ZSTD | caps::LZ4, Compression::Auto).unwrap();
         assert!(!w.sums && w.compression == Compression::Auto);
+        assert!(w.allows(Codec::Lz4) && w.allows(Codec::Zstd));
+        let dest = Wire::accepted(Wire::offer(false, Compression::Auto));
+        assert!(dest.allows(Codec::Lz4) && dest.allows(Codec::Zstd));
     }
 }

@@ -159,22 +159,26 @@ impl Convergence {
     }
 }
 
-/// What a data channel has measured about compressing its pages (`--compress auto`).
+/// What a data channel has measured about one way of sending its pages (`--compress
+/// auto`): sending them as they are is the way with no cost and a ratio of 1.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct CompressEstimate {
-    /// Compressing, ns per raw byte.
-    pub compress_ns_per_byte: f64,
-    /// Compressed bytes per raw byte.
+pub struct Way {
+    /// Copying and compressing, ns per raw byte (0 for raw pages).
+    pub cost_ns_per_byte: f64,
+    /// Bytes sent per raw byte.
     pub ratio: f64,
-    /// Writing to the socket, ns per byte written (the link, or the copy when the link is
-    /// faster than the CPU).
-    pub wire_ns_per_byte: f64,
 }
 
-/// Whether compressing pays: compressing a byte and sending what is left of it costs less
-/// than sending it as it is.
-pub fn compression_pays(e: &CompressEstimate) -> bool {
-    e.compress_ns_per_byte + e.ratio * e.wire_ns_per_byte < e.wire_ns_per_byte
+/// The cheapest way per raw byte, given what writing a byte to the socket costs
+/// (`wire_ns_per_byte`: the link's rate once it is the bottleneck, the copy into the
+/// kernel when it is not): compressing pays when its cost plus the wire time of what is
+/// left is below the wire time of the raw byte. Returns the index into `ways`.
+pub fn cheapest(ways: &[Way], wire_ns_per_byte: f64) -> usize {
+    let cost = |w: &Way| w.cost_ns_per_byte + w.ratio * wire_ns_per_byte;
+    ways.iter()
+        .enumerate()
+        .min_by(|a, b| cost(a.1).total_cmp(&cost(b.1)))
+        .map_or(0, |(i, _)| i)
 }
 
 #[cfg(test)]
@@ -347,16 +351,30 @@ mod tests {
 
     #[test]
     fn compression_pays_only_where_the_link_is_the_bottleneck() {
-        let est = |c, r, w| CompressEstimate {
-            compress_ns_per_byte: c,
-            ratio: r,
-            wire_ns_per_byte: w,
+        let raw = Way {
+            cost_ns_per_byte: 0.0,
+            ratio: 1.0,
         };
-        // 1 Gbit/s is 8 ns per byte: zstd at 1 ns/byte shrinking 4x pays.
-        assert!(compression_pays(&est(1.0, 0.25, 8.0)));
-        // Loopback at 0.3 ns per byte: it does not.
-        assert!(!compression_pays(&est(1.0, 0.25, 0.3)));
+        let zstd = Way {
+            cost_ns_per_byte: 1.0,
+            ratio: 0.25,
+        };
+        let lz4 = Way {
+            cost_ns_per_byte: 0.2,
+            ratio: 0.5,
+        };
+        let ways = [raw, lz4, zstd];
+        // 1 Gbit/s is 8 ns per byte: zstd's better ratio wins.
+        assert_eq!(cheapest(&ways, 8.0), 2);
+        // 10 Gbit/s, 0.8 ns per byte: lz4 is cheaper than both.
+        assert_eq!(cheapest(&ways, 0.8), 1);
+        // Loopback at 0.3 ns per byte: raw.
+        assert_eq!(cheapest(&ways, 0.3), 0);
         // Incompressible data never pays.
-        assert!(!compression_pays(&est(0.5, 1.0, 8.0)));
+        let useless = Way {
+            cost_ns_per_byte: 0.2,
+            ratio: 1.0,
+        };
+        assert_eq!(cheapest(&[raw, useless], 8.0), 0);
     }
 }

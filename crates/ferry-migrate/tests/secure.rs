@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -95,6 +95,19 @@ fn a_tls_destination_refuses_plaintext_foreign_certificates_and_wrong_names() {
     assert_handed_over(&src, &dst.target);
 }
 
+/// A TLS source and a destination started without TLS: refused with the reason on both
+/// sides, the source keeps its guest.
+#[test]
+fn a_tls_source_and_a_plain_destination_do_not_talk() {
+    let certs = Certs::make();
+    let dst = Dest::start(MIB);
+    let src = quiet_source();
+    let e = failed(Migration::start(&src, &dst.uri, tls_params(&certs.source(), None)).finish());
+    assert!(e.to_string().contains("does it expect TLS?"), "{e}");
+    assert_source_owns(&src, &dst.target);
+    dst.wait_status(Status::Listening, Duration::from_secs(5));
+}
+
 /// A TLS client that presents no certificate is told so and gets no further.
 fn no_certificate_is_refused(dst: &Dest) {
     let Uri::Unix(path) = &dst.uri else {
@@ -122,7 +135,6 @@ fn no_certificate_is_refused(dst: &Dest) {
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut tls = rustls::StreamOwned::new(conn, sock);
     // The handshake completes on the client's side in TLS 1.3; the refusal comes next.
-    let _ = tls.write_all(b"anything");
     let mut b = [0u8; 16];
     let r = tls.read(&mut b);
     let e = r.expect_err("a client without a certificate gets nothing but an alert");

@@ -203,9 +203,9 @@ pub fn connect(
         source,
     };
     let mut conn = ClientConnection::new(cfg.client.clone(), name).map_err(hs_err)?;
-    let io_err = |source| TlsError::Io {
+    let io_err = |source: io::Error| TlsError::Io {
         peer: peer.clone(),
-        source,
+        source: explain_close(source),
     };
     let mut reader = OneRecord::new(&sock);
     loop {
@@ -232,7 +232,18 @@ pub fn connect(
     sock.set_read_timeout(None).map_err(io_err)?;
     sock.set_write_timeout(None).map_err(io_err)?;
     let secrets = conn.dangerous_extract_secrets().map_err(hs_err)?;
-    TlsStream::new(sock, secrets).map_err(|(e, _)| io_err(e))
+    TlsStream::wrap(sock, secrets).map_err(|(e, _)| io_err(e))
+}
+
+/// A connection closed or reset in the handshake, most likely by a peer without TLS.
+fn explain_close(e: io::Error) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => io::Error::new(
+            e.kind(),
+            format!("{e}: the peer closed the connection in the TLS handshake (does it expect TLS?)"),
+        ),
+        _ => e,
+    }
 }
 
 fn closed_in_handshake() -> io::Error {
@@ -388,7 +399,7 @@ impl ServerHandshake {
             Ok(s) => s,
             Err(source) => return Err((TlsError::Handshake { peer, source }, self.sock)),
         };
-        TlsStream::new(self.sock, secrets)
+        TlsStream::wrap(self.sock, secrets)
             .map_err(|(source, sock)| (TlsError::Io { peer, source }, sock))
     }
 }
@@ -442,7 +453,7 @@ impl std::fmt::Debug for TlsStream {
 
 impl TlsStream {
     /// The stream over `sock` with the handshake's keys; on an error, `sock` back.
-    fn new(sock: Stream, secrets: rustls::ExtractedSecrets) -> Result<Stream, (io::Error, Stream)> {
+    fn wrap(sock: Stream, secrets: rustls::ExtractedSecrets) -> Result<Stream, (io::Error, Stream)> {
         let (tx_seq, tx) = secrets.tx;
         let (rx_seq, rx) = secrets.rx;
         let keys =

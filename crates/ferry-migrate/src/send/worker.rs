@@ -10,7 +10,7 @@ use crossbeam_channel::{Receiver, Sender};
 use ferry_memory::dirty::{DirtyChunk, DirtyError, DirtySnapshot, DirtyTracker};
 use ferry_memory::ram::{GuestRam, PAGE_SIZE};
 use ferry_proto::{
-    encode_compressed_header, encode_pages_header, encode_zero_header, Message, PageRun,
+    encode_compressed_header, encode_pages_header, encode_zero_header, Codec, Message, PageRun,
     MAX_BATCH_PAGES, MAX_RUNS,
 };
 use ferry_sys::iov;
@@ -268,8 +268,9 @@ impl WorkerCtx {
         }
     }
 
-    /// Sends one batch of data pages: compressed from a copy when the packer wants it and
-    /// it shrinks, else straight from guest memory. Returns the bytes written.
+    /// Sends one batch of data pages: compressed from a copy when the packer chooses a
+    /// codec and the batch shrinks, else straight from guest memory. Returns the bytes
+    /// written.
     fn send_batch(
         &self,
         stream: &mut Stream,
@@ -277,9 +278,8 @@ impl WorkerCtx {
         item: &WorkItem,
         runs: &[PageRun],
     ) -> Result<u64, MigrateError> {
-        let compress = bufs.packer.as_mut().is_some_and(Packer::wants);
-        if compress {
-            if let Some(n) = self.send_compressed(stream, bufs, item, runs)? {
+        if let Some(codec) = bufs.packer.as_mut().and_then(Packer::choose) {
+            if let Some(n) = self.send_compressed(stream, bufs, item, runs, codec)? {
                 self.progress
                     .batches_compressed
                     .fetch_add(1, Ordering::Relaxed);
@@ -310,7 +310,7 @@ impl WorkerCtx {
             .write_pages(&bufs.header, &slices)
             .map_err(self.send_err(item.phase))?;
         if let Some(p) = &mut bufs.packer {
-            p.wrote(t.elapsed(), bytes as usize);
+            p.wrote_raw(t.elapsed(), bytes as usize);
         }
         Ok(bytes)
     }
@@ -322,7 +322,9 @@ impl WorkerCtx {
         bufs: &mut Bufs,
         item: &WorkItem,
         runs: &[PageRun],
+        codec: Codec,
     ) -> Result<Option<u64>, MigrateError> {
+        let t = std::time::Instant::now();
         copy_guest_pages(&self.ram, runs, &mut bufs.batch)?;
         bufs.sums.clear();
         if self.wire.sums {
@@ -331,29 +333,31 @@ impl WorkerCtx {
         let Some(packer) = bufs.packer.as_mut() else {
             return Ok(None);
         };
-        let Some((codec, packed)) = packer.compress(&bufs.batch)? else {
+        let raw = bufs.batch.len();
+        let shrunk = packer.compress(codec, &bufs.batch)?;
+        // What the copy and the compression cost, whether or not the batch shrank.
+        packer.compressed(codec, t.elapsed(), raw, shrunk.unwrap_or(raw));
+        let Some(len) = shrunk else {
             return Ok(None);
         };
-        let len = u32::try_from(packed.len()).unwrap_or(u32::MAX);
+        let packed = packer.output(len);
         bufs.header.clear();
         encode_compressed_header(
             item.pass,
             runs,
             codec,
             &bufs.sums,
-            len,
+            u32::try_from(len).unwrap_or(u32::MAX),
             self.wire.sums,
             &mut bufs.header,
         );
-        let bytes = (bufs.header.len() + packed.len()) as u64;
+        let bytes = (bufs.header.len() + len) as u64;
         self.take_bandwidth(bytes)?;
-        let t = std::time::Instant::now();
         stream
             .write_all(&bufs.header)
             .and_then(|()| stream.write_all(packed))
             .and_then(|()| stream.flush())
             .map_err(self.send_err(item.phase))?;
-        packer.wrote(t.elapsed(), bytes as usize);
         Ok(Some(bytes))
     }
 
