@@ -80,7 +80,8 @@ struct SecureArgs {
     /// Hot working set the guest rewrites continuously (`ws=`).
     #[arg(long, default_value = "16M")]
     ws: String,
-    /// Links for the compression runs: `loopback` or tc rates.
+    /// Links for the compression runs: `loopback` or tc rates (`none` for no compression
+    /// runs; with `--tls-links none` too, only the limits are measured).
     #[arg(long, value_delimiter = ',', default_value = "1gbit,10gbit,loopback")]
     links: Vec<String>,
     /// Links for the TLS runs (`none` for no TLS runs).
@@ -484,7 +485,7 @@ fn secure_bench(a: SecureArgs) -> Result<()> {
         reps: a.reps,
         mem_mib: a.mem,
         append: format!("ws={} hb=1", a.ws),
-        links: a.links,
+        links: a.links.into_iter().filter(|l| l != "none").collect(),
         tls_links: a.tls_links.into_iter().filter(|l| l != "none").collect(),
         ferry: locate_ferry(a.ferry)?,
         qemu: a.qemu,

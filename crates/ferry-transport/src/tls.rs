@@ -240,7 +240,9 @@ fn explain_close(e: io::Error) -> io::Error {
     match e.kind() {
         io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => io::Error::new(
             e.kind(),
-            format!("{e}: the peer closed the connection in the TLS handshake (does it expect TLS?)"),
+            format!(
+                "{e}: the peer closed the connection in the TLS handshake (does it expect TLS?)"
+            ),
         ),
         _ => e,
     }
@@ -453,7 +455,10 @@ impl std::fmt::Debug for TlsStream {
 
 impl TlsStream {
     /// The stream over `sock` with the handshake's keys; on an error, `sock` back.
-    fn wrap(sock: Stream, secrets: rustls::ExtractedSecrets) -> Result<Stream, (io::Error, Stream)> {
+    fn wrap(
+        sock: Stream,
+        secrets: rustls::ExtractedSecrets,
+    ) -> Result<Stream, (io::Error, Stream)> {
         let (tx_seq, tx) = secrets.tx;
         let (rx_seq, rx) = secrets.rx;
         let keys =
