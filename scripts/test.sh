@@ -9,6 +9,10 @@ command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
 for tool in as ld objcopy; do command -v "$tool" >/dev/null || need_pkgs+=(binutils); done
 # libFuzzer (fuzz/) is C++.
 command -v c++ >/dev/null || need_pkgs+=(g++)
+# Test certificates for mutual TLS (scripts/make-test-certs.sh).
+command -v openssl >/dev/null || need_pkgs+=(openssl)
+# Shaped links between network namespaces (ferry-bench's netshape and QEMU tests).
+for tool in ip tc; do command -v "$tool" >/dev/null || need_pkgs+=(iproute2); done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     sudo_cmd=""
     [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"

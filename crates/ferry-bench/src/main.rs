@@ -84,6 +84,9 @@ struct SecureArgs {
     /// runs; with `--tls-links none` too, only the limits are measured).
     #[arg(long, value_delimiter = ',', default_value = "1gbit,10gbit,loopback")]
     links: Vec<String>,
+    /// Only the configurations whose "system config" name contains this (e.g. `ferry auto`).
+    #[arg(long)]
+    only: Option<String>,
     /// Links for the TLS runs (`none` for no TLS runs).
     #[arg(long, value_delimiter = ',', default_value = "loopback,10gbit")]
     tls_links: Vec<String>,
@@ -487,6 +490,7 @@ fn secure_bench(a: SecureArgs) -> Result<()> {
         append: format!("ws={} hb=1", a.ws),
         links: a.links.into_iter().filter(|l| l != "none").collect(),
         tls_links: a.tls_links.into_iter().filter(|l| l != "none").collect(),
+        only: a.only,
         ferry: locate_ferry(a.ferry)?,
         qemu: a.qemu,
         image,

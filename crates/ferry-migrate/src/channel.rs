@@ -41,9 +41,9 @@ pub enum Compression {
 }
 
 /// Batches before a way `auto` is not taking is tried again, after a change of choice.
-pub const FIRST_PROBE_GAP: u64 = 16;
+pub const FIRST_PROBE_GAP: u64 = 32;
 /// Most batches between two trials of a way `auto` is not taking.
-pub const MAX_PROBE_GAP: u64 = 256;
+pub const MAX_PROBE_GAP: u64 = 1024;
 
 impl FromStr for Compression {
     type Err = String;
@@ -282,6 +282,19 @@ impl Packer {
             a.wrote_raw(took, bytes);
         }
     }
+
+    /// Whether [`Packer::drained`] samples are wanted (`auto` only).
+    pub(crate) fn measures_link(&self) -> bool {
+        self.auto.is_some()
+    }
+
+    /// Records that the socket's send queue, never empty meanwhile, drained `bytes` in
+    /// `took`: the link's (or the peer's) rate, whatever the buffer sizes (for `auto`).
+    pub(crate) fn drained(&mut self, took: Duration, bytes: u64) {
+        if let Some(a) = &mut self.auto {
+            a.drained(took, bytes);
+        }
+    }
 }
 
 /// Indices of `auto`'s ways.
@@ -302,21 +315,31 @@ struct Arm {
 #[derive(Debug)]
 struct Auto {
     arms: [Arm; 3],
-    wire_ns_per_byte: f64,
+    /// Writing raw bytes into the socket, ns per byte: the copy into the kernel, or the
+    /// link once the socket's buffer is full.
+    write_ns_per_byte: f64,
+    /// The send queue draining while not empty, ns per byte: the link (or the peer) itself.
+    /// A raw write into an empty buffer costs no time now but that much later.
+    link_ns_per_byte: Option<f64>,
     batches: u64,
     best: usize,
 }
 
 impl Default for Auto {
     fn default() -> Auto {
-        let mut arms = [Arm::default(); 3];
+        let mut arms = [Arm {
+            gap: FIRST_PROBE_GAP,
+            next_probe: FIRST_PROBE_GAP,
+            ..Arm::default()
+        }; 3];
         arms[RAW].way = Way {
             cost_ns_per_byte: 0.0,
             ratio: 1.0,
         };
         Auto {
             arms,
-            wire_ns_per_byte: 0.0,
+            write_ns_per_byte: 0.0,
+            link_ns_per_byte: None,
             batches: 0,
             best: RAW,
         }
@@ -343,6 +366,12 @@ fn codec_of(arm: usize) -> Option<Codec> {
 }
 
 impl Auto {
+    /// What a raw byte costs to send: the slower of the write and the link.
+    fn wire(&self) -> f64 {
+        self.link_ns_per_byte
+            .map_or(self.write_ns_per_byte, |l| l.max(self.write_ns_per_byte))
+    }
+
     /// Measures every way once, then takes the cheapest, trying each other way again after
     /// a gap that doubles while the choice stands (the link or the data may change).
     fn choose(&mut self) -> Option<Codec> {
@@ -351,13 +380,13 @@ impl Auto {
             return codec_of(i);
         }
         let ways = self.arms.map(|a| a.way);
-        let best = cheapest(&ways, self.wire_ns_per_byte);
+        let best = cheapest(&ways, self.wire());
         if best != self.best {
+            // The way just given up is tried again soon; the others keep their pace.
+            let old = &mut self.arms[self.best];
+            old.gap = FIRST_PROBE_GAP;
+            old.next_probe = self.batches + FIRST_PROBE_GAP;
             self.best = best;
-            for a in &mut self.arms {
-                a.gap = FIRST_PROBE_GAP;
-                a.next_probe = self.batches + FIRST_PROBE_GAP;
-            }
         }
         let batches = self.batches;
         let probe = self
@@ -398,16 +427,25 @@ impl Auto {
         arm.way.cost_ns_per_byte = blend(arm.way.cost_ns_per_byte, sample.cost_ns_per_byte, first);
         arm.way.ratio = blend(arm.way.ratio, sample.ratio, first);
         arm.measured = true;
-        self.follow_up(i, sample, self.wire_ns_per_byte);
+        self.follow_up(i, sample, self.wire());
     }
 
     fn wrote_raw(&mut self, took: Duration, bytes: usize) {
         let per = took.as_nanos() as f64 / bytes.max(1) as f64;
         let raw = &mut self.arms[RAW];
-        self.wire_ns_per_byte = blend(self.wire_ns_per_byte, per, !raw.measured);
+        self.write_ns_per_byte = blend(self.write_ns_per_byte, per, !raw.measured);
         raw.measured = true;
-        let way = raw.way;
-        self.follow_up(RAW, way, per);
+    }
+
+    fn drained(&mut self, took: Duration, bytes: u64) {
+        let per = took.as_nanos() as f64 / bytes.max(1) as f64;
+        self.link_ns_per_byte = Some(match self.link_ns_per_byte {
+            Some(l) => blend(l, per, false),
+            None => per,
+        });
+        // A link that got faster: try raw again soon.
+        let way = self.arms[RAW].way;
+        self.follow_up(RAW, way, per.max(self.write_ns_per_byte));
     }
 }
 
@@ -512,7 +550,13 @@ mod tests {
             match a.choose() {
                 None => {
                     counts[RAW] += 1;
-                    a.wrote_raw(Duration::from_nanos((wire_ns * mib as f64) as u64), mib);
+                    // The write itself is quick (the socket buffer takes it); the queue
+                    // then drains at the link's rate.
+                    a.wrote_raw(Duration::from_micros(50), mib);
+                    a.drained(
+                        Duration::from_nanos((wire_ns * mib as f64) as u64),
+                        mib as u64,
+                    );
                 }
                 Some(Codec::Lz4) => {
                     counts[LZ4] += 1;

@@ -198,6 +198,12 @@ impl Stream {
         }
     }
 
+    /// Bytes written and not yet taken by the peer (see
+    /// [`ferry_sys::iov::send_queue_bytes`]), or `None` if the socket cannot say.
+    pub fn send_queue(&self) -> Option<usize> {
+        ferry_sys::iov::send_queue_bytes(self.plain().as_fd()).ok()
+    }
+
     /// Whether this stream is TLS.
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))

@@ -191,6 +191,10 @@ struct Bufs {
     /// A batch copied out of guest memory (to compress it).
     batch: Vec<u8>,
     packer: Option<Packer>,
+    /// Bytes written on this channel, and the last look at its send queue: when, how full,
+    /// and the bytes written by then (for `auto`'s link rate).
+    written: u64,
+    queue: Option<(std::time::Instant, usize, u64)>,
 }
 
 /// Appends `gpa` to `runs`, extending the last run when contiguous. Returns false (and does
@@ -223,6 +227,8 @@ impl WorkerCtx {
             sums: Vec::with_capacity(MAX_BATCH_PAGES as usize),
             batch: Vec::new(),
             packer,
+            written: 0,
+            queue: None,
         };
         self.run(stream, &mut bufs, rx, report);
     }
@@ -361,6 +367,27 @@ impl WorkerCtx {
         Ok(Some(bytes))
     }
 
+    /// After `bytes` more were written: how much the send queue drained since the last
+    /// look, if it never ran empty in between (then that is the link's rate).
+    fn watch_queue(stream: &Stream, bufs: &mut Bufs, bytes: u64) {
+        bufs.written += bytes;
+        let Some(packer) = bufs.packer.as_mut().filter(|p| p.measures_link()) else {
+            return;
+        };
+        let Some(q) = stream.send_queue() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if let Some((t0, q0, w0)) = bufs.queue {
+            let drained = (q0 as u64 + (bufs.written - w0)).saturating_sub(q as u64);
+            // Small samples are timer noise.
+            if q0 > 0 && q > 0 && drained >= 256 << 10 {
+                packer.drained(now - t0, drained);
+            }
+        }
+        bufs.queue = Some((now, q, bufs.written));
+    }
+
     fn flush_data(
         &self,
         stream: &mut Stream,
@@ -373,6 +400,7 @@ impl WorkerCtx {
             return Ok(());
         }
         let bytes = self.send_batch(stream, bufs, item, runs)?;
+        Self::watch_queue(stream, bufs, bytes);
         let pages: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
         totals.bytes += bytes;
         self.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
