@@ -1068,7 +1068,15 @@ fn expect_refusals(log: &str, n: usize) -> Result<(), String> {
 fn exited(p: &mut Ferry, name: &str) -> Result<(), String> {
     match p.wait_exit(Duration::from_secs(15)) {
         Some(_) => Ok(()),
-        None => Err(format!("the {name} did not exit")),
+        None => {
+            let log = p.stderr_text();
+            let tail: Vec<&str> = log.lines().rev().take(12).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            Err(format!(
+                "the {name} did not exit; its last log lines:\n{}",
+                tail.join("\n")
+            ))
+        }
     }
 }
 

@@ -482,16 +482,9 @@ pub fn write_all_by(stream: &mut Stream, mut buf: &[u8], deadline: Instant) -> i
 }
 
 /// Writes out what `stream` holds (TLS records whose write timed out), by `deadline`.
+/// Nothing held (always so for plain sockets) is never a timeout, however late it is.
 fn flush_by(stream: &mut Stream, deadline: Instant) -> io::Result<()> {
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the peer did not take the data in time",
-            ));
-        }
-        stream.set_write_timeout(Some(left.max(Duration::from_millis(1))))?;
         match stream.flush() {
             Ok(()) => return Ok(()),
             Err(e)
@@ -503,6 +496,14 @@ fn flush_by(stream: &mut Stream, deadline: Instant) -> io::Result<()> {
                 ) => {}
             Err(e) => return Err(e),
         }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer did not take the data in time",
+            ));
+        }
+        stream.set_write_timeout(Some(left.max(Duration::from_millis(1))))?;
     }
 }
 
