@@ -33,8 +33,8 @@ pub enum Compression {
     /// LZ4.
     Lz4,
     /// Per channel and batch, the cheapest of raw, LZ4 and zstd level 1: each one's
-    /// measured cost per byte (copy and compression) plus the wire time of what it leaves,
-    /// against the raw bytes' wire time (`policy::cheapest`). The ways not taken are
+    /// measured cost per byte (hashing for raw pages; copy, hashing and compression for the
+    /// others) plus the wire time of what it sends (`policy::cheapest`). The ways not taken are
     /// measured again now and then, less often the longer the choice stands (from every
     /// [`FIRST_PROBE_GAP`] batches to every [`MAX_PROBE_GAP`]).
     Auto,
@@ -276,10 +276,11 @@ impl Packer {
         }
     }
 
-    /// Records how long writing `bytes` raw bytes to the socket took (for `auto`).
-    pub(crate) fn wrote_raw(&mut self, took: Duration, bytes: usize) {
+    /// Records how long writing `bytes` raw bytes to the socket took, and `prepared`, what
+    /// preparing them cost before (hashing them) (for `auto`).
+    pub(crate) fn wrote_raw(&mut self, prepared: Duration, took: Duration, bytes: usize) {
         if let Some(a) = &mut self.auto {
-            a.wrote_raw(took, bytes);
+            a.wrote_raw(prepared, took, bytes);
         }
     }
 
@@ -430,10 +431,15 @@ impl Auto {
         self.follow_up(i, sample, self.wire());
     }
 
-    fn wrote_raw(&mut self, took: Duration, bytes: usize) {
-        let per = took.as_nanos() as f64 / bytes.max(1) as f64;
+    fn wrote_raw(&mut self, prepared: Duration, took: Duration, bytes: usize) {
+        let bytes = bytes.max(1) as f64;
+        let per = took.as_nanos() as f64 / bytes;
         let raw = &mut self.arms[RAW];
-        self.write_ns_per_byte = blend(self.write_ns_per_byte, per, !raw.measured);
+        let first = !raw.measured;
+        self.write_ns_per_byte = blend(self.write_ns_per_byte, per, first);
+        // Raw pages are not free either: they are hashed before they go.
+        let cost = prepared.as_nanos() as f64 / bytes;
+        raw.way.cost_ns_per_byte = blend(raw.way.cost_ns_per_byte, cost, first);
         raw.measured = true;
     }
 
@@ -552,7 +558,7 @@ mod tests {
                     counts[RAW] += 1;
                     // The write itself is quick (the socket buffer takes it); the queue
                     // then drains at the link's rate.
-                    a.wrote_raw(Duration::from_micros(50), mib);
+                    a.wrote_raw(Duration::from_micros(20), Duration::from_micros(50), mib);
                     a.drained(
                         Duration::from_nanos((wire_ns * mib as f64) as u64),
                         mib as u64,

@@ -294,10 +294,12 @@ impl WorkerCtx {
         }
         self.progress.batches_raw.fetch_add(1, Ordering::Relaxed);
         let sum = self.wire.sums;
+        let t = std::time::Instant::now();
         bufs.sums.clear();
         if sum {
             sum_guest_pages(&self.ram, runs, &mut bufs.sums)?;
         }
+        let prepared = t.elapsed();
         let mut slices = Vec::with_capacity(runs.len());
         let mut pages = 0u64;
         for r in runs {
@@ -316,7 +318,7 @@ impl WorkerCtx {
             .write_pages(&bufs.header, &slices)
             .map_err(self.send_err(item.phase))?;
         if let Some(p) = &mut bufs.packer {
-            p.wrote_raw(t.elapsed(), bytes as usize);
+            p.wrote_raw(prepared, t.elapsed(), bytes as usize);
         }
         Ok(bytes)
     }
