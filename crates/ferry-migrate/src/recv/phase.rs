@@ -490,13 +490,15 @@ impl Handshake {
             version: VERSION,
             capabilities: h.att.hello.capabilities & offered,
         };
+        // Everything after the Welcome, both ways, goes as agreed: the reader requires it
+        // before the source can have heard the Welcome; this side's frames after sending it.
+        let wire = Wire::accepted(h.att.hello.capabilities & offered);
+        h.att.sums.store(wire.sums, Ordering::Relaxed);
         if let Err(e) = h.att.send(&welcome, "handshake", h.deadline) {
             rx.discard(*h.att, e, "handshake");
             return None;
         }
-        // Everything after the Welcome, both ways, goes as agreed.
-        h.att.wire = Wire::accepted(h.att.hello.capabilities & offered);
-        h.att.sums.store(h.att.wire.sums, Ordering::Relaxed);
+        h.att.wire = wire;
         for (g, _) in std::mem::take(pending) {
             if let Some(g) = rx.busy(g, &h.att) {
                 if let Err(e) = h.attach(g) {
