@@ -229,8 +229,8 @@ struct MigrateArgs {
     /// The name the destination's certificate must carry (default: the URI's host).
     #[arg(long, value_name = "NAME", requires = "tls_dir")]
     tls_hostname: Option<String>,
-    /// Page compression: none, lz4, zstd, zstd:LEVEL (1-19) or auto (zstd on each channel
-    /// while it pays on the measured link).
+    /// Page compression: none, lz4, zstd, zstd:LEVEL (1-19) or auto (per channel and batch,
+    /// the cheapest of raw, lz4 and zstd:1 on the measured link).
     #[arg(long, default_value = "none", value_parser = parse_compress)]
     compress: String,
     /// No checksums on frames and pages (they are on by default without TLS).

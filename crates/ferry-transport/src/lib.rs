@@ -229,14 +229,7 @@ impl Stream {
         let Stream::Tls(t) = self else {
             return ferry_sys::iov::write_all_volatile(self.as_fd(), header, slices);
         };
-        let mut rest = header;
-        while !rest.is_empty() {
-            let n = t.write_ref(rest)?;
-            rest = rest.get(n..).unwrap_or_default();
-        }
-        for s in slices {
-            t.write_volatile(s)?;
-        }
+        t.write_gather(header, slices)?;
         t.flush_ref()
     }
 
@@ -541,7 +534,9 @@ pub fn close_gracefully(stream: Stream, linger: Duration) {
 /// Reads and drops until the peer closes, an error, or `linger` passes.
 fn drain(stream: &Stream, linger: Duration) {
     let deadline = Instant::now() + linger;
-    let Ok(mut s) = stream.try_clone() else {
+    // Under TLS, the socket itself: what still arrives is dropped unread, and a reader
+    // stuck on the TLS stream (holding its lock) cannot hold this up.
+    let Ok(mut s) = stream.plain().try_clone() else {
         return;
     };
     let mut sink = [0u8; 4096];

@@ -324,6 +324,7 @@ pub struct ServerHandshake {
     header: [u8; record::HEADER_LEN],
     have: usize,
     left: usize,
+    started: bool,
 }
 
 impl ServerHandshake {
@@ -340,12 +341,18 @@ impl ServerHandshake {
             header: [0; record::HEADER_LEN],
             have: 0,
             left: 0,
+            started: false,
         })
     }
 
     /// The socket (to poll it).
     pub fn socket(&self) -> &Stream {
         &self.sock
+    }
+
+    /// Whether any byte of the client's has been read yet.
+    pub fn started(&self) -> bool {
+        self.started
     }
 
     /// Takes what the socket has and answers; `Ok(true)` once the client is authenticated.
@@ -361,6 +368,7 @@ impl ServerHandshake {
             };
             let got = self.conn.read_tls(&mut r);
             (self.header, self.have, self.left) = (r.header, r.have, r.left);
+            self.started |= matches!(got, Ok(n) if n > 0);
             match got {
                 Ok(0) => {
                     let source = closed_in_handshake();
@@ -590,17 +598,18 @@ impl TlsStream {
         })
     }
 
-    /// Encrypts and writes all of `src` (guest memory), straight from it into the records.
-    pub(crate) fn write_volatile<B: BitmapSlice>(
+    /// Encrypts and writes `header` followed by every slice of `slices` (guest memory),
+    /// packed into full records across the pieces, copied straight from them.
+    pub(crate) fn write_gather<B: BitmapSlice>(
         &self,
-        src: &VolatileSlice<'_, B>,
+        header: &[u8],
+        slices: &[VolatileSlice<'_, B>],
     ) -> io::Result<()> {
+        let total = header.len() + slices.iter().map(|s| s.len()).sum::<usize>();
         let mut done = 0;
-        while done < src.len() {
-            let n = self.write_with(src.len() - done, |at, dst| {
-                if let Ok(s) = src.subslice(done + at, dst.len()) {
-                    s.copy_to(dst);
-                }
+        while done < total {
+            let n = self.write_with(total - done, |at, dst| {
+                gather(header, slices, done + at, dst);
             })?;
             done += n;
         }
@@ -622,6 +631,8 @@ impl TlsStream {
                 rx.start += len;
                 let opened = rx.opener.open(&mut rx.buf[rec.clone()])?;
                 return match opened {
+                    // An empty record (allowed, never sent by Ferry) is not the end.
+                    record::Opened::Data(r) if r.is_empty() => continue,
                     record::Opened::Data(r) => {
                         rx.plain = rec.start + r.start..rec.start + r.end;
                         Ok(true)
@@ -714,6 +725,40 @@ impl TlsStream {
                 return Ok(done);
             }
         }
+    }
+}
+
+/// Copies `dst.len()` bytes from offset `at` of `header` followed by `slices` into `dst`.
+fn gather<B: BitmapSlice>(
+    header: &[u8],
+    slices: &[VolatileSlice<'_, B>],
+    at: usize,
+    dst: &mut [u8],
+) {
+    let mut at = at;
+    let mut dst = dst;
+    if let Some(h) = header.get(at..) {
+        let n = h.len().min(dst.len());
+        dst[..n].copy_from_slice(&h[..n]);
+        dst = &mut dst[n..];
+        at = 0;
+    } else {
+        at -= header.len();
+    }
+    for s in slices {
+        if dst.is_empty() {
+            return;
+        }
+        if at >= s.len() {
+            at -= s.len();
+            continue;
+        }
+        let n = (s.len() - at).min(dst.len());
+        if let Ok(part) = s.subslice(at, n) {
+            part.copy_to(&mut dst[..n]);
+        }
+        dst = &mut dst[n..];
+        at = 0;
     }
 }
 
@@ -842,6 +887,23 @@ mod tests {
         sw.join().unwrap();
         assert!(got == data, "pages arrived intact");
         assert!(r.join().unwrap() == data, "the other direction too");
+    }
+
+    #[test]
+    fn gather_reads_across_the_header_and_the_slices() {
+        let (mut a, mut b) = (*b"cde", *b"fg");
+        let slices = [
+            vm_memory::VolatileSlice::from(&mut a[..]),
+            vm_memory::VolatileSlice::from(&mut b[..]),
+        ];
+        let whole = b"abcdefg";
+        for at in 0..whole.len() {
+            for len in 0..=whole.len() - at {
+                let mut dst = vec![0u8; len];
+                gather(b"ab", &slices, at, &mut dst);
+                assert_eq!(dst, &whole[at..at + len], "at {at} len {len}");
+            }
+        }
     }
 
     /// Ferry's record layer against rustls' own: both directions and close_notify.

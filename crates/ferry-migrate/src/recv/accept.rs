@@ -236,7 +236,8 @@ fn shake(mut p: Pending) -> (Pending, Option<Greeting>) {
     let Conn::Handshaking(h) = &mut p.conn else {
         return (p, None);
     };
-    if plaintext_hello(h.socket()) {
+    // Only the connection's first bytes can be a plaintext Hello: later ones are records.
+    if !h.started() && plaintext_hello(h.socket()) {
         let why = "this destination accepts only mutual-TLS migrations: start the source with \
                    --tls-dir";
         return (p, Some(Greeting::Refuse(why.into())));

@@ -325,17 +325,18 @@ impl DataRx {
     /// comes again), a match clears an earlier suspicion.
     fn check_placed(&self, runs: &[PageRun], sums: &[u64], at: u64) -> Result<(), MigrateError> {
         let mut page = [0u8; PAGE_SIZE as usize];
-        let mut suspects = self.activity.suspects();
         let gpas = runs
             .iter()
             .flat_map(|r| (0..u64::from(r.pages)).map(move |p| r.gpa + p * PAGE_SIZE));
+        // Hashed without the lock (every channel hashes its own pages); the lock only
+        // updates the list.
+        let mut verdicts = Vec::with_capacity(sums.len());
         for (i, (gpa, sum)) in gpas.zip(sums).enumerate() {
             self.ram
                 .slice(gpa, PAGE_SIZE as usize)?
                 .copy_to(&mut page[..]);
-            if page_sum(&page) == *sum {
-                suspects.remove(&gpa);
-            } else {
+            let intact = page_sum(&page) == *sum;
+            if !intact {
                 let offset = at + i as u64 * PAGE_SIZE;
                 tracing::debug!(
                     gpa,
@@ -343,6 +344,14 @@ impl DataRx {
                     channel = self.channel,
                     "page checksum mismatch"
                 );
+            }
+            verdicts.push((gpa, intact, at + i as u64 * PAGE_SIZE));
+        }
+        let mut suspects = self.activity.suspects();
+        for (gpa, intact, offset) in verdicts {
+            if intact {
+                suspects.remove(&gpa);
+            } else {
                 suspects.insert(gpa, (self.channel, offset));
             }
         }
@@ -414,7 +423,6 @@ impl DataRx {
 
     /// Writes decompressed pages into guest memory, run by run.
     fn copy_in(&self, runs: &[PageRun], mut raw: &[u8]) -> Result<(), MigrateError> {
-        let mut suspects = self.activity.suspects();
         for r in runs {
             let len = (u64::from(r.pages) * PAGE_SIZE) as usize;
             let (this, rest) = raw.split_at_checked(len).ok_or(MigrateError::OutsideRam {
@@ -424,10 +432,18 @@ impl DataRx {
             })?;
             for p in 0..u64::from(r.pages) {
                 self.written.set(r.gpa + p * PAGE_SIZE);
-                suspects.remove(&(r.gpa + p * PAGE_SIZE));
             }
             self.slice_of(r)?.copy_from(this);
             raw = rest;
+        }
+        // Intact copies: no page of these runs is suspect any more.
+        let mut suspects = self.activity.suspects();
+        if !suspects.is_empty() {
+            for r in runs {
+                for p in 0..u64::from(r.pages) {
+                    suspects.remove(&(r.gpa + p * PAGE_SIZE));
+                }
+            }
         }
         Ok(())
     }
@@ -452,8 +468,10 @@ impl DataRx {
                 }
             }
             let mut suspects = self.activity.suspects();
-            for p in 0..u64::from(r.pages) {
-                suspects.remove(&(r.gpa + p * PAGE_SIZE));
+            if !suspects.is_empty() {
+                for p in 0..u64::from(r.pages) {
+                    suspects.remove(&(r.gpa + p * PAGE_SIZE));
+                }
             }
             total += u64::from(r.pages);
         }

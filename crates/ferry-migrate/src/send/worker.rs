@@ -444,6 +444,8 @@ impl WorkerCtx {
         item: &WorkItem,
     ) -> Result<PassTotals, MigrateError> {
         let mut totals = PassTotals::default();
+        // The queue empties between passes: a drain measured across that wait is no link.
+        bufs.queue = None;
         let mut data: Vec<PageRun> = Vec::with_capacity(64);
         let mut zero: Vec<PageRun> = Vec::with_capacity(64);
         let mut data_pages = 0u32;
