@@ -303,6 +303,18 @@ fn case(c: &Common, mem_mib: u64, qemu: PathBuf, image: &Path) -> Result<Case> {
 }
 
 /// Whether `bin` names an executable file (as a path, or found in `PATH`).
+/// QEMU must be there: the QEMU rows are the point of these benchmarks.
+fn require_qemu(qemu: &Path) -> Result<()> {
+    if !executable_exists(qemu) {
+        bail!(
+            "{} not found: install QEMU 7.2 with `apt-get install qemu-system-x86`, or give \
+             --qemu PATH",
+            qemu.display()
+        );
+    }
+    Ok(())
+}
+
 fn executable_exists(bin: &Path) -> bool {
     if bin.components().count() > 1 {
         return bin.is_file();
@@ -442,13 +454,7 @@ fn fault_matrix(a: FaultArgs) -> Result<()> {
 }
 
 fn local_handover(a: LocalArgs) -> Result<()> {
-    if !executable_exists(&a.qemu) {
-        bail!(
-            "{} not found: install QEMU 7.2 with `apt-get install qemu-system-x86`, or give \
-             --qemu PATH",
-            a.qemu.display()
-        );
-    }
+    require_qemu(&a.qemu)?;
     let dir = qemu::WorkDir::new()?;
     let image = ferry_guest::write_image(ferry_guest::ImageKind::Elf, &dir.0)?;
     let plan = local::Plan {
@@ -466,24 +472,11 @@ fn local_handover(a: LocalArgs) -> Result<()> {
 }
 
 fn secure_bench(a: SecureArgs) -> Result<()> {
-    if !executable_exists(&a.qemu) {
-        bail!(
-            "{} not found: install QEMU 7.2 with `apt-get install qemu-system-x86`, or give \
-             --qemu PATH",
-            a.qemu.display()
-        );
-    }
+    require_qemu(&a.qemu)?;
     let dir = qemu::WorkDir::new()?;
     let image = ferry_guest::write_image(ferry_guest::ImageKind::Elf, &dir.0)?;
     let certs = dir.0.join("certs");
-    let st = std::process::Command::new("bash")
-        .arg(ferry_testkit::certs::script())
-        .arg(&certs)
-        .status()
-        .context("running scripts/make-test-certs.sh")?;
-    if !st.success() {
-        bail!("scripts/make-test-certs.sh failed (is openssl installed?)");
-    }
+    ferry_testkit::certs::make_in(&certs).map_err(anyhow::Error::msg)?;
     let plan = secure::Plan {
         reps: a.reps,
         mem_mib: a.mem,

@@ -839,19 +839,9 @@ pub(crate) mod tests {
     /// Test certificates from `scripts/make-test-certs.sh`, in `dir`; returns QEMU's layout.
     /// Fails (rather than skips) without openssl.
     pub(crate) fn test_certs(dir: &Path) -> PathBuf {
-        let openssl = Command::new("openssl").arg("version").output();
-        assert!(
-            matches!(&openssl, Ok(o) if o.status.success()),
-            "openssl is needed to make the TLS test certificates (apt-get install openssl): {openssl:?}"
-        );
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-test-certs.sh");
-        let out = Command::new("bash").arg(&script).arg(dir).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if let Err(e) = ferry_testkit::certs::make_in(dir) {
+            panic!("{e}");
+        }
         dir.join("qemu")
     }
 

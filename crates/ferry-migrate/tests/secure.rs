@@ -113,13 +113,6 @@ fn no_certificate_is_refused(dst: &Dest) {
     let Uri::Unix(path) = &dst.uri else {
         unreachable!()
     };
-    let roots = {
-        let mut r = rustls::RootCertStore::empty();
-        let ca = std::fs::read(path.parent().unwrap().join("none")).ok();
-        drop(ca);
-        r.add_parsable_certificates(Vec::<rustls::pki_types::CertificateDer<'static>>::new());
-        r
-    };
     let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -128,7 +121,6 @@ fn no_certificate_is_refused(dst: &Dest) {
     .dangerous()
     .with_custom_certificate_verifier(Arc::new(AnyServer))
     .with_no_client_auth();
-    drop(roots);
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
     let sock = std::os::unix::net::UnixStream::connect(path).unwrap();

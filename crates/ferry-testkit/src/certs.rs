@@ -20,16 +20,9 @@ impl Certs {
                 .map(|d| d.as_nanos())
                 .unwrap_or(0)
         ));
-        let out = std::process::Command::new("bash")
-            .arg(script())
-            .arg(&dir)
-            .output()
-            .expect("bash runs scripts/make-test-certs.sh");
-        assert!(
-            out.status.success(),
-            "scripts/make-test-certs.sh failed (is openssl installed?): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if let Err(e) = make_in(&dir) {
+            panic!("{e}");
+        }
         Certs { dir }
     }
 
@@ -58,6 +51,23 @@ impl Drop for Certs {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Runs `scripts/make-test-certs.sh OUT` (its layout, under `out`); the error says why
+/// it failed (openssl missing, say).
+pub fn make_in(out: &Path) -> Result<(), String> {
+    let run = std::process::Command::new("bash")
+        .arg(script())
+        .arg(out)
+        .output()
+        .map_err(|e| format!("running bash for scripts/make-test-certs.sh: {e}"))?;
+    if run.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "scripts/make-test-certs.sh failed (is openssl installed? apt-get install openssl): {}",
+        String::from_utf8_lossy(&run.stderr).trim()
+    ))
 }
 
 /// The script, found from this crate's source directory.

@@ -461,17 +461,20 @@ pub fn write_all_by(stream: &mut Stream, mut buf: &[u8], deadline: Instant) -> i
         match stream.write(buf) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes")),
             Ok(n) => buf = buf.get(n..).unwrap_or_default(),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted
-                        | io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if retry_later(&e) => {}
             Err(e) => return Err(e),
         }
     }
     flush_by(stream, deadline)
+}
+
+/// A write that may go on once the socket has room (interrupted, or its timeout passed
+/// before the deadline did).
+fn retry_later(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// Writes out what `stream` holds (TLS records whose write timed out), by `deadline`.
@@ -480,13 +483,7 @@ fn flush_by(stream: &mut Stream, deadline: Instant) -> io::Result<()> {
     loop {
         match stream.flush() {
             Ok(()) => return Ok(()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted
-                        | io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if retry_later(&e) => {}
             Err(e) => return Err(e),
         }
         let left = deadline.saturating_duration_since(Instant::now());

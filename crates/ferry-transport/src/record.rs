@@ -95,44 +95,6 @@ impl Sealer {
         Keys::new(seq, secrets).map(Sealer)
     }
 
-    /// Appends one application-data record holding `len` plaintext bytes that `fill`
-    /// writes into the slice it is given (at most [`MAX_PLAINTEXT`]).
-    pub fn seal_with(
-        &mut self,
-        out: &mut Vec<u8>,
-        len: usize,
-        fill: impl FnOnce(&mut [u8]),
-    ) -> io::Result<()> {
-        self.seal_typed(out, APPLICATION_DATA, len, fill)
-    }
-
-    /// Appends a `close_notify` alert.
-    pub fn close_notify(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
-        // Level warning (1), description close_notify (0).
-        self.seal_typed(out, ALERT, 2, |b| b.copy_from_slice(&[1, 0]))
-    }
-
-    fn seal_typed(
-        &mut self,
-        out: &mut Vec<u8>,
-        content: u8,
-        len: usize,
-        fill: impl FnOnce(&mut [u8]),
-    ) -> io::Result<()> {
-        let len = len.min(MAX_PLAINTEXT);
-        let start = out.len();
-        let end = start + record_len(len);
-        // Grown once to its high-water mark, then reused: `set_len` would skip the zeroing,
-        // but only `unsafe` could, and ferry-transport has none.
-        if out.capacity() < end {
-            out.reserve(end - start);
-        }
-        out.resize(end, 0);
-        let n = self.seal_into(&mut out[start..], content, len, fill)?;
-        out.truncate(start + n);
-        Ok(())
-    }
-
     /// Seals one record of `len` plaintext bytes (filled by `fill`) into the front of
     /// `dst`, which must hold [`record_len`]`(len)` bytes; returns the record's length.
     pub fn seal_into(
@@ -173,6 +135,10 @@ pub fn record_len(len: usize) -> usize {
 
 /// Application data, the content type [`Sealer::seal_into`] takes for page data.
 pub const DATA: u8 = APPLICATION_DATA;
+/// The alert content type, with [`CLOSE_NOTIFY`] as its body.
+pub const ALERT_TYPE: u8 = ALERT;
+/// A `close_notify` alert's body: level warning (1), description close_notify (0).
+pub const CLOSE_NOTIFY: [u8; 2] = [1, 0];
 
 /// What one opened record held.
 #[derive(Debug, PartialEq, Eq)]
@@ -229,7 +195,7 @@ impl Opener {
             .ok_or_else(|| bad("a TLS record without a content type".into()))?;
         match plain[end] {
             APPLICATION_DATA => Ok(Opened::Data(HEADER_LEN..HEADER_LEN + end)),
-            ALERT if plain[..end] == [1, 0] => Ok(Opened::Closed),
+            ALERT if plain[..end] == CLOSE_NOTIFY => Ok(Opened::Closed),
             ALERT => Err(bad(match plain[..end] {
                 [_, d] => format!(
                     "received fatal alert: {:?}",
@@ -252,6 +218,17 @@ mod tests {
     use super::*;
     use rustls::crypto::cipher::{AeadKey, Iv};
 
+    /// Appends one record of `content` holding `body`.
+    fn seal(s: &mut Sealer, out: &mut Vec<u8>, content: u8, body: &[u8]) -> io::Result<()> {
+        let start = out.len();
+        out.resize(start + record_len(body.len()), 0);
+        let n = s.seal_into(&mut out[start..], content, body.len(), |b| {
+            b.copy_from_slice(body)
+        })?;
+        out.truncate(start + n);
+        Ok(())
+    }
+
     fn secrets() -> ConnectionTrafficSecrets {
         ConnectionTrafficSecrets::Aes256Gcm {
             key: AeadKey::from([7u8; 32]),
@@ -264,8 +241,7 @@ mod tests {
         let mut s = Sealer::new(0, secrets()).unwrap();
         let mut o = Opener::new(0, secrets()).unwrap();
         let mut out = Vec::new();
-        s.seal_with(&mut out, 5, |b| b.copy_from_slice(b"hello"))
-            .unwrap();
+        seal(&mut s, &mut out, DATA, b"hello").unwrap();
         let len = Opener::body_len(out[..5].try_into().unwrap()).unwrap();
         assert_eq!(len, out.len() - HEADER_LEN);
         let mut copy = out.clone();
@@ -284,7 +260,7 @@ mod tests {
             assert!(o.open(&mut bad).is_err(), "byte {i}");
         }
         let mut c = Vec::new();
-        s.close_notify(&mut c).unwrap();
+        seal(&mut s, &mut c, ALERT_TYPE, &CLOSE_NOTIFY).unwrap();
         assert_eq!(o.open(&mut c).unwrap(), Opened::Closed);
     }
 
@@ -309,8 +285,8 @@ mod tests {
     fn a_direction_stops_at_its_record_limit() {
         let mut s = Sealer::new(MAX_RECORDS - 1, secrets()).unwrap();
         let mut out = Vec::new();
-        s.seal_with(&mut out, 1, |b| b[0] = 1).unwrap();
-        let e = s.seal_with(&mut out, 1, |b| b[0] = 1).unwrap_err();
+        seal(&mut s, &mut out, DATA, &[1]).unwrap();
+        let e = seal(&mut s, &mut out, DATA, &[1]).unwrap_err();
         assert!(e.to_string().contains("record limit"), "{e}");
     }
 }

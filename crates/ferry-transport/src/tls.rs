@@ -549,14 +549,12 @@ impl TlsStream {
     pub(crate) fn close_notify(&self) {
         let mut tx = lock(&self.tx);
         let tx = &mut *tx;
-        let mut alert = Vec::new();
-        if tx.sealer.close_notify(&mut alert).is_ok() {
-            let need = tx.filled + alert.len();
-            if tx.out.len() < need {
-                tx.out.resize(need, 0);
-            }
-            tx.out[tx.filled..need].copy_from_slice(&alert);
-            tx.filled = need;
+        let alert = record::CLOSE_NOTIFY;
+        if Self::seal(tx, record::ALERT_TYPE, alert.len(), |b| {
+            b.copy_from_slice(&alert)
+        })
+        .is_ok()
+        {
             let _ = self.drain(tx);
         }
     }
