@@ -138,6 +138,10 @@ struct RunArgs {
     /// scripts/make-test-certs.sh.
     #[arg(long, value_name = "DIR", requires = "incoming")]
     tls_dir: Option<PathBuf>,
+    /// Postcopy: split guest memory into N ranges, each with its own userfaultfd and fault
+    /// handler thread (default: one per vCPU).
+    #[arg(long, value_name = "N", requires = "incoming", value_parser = clap::value_parser!(u16).range(1..=16))]
+    fault_queues: Option<u16>,
 }
 
 #[derive(Args)]
@@ -179,6 +183,9 @@ enum RemoteCommand {
     /// Cancel a running migration (a source keeps the guest; a destination discards the
     /// incoming attempt and waits for the next).
     MigrateCancel,
+    /// Switch the running migration to postcopy (at the end of the pass in flight); it must
+    /// have been started with --postcopy-on-request or --postcopy-after-precopy.
+    MigrateStartPostcopy,
     /// Live update in place: the VM's process execs a new ferry binary, which takes the VM
     /// over (same PID, memory mapped again, not copied). Needs --memory-backend memfd or
     /// hugetlb.
@@ -236,9 +243,33 @@ struct MigrateArgs {
     /// No checksums on frames and pages (they are on by default without TLS).
     #[arg(long)]
     no_checksums: bool,
+    /// Postcopy right after the setup: the guest runs on the destination at once and pulls
+    /// the pages it lacks (no precopy pass).
+    #[arg(long, conflicts_with_all = ["postcopy_after_precopy", "postcopy_on_request", "local"])]
+    postcopy: bool,
+    /// Precopy first; switch to postcopy when precopy does not converge (instead of
+    /// throttling the guest), or on migrate-start-postcopy.
+    #[arg(long, conflicts_with_all = ["postcopy_on_request", "local"])]
+    postcopy_after_precopy: bool,
+    /// Precopy, but allow migrate-start-postcopy to switch to postcopy.
+    #[arg(long, conflicts_with = "local")]
+    postcopy_on_request: bool,
     /// Print the final statistics as one JSON line.
     #[arg(long)]
     json: bool,
+}
+
+/// The API's `postcopy` value for the postcopy flags.
+fn postcopy_mode(m: &MigrateArgs) -> &'static str {
+    if m.postcopy {
+        "now"
+    } else if m.postcopy_after_precopy {
+        "after-precopy"
+    } else if m.postcopy_on_request {
+        "on-request"
+    } else {
+        "off"
+    }
 }
 
 /// Checks a `--compress` value here, so a typo fails before anything is sent.
@@ -292,6 +323,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
                     .tls_dir
                     .map(|d| ferry_transport::TlsConfig::load(&d, None))
                     .transpose()?,
+                fault_queues: args.fault_queues.map(usize::from),
             },
         },
         _ => bail!("give one of --kernel IMAGE, --restore FILE or --incoming URI"),
@@ -398,6 +430,13 @@ fn remote(args: RemoteArgs) -> Result<ExitCode> {
                 |_| {},
             )?);
         }
+        RemoteCommand::MigrateStartPostcopy => {
+            say(client::request(
+                sock,
+                &json!({"command": "migrate-start-postcopy"}),
+                |_| {},
+            )?);
+        }
         RemoteCommand::Snapshot { path } => {
             let path = std::path::absolute(&path).context("snapshot path")?;
             print(client::request(
@@ -407,6 +446,7 @@ fn remote(args: RemoteArgs) -> Result<ExitCode> {
             )?)
         }
         RemoteCommand::Migrate(m) => {
+            let postcopy = postcopy_mode(&m);
             let req = json!({
                 "command": "migrate",
                 "uri": m.uri.to_string(),
@@ -421,6 +461,7 @@ fn remote(args: RemoteArgs) -> Result<ExitCode> {
                 "tls_hostname": m.tls_hostname,
                 "compress": m.compress,
                 "checksums": !m.no_checksums,
+                "postcopy": postcopy,
                 "progress_timeout_ms": m.progress_timeout,
                 "switchover_timeout_ms": m.switchover_timeout,
             });

@@ -544,6 +544,127 @@ fn a_flipped_byte_in_the_page_stream_fails_plain_and_tls_migrations() {
     }
 }
 
+/// Postcopy end to end: the guest runs on the destination before its memory is there and
+/// pulls what it touches; its own checks hold and it carries on. With `start`, the
+/// migration is switched to postcopy by `migrate-start-postcopy` while precopy runs.
+/// Returns the source's statistics.
+fn postcopy_case(vcpus: u32, mig_extra: &[&str], dst_extra: &[String], start: bool) -> Value {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = tcp_uri();
+    let mut dst = destination(dir.path(), "destination", &uri, MEM, vcpus, dst_extra);
+    let mut src = source(dir.path(), vcpus);
+    let before = *src.sweeps().last().unwrap();
+    let mut args = vec!["--channels", "2"];
+    args.extend_from_slice(mig_extra);
+    let out = std::thread::scope(|sc| {
+        let m = sc.spawn(|| migrate_json(&src, &uri, &args));
+        if start {
+            src.wait_for("precopy to run", Duration::from_secs(30), |p| {
+                p.info()["migration"]["status"] == "active"
+            });
+            let r = remote(&src.api, &["migrate-start-postcopy"]);
+            assert!(
+                r.status.success(),
+                "migrate-start-postcopy: {}",
+                String::from_utf8_lossy(&r.stderr)
+            );
+        }
+        m.join().unwrap()
+    });
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nsource: {}\ndestination: {}",
+        String::from_utf8_lossy(&out.stderr),
+        src.stderr(),
+        dst.stderr()
+    );
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["status"], "completed", "{stats}");
+    let p = &stats["postcopy"];
+    assert!(p["pages_missing"].as_u64().unwrap() > 0, "{stats}");
+    let st = src
+        .wait_exit(Duration::from_secs(10))
+        .expect("source did not exit");
+    assert!(st.success(), "source exit status {st}: {}", src.stderr());
+    // The destination has every page and the guest's checks over all of them hold.
+    dst.wait_progress(3);
+    assert!(
+        dst.fails().is_empty(),
+        "destination guest verification: {:?}",
+        dst.fails()
+    );
+    assert!(
+        dst.sweeps().iter().all(|s| *s >= before),
+        "sweeps went back"
+    );
+    assert!(
+        dst.lines()
+            .iter()
+            .all(|l| !matches!(l, GuestLine::Boot { .. })),
+        "guest rebooted"
+    );
+    assert_eq!(dst.info()["state"], "running");
+    let done = dst.stderr();
+    assert!(done.contains("incoming migration complete"), "{done}");
+    assert!(done.contains("\"postcopy\":{"), "{done}");
+    assert!(remote(&dst.api, &["quit"]).status.success());
+    assert!(dst
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    stats
+}
+
+#[test]
+fn postcopy_moves_a_running_guest_one_vcpu() {
+    let stats = postcopy_case(1, &["--postcopy"], &[], false);
+    assert_eq!(stats["postcopy"]["trigger"], "now", "{stats}");
+    assert_eq!(stats["postcopy"]["precopy_passes"], 0, "{stats}");
+}
+
+#[test]
+fn postcopy_moves_a_running_guest_two_vcpus_into_shared_memory() {
+    let dst = [
+        s("--memory-backend"),
+        s("memfd"),
+        s("--fault-queues"),
+        s("4"),
+    ];
+    let stats = postcopy_case(2, &["--postcopy"], &dst, false);
+    assert_eq!(stats["postcopy"]["trigger"], "now", "{stats}");
+}
+
+#[test]
+fn postcopy_after_a_precopy_that_cannot_converge_on_a_capped_link() {
+    // 100 MB/s cannot carry the hot set within 50 ms: postcopy instead of throttling, and
+    // the requested pages pass the cap.
+    let stats = postcopy_case(
+        1,
+        &["--postcopy-after-precopy", "--max-bandwidth", "100M"],
+        &[],
+        false,
+    );
+    assert_eq!(stats["postcopy"]["trigger"], "after-precopy", "{stats}");
+    assert!(stats["postcopy"]["precopy_passes"].as_u64().unwrap() >= 1);
+    assert_eq!(stats["max_throttle_percent"], 0, "{stats}");
+}
+
+#[test]
+fn migrate_start_postcopy_switches_a_running_precopy() {
+    let stats = postcopy_case(
+        2,
+        &[
+            "--postcopy-on-request",
+            "--max-bandwidth",
+            "60M",
+            "--no-auto-converge",
+        ],
+        &[],
+        true,
+    );
+    assert_eq!(stats["postcopy"]["trigger"], "requested", "{stats}");
+}
+
 #[test]
 fn migrates_over_tcp_one_channel_one_vcpu() {
     migrate_case("tcp", 1, 1);

@@ -558,6 +558,39 @@ impl GuestRam {
         }
     }
 
+    /// The host address of `len` bytes at `gpa`, which must lie inside one region.
+    pub fn host_addr(&self, gpa: u64, len: u64) -> Option<usize> {
+        let r = self
+            .regions
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa.checked_add(len).is_some_and(|end| end <= r.end()))?;
+        let base = self.host_regions().get(r.index)?.addr;
+        usize::try_from(gpa - r.gpa).ok().map(|off| base + off)
+    }
+
+    /// The guest address of host address `addr`, if it is guest RAM.
+    pub fn gpa_of(&self, addr: usize) -> Option<u64> {
+        self.host_regions().iter().find_map(|h| {
+            let off = addr.checked_sub(h.addr).filter(|o| *o < h.len)?;
+            let r = self.regions.get(h.index)?;
+            Some(r.gpa + off as u64)
+        })
+    }
+
+    /// Throws away the contents of `len` bytes at `gpa` (inside one region): anonymous
+    /// memory reads back as zeros, shared memory is freed from its file. Pages made missing
+    /// this way are what a userfaultfd registered for MISSING faults reports.
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        let addr = self
+            .host_addr(gpa, len)
+            .ok_or(MemoryError::OutOfRange { gpa, len })?;
+        let n = usize::try_from(len).map_err(|_| MemoryError::OutOfRange { gpa, len })?;
+        mm::release(addr, n).map_err(|e| MemoryError::Host {
+            what: format!("discarding {len:#x} bytes of guest memory at {gpa:#x}"),
+            source: e.into(),
+        })
+    }
+
     /// `len` bytes of guest memory at `gpa`, which must lie inside one region.
     pub fn slice(&self, gpa: u64, len: usize) -> Result<GuestSlice<'_>, MemoryError> {
         self.mem

@@ -27,6 +27,9 @@ pub enum Command {
     Pause,
     /// `snapshot`.
     Snapshot,
+    /// `migrate-start-postcopy`: switch a running precopy to postcopy now (at the end of the
+    /// pass in flight).
+    StartPostcopy,
 }
 
 impl Command {
@@ -38,6 +41,7 @@ impl Command {
             Command::Resume { .. } => "resume",
             Command::Pause => "pause",
             Command::Snapshot => "snapshot",
+            Command::StartPostcopy => "migrate-start-postcopy",
         }
     }
 }

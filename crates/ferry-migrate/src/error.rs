@@ -18,6 +18,8 @@ pub enum Channel {
     Main,
     /// A data channel.
     Data(u16),
+    /// Postcopy's urgent channel.
+    Urgent,
 }
 
 impl fmt::Display for Channel {
@@ -25,6 +27,7 @@ impl fmt::Display for Channel {
         match self {
             Channel::Main => f.write_str("main"),
             Channel::Data(i) => write!(f, "data {i}"),
+            Channel::Urgent => f.write_str("urgent"),
         }
     }
 }
@@ -57,6 +60,8 @@ pub enum Waited {
     Loaded,
     /// The destination to map the memory file of a local hand-over.
     Adopted,
+    /// The destination to make its memory ready for postcopy.
+    Discarded,
 }
 
 impl fmt::Display for Waited {
@@ -70,6 +75,7 @@ impl fmt::Display for Waited {
             Waited::Source => "for the source to send anything (it stopped making progress)",
             Waited::Loaded => "for the destination to load the state (switchover timeout); the guest was resumed on the source",
             Waited::Adopted => "for the destination to map the guest memory file",
+            Waited::Discarded => "for the destination to make its memory ready for postcopy",
         })
     }
 }
@@ -378,6 +384,37 @@ pub enum MigrateError {
         offset: u64,
         /// What was wrong.
         why: String,
+    },
+    /// Postcopy was asked for, but the destination does not offer it.
+    #[error(
+        "the destination does not accept postcopy (its memory backend is hugetlb or locked, \
+         or it is a local hand-over); migrate without postcopy"
+    )]
+    PostcopyRefused,
+    /// Postcopy was asked for with a local hand-over, which copies no page.
+    #[error("--local hands the memory over without copying it: postcopy does not apply")]
+    LocalWithPostcopy,
+    /// `migrate-start-postcopy` for a migration that did not enable postcopy.
+    #[error("this migration was started without postcopy")]
+    PostcopyNotEnabled,
+    /// A userfaultfd operation failed on the destination.
+    #[error("postcopy: {what}: {source}")]
+    Uffd {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        source: ferry_sys::uffd::UffdError,
+    },
+    /// A page that a running guest needs came corrupted: it cannot be placed.
+    #[error(
+        "postcopy: the page at guest address {gpa:#x} arrived corrupted on the {channel} channel \
+         (checksum mismatch)"
+    )]
+    CorruptPostcopyPage {
+        /// Which channel.
+        channel: Channel,
+        /// The page.
+        gpa: u64,
     },
     /// Local I/O (digest files, threads).
     #[error("{what}: {source}")]

@@ -30,6 +30,11 @@ pub enum Status {
     Unconfirmed,
     /// Destination: waiting for a migration to arrive.
     Listening,
+    /// Postcopy: the guest runs on the destination; pages it lacks still move.
+    Postcopy,
+    /// Postcopy broke off: the guest runs (or waits) on the destination and pages it lacks
+    /// are still here. Neither side can run it alone; nothing is discarded.
+    PostcopyPaused,
 }
 
 impl Status {
@@ -43,6 +48,8 @@ impl Status {
             6 => Status::Cancelled,
             7 => Status::Unconfirmed,
             8 => Status::Listening,
+            9 => Status::Postcopy,
+            10 => Status::PostcopyPaused,
             _ => Status::None,
         }
     }
@@ -58,6 +65,8 @@ impl Status {
             Status::Cancelled => 6,
             Status::Unconfirmed => 7,
             Status::Listening => 8,
+            Status::Postcopy => 9,
+            Status::PostcopyPaused => 10,
         }
     }
 }
@@ -90,6 +99,8 @@ pub struct Progress {
     pub batches_compressed: AtomicU64,
     /// Batches of data pages sent as they are.
     pub batches_raw: AtomicU64,
+    /// Postcopy: pages sent because the destination faulted on them.
+    pub pages_requested: AtomicU64,
     started: Mutex<Option<Instant>>,
     phase: Mutex<&'static str>,
     error: Mutex<Option<String>>,
@@ -145,6 +156,7 @@ impl Default for Progress {
             ram_bytes: AtomicU64::new(0),
             batches_compressed: AtomicU64::new(0),
             batches_raw: AtomicU64::new(0),
+            pages_requested: AtomicU64::new(0),
             started: Mutex::new(None),
             phase: Mutex::new("none"),
             error: Mutex::new(None),
@@ -172,6 +184,7 @@ impl Progress {
             &self.throttle,
             &self.batches_compressed,
             &self.batches_raw,
+            &self.pages_requested,
         ] {
             c.store(0, Ordering::Relaxed);
         }
@@ -340,4 +353,30 @@ pub struct MigrationStats {
     pub batches_compressed: u64,
     /// Batches of data pages sent as they are.
     pub batches_raw: u64,
+    /// Postcopy, when the migration switched to it.
+    pub postcopy: Option<Box<PostcopySendStats>>,
+}
+
+/// What postcopy did, as the source saw it and the destination reported.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PostcopySendStats {
+    /// How it started: "now" (no precopy), "after-precopy" (precopy did not converge) or
+    /// "requested" (`migrate-start-postcopy`).
+    pub trigger: String,
+    /// Precopy passes before the switch.
+    pub precopy_passes: u64,
+    /// Pages the destination lacked at the switch (pushed in the background or asked for).
+    pub pages_missing: u64,
+    /// Pages sent because the destination faulted on them.
+    pub pages_requested: u64,
+    /// From `Running` to the destination having every page, ms.
+    pub postcopy_ms: f64,
+    /// Faults the destination's guest took on missing pages (destination's count).
+    pub faults: u64,
+    /// Fault latency on the destination, median, µs.
+    pub latency_p50_us: u64,
+    /// Fault latency, 99th percentile, µs.
+    pub latency_p99_us: u64,
+    /// Fault latency, longest, µs.
+    pub latency_max_us: u64,
 }

@@ -114,6 +114,26 @@ pub fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message, ProtoError
         MessageKind::MemoryAdopted => Message::MemoryAdopted {
             adopt_us: r.u64("MemoryAdopted adopt_us")?,
         },
+        MessageKind::Discard => Message::Discard {
+            runs: read_runs(&mut r, "Discard run count", "Discard run")?,
+        },
+        MessageKind::Discarded => Message::Discarded {
+            discard_us: r.u64("Discarded discard_us")?,
+        },
+        MessageKind::Postcopy => Message::Postcopy {
+            pass: r.u32("Postcopy pass")?,
+        },
+        MessageKind::PageRequest => Message::PageRequest {
+            seq: r.u32("PageRequest seq")?,
+            runs: read_runs(&mut r, "PageRequest run count", "PageRequest run")?,
+        },
+        MessageKind::PostcopyDone => Message::PostcopyDone {
+            faults: r.u64("PostcopyDone faults")?,
+            requested: r.u64("PostcopyDone requested")?,
+            p50_us: r.u64("PostcopyDone p50_us")?,
+            p99_us: r.u64("PostcopyDone p99_us")?,
+            max_us: r.u64("PostcopyDone max_us")?,
+        },
     };
     if !r.rest.is_empty() {
         return Err(ProtoError::TrailingBytes {
@@ -378,6 +398,11 @@ fn body_what(kind: MessageKind) -> &'static str {
         MessageKind::LocalMemory => "LocalMemory frame body",
         MessageKind::MemoryAdopted => "MemoryAdopted frame body",
         MessageKind::Compressed => "Compressed frame body",
+        MessageKind::Discard => "Discard frame body",
+        MessageKind::Discarded => "Discarded frame body",
+        MessageKind::Postcopy => "Postcopy frame body",
+        MessageKind::PageRequest => "PageRequest frame body",
+        MessageKind::PostcopyDone => "PostcopyDone frame body",
     }
 }
 
@@ -486,10 +511,17 @@ fn read_hello(r: &mut Reader<'_>) -> Result<Hello, ProtoError> {
             })
         }
         1 => ChannelRole::Data { index },
+        2 if index == 0 => ChannelRole::Urgent,
+        2 => {
+            return Err(ProtoError::Invalid {
+                what: "Hello channel index",
+                detail: format!("{index} for the urgent channel (must be 0)"),
+            })
+        }
         other => {
             return Err(ProtoError::Invalid {
                 what: "Hello role",
-                detail: format!("{other} is not a channel role (0 main, 1 data)"),
+                detail: format!("{other} is not a channel role (0 main, 1 data, 2 urgent)"),
             })
         }
     };
@@ -642,6 +674,7 @@ pub(crate) fn put_hello(out: &mut Vec<u8>, h: &Hello) {
     let (role, index) = match h.role {
         ChannelRole::Main => (0, 0),
         ChannelRole::Data { index } => (1, index),
+        ChannelRole::Urgent => (2, 0),
     };
     put_u8(out, role);
     put_u16(out, index);
@@ -671,6 +704,11 @@ pub(crate) fn put_setup(out: &mut Vec<u8>, s: &Setup) {
 
 pub(crate) fn put_runs(out: &mut Vec<u8>, pass: u32, runs: &[PageRun]) {
     put_u32(out, pass);
+    put_run_list(out, runs);
+}
+
+/// A run count, then the runs.
+pub(crate) fn put_run_list(out: &mut Vec<u8>, runs: &[PageRun]) {
     put_len(out, runs.len());
     for r in runs {
         put_u64(out, r.gpa);

@@ -109,6 +109,10 @@ pub mod caps {
     pub const ZSTD: u64 = 1 << 4;
     /// The source may send [`crate::Message::Compressed`] frames in LZ4.
     pub const LZ4: u64 = 1 << 5;
+    /// Postcopy: the source may switch to running the guest on the destination before all
+    /// pages are there ([`crate::Message::Postcopy`]); it opens the urgent channel
+    /// ([`crate::ChannelRole::Urgent`]) for the pages the destination faults on.
+    pub const POSTCOPY: u64 = 1 << 6;
     /// Every capability this version knows.
-    pub const ALL: u64 = ZERO_RUNS | SWITCHOVER_ACK | LOCAL | PAGE_SUMS | ZSTD | LZ4;
+    pub const ALL: u64 = ZERO_RUNS | SWITCHOVER_ACK | LOCAL | PAGE_SUMS | ZSTD | LZ4 | POSTCOPY;
 }

@@ -18,6 +18,9 @@ pub enum ChannelRole {
         /// Index of this data channel among the session's data channels.
         index: u16,
     },
+    /// Postcopy's urgent channel: page requests from the destination and their answers,
+    /// never behind bulk traffic. Opened when the source offers [`crate::caps::POSTCOPY`].
+    Urgent,
 }
 
 /// First frame on every channel, source to destination.
@@ -170,11 +173,21 @@ pub enum MessageKind {
     MemoryAdopted,
     /// [`Message::Compressed`].
     Compressed,
+    /// [`Message::Discard`].
+    Discard,
+    /// [`Message::Discarded`].
+    Discarded,
+    /// [`Message::Postcopy`].
+    Postcopy,
+    /// [`Message::PageRequest`].
+    PageRequest,
+    /// [`Message::PostcopyDone`].
+    PostcopyDone,
 }
 
 impl MessageKind {
     /// Every kind, in wire order.
-    pub const ALL: [MessageKind; 21] = [
+    pub const ALL: [MessageKind; 26] = [
         MessageKind::Hello,
         MessageKind::Welcome,
         MessageKind::Setup,
@@ -196,6 +209,11 @@ impl MessageKind {
         MessageKind::LocalMemory,
         MessageKind::MemoryAdopted,
         MessageKind::Compressed,
+        MessageKind::Discard,
+        MessageKind::Discarded,
+        MessageKind::Postcopy,
+        MessageKind::PageRequest,
+        MessageKind::PostcopyDone,
     ];
 
     /// The kind's name, as in "unexpected Pages in state Setup".
@@ -222,6 +240,11 @@ impl MessageKind {
             MessageKind::LocalMemory => "LocalMemory",
             MessageKind::MemoryAdopted => "MemoryAdopted",
             MessageKind::Compressed => "Compressed",
+            MessageKind::Discard => "Discard",
+            MessageKind::Discarded => "Discarded",
+            MessageKind::Postcopy => "Postcopy",
+            MessageKind::PageRequest => "PageRequest",
+            MessageKind::PostcopyDone => "PostcopyDone",
         }
     }
 
@@ -384,6 +407,48 @@ pub enum Message {
         /// Time mapping (and locking) took, in microseconds.
         adopt_us: u64,
     },
+    /// Source to destination, main channel (postcopy agreed): the destination's copies of
+    /// these pages are stale or were never sent; it must make them missing, to be filled
+    /// in postcopy. Sent before the switch (all memory, for a postcopy without precopy) or
+    /// at it, before `State` (the pages dirtied since they were sent). 1..=[`MAX_RUNS`]
+    /// runs of any length.
+    Discard {
+        /// The pages.
+        runs: Vec<PageRun>,
+    },
+    /// Destination to source: every `Discard` so far is done; the switch may come.
+    Discarded {
+        /// Time the discards took, in microseconds.
+        discard_us: u64,
+    },
+    /// Source to destination, main channel, after `State` and instead of `Complete`: the
+    /// switch to postcopy. Every page the destination is missing comes as pass `pass`,
+    /// pushed on the data channels and, when asked for, on the urgent channel.
+    Postcopy {
+        /// The pass of the postcopy pages.
+        pass: u32,
+    },
+    /// Destination to source, urgent channel: a vCPU waits for these pages; send them now.
+    /// 1..=[`MAX_RUNS`] runs of at most [`MAX_BATCH_PAGES`] pages in all.
+    PageRequest {
+        /// Numbers requests, for the statistics.
+        seq: u32,
+        /// The pages.
+        runs: Vec<PageRun>,
+    },
+    /// Destination to source: every page is here; the source may let go of the guest.
+    PostcopyDone {
+        /// Page faults the destination's guest took on missing pages.
+        faults: u64,
+        /// Pages the destination asked for on the urgent channel.
+        requested: u64,
+        /// Fault latency (fault read to page placed), median, in microseconds.
+        p50_us: u64,
+        /// Fault latency, 99th percentile, in microseconds.
+        p99_us: u64,
+        /// Fault latency, longest, in microseconds.
+        max_us: u64,
+    },
 }
 
 /// A page compression format of [`Message::Compressed`].
@@ -492,6 +557,11 @@ impl Message {
             Message::LocalMemory { .. } => MessageKind::LocalMemory,
             Message::MemoryAdopted { .. } => MessageKind::MemoryAdopted,
             Message::Compressed { .. } => MessageKind::Compressed,
+            Message::Discard { .. } => MessageKind::Discard,
+            Message::Discarded { .. } => MessageKind::Discarded,
+            Message::Postcopy { .. } => MessageKind::Postcopy,
+            Message::PageRequest { .. } => MessageKind::PageRequest,
+            Message::PostcopyDone { .. } => MessageKind::PostcopyDone,
         }
     }
 
@@ -579,6 +649,19 @@ impl Message {
                 offsets.iter().for_each(|o| codec::put_u64(out, *o));
             }
             Message::MemoryAdopted { adopt_us } => codec::put_u64(out, *adopt_us),
+            Message::Discard { runs } => codec::put_run_list(out, runs),
+            Message::Discarded { discard_us } => codec::put_u64(out, *discard_us),
+            Message::Postcopy { pass } => codec::put_u32(out, *pass),
+            Message::PageRequest { seq, runs } => codec::put_runs(out, *seq, runs),
+            Message::PostcopyDone {
+                faults,
+                requested,
+                p50_us,
+                p99_us,
+                max_us,
+            } => [faults, requested, p50_us, p99_us, max_us]
+                .into_iter()
+                .for_each(|v| codec::put_u64(out, *v)),
         }
         debug_assert_eq!(
             len64(out.len().saturating_sub(start)),
@@ -631,6 +714,11 @@ impl Message {
                 check_compressed_len(runs, *len)
             }
             Message::ZeroPages { runs, .. } => check_runs("ZeroPages runs", "ZeroPages run", runs),
+            Message::Discard { runs } => check_runs("Discard runs", "Discard run", runs),
+            Message::PageRequest { runs, .. } => {
+                check_runs("PageRequest runs", "PageRequest run", runs)?;
+                check_batch_pages(total_pages(runs))
+            }
             Message::LocalMemory { offsets, .. } => {
                 if offsets.is_empty() {
                     return Err(invalid(
@@ -678,6 +766,10 @@ impl Message {
             }
             Message::ZeroPages { runs, .. } => {
                 check_count("ZeroPages run count", runs.len(), MAX_RUNS)?
+            }
+            Message::Discard { runs } => check_count("Discard run count", runs.len(), MAX_RUNS)?,
+            Message::PageRequest { runs, .. } => {
+                check_count("PageRequest run count", runs.len(), MAX_RUNS)?
             }
             Message::State { sections } => {
                 check_count("State section count", sections.len(), MAX_SECTIONS)?;
@@ -734,6 +826,11 @@ impl Message {
                 8u64.saturating_add(len64(offsets.len()).saturating_mul(8))
             }
             Message::MemoryAdopted { .. } => 8,
+            Message::Discard { runs } => runs_body_len(runs).saturating_sub(4),
+            Message::PageRequest { runs, .. } => runs_body_len(runs),
+            Message::Discarded { .. } => 8,
+            Message::PostcopyDone { .. } => 5 * 8,
+            Message::Postcopy { .. } => 4,
         }
     }
 }

@@ -39,7 +39,7 @@ fn hello_with_unknown_version_still_decodes() {
 #[test]
 fn hello_bad_role_and_main_index() {
     let mut body = hello_body().0;
-    body[28] = 2; // role byte
+    body[28] = 3; // role byte
     let e = err(&Body(body).frame(K::Hello));
     assert!(
         matches!(
@@ -51,7 +51,7 @@ fn hello_bad_role_and_main_index() {
         ),
         "{e}"
     );
-    assert!(e.to_string().contains('2'));
+    assert!(e.to_string().contains('3'));
 
     let mut body = hello_body().0;
     body[29] = 5; // channel index of a main channel
@@ -70,7 +70,7 @@ fn hello_bad_role_and_main_index() {
 
 #[test]
 fn unknown_kind() {
-    for kind in [0u16, 22, 0x7fff, u16::MAX] {
+    for kind in [0u16, 27, 0x7fff, u16::MAX] {
         let e = err(&frame(kind, 0, 0, &[]));
         assert!(matches!(e, ProtoError::UnknownKind(k) if k == kind), "{e}");
         assert!(e.to_string().contains(&kind.to_string()));

@@ -10,3 +10,4 @@ pub mod kick;
 pub mod kvm;
 pub mod mm;
 pub mod sched;
+pub mod uffd;

@@ -279,8 +279,17 @@ pub struct FakeTarget {
 impl FakeTarget {
     /// A target with `mib` of RAM (the layout must match the source's to be accepted).
     pub fn new(mib: u64) -> Arc<FakeTarget> {
+        FakeTarget::on(ram(mib))
+    }
+
+    /// As [`FakeTarget::new`], on shared (memfd) memory.
+    pub fn new_shared(mib: u64) -> Arc<FakeTarget> {
+        FakeTarget::on(ram_of(mib, Backend::Memfd))
+    }
+
+    fn on(ram: Arc<GuestRam>) -> Arc<FakeTarget> {
         Arc::new(FakeTarget {
-            ram: ram(mib),
+            ram,
             loaded: Mutex::new(None),
             loads: AtomicU64::new(0),
             running: AtomicBool::new(false),

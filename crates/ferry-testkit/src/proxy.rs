@@ -409,6 +409,7 @@ fn pump(mut from: Stream, mut to: Stream, dir: Dir, shared: &Shared, channel: &M
                     *lock(channel) = match role_of(&frame) {
                         Some(ChannelRole::Main) => "main".into(),
                         Some(ChannelRole::Data { index }) => format!("data {index}"),
+                        Some(ChannelRole::Urgent) => "urgent".into(),
                         None => "?".into(),
                     };
                 }

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_migrate::control::Command;
-use ferry_migrate::send::SendParams;
+use ferry_migrate::send::{PostcopyMode, SendParams};
 use ferry_migrate::Progress;
 use ferry_transport::Uri;
 use serde::Deserialize;
@@ -137,8 +137,9 @@ enum Request {
         #[serde(default)]
         force: bool,
     },
-    Migrate(MigrateRequest),
+    Migrate(Box<MigrateRequest>),
     MigrateCancel,
+    MigrateStartPostcopy,
     Update {
         exec: PathBuf,
     },
@@ -165,6 +166,8 @@ struct MigrateRequest {
     compress: Option<String>,
     /// Checksums on frames and pages without TLS (default true).
     checksums: Option<bool>,
+    /// Postcopy: off (default), on-request, after-precopy or now.
+    postcopy: Option<String>,
 }
 
 /// The running API server; removes its socket when dropped (if it is still its own).
@@ -420,7 +423,7 @@ fn info(vmm: &Vmm) -> Value {
 fn handle(req: Request, vmm: &Arc<Vmm>, writer: &Arc<Mutex<UnixStream>>) -> Result<Value, String> {
     match req {
         Request::Info => Ok(info(vmm)),
-        Request::Migrate(m) => migrate(m, vmm, writer),
+        Request::Migrate(m) => migrate(*m, vmm, writer),
         Request::Update { exec } => Err(update(&exec, vmm, writer)),
         other => run_command(other, vmm).map_err(|e| e.to_string()),
     }
@@ -457,6 +460,7 @@ fn run_command(req: Request, vmm: &Arc<Vmm>) -> Result<Value, OwnerError> {
             }),
         ),
         Request::MigrateCancel => vmm.command(Command::Cancel, Box::new(|_| done())),
+        Request::MigrateStartPostcopy => vmm.command(Command::StartPostcopy, Box::new(|_| done())),
         Request::Info | Request::Migrate(_) | Request::Update { .. } => Ok(Value::Null),
     }
 }
@@ -508,11 +512,27 @@ fn migrate(m: MigrateRequest, vmm: &Arc<Vmm>, writer: &Mutex<UnixStream>) -> Res
         tls,
         compression,
         checksums: m.checksums.unwrap_or(true),
+        postcopy: parse_postcopy(m.postcopy.as_deref())?,
     };
     let (progress, result) = vmm
         .start_migration(uri, params)
         .map_err(|e| e.to_string())?;
     follow(&progress, &result, writer)
+}
+
+/// The `postcopy` field of a migrate request.
+fn parse_postcopy(v: Option<&str>) -> Result<PostcopyMode, String> {
+    Ok(match v {
+        None | Some("off") => PostcopyMode::Off,
+        Some("on-request") => PostcopyMode::OnRequest,
+        Some("after-precopy") => PostcopyMode::AfterPrecopy,
+        Some("now") => PostcopyMode::Now,
+        Some(o) => {
+            return Err(format!(
+                "postcopy '{o}' is not one of off, on-request, after-precopy, now"
+            ))
+        }
+    })
 }
 
 /// Streams progress to the client until the migration has an answer for it. A client that
@@ -542,13 +562,21 @@ mod tests {
     fn requests_parse_and_unknown_fields_are_refused() {
         let m: Request =
             serde_json::from_str(r#"{"command":"migrate","uri":"tcp:h:1","channels":2}"#).unwrap();
-        assert!(matches!(
-            m,
-            Request::Migrate(MigrateRequest {
-                channels: Some(2),
-                ..
-            })
-        ));
+        assert!(matches!(&m, Request::Migrate(r) if r.channels == Some(2)));
+        let p: Request = serde_json::from_str(
+            r#"{"command":"migrate","uri":"tcp:h:1","postcopy":"after-precopy"}"#,
+        )
+        .unwrap();
+        let Request::Migrate(p) = p else {
+            panic!("not a migrate request")
+        };
+        assert_eq!(
+            parse_postcopy(p.postcopy.as_deref()),
+            Ok(PostcopyMode::AfterPrecopy)
+        );
+        assert!(parse_postcopy(Some("later")).unwrap_err().contains("later"));
+        let r: Request = serde_json::from_str(r#"{"command":"migrate-start-postcopy"}"#).unwrap();
+        assert!(matches!(r, Request::MigrateStartPostcopy));
         let r: Request = serde_json::from_str(r#"{"command":"resume","force":true}"#).unwrap();
         assert!(matches!(r, Request::Resume { force: true }));
         let r: Request = serde_json::from_str(r#"{"command":"quit"}"#).unwrap();

@@ -65,8 +65,8 @@ impl Role {
 /// Why a command or a migration request was not carried out.
 #[derive(Debug, thiserror::Error)]
 pub enum OwnerError {
-    /// `migrate-cancel` with no migration.
-    #[error("migrate-cancel: no migration is running")]
+    /// `migrate-cancel` (or `migrate-start-postcopy`) with no migration.
+    #[error("no migration is running")]
     NoMigration,
     /// A second `migrate`.
     #[error(
@@ -145,7 +145,7 @@ impl Vmm {
         }
         match &*role {
             Role::Owner => match cmd {
-                Command::Cancel => Err(OwnerError::NoMigration),
+                Command::Cancel | Command::StartPostcopy => Err(OwnerError::NoMigration),
                 _ => as_owner(&self.vm),
             },
             Role::Outgoing(e) | Role::Incoming(e) => {

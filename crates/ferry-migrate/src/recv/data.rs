@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 use std::time::Instant;
 
 use crossbeam_channel::Sender;
@@ -13,6 +13,7 @@ use ferry_proto::{page_sum, read_message_checked, Codec, Message, PageRun, Proto
 use ferry_transport::Stream;
 use vm_memory::Bytes;
 
+use super::postcopy::{place_checked, Space};
 use super::Event;
 use crate::channel::{Unpacker, Wire};
 use crate::error::{Channel, MigrateError};
@@ -75,6 +76,19 @@ impl Activity {
         }
     }
 
+    /// Forgets suspect pages in `runs` (they are discarded and come again in postcopy).
+    pub(crate) fn forget_suspects(&self, runs: &[PageRun]) {
+        let mut s = self.suspects();
+        if s.is_empty() {
+            return;
+        }
+        s.retain(|gpa, _| {
+            !runs
+                .iter()
+                .any(|r| *gpa >= r.gpa && *gpa < r.gpa + u64::from(r.pages) * PAGE_SIZE)
+        });
+    }
+
     /// Permission to write one frame into guest memory, unless sealed.
     fn open(&self, channel: u16) -> Result<RwLockReadGuard<'_, bool>, MigrateError> {
         let g = self.sealed.read().unwrap_or_else(|e| e.into_inner());
@@ -116,14 +130,15 @@ impl Activity {
     }
 }
 
-/// Which destination pages hold data (so a zero run only has to clear those).
-pub(crate) struct Written {
+/// One bit per guest page: which destination pages hold data (so a zero run only has to
+/// clear those), and in postcopy which pages are placed and which were asked for.
+pub(crate) struct PageBits {
     regions: Vec<(u64, Vec<AtomicU64>)>,
 }
 
-impl Written {
+impl PageBits {
     pub(crate) fn new(ram: &GuestRam) -> Self {
-        Written {
+        PageBits {
             regions: ram
                 .regions()
                 .iter()
@@ -154,6 +169,17 @@ impl Written {
         }
     }
 
+    pub(crate) fn get(&self, gpa: u64) -> bool {
+        self.locate(gpa)
+            .is_some_and(|(w, bit)| w.load(Ordering::Relaxed) & bit != 0)
+    }
+
+    /// Sets the bit; returns whether it was set already.
+    pub(crate) fn test_and_set(&self, gpa: u64) -> bool {
+        self.locate(gpa)
+            .is_some_and(|(w, bit)| w.fetch_or(bit, Ordering::Relaxed) & bit != 0)
+    }
+
     pub(crate) fn take(&self, gpa: u64) -> bool {
         self.locate(gpa)
             .is_some_and(|(w, bit)| w.fetch_and(!bit, Ordering::Relaxed) & bit != 0)
@@ -165,10 +191,13 @@ pub(crate) struct DataRx {
     pub(crate) wire: Wire,
     pub(crate) channel: u16,
     pub(crate) ram: Arc<GuestRam>,
-    pub(crate) written: Arc<Written>,
+    pub(crate) written: Arc<PageBits>,
     pub(crate) activity: Arc<Activity>,
     pub(crate) progress: Arc<Progress>,
     pub(crate) tx: Sender<Event>,
+    /// Set at the switch to postcopy: from its pass on, pages are placed atomically into
+    /// the running guest's memory, never written straight into it.
+    pub(crate) postcopy: Arc<OnceLock<(u32, Arc<Space>)>>,
 }
 
 static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
@@ -228,6 +257,10 @@ impl DataRx {
                 Err(source) => return Err(self.read_error(source)),
             };
             self.activity.touch();
+            if let Some(space) = self.postcopy_space(&msg) {
+                pass_pages += self.place_postcopy(&mut ch, &space, msg)?;
+                continue;
+            }
             match msg {
                 Message::Pages { runs, sums, .. } => {
                     pass_pages += self.place(&mut ch, &runs, &sums)?;
@@ -269,6 +302,82 @@ impl DataRx {
         }
     }
 
+    /// The postcopy memory, if `msg` carries pages of the postcopy pass.
+    fn postcopy_space(&self, msg: &Message) -> Option<Arc<Space>> {
+        let pass = match msg {
+            Message::Pages { pass, .. }
+            | Message::Compressed { pass, .. }
+            | Message::ZeroPages { pass, .. } => *pass,
+            _ => return None,
+        };
+        self.postcopy
+            .get()
+            .filter(|(p, _)| pass >= *p)
+            .map(|(_, s)| s.clone())
+    }
+
+    /// Reads a postcopy frame's pages into a buffer, checks them and places them; returns
+    /// its page count.
+    fn place_postcopy(
+        &self,
+        ch: &mut ChannelRx<'_>,
+        space: &Space,
+        msg: Message,
+    ) -> Result<u64, MigrateError> {
+        let channel = self.name();
+        let pages = match msg {
+            Message::ZeroPages { runs, .. } => {
+                for r in &runs {
+                    space.place_zero(channel, r.gpa, u64::from(r.pages), true)?;
+                }
+                let pages = runs.iter().map(|r| u64::from(r.pages)).sum();
+                self.progress.pages_zero.fetch_add(pages, Ordering::Relaxed);
+                return Ok(pages);
+            }
+            Message::Pages { runs, sums, .. } => {
+                self.require_sums(&sums, "Pages")?;
+                let len =
+                    (runs.iter().map(|r| u64::from(r.pages)).sum::<u64>() * PAGE_SIZE) as usize;
+                let mut buf = std::mem::take(&mut ch.unpacker.pages);
+                buf.resize(len, 0);
+                let read = ch.read_exact(&mut buf);
+                let placed = read
+                    .map_err(|e| self.read_error(ProtoError::Io(e)))
+                    .and_then(|()| place_checked(space, channel, &runs, &sums, &buf, true));
+                ch.unpacker.pages = buf;
+                placed?;
+                self.progress.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                self.activity.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                len as u64 / PAGE_SIZE
+            }
+            Message::Compressed {
+                runs,
+                codec,
+                sums,
+                len,
+                ..
+            } => {
+                self.require_sums(&sums, "Compressed")?;
+                let pages = self.read_compressed(ch, &runs, codec, &sums, len)?;
+                place_checked(space, channel, &runs, &sums, &ch.unpacker.pages, true)?;
+                pages
+            }
+            _ => 0,
+        };
+        self.progress.pages_data.fetch_add(pages, Ordering::Relaxed);
+        Ok(pages)
+    }
+
+    fn require_sums(&self, sums: &[u64], kind: &'static str) -> Result<(), MigrateError> {
+        if self.wire.sums && sums.is_empty() {
+            return Err(MigrateError::MissingPageSums {
+                channel: self.channel,
+                kind,
+            });
+        }
+        Ok(())
+    }
+
     fn read_error(&self, source: ProtoError) -> MigrateError {
         MigrateError::Receive {
             channel: self.name(),
@@ -285,12 +394,7 @@ impl DataRx {
         runs: &[PageRun],
         sums: &[u64],
     ) -> Result<u64, MigrateError> {
-        if self.wire.sums && sums.is_empty() {
-            return Err(MigrateError::MissingPageSums {
-                channel: self.channel,
-                kind: "Pages",
-            });
-        }
+        self.require_sums(sums, "Pages")?;
         let _open = self.activity.open(self.channel)?;
         let slices = runs
             .iter()
@@ -368,6 +472,24 @@ impl DataRx {
         sums: &[u64],
         len: u32,
     ) -> Result<u64, MigrateError> {
+        self.require_sums(sums, "Compressed")?;
+        let _open = self.activity.open(self.channel)?;
+        let pages = self.read_compressed(ch, runs, codec, sums, len)?;
+        self.copy_in(runs, &ch.unpacker.pages)?;
+        self.progress.pages_data.fetch_add(pages, Ordering::Relaxed);
+        Ok(pages)
+    }
+
+    /// Reads a Compressed frame's payload and decompresses it into `ch.unpacker.pages`,
+    /// checking every page against its sum; returns its page count.
+    fn read_compressed(
+        &self,
+        ch: &mut ChannelRx<'_>,
+        runs: &[PageRun],
+        codec: Codec,
+        sums: &[u64],
+        len: u32,
+    ) -> Result<u64, MigrateError> {
         if !self.wire.allows(codec) {
             return Err(MigrateError::Unexpected {
                 message: "Compressed (codec not agreed)",
@@ -375,13 +497,6 @@ impl DataRx {
                 channel: self.name(),
             });
         }
-        if self.wire.sums && sums.is_empty() {
-            return Err(MigrateError::MissingPageSums {
-                channel: self.channel,
-                kind: "Compressed",
-            });
-        }
-        let _open = self.activity.open(self.channel)?;
         let at = ch.offset;
         // `len` is below the batch's raw size (checked by the decoder): at most 1 MiB.
         let mut packed = std::mem::take(&mut ch.unpacker.packed);
@@ -409,9 +524,7 @@ impl DataRx {
                 "checksum mismatch on page {i} of the batch"
             )));
         }
-        self.copy_in(runs, raw)?;
         self.activity.touch();
-        self.progress.pages_data.fetch_add(pages, Ordering::Relaxed);
         self.progress
             .bytes
             .fetch_add(u64::from(len), Ordering::Relaxed);

@@ -10,7 +10,10 @@
 mod accept;
 mod data;
 mod phase;
+mod postcopy;
 mod prepare;
+
+pub use postcopy::{PostcopyStats, ThreadFaults, MAX_FAULT_QUEUES};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,7 +36,7 @@ use crate::vm::MigrationTarget;
 pub use prepare::{start_prepare, PrepareMode};
 
 use accept::Greeted;
-use data::{DataEvent, Written};
+use data::{DataEvent, PageBits};
 use phase::{Phase, Step};
 use prepare::Prepared;
 
@@ -64,6 +67,9 @@ pub struct ReceiveParams {
     pub handshake_timeout: Duration,
     /// Accept only mutual-TLS connections, with clients this configuration's CA signed.
     pub tls: Option<ferry_transport::TlsConfig>,
+    /// Postcopy: how many ranges guest memory is split into, each with its own
+    /// userfaultfd and handler thread (`None`: one per vCPU).
+    pub fault_queues: Option<usize>,
 }
 
 impl Default for ReceiveParams {
@@ -76,6 +82,7 @@ impl Default for ReceiveParams {
             flip_byte_at: None,
             handshake_timeout: Duration::from_secs(10),
             tls: None,
+            fault_queues: None,
         }
     }
 }
@@ -112,6 +119,8 @@ pub struct ReceiveStats {
     /// Whether `Go` came only after this side had declared the hand-over unconfirmed (or an
     /// operator resumed the guest here with force).
     pub confirmed_late: bool,
+    /// Postcopy, when the migration switched to it.
+    pub postcopy: Option<Box<PostcopyStats>>,
 }
 
 /// How receiving ended.
@@ -153,7 +162,7 @@ pub fn receive(
     progress.set_status(Status::Listening);
     progress.set_phase("listening");
     let mut rx = Destination {
-        written: Arc::new(Written::new(&ram)),
+        written: Arc::new(PageBits::new(&ram)),
         target,
         ram,
         params: params.clone(),
@@ -223,7 +232,7 @@ struct Destination {
     events_tx: Sender<Event>,
     inputs: Inputs<Event>,
     /// Which pages hold data (so zero runs only clear those); valid across attempts.
-    written: Arc<Written>,
+    written: Arc<PageBits>,
     prepared: Option<Prepared>,
     nice: Option<NiceControl>,
     attempts: u64,
@@ -298,6 +307,13 @@ impl Destination {
             );
         }
         self.attempts
+    }
+
+    /// Whether this destination can take a postcopy migration: its memory must be 4 KiB
+    /// pages that can be discarded (not hugetlb, not locked).
+    fn postcopy_possible(&self) -> bool {
+        self.ram.config().backend != ferry_memory::ram::Backend::Hugetlb
+            && self.params.prepare != PrepareMode::Lock
     }
 
     fn strays(&self) -> u64 {

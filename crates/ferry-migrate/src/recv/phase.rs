@@ -11,7 +11,7 @@
 //! tells the source (an `Error` from here is the promise never to run it).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use ferry_transport::{close_gracefully, Stream};
 
 use super::accept::{Greeted, MAX_PENDING};
 use super::data::{Activity, DataEvent, DataRx};
+use super::postcopy::{Faults, Space};
 use super::{Destination, Event, ReceiveStats, RecvOutcome, MAX_CHANNELS};
 use crate::channel::Wire;
 use crate::control::{self, Command, Request};
@@ -49,6 +50,7 @@ pub(super) enum Phase {
     Receiving(Box<Receiving>),
     AwaitGo(Box<AwaitGo>),
     Unconfirmed(Box<Unconfirmed>),
+    Postcopy(Box<postcopy_run::PostcopyRunning>),
 }
 
 /// An attempt's failure: it is discarded and the receiver listens again.
@@ -69,6 +71,7 @@ impl Phase {
             Phase::Receiving(_) => "receiving",
             Phase::AwaitGo(_) => "awaiting-go",
             Phase::Unconfirmed(_) => "unconfirmed",
+            Phase::Postcopy(p) => p.name(),
         }
     }
 
@@ -88,6 +91,7 @@ impl Phase {
             Phase::Receiving(p) => p.on(ev, rx),
             Phase::AwaitGo(p) => p.on(ev, rx),
             Phase::Unconfirmed(p) => return p.on(ev, rx),
+            Phase::Postcopy(p) => return p.on(ev, rx),
         };
         match r {
             Ok(step) => step,
@@ -112,6 +116,8 @@ impl Phase {
             Phase::Receiving(p) => Some(p.att),
             Phase::AwaitGo(p) => Some(p.att),
             Phase::Unconfirmed(p) => Some(p.att),
+            // The guest runs here: no promise not to run it can be made.
+            Phase::Postcopy(_) => None,
         };
         if let Some(mut att) = att {
             att.tell_error(&e, name);
@@ -139,6 +145,16 @@ pub(super) struct Attempt {
     wire: Wire,
     /// Set with `wire.sums` once the Welcome is out: the main reader then requires them.
     sums: Arc<AtomicBool>,
+    /// Postcopy's urgent channel, until its fault machinery takes it.
+    urgent: Option<Stream>,
+    /// Postcopy's pass and memory, shared with the data receivers from the switch on.
+    postcopy: Arc<OnceLock<(u32, Arc<Space>)>>,
+    /// Postcopy's fault handlers, from the switch on.
+    faults: Option<Faults>,
+    /// The Welcome accepted postcopy.
+    postcopy_ok: bool,
+    /// Postcopy: data channels that ended the postcopy pass before `Go` was handled.
+    early_ends: Vec<u16>,
 }
 
 /// Refuses a migration announcing a channel count this destination does not take.
@@ -192,6 +208,11 @@ impl Attempt {
             data: Vec::new(),
             receivers: Vec::new(),
             activity: Arc::new(Activity::new()),
+            urgent: None,
+            postcopy: Arc::new(OnceLock::new()),
+            faults: None,
+            postcopy_ok: false,
+            early_ends: Vec::new(),
             // Until the source's Setup says otherwise.
             timeouts: Timeouts {
                 progress_ms: 30_000,
@@ -228,9 +249,12 @@ impl Attempt {
     }
 
     /// Closes the data channels and waits for their receivers, so none writes into guest
-    /// memory after this.
+    /// memory after this; stops postcopy's fault handlers.
     fn stop_data(&mut self) {
-        for d in &self.data {
+        if let Some(f) = self.faults.take() {
+            f.stop();
+        }
+        for d in self.data.iter().chain(&self.urgent) {
             d.shutdown();
         }
         for r in self.receivers.drain(..) {
@@ -243,6 +267,14 @@ impl Attempt {
         self.stop_data();
         self.reader.stop();
         close_gracefully(self.main, LINGER);
+    }
+
+    /// Postcopy: a channel may end the postcopy pass before the loop has handled `Go` (its
+    /// reader raced the main channel's); kept for the postcopy phase.
+    fn early_end(&mut self, ev: DataEvent) {
+        if let (DataEvent::PassEnd { channel, .. }, Some(_)) = (ev, &self.faults) {
+            self.early_ends.push(channel);
+        }
     }
 
     fn is_current(&self, id: u64) -> bool {
@@ -292,6 +324,10 @@ impl Destination {
                 ));
                 Err((att, MigrateError::Aborted(crate::error::AbortCause::Quit)))
             }
+            Command::StartPostcopy => {
+                req.refuse(phase, "only the source switches a migration to postcopy");
+                Ok(att)
+            }
             Command::Resume { .. } | Command::Pause | Command::Snapshot => {
                 req.refuse(
                     phase,
@@ -306,7 +342,15 @@ impl Destination {
     /// A connection that greeted while an attempt is on.
     fn busy(&self, g: Greeted, att: &Attempt) -> Option<Greeted> {
         match g.hello.role {
-            ChannelRole::Data { .. } if g.hello.session == att.hello.session => Some(g),
+            ChannelRole::Data { .. } | ChannelRole::Urgent
+                if g.hello.session == att.hello.session =>
+            {
+                Some(g)
+            }
+            ChannelRole::Urgent => {
+                self.stray(&g.peer, "the urgent channel of an unknown migration");
+                None
+            }
             ChannelRole::Main => {
                 let mut s = g.stream;
                 let reason = "this destination is already receiving a migration".to_string();
@@ -388,6 +432,7 @@ impl Destination {
             load_ms: 0.0,
             digest_ms: self.digest_time.as_secs_f64() * 1000.0,
             resume_ms: 0.0,
+            postcopy: None,
             attempts: self.attempts,
             stray_connections: self.strays(),
             confirmed_late: false,
@@ -482,7 +527,9 @@ impl Handshake {
         // A local hand-over sends no page, and its source sends its first frames before
         // this answer: nothing to checksum, and no agreement in time for it.
         let offered = if local {
-            caps::ALL & !caps::PAGE_SUMS
+            caps::ALL & !caps::PAGE_SUMS & !caps::POSTCOPY
+        } else if !rx.postcopy_possible() {
+            caps::ALL & !caps::LOCAL & !caps::POSTCOPY
         } else {
             caps::ALL & !caps::LOCAL
         };
@@ -499,6 +546,7 @@ impl Handshake {
             return None;
         }
         h.att.wire = wire;
+        h.att.postcopy_ok = h.att.hello.capabilities & offered & caps::POSTCOPY != 0;
         for (g, _) in std::mem::take(pending) {
             if let Some(g) = rx.busy(g, &h.att) {
                 if let Err(e) = h.attach(g) {
@@ -510,8 +558,20 @@ impl Handshake {
         Some(h)
     }
 
-    /// Takes a data channel of this migration.
+    /// Takes a data channel (or the urgent channel) of this migration.
     fn attach(&mut self, g: Greeted) -> Result<(), MigrateError> {
+        if g.hello.role == ChannelRole::Urgent {
+            if self.att.urgent.is_some() || self.att.hello.capabilities & caps::POSTCOPY == 0 {
+                return Err(MigrateError::Unexpected {
+                    message: "a second or unannounced urgent channel",
+                    phase: "handshake",
+                    channel: Channel::Urgent,
+                });
+            }
+            let _ = g.stream.set_nodelay();
+            self.att.urgent = Some(g.stream);
+            return Ok(());
+        }
         let ChannelRole::Data { index } = g.hello.role else {
             return Ok(());
         };
@@ -567,7 +627,9 @@ impl Handshake {
         // A preparation stopped for an earlier local hand-over may still be undoing its
         // work (discarding pages): nothing may be received until it has ended.
         let undoing = rx.stopped_for_local && rx.prepared.is_none();
-        if self.data.iter().all(Option::is_some) && !undoing {
+        let urgent_here =
+            self.att.urgent.is_some() || self.att.hello.capabilities & caps::POSTCOPY == 0;
+        if self.data.iter().all(Option::is_some) && urgent_here && !undoing {
             if let Some(setup) = self.setup.take() {
                 return Receiving::begin(*self, setup, rx)
                     .map(|r| Step::Next(Phase::Receiving(Box::new(r))));
@@ -615,6 +677,13 @@ fn read_error(e: ProtoError, phase: &'static str) -> MigrateError {
 pub(super) struct Receiving {
     att: Box<Attempt>,
     local: Local,
+    /// Postcopy: pages to make missing (stale here, or never sent).
+    discards: Vec<ferry_proto::PageRun>,
+    /// Discards that came before the switch (a postcopy without precopy): applied once
+    /// the memory preparation is over, then acknowledged with `Discarded`.
+    discard_ack_due: bool,
+    /// Postcopy: the switch came, and its pages come as this pass.
+    postcopy_pass: Option<u32>,
     sections: Option<Vec<StateSection>>,
     final_pass: Option<u32>,
     last: Vec<Option<u32>>,
@@ -658,6 +727,9 @@ impl Receiving {
         };
         let mut r = Receiving {
             local,
+            discards: Vec::new(),
+            discard_ack_due: false,
+            postcopy_pass: None,
             ack_prepared: att.hello.capabilities & caps::SWITCHOVER_ACK != 0,
             att,
             sections: None,
@@ -726,6 +798,7 @@ fn spawn_receiver(
             .map_err(MigrateError::io("cloning a data socket"))?,
     );
     let ctx = DataRx {
+        postcopy: att.postcopy.clone(),
         attempt: att.id,
         wire: att.wire,
         channel: u16::try_from(index).unwrap_or(u16::MAX),
@@ -782,8 +855,18 @@ impl Receiving {
             Event::Tick => self.on_tick(),
             Event::Main { .. } | Event::Data { .. } => Ok(()),
         };
-        if let Err(e) = r.and_then(|()| self.adopt_when_prepared(rx)) {
+        if let Err(e) = r
+            .and_then(|()| self.adopt_when_prepared(rx))
+            .and_then(|()| self.discard_early(rx))
+        {
             return Err((self.att, e));
+        }
+        if let Some(pass) = self
+            .postcopy_pass
+            .filter(|p| self.ready_for_postcopy(rx, *p))
+        {
+            return postcopy_run::begin(*self, rx, pass)
+                .map(|a| Step::Next(Phase::AwaitGo(Box::new(a))));
         }
         if self.ready(rx) {
             return AwaitGo::begin(*self, rx).map(|a| Step::Next(Phase::AwaitGo(Box::new(a))));
@@ -819,16 +902,38 @@ impl Receiving {
                 self.sections = Some(sections);
                 Ok(())
             }
-            Ok(Message::Complete { final_pass }) if self.final_pass.is_none() => {
+            Ok(Message::Complete { final_pass })
+                if self.final_pass.is_none() && self.postcopy_pass.is_none() =>
+            {
                 if self.sections.is_none() {
                     return Err(MigrateError::CompleteBeforeState);
                 }
                 self.final_pass = Some(final_pass);
                 Ok(())
             }
+            Ok(Message::Discard { runs }) if self.switch_pending() && self.att.postcopy_ok => {
+                // Before the state: the guest still runs on the source (no precopy pass).
+                if self.sections.is_none() {
+                    self.discard_ack_due = true;
+                }
+                self.discards.extend(runs);
+                Ok(())
+            }
+            Ok(Message::Postcopy { pass }) if self.switch_pending() && self.att.postcopy_ok => {
+                if self.sections.is_none() {
+                    return Err(MigrateError::CompleteBeforeState);
+                }
+                self.postcopy_pass = Some(pass);
+                Ok(())
+            }
             Ok(m) => Err(unexpected(m, "receiving")),
             Err(e) => Err(read_error(e, "receiving")),
         }
+    }
+
+    /// Neither `Complete` nor `Postcopy` came yet.
+    fn switch_pending(&self) -> bool {
+        self.final_pass.is_none() && self.postcopy_pass.is_none()
     }
 
     /// Maps the source's memory file once this destination's own preparation has stopped
@@ -952,6 +1057,16 @@ impl Receiving {
         Ok(())
     }
 
+    /// Postcopy: the state, and every precopy page (every channel ended the pass before
+    /// `pass`), with the memory preparation over (it must not refill discarded pages).
+    fn ready_for_postcopy(&self, rx: &Destination, pass: u32) -> bool {
+        let last = pass.checked_sub(1);
+        self.sections.is_some()
+            && rx.prepared.is_some()
+            && !self.discard_ack_due
+            && self.last.iter().all(|l| *l == last)
+    }
+
     /// Everything is here: state, `Complete`, every channel's final pass, prepared memory
     /// (or, in a local hand-over, the source's memory mapped).
     fn ready(&self, rx: &Destination) -> bool {
@@ -970,6 +1085,9 @@ pub(super) struct AwaitGo {
     deadline: Instant,
     load: Duration,
 }
+
+#[path = "postcopy_run.rs"]
+mod postcopy_run;
 
 impl AwaitGo {
     fn begin(r: Receiving, rx: &mut Destination) -> Attempted<AwaitGo> {
@@ -1055,6 +1173,11 @@ impl AwaitGo {
                 }
                 Ok(Step::Next(Phase::AwaitGo(self)))
             }
+            Event::Data { attempt, ev } if self.att.is_current(attempt) => {
+                let mut a = self;
+                a.att.early_end(ev);
+                Ok(Step::Next(Phase::AwaitGo(a)))
+            }
             _ => Ok(Step::Next(Phase::AwaitGo(self))),
         }
     }
@@ -1099,6 +1222,9 @@ fn run_guest(rx: &mut Destination, mut att: Box<Attempt>, load: Duration, late: 
     };
     // The guest runs here now; a lost Running only leaves the source unconfirmed.
     let _ = att.send(&running, "running", Instant::now() + ERROR_SEND_TIMEOUT);
+    if att.faults.is_some() {
+        return postcopy_run::enter(rx, att, load, resume, late);
+    }
     // After a local hand-over this process's own memory is unused from now on.
     rx.ram.free_own_memory();
     let mut stats = rx.stats(&att);
@@ -1160,6 +1286,10 @@ impl Unconfirmed {
                 }
                 Step::Next(Phase::Unconfirmed(self))
             }
+            Event::Data { attempt, ev } if self.att.is_current(attempt) => {
+                self.att.early_end(ev);
+                Step::Next(Phase::Unconfirmed(self))
+            }
             _ => Step::Next(Phase::Unconfirmed(self)),
         }
     }
@@ -1171,6 +1301,14 @@ impl Unconfirmed {
         };
         let link = state.link();
         match req.command {
+            Command::Resume { force: true } if self.att.faults.is_some() => {
+                req.refuse(
+                    "unconfirmed",
+                    "this is a postcopy hand-over: pages of the guest are still only on the \
+                     source, so it cannot run here without the source's Go",
+                );
+                Step::Next(Phase::Unconfirmed(self))
+            }
             Command::Resume { force: true } => {
                 req.answer(Ok(format!(
                     "resumed by force after an unconfirmed hand-over ({link}): if the source \
@@ -1191,7 +1329,8 @@ impl Unconfirmed {
             | Command::Quit { force: false }
             | Command::Cancel
             | Command::Pause
-            | Command::Snapshot => {
+            | Command::Snapshot
+            | Command::StartPostcopy => {
                 state.refuse(req);
                 Step::Next(Phase::Unconfirmed(self))
             }

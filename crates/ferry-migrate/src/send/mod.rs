@@ -8,6 +8,8 @@
 //! phase, which keeps the guest paused and keeps listening for the destination's word.
 
 mod phase;
+mod postcopy;
+mod urgent;
 mod worker;
 
 use std::path::PathBuf;
@@ -68,6 +70,36 @@ pub struct SendParams {
     pub compression: Compression,
     /// A checksum on every frame and every page (without TLS, whose AEAD covers it).
     pub checksums: bool,
+    /// Whether and when to switch to postcopy.
+    pub postcopy: PostcopyMode,
+}
+
+/// When a migration runs the guest on the destination before every page is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PostcopyMode {
+    /// Never: precopy only.
+    #[default]
+    Off,
+    /// Only when `migrate-start-postcopy` asks for it (the urgent channel is opened, the
+    /// destination's support checked, at the start).
+    OnRequest,
+    /// Precopy first; switch when it does not converge (instead of throttling the guest),
+    /// or when asked.
+    AfterPrecopy,
+    /// Switch right after the setup: no precopy pass.
+    Now,
+}
+
+impl PostcopyMode {
+    /// Its name, for statistics.
+    pub fn name(self) -> &'static str {
+        match self {
+            PostcopyMode::Off => "off",
+            PostcopyMode::OnRequest => "on-request",
+            PostcopyMode::AfterPrecopy => "after-precopy",
+            PostcopyMode::Now => "now",
+        }
+    }
 }
 
 impl Default for SendParams {
@@ -85,6 +117,7 @@ impl Default for SendParams {
             tls: None,
             compression: Compression::Off,
             checksums: true,
+            postcopy: PostcopyMode::Off,
         }
     }
 }
@@ -109,6 +142,9 @@ impl SendParams {
             if value < Duration::from_millis(1) || value.as_millis() > u128::from(u32::MAX) {
                 return Err(MigrateError::TimeoutRange { name, value });
             }
+        }
+        if self.local && self.postcopy != PostcopyMode::Off {
+            return Err(MigrateError::LocalWithPostcopy);
         }
         if self.switchover_timeout <= self.downtime_limit {
             return Err(MigrateError::SwitchoverBelowLimit {
@@ -172,6 +208,9 @@ pub fn migrate(
         inputs: Inputs::new(events_rx, commands),
         main: None,
         data: Vec::new(),
+        urgent: None,
+        urgent_server: None,
+        postcopy_ok: false,
         sockets: Vec::new(),
         reader: None,
         wire: Wire::default(),
@@ -227,6 +266,8 @@ enum Event {
 struct Connection {
     main: Stream,
     data: Vec<Stream>,
+    /// Postcopy's urgent channel, when postcopy may happen.
+    urgent: Option<Stream>,
 }
 
 /// The context every phase works in.
@@ -240,6 +281,12 @@ struct Source {
     main: Option<Stream>,
     /// Data streams until the senders take them.
     data: Vec<Stream>,
+    /// The urgent channel until postcopy's server takes it.
+    urgent: Option<Stream>,
+    /// Postcopy's page server, once it runs.
+    urgent_server: Option<urgent::Urgent>,
+    /// The destination accepted postcopy.
+    postcopy_ok: bool,
     /// Every socket, to shut down when the migration ends.
     sockets: Vec<Stream>,
     reader: Option<ReaderGuard>,
@@ -423,6 +470,9 @@ impl Source {
     fn close(&mut self) {
         for s in &self.sockets {
             s.shutdown();
+        }
+        if let Some(mut u) = self.urgent_server.take() {
+            u.stop();
         }
         worker::stop(&mut self.workers);
         if let Some(r) = self.reader.take() {

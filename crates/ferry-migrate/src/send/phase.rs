@@ -19,7 +19,9 @@ use ferry_memory::ram::PAGE_SIZE;
 use ferry_proto::{caps, ChannelRole, Hello, Message, Setup, VERSION};
 use ferry_transport::{connect, Stream, TlsConfig, Uri};
 
+use super::postcopy::{PostcopyActive, PostcopyPaused, PostcopySwitch};
 use super::worker::{self, PassTotals, WorkerEvent};
+use super::PostcopyMode;
 use super::{ms, write_digests, Connection, Event, SendOutcome, Source};
 use crate::channel::Wire;
 use crate::control::{self, Command, Request};
@@ -47,6 +49,9 @@ pub(super) enum Phase {
     Switchover(Box<Switchover>),
     AwaitRunning(Box<AwaitRunning>),
     Unconfirmed(Box<Unconfirmed>),
+    PostcopySwitch(Box<PostcopySwitch>),
+    Postcopy(Box<PostcopyActive>),
+    PostcopyPaused(Box<PostcopyPaused>),
 }
 
 impl Phase {
@@ -64,6 +69,7 @@ impl Phase {
         // agree on checksums.
         let sums = src.params.checksums && tls.is_none() && !local;
         let wire = Wire::offer(sums, src.params.compression);
+        let postcopy = src.params.postcopy != super::PostcopyMode::Off;
         let spawned = std::thread::Builder::new()
             .name("mig-connect".into())
             .spawn(move || {
@@ -74,6 +80,7 @@ impl Phase {
                     local,
                     wire,
                     tls,
+                    postcopy,
                 };
                 let conn = connect_all(&uri, &how);
                 let _ = tx.send(Event::Connected(conn));
@@ -98,6 +105,9 @@ impl Phase {
             Phase::Switchover(_) => "switchover",
             Phase::AwaitRunning(_) => "awaiting-running",
             Phase::Unconfirmed(_) => "unconfirmed",
+            Phase::PostcopySwitch(_) => "postcopy-switch",
+            Phase::Postcopy(_) => "postcopy",
+            Phase::PostcopyPaused(_) => "postcopy-paused",
         }
     }
 
@@ -108,10 +118,13 @@ impl Phase {
             Phase::Handshake(p) => Some(p.deadline),
             Phase::Setup(p) => Some(p.deadline),
             Phase::Adopting(p) => Some(p.deadline),
-            Phase::Precopy(p) => p.next_pass_at,
+            Phase::Precopy(p) => p.next_pass_at.or(p.discard_deadline),
             Phase::Switchover(p) => Some(p.deadline),
             Phase::AwaitRunning(p) => Some(p.deadline),
             Phase::Unconfirmed(_) => None,
+            Phase::PostcopySwitch(p) => Some(p.deadline()),
+            Phase::Postcopy(p) => p.deadline(),
+            Phase::PostcopyPaused(_) => None,
         }
     }
 
@@ -127,6 +140,9 @@ impl Phase {
             Phase::Switchover(p) => p.on(ev, src),
             Phase::AwaitRunning(p) => Ok(p.on(ev, src)),
             Phase::Unconfirmed(p) => Ok(p.on(ev, src)),
+            Phase::PostcopySwitch(p) => p.on(ev, src),
+            Phase::Postcopy(p) => Ok(p.on(ev, src)),
+            Phase::PostcopyPaused(p) => Ok(p.on(ev, src)),
         }
     }
 }
@@ -148,6 +164,8 @@ struct How {
     /// Capability bits for checksums and compression.
     wire: u64,
     tls: Option<TlsConfig>,
+    /// Offer postcopy and open its urgent channel.
+    postcopy: bool,
 }
 
 /// Connects one channel, in TLS if configured.
@@ -171,7 +189,10 @@ fn send_hello(s: &mut Stream, hello: &Message, deadline: Instant) -> std::io::Re
 fn connect_all(uri: &Uri, how: &How) -> Result<Connection, MigrateError> {
     let (n, session, deadline) = (how.n, how.session, how.deadline);
     let base = caps::ZERO_RUNS | caps::SWITCHOVER_ACK;
-    let capabilities = base | how.wire | if how.local { caps::LOCAL } else { 0 };
+    let capabilities = base
+        | how.wire
+        | if how.local { caps::LOCAL } else { 0 }
+        | if how.postcopy { caps::POSTCOPY } else { 0 };
     let hello = |role| {
         Message::Hello(Hello {
             version: VERSION,
@@ -201,7 +222,19 @@ fn connect_all(uri: &Uri, how: &How) -> Result<Connection, MigrateError> {
             .map_err(send_err(Channel::Data(index)))?;
         data.push(s);
     }
-    Ok(Connection { main, data })
+    let urgent = if how.postcopy {
+        let mut s = open(uri, how, Channel::Urgent)?;
+        // Requests and answers are small and latency-bound.
+        let _ = s.set_nodelay();
+        send_hello(&mut s, &hello(ChannelRole::Urgent), deadline)
+            .map_err(send_err(Channel::Urgent))?;
+        s.set_write_timeout(None)
+            .map_err(send_err(Channel::Urgent))?;
+        Some(s)
+    } else {
+        None
+    };
+    Ok(Connection { main, data, urgent })
 }
 
 /// Commands before the commit: cancel and quit abort (the guest stays here); the rest is
@@ -228,11 +261,23 @@ fn precommit_command(req: Request, phase: &'static str) -> Result<(), MigrateErr
             );
             Ok(())
         }
+        Command::StartPostcopy => {
+            req.refuse(
+                phase,
+                "postcopy can start only while precopy passes run (and with postcopy enabled \
+                 when the migration started)",
+            );
+            Ok(())
+        }
     }
 }
 
 /// Events every phase before precopy treats alike.
-fn early_event(ev: Event, src: &Source, phase: &'static str) -> Result<(), MigrateError> {
+pub(super) fn early_event(
+    ev: Event,
+    src: &Source,
+    phase: &'static str,
+) -> Result<(), MigrateError> {
     match ev {
         Event::Peer(Ok(m)) => Err(src.unexpected(m, phase)),
         Event::Peer(Err(e)) => Err(src.read_error(e, phase)),
@@ -286,7 +331,7 @@ impl Source {
             s.try_clone()
                 .map_err(MigrateError::io("cloning a migration socket"))
         };
-        for d in &conn.data {
+        for d in conn.data.iter().chain(&conn.urgent) {
             self.sockets.push(clone(d)?);
         }
         let reader = clone(&conn.main)?;
@@ -305,6 +350,7 @@ impl Source {
         });
         self.main = Some(conn.main);
         self.data = conn.data;
+        self.urgent = conn.urgent;
         Ok(())
     }
 }
@@ -328,6 +374,12 @@ impl Handshake {
                 }
                 if src.params.local && capabilities & caps::LOCAL == 0 {
                     return Err(MigrateError::LocalRefused);
+                }
+                if src.urgent.is_some() {
+                    if capabilities & caps::POSTCOPY == 0 {
+                        return Err(MigrateError::PostcopyRefused);
+                    }
+                    src.postcopy_ok = true;
                 }
                 src.wire = Wire::agreed(capabilities, src.params.compression)?;
                 // From here on every frame both ways carries its checksum, if agreed.
@@ -459,9 +511,16 @@ impl Adopting {
 
 /// Copy passes while the guest runs.
 pub(super) struct Precopy {
-    pass: u32,
+    pub(super) pass: u32,
     started: Instant,
-    snap: Arc<DirtySnapshot>,
+    /// Pages dirty at the last sync, not sent since.
+    pub(super) snap: Arc<DirtySnapshot>,
+    /// Whether any pass was sent (none, in a postcopy without precopy).
+    pub(super) sent_any: bool,
+    /// A postcopy without precopy: waiting for the destination to discard its memory.
+    discard_deadline: Option<Instant>,
+    /// `migrate-start-postcopy` arrived: switch at the end of the pass in flight.
+    postcopy_asked: bool,
     outstanding: usize,
     totals: PassTotals,
     conv: Convergence,
@@ -578,14 +637,84 @@ impl Precopy {
             acked: (0, 0),
             rate_window: Duration::ZERO,
             rtt: RoundTrips::new(src.rtt),
+            sent_any: false,
+            discard_deadline: None,
+            postcopy_asked: false,
         };
         p.rtt.ping(src)?;
-        p.send_pass(src, 0);
+        if src.params.postcopy == PostcopyMode::Now {
+            p.discard_all(src)?;
+        } else {
+            p.send_pass(src, 0);
+        }
         Ok(p)
+    }
+
+    /// A postcopy without precopy: the destination makes all its memory missing while the
+    /// guest still runs here, so the pause does not include it.
+    fn discard_all(&mut self, src: &mut Source) -> Result<(), MigrateError> {
+        let deadline = Instant::now() + src.params.progress_timeout;
+        let mut runs = Vec::new();
+        for r in src.ram.regions() {
+            let mut gpa = r.gpa;
+            while gpa < r.end() {
+                let pages = ((r.end() - gpa) / PAGE_SIZE).min(u64::from(u32::MAX));
+                runs.push(ferry_proto::PageRun {
+                    gpa,
+                    pages: pages as u32,
+                });
+                gpa += pages * PAGE_SIZE;
+            }
+        }
+        for batch in runs.chunks(ferry_proto::MAX_RUNS as usize) {
+            let msg = Message::Discard {
+                runs: batch.to_vec(),
+            };
+            src.send(&msg, "precopy", deadline)?;
+        }
+        self.discard_deadline = Some(deadline);
+        Ok(())
+    }
+
+    /// Switches to postcopy, if the destination is ready for it (its memory preparation
+    /// must be over before it discards pages).
+    fn switch_to_postcopy(
+        self: Box<Self>,
+        src: &mut Source,
+        trigger: &'static str,
+    ) -> Result<Step, MigrateError> {
+        let s = PostcopySwitch::begin(src, *self, trigger)?;
+        Ok(Step::Next(Phase::PostcopySwitch(Box::new(s))))
+    }
+
+    /// `migrate-start-postcopy`.
+    fn start_postcopy(
+        mut self: Box<Self>,
+        req: Request,
+        src: &mut Source,
+    ) -> Result<Step, MigrateError> {
+        if !src.postcopy_ok {
+            req.refuse(
+                "precopy",
+                &MigrateError::PostcopyNotEnabled
+                    .to_string()
+                    .replace("postcopy", "postcopy (start it with --postcopy-on-request)"),
+            );
+            return Ok(Step::Next(Phase::Precopy(self)));
+        }
+        self.postcopy_asked = true;
+        req.answer(Ok(
+            "switching to postcopy at the end of the pass in flight".into()
+        ));
+        if self.outstanding == 0 && self.discard_deadline.is_none() && src.destination_ready() {
+            return self.switch_to_postcopy(src, "requested");
+        }
+        Ok(Step::Next(Phase::Precopy(self)))
     }
 
     /// Hands the current snapshot's dirty pages to the senders as pass `pass`.
     fn send_pass(&mut self, src: &Source, pass: u32) {
+        self.sent_any = true;
         self.pass = pass;
         self.started = Instant::now();
         self.outstanding = src.workers.len();
@@ -631,6 +760,21 @@ impl Precopy {
             Event::Peer(Ok(Message::Pong { nonce })) => {
                 self.limits.rtt = self.rtt.pong(nonce);
             }
+            Event::Peer(Ok(Message::Discarded { discard_us }))
+                if self.discard_deadline.is_some() =>
+            {
+                tracing::info!(discard_us, "destination memory discarded for postcopy");
+                return self.switch_to_postcopy(src, "now");
+            }
+            Event::Command(req) if req.command == Command::StartPostcopy => {
+                return self.start_postcopy(req, src);
+            }
+            Event::Tick if self.discard_deadline.is_some_and(|d| Instant::now() >= d) => {
+                return Err(MigrateError::Timeout {
+                    what: Waited::Discarded,
+                    after: src.params.progress_timeout,
+                });
+            }
             Event::Tick => {
                 if self.last_progress.elapsed() >= src.params.progress_timeout {
                     return Err(MigrateError::Timeout {
@@ -639,6 +783,9 @@ impl Precopy {
                     });
                 }
                 if self.next_pass_at.is_some_and(|t| Instant::now() >= t) {
+                    if self.postcopy_asked && src.destination_ready() {
+                        return self.switch_to_postcopy(src, "requested");
+                    }
                     self.send_pass(src, self.pass + 1);
                 }
             }
@@ -669,6 +816,14 @@ impl Precopy {
             .conv
             .estimate(&self.limits, sample.dirty, sample.sync_time);
         self.record(src, &sample, estimate);
+        if let Some(trigger) = self.postcopy_trigger(src, &decision) {
+            if src.destination_ready() {
+                return self.switch_to_postcopy(src, trigger);
+            }
+            // Its preparation must end before it may discard pages: wait for it.
+            self.next_pass_at = Some(Instant::now() + WAIT_FOR_DESTINATION);
+            return Ok(Step::Next(Phase::Precopy(self)));
+        }
         match decision {
             Decision::NextPass => self.send_pass(src, self.pass + 1),
             Decision::Throttle(percent) => {
@@ -700,6 +855,19 @@ impl Precopy {
             }
         }
         Ok(Step::Next(Phase::Precopy(self)))
+    }
+
+    /// Whether this pass ends precopy with a switch to postcopy, and why: asked for, or
+    /// precopy does not converge without throttling and postcopy after precopy is on.
+    fn postcopy_trigger(&self, src: &Source, decision: &Decision) -> Option<&'static str> {
+        if self.postcopy_asked {
+            return Some("requested");
+        }
+        let stuck = matches!(
+            decision,
+            Decision::Throttle(_) | Decision::Switchover { converged: false }
+        );
+        (stuck && src.params.postcopy == PostcopyMode::AfterPrecopy).then_some("after-precopy")
     }
 
     /// Publishes what the pass measured.
@@ -897,7 +1065,7 @@ impl Switchover {
 
 impl Source {
     /// Writes the digest of every page, if asked (verification).
-    fn write_digest_file(&self) {
+    pub(super) fn write_digest_file(&self) {
         if let Some(path) = &self.params.digest_file {
             if let Err(e) = write_digests(&self.ram, path) {
                 tracing::error!("{e}");
@@ -906,7 +1074,7 @@ impl Source {
     }
 
     /// Pauses the guest for the switchover (unless an operator had paused it already).
-    fn pause_guest(&mut self) -> Result<(), MigrateError> {
+    pub(super) fn pause_guest(&mut self) -> Result<(), MigrateError> {
         if !self.vm.is_paused() {
             self.vm.pause().map_err(|source| MigrateError::Vm {
                 op: "pausing the guest",
@@ -1011,15 +1179,7 @@ impl Source {
                 .map(|c| ms(at.saturating_duration_since(c)))
                 .unwrap_or(0.0);
         }
-        let total = self.started.elapsed();
-        self.stats.total_ms = ms(total);
-        self.stats.bytes = self.progress.bytes.load(Ordering::Relaxed);
-        self.stats.pages_data = self.progress.pages_data.load(Ordering::Relaxed);
-        self.stats.pages_zero = self.progress.pages_zero.load(Ordering::Relaxed);
-        self.stats.batches_compressed = self.progress.batches_compressed.load(Ordering::Relaxed);
-        self.stats.batches_raw = self.progress.batches_raw.load(Ordering::Relaxed);
-        self.stats.throughput = (self.stats.bytes as f64 / total.as_secs_f64()) as u64;
-        self.stats.status = "completed".into();
+        self.final_counters();
         self.close();
         if !self.params.local {
             // The guest is paused here for good, so this costs no downtime.
@@ -1029,9 +1189,22 @@ impl Source {
         Step::End(Box::new(SendOutcome::Completed(self.stats.clone())))
     }
 
+    /// The totals and counters of a completed migration.
+    pub(super) fn final_counters(&mut self) {
+        let total = self.started.elapsed();
+        self.stats.total_ms = ms(total);
+        self.stats.bytes = self.progress.bytes.load(Ordering::Relaxed);
+        self.stats.pages_data = self.progress.pages_data.load(Ordering::Relaxed);
+        self.stats.pages_zero = self.progress.pages_zero.load(Ordering::Relaxed);
+        self.stats.batches_compressed = self.progress.batches_compressed.load(Ordering::Relaxed);
+        self.stats.batches_raw = self.progress.batches_raw.load(Ordering::Relaxed);
+        self.stats.throughput = (self.stats.bytes as f64 / total.as_secs_f64()) as u64;
+        self.stats.status = "completed".into();
+    }
+
     /// After `Go`, the destination said it will not run the guest (its `Error` is that
     /// promise): the guest is this side's again.
-    fn destination_refused_go(&mut self, reason: String) -> Step {
+    pub(super) fn destination_refused_go(&mut self, reason: String) -> Step {
         let e = MigrateError::Peer {
             side: "destination",
             reason,
@@ -1117,7 +1290,8 @@ impl Unconfirmed {
             | Command::Quit { force: false }
             | Command::Cancel
             | Command::Pause
-            | Command::Snapshot => {
+            | Command::Snapshot
+            | Command::StartPostcopy => {
                 state.refuse(req);
                 Step::Next(Phase::Unconfirmed(self))
             }

@@ -21,6 +21,41 @@ pub fn samples() -> Vec<Message> {
             role: ChannelRole::Data { index: 3 },
             data_channels: 4,
         }),
+        Message::Hello(Hello {
+            version: VERSION,
+            capabilities: caps::POSTCOPY,
+            session: 2,
+            role: ChannelRole::Urgent,
+            data_channels: 2,
+        }),
+        Message::Discard {
+            runs: vec![
+                PageRun {
+                    gpa: 0,
+                    pages: u32::MAX,
+                },
+                PageRun {
+                    gpa: 0x1_0000_0000,
+                    pages: 3,
+                },
+            ],
+        },
+        Message::Discarded { discard_us: 12 },
+        Message::Postcopy { pass: 3 },
+        Message::PageRequest {
+            seq: 9,
+            runs: vec![PageRun {
+                gpa: 0x5000,
+                pages: MAX_BATCH_PAGES,
+            }],
+        },
+        Message::PostcopyDone {
+            faults: 80,
+            requested: 77,
+            p50_us: 120,
+            p99_us: 900,
+            max_us: 1500,
+        },
         // A future version must still decode so the engine can refuse it.
         Message::Hello(Hello {
             version: 99,

@@ -1,0 +1,667 @@
+//! Postcopy on the destination: the guest runs while pages it lacks are still on the source.
+//!
+//! Guest memory is split into ranges, each registered with its own userfaultfd and served by
+//! its own handler thread, so faults from different vCPUs do not queue on one wait queue or
+//! one thread. A handler asks for a faulted page on the urgent channel (never behind bulk
+//! traffic); the urgent channel's receiver places the answer, and the data channels place
+//! the background push. Every placement is atomic (`UFFDIO_COPY`/`UFFDIO_ZEROPAGE`) and
+//! never overwrites a present page, so whichever copy of a page comes first wins and a page
+//! the running guest has written is never replaced. Pages several vCPUs fault on are asked
+//! for once; a fault on a page placed meanwhile is only woken.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use ferry_memory::ram::{GuestRam, PAGE_SIZE};
+use ferry_proto::{page_sum, read_message_checked, Message, PageRun, ProtoError, MAX_RUNS};
+use ferry_sys::uffd::{Fault, Placed, Uffd};
+use ferry_transport::Stream;
+use serde::Serialize;
+
+use super::data::{DataEvent, PageBits};
+use super::Event;
+use crate::channel::Wire;
+use crate::error::{Channel, MigrateError};
+use crate::wire::send_by;
+
+/// Most fault queues (a userfaultfd and its handler thread each).
+pub const MAX_FAULT_QUEUES: usize = 16;
+/// How often a handler idle on its userfaultfd looks at its stop flag.
+const HANDLER_POLL: Duration = Duration::from_millis(50);
+/// Longest time writing one page request may take before the link counts as broken.
+const REQUEST_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Range sizes are rounded to this, so a huge page never straddles two ranges.
+const RANGE_ALIGN: u64 = 2 << 20;
+
+/// One registered range of guest memory.
+struct FaultRange {
+    gpa: u64,
+    len: u64,
+    hva: usize,
+    uffd: Arc<Uffd>,
+}
+
+/// Where every guest page stands during postcopy, and how faults went.
+pub(crate) struct Space {
+    /// Keeps guest memory mapped while it is registered and placed into.
+    _ram: Arc<GuestRam>,
+    ranges: Vec<FaultRange>,
+    placed: PageBits,
+    requested: PageBits,
+    written: Arc<PageBits>,
+    /// Faulted pages not placed yet: when the first fault on each was read, and by whom.
+    waiting: Mutex<HashMap<u64, (Instant, u32)>>,
+    stats: Mutex<FaultStats>,
+    faults: AtomicU64,
+    requested_pages: AtomicU64,
+    pushed_pages: AtomicU64,
+}
+
+#[derive(Default)]
+struct FaultStats {
+    latencies_us: Vec<u32>,
+    /// Per faulting thread (vCPU): faults resolved and time spent waiting.
+    per_thread: BTreeMap<u32, (u64, Duration)>,
+}
+
+/// What postcopy did on the destination.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PostcopyStats {
+    /// Fault queues (userfaultfds with a handler thread each).
+    pub queues: usize,
+    /// Faults the guest (or the VMM on its behalf) took on missing pages.
+    pub faults: u64,
+    /// Pages asked for on the urgent channel.
+    pub requested_pages: u64,
+    /// Pages the background push carried (placed, or found placed already).
+    pub pushed_pages: u64,
+    /// Fault latency (fault read to page placed), median, µs.
+    pub latency_p50_us: u64,
+    /// Fault latency, 99th percentile, µs.
+    pub latency_p99_us: u64,
+    /// Fault latency, longest, µs.
+    pub latency_max_us: u64,
+    /// Per faulting thread (the vCPUs): faults and time blocked.
+    pub threads: Vec<ThreadFaults>,
+    /// From the guest running here to the last page placed, ms.
+    pub postcopy_ms: f64,
+}
+
+/// One faulting thread's share.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ThreadFaults {
+    /// Its thread id.
+    pub tid: u32,
+    /// Faults it waited on.
+    pub faults: u64,
+    /// Time it waited, ms.
+    pub blocked_ms: f64,
+}
+
+fn uffd_err(what: &'static str) -> impl FnOnce(ferry_sys::uffd::UffdError) -> MigrateError {
+    move |source| MigrateError::Uffd { what, source }
+}
+
+/// Splits guest memory into about `queues` ranges (region boundaries cut too).
+fn split(ram: &GuestRam, queues: usize) -> Vec<(u64, u64, usize)> {
+    let queues = queues.clamp(1, MAX_FAULT_QUEUES) as u64;
+    let per = ram.size().div_ceil(queues).div_ceil(RANGE_ALIGN) * RANGE_ALIGN;
+    let mut out = Vec::new();
+    for (r, h) in ram.regions().iter().zip(ram.host_regions()) {
+        let mut off = 0;
+        while off < r.size {
+            let len = per.min(r.size - off);
+            out.push((r.gpa + off, len, h.addr + off as usize));
+            off += len;
+        }
+    }
+    out
+}
+
+impl Space {
+    /// Registers guest memory for MISSING faults in about `queues` ranges.
+    pub(crate) fn new(
+        ram: Arc<GuestRam>,
+        written: Arc<PageBits>,
+        queues: usize,
+    ) -> Result<Space, MigrateError> {
+        let mut ranges = Vec::new();
+        for (gpa, len, hva) in split(&ram, queues) {
+            let uffd = Uffd::new().map_err(uffd_err("opening a userfaultfd"))?;
+            uffd.register_missing(hva, len as usize)
+                .map_err(uffd_err("registering guest memory for missing-page faults"))?;
+            ranges.push(FaultRange {
+                gpa,
+                len,
+                hva,
+                uffd: Arc::new(uffd),
+            });
+        }
+        Ok(Space {
+            placed: PageBits::new(&ram),
+            requested: PageBits::new(&ram),
+            _ram: ram,
+            ranges,
+            written,
+            waiting: Mutex::new(HashMap::new()),
+            stats: Mutex::new(FaultStats::default()),
+            faults: AtomicU64::new(0),
+            requested_pages: AtomicU64::new(0),
+            pushed_pages: AtomicU64::new(0),
+        })
+    }
+
+    fn range_of(&self, gpa: u64) -> Option<&FaultRange> {
+        self.ranges
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa < r.gpa + r.len)
+    }
+
+    /// Places `data` (whole pages) at `gpa`, skipping pages already present; `pushed` says
+    /// whether it came from the background push (for the statistics).
+    pub(crate) fn place(
+        &self,
+        channel: Channel,
+        gpa: u64,
+        data: &[u8],
+        pushed: bool,
+    ) -> Result<(), MigrateError> {
+        self.each_piece(channel, gpa, data.len() as u64, |r, at, off, len| {
+            let src = data
+                .get(off as usize..(off + len) as usize)
+                .unwrap_or_default();
+            r.uffd
+                .copy(at, src)
+                .map_err(uffd_err("placing a page (UFFDIO_COPY)"))
+        })?;
+        if pushed {
+            let pages = data.len() as u64 / PAGE_SIZE;
+            self.pushed_pages.fetch_add(pages, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Places zero pages over `pages` pages at `gpa`, skipping pages already present.
+    pub(crate) fn place_zero(
+        &self,
+        channel: Channel,
+        gpa: u64,
+        pages: u64,
+        pushed: bool,
+    ) -> Result<(), MigrateError> {
+        self.each_piece(channel, gpa, pages * PAGE_SIZE, |r, at, _, len| {
+            r.uffd
+                .zero(at, len as usize)
+                .map_err(uffd_err("placing a zero page (UFFDIO_ZEROPAGE)"))
+        })?;
+        if pushed {
+            self.pushed_pages.fetch_add(pages, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Runs `op(range, host address, offset, len)` over `len` bytes at `gpa`, piece by piece
+    /// within ranges, going on past pages that were present already; marks what it placed.
+    fn each_piece(
+        &self,
+        channel: Channel,
+        gpa: u64,
+        len: u64,
+        op: impl Fn(&FaultRange, usize, u64, u64) -> Result<Placed, MigrateError>,
+    ) -> Result<(), MigrateError> {
+        let outside = || MigrateError::OutsideRam {
+            channel,
+            gpa,
+            pages: u32::try_from(len / PAGE_SIZE).unwrap_or(u32::MAX),
+        };
+        let mut off = 0;
+        while off < len {
+            let g = gpa + off;
+            let r = self.range_of(g).ok_or_else(outside)?;
+            let n = (len - off).min(r.gpa + r.len - g);
+            let mut done = 0;
+            while done < n {
+                let at = r.hva + (g + done - r.gpa) as usize;
+                match op(r, at, off + done, n - done)? {
+                    Placed::All => {
+                        self.mark(g + done, n - done);
+                        done = n;
+                    }
+                    Placed::Exists { done: d } => {
+                        // The pages before the present one are placed; the present one was.
+                        let step = (d + PAGE_SIZE).min(n - done);
+                        self.mark(g + done, step);
+                        done += step;
+                    }
+                }
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Records pages as placed, and the latency of the faults that waited for them.
+    fn mark(&self, gpa: u64, len: u64) {
+        let now = Instant::now();
+        let mut resolved = Vec::new();
+        for p in 0..len / PAGE_SIZE {
+            let g = gpa + p * PAGE_SIZE;
+            self.placed.set(g);
+            self.written.set(g);
+            if self.requested.get(g) {
+                resolved.push(g);
+            }
+        }
+        if resolved.is_empty() {
+            return;
+        }
+        let mut waiting = lock(&self.waiting);
+        let done: Vec<_> = resolved.iter().filter_map(|g| waiting.remove(g)).collect();
+        drop(waiting);
+        let mut stats = lock(&self.stats);
+        for (since, tid) in done {
+            let waited = now.saturating_duration_since(since);
+            stats
+                .latencies_us
+                .push(u32::try_from(waited.as_micros()).unwrap_or(u32::MAX));
+            let t = stats.per_thread.entry(tid).or_default();
+            t.0 += 1;
+            t.1 += waited;
+        }
+    }
+
+    /// Handles faults read from range `r`'s userfaultfd: wakes those whose page is here by
+    /// now, and returns the runs of pages nobody has asked for yet.
+    fn triage(&self, r: &FaultRange, faults: &[Fault], runs: &mut Vec<PageRun>) {
+        let now = Instant::now();
+        for f in faults {
+            let hva = (f.addr as usize) & !(PAGE_SIZE as usize - 1);
+            let Some(off) = hva.checked_sub(r.hva).filter(|o| (*o as u64) < r.len) else {
+                continue;
+            };
+            let gpa = r.gpa + off as u64;
+            self.faults.fetch_add(1, Ordering::Relaxed);
+            if self.placed.get(gpa) {
+                // Placed between the fault and now: only the wake-up is missing.
+                let _ = r.uffd.wake(hva, PAGE_SIZE as usize);
+                continue;
+            }
+            lock(&self.waiting).entry(gpa).or_insert((now, f.tid));
+            if self.requested.test_and_set(gpa) {
+                continue;
+            }
+            let merged = runs
+                .last_mut()
+                .filter(|l| l.gpa + u64::from(l.pages) * PAGE_SIZE == gpa);
+            match merged {
+                Some(l) => l.pages += 1,
+                None => runs.push(PageRun { gpa, pages: 1 }),
+            }
+        }
+    }
+
+    /// What postcopy did so far.
+    pub(crate) fn stats(&self, since: Instant) -> PostcopyStats {
+        let stats = lock(&self.stats);
+        let mut lat = stats.latencies_us.clone();
+        lat.sort_unstable();
+        let pick = |q: f64| {
+            let i = ((lat.len() as f64 - 1.0) * q).round().max(0.0) as usize;
+            lat.get(i).copied().map(u64::from).unwrap_or(0)
+        };
+        PostcopyStats {
+            queues: self.ranges.len(),
+            faults: self.faults.load(Ordering::Relaxed),
+            requested_pages: self.requested_pages.load(Ordering::Relaxed),
+            pushed_pages: self.pushed_pages.load(Ordering::Relaxed),
+            latency_p50_us: pick(0.5),
+            latency_p99_us: pick(0.99),
+            latency_max_us: lat.last().copied().map(u64::from).unwrap_or(0),
+            threads: stats
+                .per_thread
+                .iter()
+                .map(|(tid, (n, d))| ThreadFaults {
+                    tid: *tid,
+                    faults: *n,
+                    blocked_ms: d.as_secs_f64() * 1e3,
+                })
+                .collect(),
+            postcopy_ms: since.elapsed().as_secs_f64() * 1e3,
+        }
+    }
+
+    /// Faults are ordinary again (every page is here, or the attempt is over).
+    fn unregister(&self) {
+        for r in &self.ranges {
+            if let Err(e) = r.uffd.unregister(r.hva, r.len as usize) {
+                tracing::warn!("postcopy: unregistering guest memory: {e}");
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The running fault machinery: one handler per range, and the urgent channel's receiver.
+pub(crate) struct Faults {
+    space: Arc<Space>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    urgent: Stream,
+    started: Instant,
+}
+
+/// What a fault thread needs.
+#[derive(Clone)]
+struct Ctx {
+    space: Arc<Space>,
+    stop: Arc<AtomicBool>,
+    wire: Wire,
+    attempt: u64,
+    tx: Sender<Event>,
+}
+
+impl Ctx {
+    /// Reports a failure to the event loop, unless postcopy is being stopped anyway.
+    fn fail(&self, e: MigrateError) {
+        if !self.stop.load(Ordering::Relaxed) {
+            let _ = self.tx.send(Event::Data {
+                attempt: self.attempt,
+                ev: DataEvent::Failed(e),
+            });
+        }
+    }
+}
+
+impl Faults {
+    /// Starts a handler per range of `space` and the urgent receiver on `urgent`.
+    pub(crate) fn start(
+        space: Arc<Space>,
+        urgent: Stream,
+        wire: Wire,
+        attempt: u64,
+        tx: Sender<Event>,
+    ) -> Result<Faults, MigrateError> {
+        let ctx = Ctx {
+            space: space.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            wire,
+            attempt,
+            tx,
+        };
+        let clone = |s: &Stream| {
+            s.try_clone()
+                .map_err(MigrateError::io("cloning the urgent channel"))
+        };
+        let writer = Arc::new(Mutex::new(clone(&urgent)?));
+        let mut threads = Vec::new();
+        for i in 0..space.ranges.len() {
+            let (ctx, writer) = (ctx.clone(), writer.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("mig-fault{i}"))
+                .spawn(move || {
+                    if let Err(e) = handle_faults(&ctx, i, &writer) {
+                        ctx.fail(e);
+                    }
+                })
+                .map_err(MigrateError::io("starting a fault handler thread"))?;
+            threads.push(t);
+        }
+        let (rctx, reader) = (ctx.clone(), clone(&urgent)?);
+        let t = std::thread::Builder::new()
+            .name("mig-urgent-rx".into())
+            .spawn(move || {
+                if let Err(e) = receive_urgent(&rctx, reader) {
+                    rctx.fail(e);
+                }
+            })
+            .map_err(MigrateError::io("starting the urgent channel receiver"))?;
+        threads.push(t);
+        Ok(Faults {
+            space,
+            stop: ctx.stop,
+            threads,
+            urgent,
+            started: Instant::now(),
+        })
+    }
+
+    /// Restarts the clock of [`PostcopyStats::postcopy_ms`] (the guest runs from now on).
+    pub(crate) fn guest_runs(&mut self) {
+        self.started = Instant::now();
+    }
+
+    /// Stops every thread and unregisters guest memory; returns the statistics.
+    pub(crate) fn stop(mut self) -> PostcopyStats {
+        self.stop.store(true, Ordering::Relaxed);
+        self.urgent.shutdown();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.space.unregister();
+        self.space.stats(self.started)
+    }
+}
+
+/// A handler: reads faults from range `i`'s userfaultfd and asks for the missing pages.
+fn handle_faults(ctx: &Ctx, i: usize, writer: &Mutex<Stream>) -> Result<(), MigrateError> {
+    let r = ctx.space.ranges.get(i).ok_or(MigrateError::NotTracking)?;
+    let mut faults = Vec::with_capacity(64);
+    let mut runs = Vec::with_capacity(64);
+    let mut seq = 0u32;
+    while !ctx.stop.load(Ordering::Relaxed) {
+        faults.clear();
+        r.uffd
+            .read_faults(&mut faults, 64, HANDLER_POLL)
+            .map_err(uffd_err("reading page faults"))?;
+        runs.clear();
+        ctx.space.triage(r, &faults, &mut runs);
+        for batch in runs.chunks(MAX_RUNS as usize) {
+            let pages: u64 = batch.iter().map(|r| u64::from(r.pages)).sum();
+            seq = seq.wrapping_add(1);
+            let msg = Message::PageRequest {
+                seq,
+                runs: batch.to_vec(),
+            };
+            let deadline = Instant::now() + REQUEST_SEND_TIMEOUT;
+            send_by(&mut lock(writer), &msg, ctx.wire.sums, deadline).map_err(|source| {
+                MigrateError::Send {
+                    channel: Channel::Urgent,
+                    phase: "postcopy",
+                    source,
+                }
+            })?;
+            ctx.space
+                .requested_pages
+                .fetch_add(pages, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+/// The urgent channel's receiver: places the pages the handlers asked for.
+fn receive_urgent(ctx: &Ctx, mut stream: Stream) -> Result<(), MigrateError> {
+    let mut scratch = Vec::new();
+    let mut buf = Vec::new();
+    let read_err = |source| MigrateError::Receive {
+        channel: Channel::Urgent,
+        phase: "postcopy",
+        source,
+    };
+    loop {
+        let msg = match read_message_checked(&mut stream, &mut scratch, ctx.wire.sums) {
+            Ok(m) => m,
+            Err(ProtoError::Eof) => return Ok(()),
+            Err(e) => return Err(read_err(e)),
+        };
+        match msg {
+            Message::Pages { runs, sums, .. } => {
+                let len = (msg_pages(&runs) * PAGE_SIZE) as usize;
+                buf.resize(len, 0);
+                stream
+                    .read_exact(&mut buf)
+                    .map_err(|e| read_err(ProtoError::Io(e)))?;
+                place_checked(&ctx.space, Channel::Urgent, &runs, &sums, &buf, false)?;
+            }
+            Message::ZeroPages { runs, .. } => {
+                for r in &runs {
+                    ctx.space
+                        .place_zero(Channel::Urgent, r.gpa, u64::from(r.pages), false)?;
+                }
+            }
+            m => {
+                return Err(MigrateError::Unexpected {
+                    message: m.name(),
+                    phase: "postcopy",
+                    channel: Channel::Urgent,
+                })
+            }
+        }
+    }
+}
+
+fn msg_pages(runs: &[PageRun]) -> u64 {
+    runs.iter().map(|r| u64::from(r.pages)).sum()
+}
+
+/// Checks `data` against `sums` (one per page, or none) and places it run by run. A page
+/// that does not match is never placed: the guest would run on it.
+pub(crate) fn place_checked(
+    space: &Space,
+    channel: Channel,
+    runs: &[PageRun],
+    sums: &[u64],
+    data: &[u8],
+    pushed: bool,
+) -> Result<(), MigrateError> {
+    let pages = runs
+        .iter()
+        .flat_map(|r| (0..u64::from(r.pages)).map(move |p| r.gpa + p * PAGE_SIZE));
+    for ((gpa, sum), page) in pages.zip(sums).zip(data.chunks(PAGE_SIZE as usize)) {
+        if page_sum(page) != *sum {
+            return Err(MigrateError::CorruptPostcopyPage { channel, gpa });
+        }
+    }
+    let mut rest = data;
+    for r in runs {
+        let len = (u64::from(r.pages) * PAGE_SIZE) as usize;
+        let (this, tail) = rest.split_at_checked(len).ok_or(MigrateError::OutsideRam {
+            channel,
+            gpa: r.gpa,
+            pages: r.pages,
+        })?;
+        space.place(channel, r.gpa, this, pushed)?;
+        rest = tail;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_memory::ram::{Backend, MemoryConfig};
+
+    fn ram(mib: u64, backend: Backend) -> Arc<GuestRam> {
+        Arc::new(
+            GuestRam::new(MemoryConfig {
+                size: mib << 20,
+                backend,
+                thp: false,
+            })
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn split_covers_memory_in_aligned_ranges() {
+        let r = ram(64, Backend::Anonymous);
+        for q in [1, 2, 3, 8, 100] {
+            let parts = split(&r, q);
+            let total: u64 = parts.iter().map(|p| p.1).sum();
+            assert_eq!(total, r.size());
+            assert!(parts.len() >= q.min(MAX_FAULT_QUEUES).min(32));
+            for (gpa, len, hva) in &parts {
+                assert_eq!(r.host_addr(*gpa, *len), Some(*hva));
+            }
+        }
+    }
+
+    /// Placement never overwrites a present page, in any backend, and marks what it placed.
+    fn place_skips_present(backend: Backend) {
+        let r = ram(8, backend);
+        let written = Arc::new(PageBits::new(&r));
+        r.discard(0, 8 << 20).unwrap();
+        let space = Space::new(r.clone(), written, 2).unwrap();
+        let one = vec![1u8; PAGE_SIZE as usize];
+        space.place(Channel::Urgent, 0x3000, &one, false).unwrap();
+        // A run across the present page and a range boundary (4 MiB).
+        let gpa = (4 << 20) - 2 * PAGE_SIZE;
+        let two = vec![2u8; 4 * PAGE_SIZE as usize];
+        space.place(Channel::Data(0), gpa, &two, true).unwrap();
+        let three = vec![3u8; 3 * PAGE_SIZE as usize];
+        space.place(Channel::Data(0), 0x2000, &three, true).unwrap();
+        let byte = |g: u64| {
+            let mut b = [0u8; 1];
+            vm_memory::Bytes::read_slice(r.mem(), &mut b, vm_memory::GuestAddress(g)).unwrap();
+            b[0]
+        };
+        assert_eq!(byte(0x2000), 3);
+        assert_eq!(byte(0x3000), 1, "a present page was overwritten");
+        assert_eq!(byte(0x4000), 3);
+        assert_eq!(byte(gpa), 2);
+        assert_eq!(byte(gpa + 3 * PAGE_SIZE), 2);
+        space.place_zero(Channel::Urgent, 0x2000, 4, false).unwrap();
+        assert_eq!(byte(0x5000), 0);
+        assert_eq!(byte(0x3000), 1);
+        for g in [0x2000, 0x3000, 0x4000, 0x5000, gpa] {
+            assert!(space.placed.get(g));
+        }
+        assert!(!space.placed.get(0x6000));
+        space.unregister();
+    }
+
+    #[test]
+    fn place_skips_present_anonymous() {
+        place_skips_present(Backend::Anonymous);
+    }
+
+    #[test]
+    fn place_skips_present_memfd() {
+        place_skips_present(Backend::Memfd);
+    }
+
+    #[test]
+    fn corrupt_page_is_never_placed() {
+        let r = ram(4, Backend::Anonymous);
+        r.discard(0, 4 << 20).unwrap();
+        let space = Space::new(r.clone(), Arc::new(PageBits::new(&r)), 1).unwrap();
+        let data = vec![5u8; 2 * PAGE_SIZE as usize];
+        let runs = [PageRun {
+            gpa: 0x1000,
+            pages: 2,
+        }];
+        let good = page_sum(&data[..4096]);
+        let e = place_checked(
+            &space,
+            Channel::Urgent,
+            &runs,
+            &[good, good ^ 1],
+            &data,
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, MigrateError::CorruptPostcopyPage { gpa: 0x2000, .. }),
+            "{e}"
+        );
+        assert!(!space.placed.get(0x1000) && !space.placed.get(0x2000));
+        space.unregister();
+    }
+}

@@ -1,0 +1,326 @@
+//! The receiver's postcopy phases (a child of `phase`, which it extends):
+//!
+//! ```text
+//! receiving --Postcopy--> (discard stale pages, register faults, load) -> awaiting-go
+//!     --Go--> postcopy --every pushed page placed--> (running)
+//!                |
+//!                +--> postcopy-paused (the guest runs here; what is missing stays missing)
+//! ```
+//!
+//! Until `Go` a failure discards the attempt as in precopy (the source resumes the guest).
+//! After `Go` the guest runs here and nothing is ever discarded: a broken link leaves the
+//! vCPUs that touch a missing page waiting, and pages that still arrive are still placed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_memory::ram::PAGE_SIZE;
+use ferry_proto::{Message, PageRun, ProtoError};
+
+use super::super::postcopy::{Faults, Space};
+use super::super::{Destination, Event, RecvOutcome};
+use super::{
+    control_deadline, progress_timeout, read_error, Attempt, Attempted, AwaitGo, Phase, Receiving,
+    Step, ERROR_SEND_TIMEOUT,
+};
+use crate::control::Command;
+use crate::error::MigrateError;
+use crate::progress::Status;
+
+/// Makes `runs` missing here (their pages come in postcopy).
+fn apply_discards(rx: &Destination, att: &Attempt, runs: &[PageRun]) -> Result<(), MigrateError> {
+    for r in runs {
+        rx.ram.discard(r.gpa, u64::from(r.pages) * PAGE_SIZE)?;
+    }
+    // A page that arrived corrupted and is discarded now comes again in postcopy.
+    att.activity.forget_suspects(runs);
+    Ok(())
+}
+
+impl Receiving {
+    /// A postcopy without precopy: discards all memory while the guest still runs on the
+    /// source, once the memory preparation is over, and says so.
+    pub(super) fn discard_early(&mut self, rx: &Destination) -> Result<(), MigrateError> {
+        if !self.discard_ack_due || rx.prepared.is_none() {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let runs = std::mem::take(&mut self.discards);
+        apply_discards(rx, &self.att, &runs)?;
+        self.discard_ack_due = false;
+        let discard_us = t.elapsed().as_micros() as u64;
+        tracing::info!(
+            ms = discard_us as f64 / 1e3,
+            "postcopy: destination memory discarded before the switch"
+        );
+        let deadline = control_deadline(&self.att);
+        self.att
+            .send(&Message::Discarded { discard_us }, "receiving", deadline)
+    }
+}
+
+/// The switch: every precopy page is here. Stale pages are made missing, guest memory is
+/// registered for faults, the fault handlers start, the state is loaded.
+pub(super) fn begin(r: Receiving, rx: &mut Destination, pass: u32) -> Attempted<AwaitGo> {
+    let Receiving {
+        mut att,
+        sections,
+        discards,
+        ..
+    } = r;
+    rx.progress.set_status(Status::Switchover);
+    rx.progress.set_phase("loading");
+    let t = Instant::now();
+    let prepared = att
+        .activity
+        .seal()
+        .and_then(|()| apply_discards(rx, &att, &discards))
+        .and_then(|()| att.activity.check_suspects())
+        .and_then(|()| start_faults(rx, &mut att, pass));
+    if let Err(e) = prepared {
+        return Err((att, e));
+    }
+    let discarded = t.elapsed();
+    let t = Instant::now();
+    if let Err(source) = rx.target.load_state(&sections.unwrap_or_default()) {
+        let e = MigrateError::Vm {
+            op: "loading the state",
+            source,
+        };
+        return Err((att, e));
+    }
+    let load = t.elapsed();
+    tracing::info!(
+        pass,
+        stale = discards.iter().map(|r| u64::from(r.pages)).sum::<u64>(),
+        discard_ms = discarded.as_secs_f64() * 1e3,
+        load_ms = load.as_secs_f64() * 1e3,
+        "postcopy: memory registered for faults, state loaded"
+    );
+    let switchover = Duration::from_millis(u64::from(att.timeouts.switchover_ms));
+    let deadline = Instant::now() + switchover;
+    let loaded = Message::Loaded {
+        load_us: (discarded + load).as_micros() as u64,
+    };
+    if let Err(e) = att.send(&loaded, "loading", deadline) {
+        return Err((att, e));
+    }
+    Ok(AwaitGo {
+        att,
+        deadline,
+        load,
+    })
+}
+
+/// Registers guest memory for faults and starts the handlers and the urgent receiver.
+fn start_faults(rx: &Destination, att: &mut Attempt, pass: u32) -> Result<(), MigrateError> {
+    let queues = rx
+        .params
+        .fault_queues
+        .unwrap_or(rx.target.description().vcpus as usize);
+    let space = Arc::new(Space::new(rx.ram.clone(), rx.written.clone(), queues)?);
+    let urgent = att
+        .urgent
+        .as_ref()
+        .ok_or(MigrateError::PostcopyNotEnabled)?
+        .try_clone()
+        .map_err(MigrateError::io("cloning the urgent channel"))?;
+    let faults = Faults::start(
+        space.clone(),
+        urgent,
+        att.wire,
+        att.id,
+        rx.events_tx.clone(),
+    )?;
+    att.faults = Some(faults);
+    // Only now may postcopy frames be placed (the source pushes them after Go).
+    let _ = att.postcopy.set((pass, space));
+    Ok(())
+}
+
+/// `Go` came and the guest runs: wait for every pushed page.
+pub(super) fn enter(
+    rx: &mut Destination,
+    mut att: Box<Attempt>,
+    load: Duration,
+    resume: Duration,
+    late: bool,
+) -> Step {
+    if let Some(f) = att.faults.as_mut() {
+        f.guest_runs();
+    }
+    rx.progress.set_status(Status::Postcopy);
+    let pass = att.postcopy.get().map(|(p, _)| *p).unwrap_or(0);
+    let n = usize::from(att.hello.data_channels);
+    let early = std::mem::take(&mut att.early_ends);
+    let mut p = PostcopyRunning {
+        att,
+        pass,
+        ended: vec![false; n],
+        load,
+        resume,
+        late,
+        broken: None,
+    };
+    for channel in early {
+        if p.pass_end(rx, channel, pass) {
+            return p.finish(rx);
+        }
+    }
+    Step::Next(Phase::Postcopy(Box::new(p)))
+}
+
+/// The guest runs here; pages it lacks still arrive.
+pub(crate) struct PostcopyRunning {
+    att: Box<Attempt>,
+    pass: u32,
+    /// Which data channels ended the postcopy pass.
+    ended: Vec<bool>,
+    load: Duration,
+    resume: Duration,
+    late: bool,
+    /// Why postcopy broke off, if it did.
+    broken: Option<String>,
+}
+
+impl PostcopyRunning {
+    pub(super) fn name(&self) -> &'static str {
+        if self.broken.is_some() {
+            "postcopy-paused"
+        } else {
+            "postcopy"
+        }
+    }
+
+    pub(super) fn on(mut self: Box<Self>, ev: Event, rx: &mut Destination) -> Step {
+        match ev {
+            Event::Data { attempt, ev } if self.att.is_current(attempt) => match ev {
+                super::super::data::DataEvent::PassEnd { channel, pass } => {
+                    if self.pass_end(rx, channel, pass) {
+                        return (*self).finish(rx);
+                    }
+                }
+                super::super::data::DataEvent::Closed { channel } => {
+                    if !self
+                        .ended
+                        .get(usize::from(channel))
+                        .copied()
+                        .unwrap_or(true)
+                    {
+                        self.broke(rx, format!("data channel {channel} closed early"));
+                    }
+                }
+                super::super::data::DataEvent::Failed(e) => self.broke(rx, e.to_string()),
+            },
+            Event::Main { attempt, msg } if self.att.is_current(attempt) => match msg {
+                Ok(Message::Ping { nonce }) => {
+                    let deadline = control_deadline(&self.att);
+                    let _ = self
+                        .att
+                        .send(&Message::Pong { nonce }, "postcopy", deadline);
+                }
+                Ok(Message::Error { reason }) => {
+                    self.broke(rx, format!("the source gave up: {reason}"))
+                }
+                Ok(m) => self.broke(rx, format!("the source sent {} in postcopy", m.name())),
+                Err(ProtoError::Eof) if self.broken.is_some() => {}
+                Err(e) => self.broke(rx, read_error(e, "postcopy").to_string()),
+            },
+            Event::Tick => {
+                let limit = progress_timeout(&self.att);
+                if self.broken.is_none() && self.att.activity.idle() >= limit {
+                    let why = format!("no page arrived for {} ms", limit.as_millis());
+                    self.broke(rx, why);
+                }
+            }
+            Event::Command(req) => match req.command {
+                Command::Quit { force: true } => {
+                    req.answer(Ok(
+                        "quitting by force during postcopy: this guest is lost".into()
+                    ));
+                    self.att.end();
+                    return Step::End(RecvOutcome::Quit);
+                }
+                _ => req.refuse(
+                    self.name(),
+                    "postcopy: the guest runs here while its last pages arrive; the migration \
+                     ends when they are all here ('quit --force' abandons the guest)",
+                ),
+            },
+            Event::Greeted(g) => {
+                if let Some(g) = rx.busy(g, &self.att) {
+                    rx.stray(&g.peer, "an extra channel during postcopy");
+                }
+            }
+            _ => {}
+        }
+        Step::Next(Phase::Postcopy(self))
+    }
+
+    /// A channel ended the postcopy pass; true when all have (every page is here).
+    fn pass_end(&mut self, rx: &Destination, channel: u16, pass: u32) -> bool {
+        if pass != self.pass {
+            self.broke(
+                rx,
+                format!(
+                    "data channel {channel} ended pass {pass}, not postcopy's {}",
+                    self.pass
+                ),
+            );
+            return false;
+        }
+        if let Some(e) = self.ended.get_mut(usize::from(channel)) {
+            *e = true;
+        }
+        self.ended.iter().all(|e| *e)
+    }
+
+    fn broke(&mut self, rx: &Destination, why: String) {
+        if self.broken.is_some() {
+            return;
+        }
+        let msg = format!(
+            "postcopy broke off: {why}. The guest keeps running here; a vCPU that touches a \
+             page still on the source waits for it, and pages that still arrive are placed. \
+             This version cannot resume postcopy on a new connection"
+        );
+        tracing::error!("{msg}");
+        rx.progress.set_error(&msg);
+        rx.progress.set_status(Status::PostcopyPaused);
+        self.broken = Some(why);
+    }
+
+    /// Every page is here: stop the fault machinery, tell the source, and report.
+    fn finish(mut self, rx: &mut Destination) -> Step {
+        let stats = self.att.faults.take().map(Faults::stop).unwrap_or_default();
+        tracing::info!(
+            faults = stats.faults,
+            requested = stats.requested_pages,
+            p50_us = stats.latency_p50_us,
+            p99_us = stats.latency_p99_us,
+            "postcopy complete: every page is here"
+        );
+        let done = Message::PostcopyDone {
+            faults: stats.faults,
+            requested: stats.requested_pages,
+            p50_us: stats.latency_p50_us,
+            p99_us: stats.latency_p99_us,
+            max_us: stats.latency_max_us,
+        };
+        if let Err(e) = self
+            .att
+            .send(&done, "postcopy", Instant::now() + ERROR_SEND_TIMEOUT)
+        {
+            tracing::warn!("telling the source that postcopy is complete: {e}");
+        }
+        let mut out = rx.stats(&self.att);
+        out.load_ms = self.load.as_secs_f64() * 1e3;
+        out.resume_ms = self.resume.as_secs_f64() * 1e3;
+        out.confirmed_late = self.late;
+        out.postcopy = Some(Box::new(stats));
+        self.att.end();
+        rx.progress.set_status(Status::Completed);
+        rx.progress.set_phase("running");
+        Step::End(RecvOutcome::Running(out))
+    }
+}

@@ -1,0 +1,347 @@
+//! The sender's postcopy phases:
+//!
+//! ```text
+//! precopy --(switch)--> postcopy-switch --Go--> postcopy --PostcopyDone--> (completed)
+//!                            |                      |
+//!                            +--> abort             +--> postcopy-paused
+//!                  (guest resumed here)        (guest on the destination, its missing
+//!                                               pages kept here; nothing discarded)
+//! ```
+//!
+//! At the switch the guest pauses here; the destination learns which of its pages are stale
+//! (`Discard`), gets the state and `Postcopy`, and answers `Loaded`. Until `Go` the guest is
+//! this side's and any failure resumes it here. After `Go` the destination runs it and owns
+//! every page it has written: this side never runs the guest again, and serves the pages the
+//! destination lacks (pushed on the data channels, asked for on the urgent channel) until
+//! the destination has them all.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ferry_memory::dirty::DirtySnapshot;
+use ferry_memory::ram::PAGE_SIZE;
+use ferry_proto::{Message, PageRun, MAX_RUNS};
+
+use super::phase::{Phase, Precopy, Step};
+use super::urgent::{self, Serving};
+use super::worker::{self, WorkerEvent};
+use super::{ms, Event, SendOutcome, Source};
+use crate::control::{Command, Request};
+use crate::error::{MigrateError, Waited};
+use crate::progress::{PostcopySendStats, Status};
+use crate::CHUNK_PAGES;
+
+/// The guest is paused here; stale pages, state and `Postcopy` went out; waiting for
+/// `Loaded`.
+pub(super) struct PostcopySwitch {
+    deadline: Instant,
+    pass: u32,
+    missing: Arc<DirtySnapshot>,
+    stats: PostcopySendStats,
+    paused: Instant,
+}
+
+impl PostcopySwitch {
+    /// Pauses the guest and tells the destination what it lacks. `trigger` names why.
+    pub(super) fn begin(
+        src: &mut Source,
+        pre: Precopy,
+        trigger: &'static str,
+    ) -> Result<PostcopySwitch, MigrateError> {
+        src.progress.set_status(Status::Switchover);
+        let paused = Instant::now();
+        let deadline = paused + src.params.switchover_timeout;
+        src.pause_guest()?;
+        let tracker = src.tracker.clone().ok_or(MigrateError::NotTracking)?;
+        // Everything written since it was sent, and everything never sent: the pages the
+        // destination must not use and will get in postcopy.
+        let mut missing = tracker.sync(false)?;
+        missing.merge(&pre.snap)?;
+        let pass = if pre.sent_any { pre.pass + 1 } else { 0 };
+        let sections = src.vm.save_state().map_err(|source| MigrateError::Vm {
+            op: "saving the state",
+            source,
+        })?;
+        // State first: a Discard after it belongs to the switch (one before it would be
+        // the early discard of a postcopy without precopy).
+        src.send(&Message::State { sections }, "postcopy-switch", deadline)?;
+        if pre.sent_any {
+            // Without a pass sent, the destination discarded all its memory before the pause.
+            for batch in stale_runs(src, &missing).chunks(MAX_RUNS as usize) {
+                let msg = Message::Discard {
+                    runs: batch.to_vec(),
+                };
+                src.send(&msg, "postcopy-switch", deadline)?;
+            }
+        }
+        src.send(&Message::Postcopy { pass }, "postcopy-switch", deadline)?;
+        src.start_urgent_server(pass)?;
+        tracing::info!(
+            trigger,
+            pass,
+            missing = missing.dirty_pages(),
+            "switching to postcopy: the guest is paused; state sent"
+        );
+        let stats = PostcopySendStats {
+            trigger: trigger.into(),
+            precopy_passes: if pre.sent_any { u64::from(pass) } else { 0 },
+            pages_missing: missing.dirty_pages(),
+            ..PostcopySendStats::default()
+        };
+        Ok(PostcopySwitch {
+            deadline,
+            pass,
+            missing: Arc::new(missing),
+            stats,
+            paused,
+        })
+    }
+
+    pub(super) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    pub(super) fn on(self: Box<Self>, ev: Event, src: &mut Source) -> Result<Step, MigrateError> {
+        match ev {
+            Event::Peer(Ok(Message::Loaded { load_us })) => self.commit(src, load_us),
+            Event::Peer(Ok(
+                Message::Ack { .. } | Message::Prepared { .. } | Message::Pong { .. },
+            )) => Ok(Step::Next(Phase::PostcopySwitch(self))),
+            Event::Worker(WorkerEvent::Failed(e)) => {
+                src.take_back();
+                Err(src.prefer_peer_reason(e))
+            }
+            Event::Tick if Instant::now() >= self.deadline => Err(MigrateError::Timeout {
+                what: Waited::Loaded,
+                after: src.params.switchover_timeout,
+            }),
+            ev => {
+                super::phase::early_event(ev, src, "postcopy-switch")?;
+                Ok(Step::Next(Phase::PostcopySwitch(self)))
+            }
+        }
+    }
+
+    /// The point of no return: `Go`, then the background push of every missing page.
+    fn commit(self, src: &mut Source, load_us: u64) -> Result<Step, MigrateError> {
+        if Instant::now() >= self.deadline {
+            return Err(MigrateError::Timeout {
+                what: Waited::Loaded,
+                after: src.params.switchover_timeout,
+            });
+        }
+        src.send(&Message::Go, "postcopy-switch", self.deadline)?;
+        let go_at = Instant::now();
+        tracing::info!(
+            load_us,
+            "postcopy committed: Go sent; pushing the missing pages"
+        );
+        src.progress
+            .pass
+            .store(u64::from(self.pass), Ordering::Relaxed);
+        worker::dispatch(&src.workers, &src.ram, self.pass, "postcopy", &self.missing);
+        Ok(Step::Next(Phase::Postcopy(Box::new(PostcopyActive {
+            go_at,
+            paused: self.paused,
+            running: None,
+            outstanding: src.workers.len(),
+            quiet_deadline: None,
+            stats: self.stats,
+        }))))
+    }
+}
+
+/// The runs of pages the destination holds stale copies of.
+fn stale_runs(src: &Source, missing: &DirtySnapshot) -> Vec<PageRun> {
+    let regions = src.ram.regions();
+    let mut runs: Vec<PageRun> = Vec::new();
+    for c in missing.dirty_chunks(CHUNK_PAGES) {
+        let Some(base) = regions.get(c.region).map(|r| r.gpa) else {
+            continue;
+        };
+        for p in missing.chunk_pages(&c) {
+            let gpa = base + p * PAGE_SIZE;
+            match runs.last_mut() {
+                Some(l) if l.gpa + u64::from(l.pages) * PAGE_SIZE == gpa => l.pages += 1,
+                _ => runs.push(PageRun { gpa, pages: 1 }),
+            }
+        }
+    }
+    runs
+}
+
+impl Source {
+    /// Starts answering page requests on the urgent channel, from the paused guest.
+    fn start_urgent_server(&mut self, pass: u32) -> Result<(), MigrateError> {
+        let Some(stream) = self.urgent.take() else {
+            return Err(MigrateError::PostcopyNotEnabled);
+        };
+        let how = Serving {
+            ram: self.ram.clone(),
+            wire: self.wire,
+            pass,
+            progress: self.progress.clone(),
+        };
+        self.urgent_server = Some(urgent::spawn(
+            stream,
+            how,
+            self.events_tx.clone(),
+            Event::Worker,
+        )?);
+        Ok(())
+    }
+
+    /// The destination has every page: fill in the statistics and close.
+    fn complete_postcopy(&mut self, a: &PostcopyActive, done: Message) -> Step {
+        let mut p = a.stats.clone();
+        if let Message::PostcopyDone {
+            faults,
+            p50_us,
+            p99_us,
+            max_us,
+            ..
+        } = done
+        {
+            p.faults = faults;
+            p.latency_p50_us = p50_us;
+            p.latency_p99_us = p99_us;
+            p.latency_max_us = max_us;
+        }
+        p.pages_requested = self.progress.pages_requested.load(Ordering::Relaxed);
+        let running = a.running.unwrap_or(a.go_at);
+        p.postcopy_ms = ms(running.elapsed());
+        self.stats.downtime_ms = ms(running.saturating_duration_since(a.paused));
+        self.stats.passes = p.precopy_passes + 1;
+        self.stats.postcopy = Some(Box::new(p));
+        self.final_counters();
+        self.close();
+        self.write_digest_file();
+        self.progress.set_status(Status::Completed);
+        tracing::info!("postcopy complete: the destination has every page");
+        Step::End(Box::new(SendOutcome::Completed(self.stats.clone())))
+    }
+}
+
+/// `Go` is out: the guest runs on the destination (once it says `Running`); the missing
+/// pages are pushed and served until the destination has them all.
+pub(super) struct PostcopyActive {
+    go_at: Instant,
+    paused: Instant,
+    running: Option<Instant>,
+    outstanding: usize,
+    /// Once every page is pushed: when the destination must have said it has them all.
+    quiet_deadline: Option<Instant>,
+    stats: PostcopySendStats,
+}
+
+impl PostcopyActive {
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        self.quiet_deadline
+    }
+
+    pub(super) fn on(mut self: Box<Self>, ev: Event, src: &mut Source) -> Step {
+        match ev {
+            Event::Peer(Ok(Message::Running { resume_us })) if self.running.is_none() => {
+                self.running = Some(Instant::now());
+                src.progress.set_status(Status::Postcopy);
+                tracing::info!(resume_us, "the guest runs on the destination (postcopy)");
+            }
+            Event::Peer(Ok(done @ Message::PostcopyDone { .. })) => {
+                return src.complete_postcopy(&self, done);
+            }
+            // Before Running, an Error is the destination's promise not to run the guest.
+            Event::Peer(Ok(Message::Error { reason })) if self.running.is_none() => {
+                return src.destination_refused_go(reason);
+            }
+            Event::Peer(Ok(
+                Message::Ack { .. } | Message::Prepared { .. } | Message::Pong { .. },
+            )) => {}
+            Event::Peer(Ok(m)) => {
+                let why = format!("the destination sent {} during postcopy", m.name());
+                return PostcopyPaused::enter(self, src, why);
+            }
+            Event::Peer(Err(e)) => {
+                let why = format!("the link broke: {}", src.read_error(e, "postcopy"));
+                return PostcopyPaused::enter(self, src, why);
+            }
+            Event::Worker(WorkerEvent::Done { .. }) => {
+                self.outstanding = self.outstanding.saturating_sub(1);
+                if self.outstanding == 0 {
+                    tracing::info!("postcopy: every missing page is pushed");
+                    self.quiet_deadline = Some(Instant::now() + src.params.progress_timeout);
+                }
+            }
+            Event::Worker(WorkerEvent::Failed(e)) => {
+                return PostcopyPaused::enter(self, src, e.to_string());
+            }
+            Event::Tick if self.quiet_deadline.is_some_and(|d| Instant::now() >= d) => {
+                let why = format!(
+                    "every page was pushed but the destination did not confirm within {} ms",
+                    src.params.progress_timeout.as_millis()
+                );
+                return PostcopyPaused::enter(self, src, why);
+            }
+            Event::Command(req) => req.refuse(
+                "postcopy",
+                "the guest runs on the destination and this side serves the pages it still \
+                 lacks; the migration ends when it has them all",
+            ),
+            Event::Tick | Event::Connected(_) => {}
+        }
+        Step::Next(Phase::Postcopy(self))
+    }
+}
+
+/// Postcopy broke off after `Go`: the guest is the destination's, but pages it lacks are
+/// only here. Neither side can run it alone, so nothing is discarded: the guest stays paused
+/// here with its memory until an operator decides.
+pub(super) struct PostcopyPaused {
+    prior: Box<PostcopyActive>,
+}
+
+impl PostcopyPaused {
+    fn enter(prior: Box<PostcopyActive>, src: &mut Source, why: String) -> Step {
+        let msg = format!(
+            "postcopy broke off: {why}. The guest belongs to the destination now, which still \
+             lacks pages that only this side holds (the guest stays paused here with them). \
+             This version cannot resume postcopy on a new connection; keep this process \
+             until the destination is dealt with ('quit --force' discards these pages)"
+        );
+        tracing::error!("{msg}");
+        src.progress.set_error(&msg);
+        src.progress.set_status(Status::PostcopyPaused);
+        Step::Next(Phase::PostcopyPaused(Box::new(PostcopyPaused { prior })))
+    }
+
+    pub(super) fn on(self: Box<Self>, ev: Event, src: &mut Source) -> Step {
+        match ev {
+            Event::Peer(Ok(done @ Message::PostcopyDone { .. })) => {
+                src.complete_postcopy(&self.prior, done)
+            }
+            Event::Command(req) => self.command(req, src),
+            _ => Step::Next(Phase::PostcopyPaused(self)),
+        }
+    }
+
+    fn command(self: Box<Self>, req: Request, src: &mut Source) -> Step {
+        match req.command {
+            Command::Quit { force: true } => {
+                req.answer(Ok(
+                    "quitting by force; the pages the destination lacked are lost".into(),
+                ));
+                src.close();
+                Step::End(Box::new(SendOutcome::Quit))
+            }
+            _ => {
+                req.refuse(
+                    "postcopy-paused",
+                    "postcopy broke off after the destination took the guest: this side holds \
+                     pages it lacks and cannot run the guest itself; only 'quit --force' \
+                     (losing those pages) ends it",
+                );
+                Step::Next(Phase::PostcopyPaused(self))
+            }
+        }
+    }
+}

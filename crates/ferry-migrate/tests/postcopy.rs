@@ -1,0 +1,219 @@
+//! Postcopy without KVM: a fake source and destination over unix sockets. The destination's
+//! "guest" is a thread reading every page while pages still arrive, so its reads fault and
+//! are served on the urgent channel; afterwards every page must equal the paused source's.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use common::*;
+use ferry_memory::ram::PAGE_SIZE;
+use ferry_migrate::control::Command;
+use ferry_migrate::recv::{PrepareMode, RecvOutcome};
+use ferry_migrate::send::{PostcopyMode, SendParams};
+use ferry_migrate::{MigrateError, MigrationTarget, Status};
+use ferry_testkit::fake::{FakeSource, FakeTarget};
+use vm_memory::{Bytes, GuestAddress};
+
+fn postcopy(mode: PostcopyMode) -> SendParams {
+    SendParams {
+        postcopy: mode,
+        ..params()
+    }
+}
+
+/// Reads every page of the target's memory once it runs, in a scattered order, as a guest
+/// would touch it; returns how many pages it read.
+fn toucher(dst: &Arc<FakeTarget>, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
+    let dst = dst.clone();
+    std::thread::spawn(move || {
+        while !dst.running() {
+            if stop.load(Ordering::Relaxed) {
+                return 0;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let ram = dst.ram();
+        let pages = ram.size() / PAGE_SIZE;
+        let mut read = 0;
+        // A stride coprime with the page count visits every page once.
+        for i in 0..pages {
+            let p = (i * 97) % pages;
+            let _: u64 = ram.mem().read_obj(GuestAddress(p * PAGE_SIZE)).unwrap();
+            read += 1;
+        }
+        read
+    })
+}
+
+fn received(o: Result<RecvOutcome, MigrateError>) -> ferry_migrate::recv::ReceiveStats {
+    match o {
+        Ok(RecvOutcome::Running(s)) => s,
+        o => panic!("expected the guest running on the destination, got {o:?}"),
+    }
+}
+
+/// Runs a postcopy migration with a guest touching all memory on the destination, and
+/// checks that nothing was lost.
+fn moves_everything(mode: PostcopyMode, prepare: PrepareMode, src: Arc<FakeSource>) -> String {
+    let dst = Dest::with(
+        FakeTarget::new(MIB),
+        ferry_migrate::recv::ReceiveParams {
+            prepare,
+            ..recv_params()
+        },
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = toucher(&dst.target, stop.clone());
+    let m = Migration::start(&src, &dst.uri, postcopy(mode));
+    let stats = completed(m.finish());
+    let target = dst.target.clone();
+    let rstats = received(dst.finish());
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(
+        guest.join().unwrap(),
+        MIB * 256,
+        "the guest read every page"
+    );
+    assert_handed_over(&src, &target);
+    let p = stats.postcopy.expect("postcopy statistics");
+    let r = rstats.postcopy.expect("destination postcopy statistics");
+    assert!(p.pages_missing > 0);
+    assert_eq!(r.faults, p.faults);
+    assert!(r.queues >= 1);
+    assert!(
+        r.pushed_pages + r.requested_pages >= p.pages_missing,
+        "every missing page came: {r:?} {p:?}"
+    );
+    p.trigger
+}
+
+#[test]
+fn postcopy_without_precopy_moves_every_page() {
+    let trigger = moves_everything(PostcopyMode::Now, PrepareMode::None, busy_source());
+    assert_eq!(trigger, "now");
+}
+
+#[test]
+fn postcopy_discards_prepared_destination_memory() {
+    // Populated memory never faults: postcopy must make it missing first.
+    let trigger = moves_everything(PostcopyMode::Now, PrepareMode::Populate, busy_source());
+    assert_eq!(trigger, "now");
+}
+
+#[test]
+fn postcopy_on_shared_destination_memory() {
+    let dst_ram = FakeTarget::new_shared(MIB);
+    let dst = Dest::with(dst_ram, recv_params());
+    let src = busy_source();
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = toucher(&dst.target, stop.clone());
+    let m = Migration::start(&src, &dst.uri, postcopy(PostcopyMode::Now));
+    completed(m.finish());
+    let target = dst.target.clone();
+    received(dst.finish());
+    assert_eq!(guest.join().unwrap(), MIB * 256);
+    assert_handed_over(&src, &target);
+}
+
+#[test]
+fn postcopy_after_a_precopy_that_does_not_converge() {
+    // A working set rewritten without pause against a 1 ms limit never converges.
+    let src = FakeSource::start(MIB, 2048, Duration::ZERO);
+    let params = SendParams {
+        downtime_limit: Duration::from_millis(1),
+        ..postcopy(PostcopyMode::AfterPrecopy)
+    };
+    let dst = Dest::start(MIB);
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = toucher(&dst.target, stop.clone());
+    let m = Migration::start(&src, &dst.uri, params);
+    let stats = completed(m.finish());
+    let target = dst.target.clone();
+    received(dst.finish());
+    assert_eq!(guest.join().unwrap(), MIB * 256);
+    assert_handed_over(&src, &target);
+    let p = stats.postcopy.unwrap();
+    assert_eq!(p.trigger, "after-precopy");
+    assert!(p.precopy_passes >= 1);
+    assert_eq!(
+        stats.max_throttle_percent, 0,
+        "postcopy instead of throttling"
+    );
+}
+
+#[test]
+fn migrate_start_postcopy_switches_a_running_precopy() {
+    let src = FakeSource::start(MIB, 2048, Duration::ZERO);
+    let params = SendParams {
+        downtime_limit: Duration::from_millis(1),
+        auto_converge: false,
+        ..postcopy(PostcopyMode::OnRequest)
+    };
+    let dst = Dest::start(MIB);
+    let m = Migration::start(&src, &dst.uri, params);
+    m.wait_status(Status::Active, Duration::from_secs(5));
+    let answer = m.command(Command::StartPostcopy).unwrap();
+    assert!(answer.contains("postcopy"), "{answer}");
+    let stats = completed(m.finish());
+    let target = dst.target.clone();
+    received(dst.finish());
+    assert_handed_over(&src, &target);
+    assert_eq!(stats.postcopy.unwrap().trigger, "requested");
+}
+
+#[test]
+fn migrate_start_postcopy_is_refused_without_postcopy() {
+    let src = FakeSource::start(MIB, 2048, Duration::ZERO);
+    let params = SendParams {
+        downtime_limit: Duration::from_millis(1),
+        auto_converge: false,
+        ..params()
+    };
+    let dst = Dest::start(MIB);
+    let m = Migration::start(&src, &dst.uri, params);
+    m.wait_status(Status::Active, Duration::from_secs(5));
+    let e = m.command(Command::StartPostcopy).unwrap_err();
+    assert!(e.contains("without postcopy"), "{e}");
+    m.command(Command::Cancel).unwrap();
+    failed(m.finish());
+    assert_source_owns(&src, &dst.target);
+}
+
+#[test]
+fn a_destination_with_locked_memory_refuses_postcopy_and_the_source_runs_on() {
+    let dst = Dest::with(
+        FakeTarget::new(MIB),
+        ferry_migrate::recv::ReceiveParams {
+            prepare: PrepareMode::Lock,
+            ..recv_params()
+        },
+    );
+    let src = busy_source();
+    let m = Migration::start(&src, &dst.uri, postcopy(PostcopyMode::Now));
+    let e = failed(m.finish());
+    assert!(matches!(e, MigrateError::PostcopyRefused), "{e}");
+    assert_source_owns(&src, &dst.target);
+}
+
+#[test]
+fn a_failure_before_go_gives_the_guest_back_and_the_destination_forgets_postcopy() {
+    let target = FakeTarget::new(MIB);
+    target.fail_load.store(true, Ordering::SeqCst);
+    let dst = Dest::with_target(target.clone());
+    let src = busy_source();
+    let m = Migration::start(&src, &dst.uri, postcopy(PostcopyMode::Now));
+    let e = failed(m.finish());
+    assert!(e.to_string().contains("load"), "{e}");
+    assert_source_owns(&src, &target);
+    // The next attempt, precopy, succeeds on the same destination: its memory is whole.
+    target.fail_load.store(false, Ordering::SeqCst);
+    dst.wait_status(Status::Listening, Duration::from_secs(5));
+    let m = Migration::start(&src, &dst.uri, params());
+    completed(m.finish());
+    received(dst.finish());
+    assert_handed_over(&src, &target);
+}
