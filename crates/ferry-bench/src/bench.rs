@@ -1128,6 +1128,8 @@ mod tests {
             status_lines_after: 1,
             dest_status: "running".into(),
             other_cpus: 0.0,
+            first_pass_ms: f64::NAN,
+            postcopy_blocktime_ms: f64::NAN,
         }
     }
 }

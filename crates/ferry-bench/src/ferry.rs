@@ -192,6 +192,9 @@ pub struct FerryResult {
     pub other_cpus: f64,
     /// Verified runs: every page's digest compared across the two sides.
     pub memory: MemoryCheck,
+    /// With `mark=1` in the guest's command line: from `migrate` to the end of the guest's
+    /// first sweep of its hot set done wholly on the destination, ms (NaN without marks).
+    pub first_pass_ms: f64,
 }
 
 /// What a run's page-digest comparison found.
@@ -528,6 +531,7 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
             .filter(|l| l.at >= t_complete && matches!(l.line, GuestLine::Status { .. }))
             .count(),
         other_cpus: cpu_after.others_since(&cpu_before),
+        first_pass_ms: crate::qemu::first_pass_ms(&dst.serial.marks(), t_migrate),
         ..FerryResult::default()
     };
     r.fill_from_stats(&stats)?;

@@ -13,6 +13,9 @@
 //!   `migrate --local`, at 1, 4 and 8 GiB.
 //! - `secure`: mutual TLS, checksums and compression (issue 11) against QEMU 7.2
 //!   `tls-creds-x509` and multifd zstd, on loopback and on links shaped to 1 and 10 Gbit/s.
+//! - `postcopy`: postcopy switching at once (issue 8), QEMU 7.2 `postcopy-ram` (with and
+//!   without `postcopy-preempt`) against Ferry `migrate --postcopy`, with the fault-latency
+//!   floor (a loopback round trip carrying a page, plus a page copy) in the same run.
 //!
 //! Build both binaries first: `cargo build --release -p ferry-cli -p ferry-bench`, then
 //! `target/release/ferry-bench SUBCOMMAND`. See BENCHMARKS.md.
@@ -25,6 +28,7 @@ mod ferry;
 mod limits;
 mod local;
 mod netshape;
+mod postcopy;
 mod prepare;
 mod qemu;
 mod secure;
@@ -67,6 +71,37 @@ enum Cmd {
     /// Mutual TLS, checksums and compression, QEMU 7.2 tls-creds-x509 and multifd zstd vs
     /// Ferry, on loopback and shaped links (issue 11; needs root for the links).
     Secure(SecureArgs),
+    /// Postcopy switching at once, QEMU 7.2 postcopy-ram (and postcopy-preempt) vs Ferry
+    /// --postcopy, and the fault-latency floor (issue 8).
+    Postcopy(PostcopyArgs),
+}
+
+#[derive(Args)]
+struct PostcopyArgs {
+    /// Repetitions of every configuration.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    mem: u64,
+    /// Hot working set the guest rewrites continuously (`ws=`).
+    #[arg(long, default_value = "64M")]
+    ws: String,
+    /// vCPU counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    vcpus: Vec<u32>,
+    /// Ferry's data channels.
+    #[arg(long, default_value_t = 2)]
+    channels: u32,
+    /// The ferry binary (default: `ferry` next to this program).
+    #[arg(long, value_name = "PATH")]
+    ferry: Option<PathBuf>,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64", value_name = "PATH")]
+    qemu: PathBuf,
+    /// Print every raw run as one JSON document on stdout (the tables then go to stderr).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -471,6 +506,25 @@ fn local_handover(a: LocalArgs) -> Result<()> {
     Ok(())
 }
 
+fn postcopy_bench(a: PostcopyArgs) -> Result<()> {
+    require_qemu(&a.qemu)?;
+    let dir = qemu::WorkDir::new()?;
+    let image = ferry_guest::write_image(ferry_guest::ImageKind::Elf, &dir.0)?;
+    let plan = postcopy::Plan {
+        reps: a.reps,
+        mem_mib: a.mem,
+        ws: a.ws,
+        vcpus: a.vcpus,
+        channels: a.channels,
+        ferry: locate_ferry(a.ferry)?,
+        qemu: a.qemu,
+        image,
+    };
+    let report = postcopy::run(&plan)?;
+    emit(&report.text(), a.json.then(|| report.to_json()));
+    Ok(())
+}
+
 fn secure_bench(a: SecureArgs) -> Result<()> {
     require_qemu(&a.qemu)?;
     let dir = qemu::WorkDir::new()?;
@@ -508,6 +562,7 @@ fn main() -> ExitCode {
         Cmd::Faults(a) => fault_matrix(a),
         Cmd::Local(a) => local_handover(a),
         Cmd::Secure(a) => secure_bench(a),
+        Cmd::Postcopy(a) => postcopy_bench(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -111,6 +111,11 @@ pub struct QemuConfig {
     /// The address the destination listens on and the source connects to (`tcp:HOST:PORT`),
     /// also the TLS hostname. Default `127.0.0.1`.
     pub dest_host: String,
+    /// Postcopy, switching at once (`migrate-start-postcopy` right after `migrate`), with
+    /// `postcopy-preempt` when `Some(true)`; the destination also measures its vCPUs'
+    /// `postcopy-blocktime`. QEMU 7.2 refuses multifd with postcopy: one channel. Default
+    /// `None`.
+    pub postcopy: Option<bool>,
 }
 
 impl QemuConfig {
@@ -140,6 +145,7 @@ impl QemuConfig {
             compress: None,
             dest_netns: None,
             dest_host: "127.0.0.1".to_string(),
+            postcopy: None,
         }
     }
 }
@@ -207,6 +213,12 @@ pub struct QemuResult {
     /// kept busy during the migration (0 on a quiet machine; it has 2): other work
     /// running at the same time skews every figure above.
     pub other_cpus: f64,
+    /// With `mark=1` in the guest's command line: from `migrate` to the end of the guest's
+    /// first sweep of its hot set done wholly on the destination (its second sweep mark
+    /// there), ms; NaN without marks.
+    pub first_pass_ms: f64,
+    /// Postcopy: the destination's `postcopy-blocktime` (time vCPUs waited for pages), ms.
+    pub postcopy_blocktime_ms: f64,
 }
 
 impl QemuResult {
@@ -259,6 +271,11 @@ pub fn run_migration(cfg: &QemuConfig) -> Result<QemuResult> {
     src_qmp
         .execute("migrate", Some(json!({ "uri": uri })))
         .context("src: migrate")?;
+    if cfg.postcopy.is_some() {
+        src_qmp
+            .execute("migrate-start-postcopy", None)
+            .context("src: migrate-start-postcopy")?;
+    }
     loop {
         thread::sleep(cfg.poll_interval);
         let info = src_qmp
@@ -298,6 +315,15 @@ pub fn run_migration(cfg: &QemuConfig) -> Result<QemuResult> {
         .unwrap_or("")
         .to_string();
 
+    let postcopy_blocktime_ms = match cfg.postcopy {
+        Some(_) => dst_qmp
+            .execute("query-migrate", None)
+            .context("dst: query-migrate")?
+            .get("postcopy-blocktime")
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN),
+        None => f64::NAN,
+    };
     let src_beats = src.serial.beats();
     let dst_beats = dst.serial.beats();
     let gap = longest_gap_at(&[&src_beats, &dst_beats], (t_migrate, t_end));
@@ -349,7 +375,20 @@ pub fn run_migration(cfg: &QemuConfig) -> Result<QemuResult> {
             .count(),
         dest_status,
         other_cpus: cpu_after.others_since(&cpu_before),
+        first_pass_ms: first_pass_ms(&dst.serial.marks(), t_migrate),
+        postcopy_blocktime_ms,
     })
+}
+
+/// From `t_migrate` to the guest's second sweep mark on the destination (its first sweep
+/// done wholly there), ms; NaN when there are fewer than two marks.
+pub(crate) fn first_pass_ms(dst_marks: &[Instant], t_migrate: Instant) -> f64 {
+    dst_marks
+        .iter()
+        .filter(|t| **t >= t_migrate)
+        .nth(1)
+        .map(|t| (*t - t_migrate).as_secs_f64() * 1e3)
+        .unwrap_or(f64::NAN)
 }
 
 /// `query-migrate` once QEMU has filled in its totals.
@@ -422,6 +461,20 @@ fn set_migration_params(qmp: &mut Qmp, cfg: &QemuConfig) -> Result<()> {
             Some(json!({ "capabilities": [{ "capability": "auto-converge", "state": true }] })),
         )
         .context("enabling auto-converge")?;
+    }
+    if let Some(preempt) = cfg.postcopy {
+        let mut caps = vec![
+            json!({ "capability": "postcopy-ram", "state": true }),
+            json!({ "capability": "postcopy-blocktime", "state": true }),
+        ];
+        if preempt {
+            caps.push(json!({ "capability": "postcopy-preempt", "state": true }));
+        }
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": caps })),
+        )
+        .context("enabling postcopy")?;
     }
     let mut params = serde_json::Map::new();
     if cfg.channels > 1 {

@@ -21,6 +21,7 @@
 #   dma=0|1    exercise the Ferry test DMA device (VMM writes guest memory), default 0
 #   cpus=N     wait for exactly N CPUs (default: whoever answers the SIPI in 100 ms)
 #   fill=0|1   fill (and later verify) the cold memory, default 1; fill=0 leaves it as it is
+#   mark=0|1   print '+' each time the BSP completes a sweep of its hot slice, default 0
 #
 # Built twice: as ELF32 (QEMU's default path) and as a flat image that uses the multiboot
 # header's load-address fields (flag bit 16), selected by KLUDGE.
@@ -353,7 +354,20 @@ cpu_main:
     jmp     .Lhot_write
 .Lhot_done:
     inc     qword ptr [gen + r15 * 8]
-    call    tick
+    # mark=1: a '+' after every BSP sweep (skipped when another CPU is printing).
+    test    r15, r15
+    jnz     1f
+    cmp     byte ptr [mark_on], 0
+    je      1f
+    mov     al, 1
+    xchg    al, [print_lock]
+    test    al, al
+    jnz     1f
+    mov     dx, COM1
+    mov     al, '+'
+    out     dx, al
+    mov     byte ptr [print_lock], 0
+1:  call    tick
 
     # Verify a batch of cold pages (generation 0: w0 = addr, w1 = ~addr).
     mov     rdi, [cold_cur + r15 * 8]
@@ -768,9 +782,15 @@ parse_cmdline:
     jmp     8f
 10: lea     rdi, [rip + key_fill]
     call    match_key
-    jc      8f
+    jc      12f
     call    parse_size
     mov     [fill_on], al
+    jmp     8f
+12: lea     rdi, [rip + key_mark]
+    call    match_key
+    jc      8f
+    call    parse_size
+    mov     [mark_on], al
 8:  # skip to the end of the token
     mov     al, [rsi]
     test    al, al
@@ -1164,6 +1184,7 @@ key_cold:      .asciz "cold="
 key_dma:       .asciz "dma="
 key_cpus:      .asciz "cpus="
 key_fill:      .asciz "fill="
+key_mark:      .asciz "mark="
 
 .section .data
 .align 8
@@ -1173,6 +1194,7 @@ hb_ms:         .quad 1
 cold_batch:    .long 256
 dma_on:        .byte 0
 fill_on:       .byte 1
+mark_on:       .byte 0
 .align 4
 want_cpus:     .long 0
 

@@ -48,6 +48,10 @@ pub fn write_image(kind: ImageKind, dir: &Path) -> io::Result<PathBuf> {
 /// The heartbeat byte the guest prints every `hb` milliseconds.
 pub const HEARTBEAT: u8 = b'.';
 
+/// The byte the guest prints (with `mark=1`) each time its boot vCPU completes a sweep of
+/// its hot working set.
+pub const SWEEP_MARK: u8 = b'+';
+
 /// A line the workload guest printed (heartbeat dots stripped).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestLine {

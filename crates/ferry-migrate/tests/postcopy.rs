@@ -217,3 +217,83 @@ fn a_failure_before_go_gives_the_guest_back_and_the_destination_forgets_postcopy
     received(dst.finish());
     assert_handed_over(&src, &target);
 }
+
+/// The link is cut in the middle of postcopy (the guest runs on the destination, pages are
+/// still on the source): both sides hold on, the source reconnects once the link is back,
+/// the destination asks again for what its guest waits for, and every page arrives right.
+#[test]
+fn a_link_cut_mid_postcopy_is_recovered_on_a_new_connection() {
+    use ferry_proto::MessageKind;
+    use ferry_testkit::proxy::{Action, Dir, Fault, Trigger};
+    let dst = Dest::start(MIB);
+    let src = busy_source();
+    let cut = Fault {
+        when: Trigger::Frame {
+            dir: Dir::ToDestination,
+            kind: MessageKind::Pages,
+            nth: 8,
+        },
+        action: Action::Cut,
+    };
+    let px = proxy(&dst, vec![cut]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = toucher(&dst.target, stop.clone());
+    let params = SendParams {
+        // A bandwidth cap keeps the push in flight long enough to be cut.
+        max_bandwidth: Some(16 << 20),
+        ..postcopy(PostcopyMode::Now)
+    };
+    let m = Migration::start(&src, &px.uri(), params);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !px.is_cut() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the link was never cut"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    m.wait_status(Status::PostcopyPaused, Duration::from_secs(5));
+    dst.wait_status(Status::PostcopyPaused, Duration::from_secs(5));
+    assert!(dst.target.running(), "the destination keeps the guest");
+    assert!(!src.running(), "the source never runs it again");
+    // Both refuse what would lose the guest.
+    assert!(m.command(Command::Resume { force: false }).is_err());
+    assert!(dst.command(Command::Cancel).is_err());
+    std::thread::sleep(Duration::from_millis(300));
+    px.heal();
+    let stats = completed(m.finish());
+    let target = dst.target.clone();
+    received(dst.finish());
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(
+        guest.join().unwrap(),
+        MIB * 256,
+        "the guest read every page"
+    );
+    assert_handed_over(&src, &target);
+    assert!(stats.postcopy.is_some());
+}
+
+/// The end of postcopy races the destination closing its channels against its
+/// `PostcopyDone`: repeated, the source must always learn that it is done (not mistake the
+/// closing for a broken link).
+#[test]
+fn the_end_of_postcopy_is_never_mistaken_for_a_broken_link() {
+    for _ in 0..6 {
+        let src = FakeSource::start(MIB, 2048, Duration::ZERO);
+        let params = SendParams {
+            downtime_limit: Duration::from_millis(1),
+            ..postcopy(PostcopyMode::AfterPrecopy)
+        };
+        let dst = Dest::start(MIB);
+        let stop = Arc::new(AtomicBool::new(false));
+        let guest = toucher(&dst.target, stop.clone());
+        let m = Migration::start(&src, &dst.uri, params);
+        completed(m.finish());
+        let target = dst.target.clone();
+        received(dst.finish());
+        stop.store(true, Ordering::Relaxed);
+        guest.join().unwrap();
+        assert_handed_over(&src, &target);
+    }
+}

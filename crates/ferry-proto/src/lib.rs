@@ -113,6 +113,12 @@ pub mod caps {
     /// pages are there ([`crate::Message::Postcopy`]); it opens the urgent channel
     /// ([`crate::ChannelRole::Urgent`]) for the pages the destination faults on.
     pub const POSTCOPY: u64 = 1 << 6;
+    /// In a main channel's `Hello`: not a new migration but the source of a postcopy whose
+    /// link broke, reconnecting with the same session id. The destination takes the new
+    /// channels in place of the old ones, asks again for the pages its vCPUs wait for, and
+    /// the source pushes again what the destination may lack (pass in a new `Postcopy`).
+    pub const RESUME: u64 = 1 << 7;
     /// Every capability this version knows.
-    pub const ALL: u64 = ZERO_RUNS | SWITCHOVER_ACK | LOCAL | PAGE_SUMS | ZSTD | LZ4 | POSTCOPY;
+    pub const ALL: u64 =
+        ZERO_RUNS | SWITCHOVER_ACK | LOCAL | PAGE_SUMS | ZSTD | LZ4 | POSTCOPY | RESUME;
 }

@@ -207,6 +207,18 @@ impl Proxy {
     pub fn cut(&self) {
         self.shared.cut_all();
     }
+
+    /// After a cut: new connections are forwarded again (the link is back; the cut ones
+    /// stay dead).
+    pub fn heal(&self) {
+        lock(&self.shared.sockets).clear();
+        self.shared.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether a cut is in force.
+    pub fn is_cut(&self) -> bool {
+        self.shared.cut.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Proxy {

@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ferry_guest::{GuestLine, HEARTBEAT};
+use ferry_guest::{GuestLine, HEARTBEAT, SWEEP_MARK};
 
 /// Why waiting for a serial line failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,8 @@ pub struct LogLine {
 #[derive(Debug, Default)]
 struct Log {
     beats: Vec<Instant>,
+    /// Sweep marks (`mark=1`).
+    marks: Vec<Instant>,
     lines: Vec<LogLine>,
     closed: bool,
 }
@@ -79,6 +81,10 @@ impl Splitter {
             match b {
                 HEARTBEAT if self.text.is_empty() => {
                     log.beats.push(at);
+                    self.pending_newline = false;
+                }
+                SWEEP_MARK if self.text.is_empty() => {
+                    log.marks.push(at);
                     self.pending_newline = false;
                 }
                 b'\n' if self.text.is_empty() => {
@@ -176,6 +182,11 @@ impl Recorder {
     /// Every heartbeat timestamp so far, in order.
     pub fn beats(&self) -> Vec<Instant> {
         self.shared.lock().beats.clone()
+    }
+
+    /// Every sweep mark's timestamp so far (`mark=1`), in order.
+    pub fn marks(&self) -> Vec<Instant> {
+        self.shared.lock().marks.clone()
     }
 
     /// How many heartbeats arrived in `[from, to]`.
@@ -384,6 +395,14 @@ mod tests {
                 ws_mib: 64
             }
         ));
+    }
+
+    #[test]
+    fn sweep_marks_are_neither_beats_nor_text() {
+        let log = split(&[b"..+..+", b"\nFERRY-GUEST ok sweeps=3 fails=0\n+."]);
+        assert_eq!(log.marks.len(), 3);
+        assert_eq!(log.beats.len(), 5);
+        assert_eq!(log.lines.len(), 1);
     }
 
     #[test]

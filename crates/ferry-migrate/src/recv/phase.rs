@@ -155,6 +155,8 @@ pub(super) struct Attempt {
     postcopy_ok: bool,
     /// Postcopy: data channels that ended the postcopy pass before `Go` was handled.
     early_ends: Vec<u16>,
+    /// The capabilities the Welcome accepted (a reconnecting source gets them again).
+    agreed: u64,
 }
 
 /// Refuses a migration announcing a channel count this destination does not take.
@@ -213,6 +215,7 @@ impl Attempt {
             faults: None,
             postcopy_ok: false,
             early_ends: Vec::new(),
+            agreed: 0,
             // Until the source's Setup says otherwise.
             timeouts: Timeouts {
                 progress_ms: 30_000,
@@ -547,6 +550,7 @@ impl Handshake {
         }
         h.att.wire = wire;
         h.att.postcopy_ok = h.att.hello.capabilities & offered & caps::POSTCOPY != 0;
+        h.att.agreed = h.att.hello.capabilities & offered;
         for (g, _) in std::mem::take(pending) {
             if let Some(g) = rx.busy(g, &h.att) {
                 if let Err(e) = h.attach(g) {

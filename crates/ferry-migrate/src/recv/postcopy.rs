@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use ferry_memory::ram::{GuestRam, PAGE_SIZE};
-use ferry_proto::{page_sum, read_message_checked, Message, PageRun, ProtoError, MAX_RUNS};
+use ferry_proto::{
+    page_sum, read_message_checked, Message, PageRun, ProtoError, MAX_BATCH_PAGES, MAX_RUNS,
+};
 use ferry_sys::uffd::{Fault, Placed, Uffd};
 use ferry_transport::Stream;
 use serde::Serialize;
@@ -37,6 +39,10 @@ const HANDLER_POLL: Duration = Duration::from_millis(50);
 const REQUEST_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Range sizes are rounded to this, so a huge page never straddles two ranges.
 const RANGE_ALIGN: u64 = 2 << 20;
+/// Nice value of the threads that carry the background push once the guest runs (data
+/// channel senders and receivers): the vCPUs, the fault handlers and the urgent channel
+/// come first on a busy host.
+pub const PUSH_NICE: i32 = 10;
 
 /// One registered range of guest memory.
 struct FaultRange {
@@ -351,10 +357,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The running fault machinery: one handler per range, and the urgent channel's receiver.
 pub(crate) struct Faults {
-    space: Arc<Space>,
-    stop: Arc<AtomicBool>,
+    ctx: Ctx,
     threads: Vec<JoinHandle<()>>,
+    /// The urgent channel (a clone, to shut it down) and where requests are written.
     urgent: Stream,
+    writer: Arc<Mutex<Stream>>,
+    /// The urgent receiver of a channel replaced by a reconnection.
+    old_receivers: Vec<JoinHandle<()>>,
     started: Instant,
 }
 
@@ -364,20 +373,45 @@ struct Ctx {
     space: Arc<Space>,
     stop: Arc<AtomicBool>,
     wire: Wire,
-    attempt: u64,
+    /// The attempt's id, which a reconnection changes (events of old channels are stale).
+    attempt: Arc<AtomicU64>,
     tx: Sender<Event>,
 }
 
 impl Ctx {
     /// Reports a failure to the event loop, unless postcopy is being stopped anyway.
     fn fail(&self, e: MigrateError) {
+        self.fail_as(e, self.attempt.load(Ordering::Relaxed));
+    }
+
+    fn fail_as(&self, e: MigrateError, attempt: u64) {
         if !self.stop.load(Ordering::Relaxed) {
             let _ = self.tx.send(Event::Data {
-                attempt: self.attempt,
+                attempt,
                 ev: DataEvent::Failed(e),
             });
         }
     }
+}
+
+fn clone_urgent(s: &Stream) -> Result<Stream, MigrateError> {
+    s.try_clone()
+        .map_err(MigrateError::io("cloning the urgent channel"))
+}
+
+/// Starts the urgent channel's receiver on `reader`; its failure is reported as the
+/// attempt it was started for (a reconnection makes it stale).
+fn spawn_urgent_receiver(ctx: &Ctx, reader: Stream) -> Result<JoinHandle<()>, MigrateError> {
+    let rctx = ctx.clone();
+    let attempt = ctx.attempt.load(Ordering::Relaxed);
+    std::thread::Builder::new()
+        .name("mig-urgent-rx".into())
+        .spawn(move || {
+            if let Err(e) = receive_urgent(&rctx, reader) {
+                rctx.fail_as(e, attempt);
+            }
+        })
+        .map_err(MigrateError::io("starting the urgent channel receiver"))
 }
 
 impl Faults {
@@ -393,14 +427,10 @@ impl Faults {
             space: space.clone(),
             stop: Arc::new(AtomicBool::new(false)),
             wire,
-            attempt,
+            attempt: Arc::new(AtomicU64::new(attempt)),
             tx,
         };
-        let clone = |s: &Stream| {
-            s.try_clone()
-                .map_err(MigrateError::io("cloning the urgent channel"))
-        };
-        let writer = Arc::new(Mutex::new(clone(&urgent)?));
+        let writer = Arc::new(Mutex::new(clone_urgent(&urgent)?));
         let mut threads = Vec::new();
         for i in 0..space.ranges.len() {
             let (ctx, writer) = (ctx.clone(), writer.clone());
@@ -414,21 +444,13 @@ impl Faults {
                 .map_err(MigrateError::io("starting a fault handler thread"))?;
             threads.push(t);
         }
-        let (rctx, reader) = (ctx.clone(), clone(&urgent)?);
-        let t = std::thread::Builder::new()
-            .name("mig-urgent-rx".into())
-            .spawn(move || {
-                if let Err(e) = receive_urgent(&rctx, reader) {
-                    rctx.fail(e);
-                }
-            })
-            .map_err(MigrateError::io("starting the urgent channel receiver"))?;
-        threads.push(t);
+        threads.push(spawn_urgent_receiver(&ctx, clone_urgent(&urgent)?)?);
         Ok(Faults {
-            space,
-            stop: ctx.stop,
+            ctx,
             threads,
             urgent,
+            writer,
+            old_receivers: Vec::new(),
             started: Instant::now(),
         })
     }
@@ -438,16 +460,107 @@ impl Faults {
         self.started = Instant::now();
     }
 
+    /// A reconnected source: requests go out on its new urgent channel, its answers are
+    /// read there, and every page a vCPU still waits for is asked for again (the old
+    /// request, or its answer, may have been lost with the old link). Events of the old
+    /// channels carry the old attempt id from now on.
+    pub(crate) fn rejoin(&mut self, urgent: Stream, attempt: u64) -> Result<(), MigrateError> {
+        self.ctx.attempt.store(attempt, Ordering::Relaxed);
+        self.urgent.shutdown();
+        let writer = clone_urgent(&urgent)?;
+        self.old_receivers
+            .push(spawn_urgent_receiver(&self.ctx, clone_urgent(&urgent)?)?);
+        self.urgent = urgent;
+        let mut w = lock(&self.writer);
+        *w = writer;
+        let waiting: Vec<u64> = {
+            let mut v: Vec<u64> = lock(&self.ctx.space.waiting).keys().copied().collect();
+            v.sort_unstable();
+            v
+        };
+        let mut runs: Vec<PageRun> = Vec::new();
+        for gpa in waiting
+            .into_iter()
+            .filter(|g| !self.ctx.space.placed.get(*g))
+        {
+            match runs.last_mut() {
+                Some(l) if l.gpa + u64::from(l.pages) * PAGE_SIZE == gpa => l.pages += 1,
+                _ => runs.push(PageRun { gpa, pages: 1 }),
+            }
+        }
+        tracing::info!(
+            pages = runs.iter().map(|r| u64::from(r.pages)).sum::<u64>(),
+            "postcopy: the source reconnected; asking again for the pages vCPUs wait for"
+        );
+        send_requests(&mut w, &self.ctx, &runs, &mut 0)
+    }
+
+    /// The statistics so far.
+    pub(crate) fn stats(&self) -> PostcopyStats {
+        self.ctx.space.stats(self.started)
+    }
+
     /// Stops every thread and unregisters guest memory; returns the statistics.
     pub(crate) fn stop(mut self) -> PostcopyStats {
-        self.stop.store(true, Ordering::Relaxed);
+        self.ctx.stop.store(true, Ordering::Relaxed);
         self.urgent.shutdown();
-        for t in self.threads.drain(..) {
+        for t in self.threads.drain(..).chain(self.old_receivers.drain(..)) {
             let _ = t.join();
         }
-        self.space.unregister();
-        self.space.stats(self.started)
+        self.ctx.space.unregister();
+        self.ctx.space.stats(self.started)
     }
+}
+
+/// Writes page requests for `runs` (in batches the protocol allows) on `writer`.
+fn send_requests(
+    writer: &mut Stream,
+    ctx: &Ctx,
+    runs: &[PageRun],
+    seq: &mut u32,
+) -> Result<(), MigrateError> {
+    let mut batch: Vec<PageRun> = Vec::new();
+    let mut pages = 0u64;
+    let flush = |batch: &mut Vec<PageRun>, pages: &mut u64, seq: &mut u32, w: &mut Stream| {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        *seq = seq.wrapping_add(1);
+        let msg = Message::PageRequest {
+            seq: *seq,
+            runs: std::mem::take(batch),
+        };
+        let deadline = Instant::now() + REQUEST_SEND_TIMEOUT;
+        send_by(w, &msg, ctx.wire.sums, deadline).map_err(|source| MigrateError::Send {
+            channel: Channel::Urgent,
+            phase: "postcopy",
+            source,
+        })?;
+        ctx.space
+            .requested_pages
+            .fetch_add(*pages, Ordering::Relaxed);
+        *pages = 0;
+        Ok(())
+    };
+    for r in runs {
+        // Runs of at most one batch of pages each.
+        let mut rest = *r;
+        while rest.pages > 0 {
+            let room = MAX_BATCH_PAGES as u64 - pages;
+            let take = u64::from(rest.pages).min(room) as u32;
+            batch.push(PageRun {
+                gpa: rest.gpa,
+                pages: take,
+            });
+            pages += u64::from(take);
+            rest.gpa += u64::from(take) * PAGE_SIZE;
+            rest.pages -= take;
+            if pages == MAX_BATCH_PAGES as u64 || batch.len() == MAX_RUNS as usize {
+                flush(&mut batch, &mut pages, seq, writer)?;
+            }
+        }
+    }
+    flush(&mut batch, &mut pages, seq, writer)
 }
 
 /// A handler: reads faults from range `i`'s userfaultfd and asks for the missing pages.
@@ -463,24 +576,13 @@ fn handle_faults(ctx: &Ctx, i: usize, writer: &Mutex<Stream>) -> Result<(), Migr
             .map_err(uffd_err("reading page faults"))?;
         runs.clear();
         ctx.space.triage(r, &faults, &mut runs);
-        for batch in runs.chunks(MAX_RUNS as usize) {
-            let pages: u64 = batch.iter().map(|r| u64::from(r.pages)).sum();
-            seq = seq.wrapping_add(1);
-            let msg = Message::PageRequest {
-                seq,
-                runs: batch.to_vec(),
-            };
-            let deadline = Instant::now() + REQUEST_SEND_TIMEOUT;
-            send_by(&mut lock(writer), &msg, ctx.wire.sums, deadline).map_err(|source| {
-                MigrateError::Send {
-                    channel: Channel::Urgent,
-                    phase: "postcopy",
-                    source,
-                }
-            })?;
-            ctx.space
-                .requested_pages
-                .fetch_add(pages, Ordering::Relaxed);
+        if runs.is_empty() {
+            continue;
+        }
+        // A broken link loses the request, not the handler: the pages stay waiting and
+        // are asked for again when the source reconnects.
+        if let Err(e) = send_requests(&mut lock(writer), ctx, &runs, &mut seq) {
+            ctx.fail(e);
         }
     }
     Ok(())

@@ -17,15 +17,18 @@ use std::time::{Duration, Instant};
 use ferry_memory::ram::PAGE_SIZE;
 use ferry_proto::{Message, PageRun, ProtoError};
 
+use super::super::accept::Greeted;
 use super::super::postcopy::{Faults, Space};
 use super::super::{Destination, Event, RecvOutcome};
 use super::{
-    control_deadline, progress_timeout, read_error, Attempt, Attempted, AwaitGo, Phase, Receiving,
-    Step, ERROR_SEND_TIMEOUT,
+    attempt_reader, control_deadline, progress_timeout, read_error, spawn_receiver, Attempt,
+    Attempted, AwaitGo, Phase, Receiving, Step, ERROR_SEND_TIMEOUT,
 };
 use crate::control::Command;
 use crate::error::MigrateError;
 use crate::progress::Status;
+use ferry_proto::{caps, ChannelRole, VERSION};
+use ferry_transport::Stream;
 
 /// Makes `runs` missing here (their pages come in postcopy).
 fn apply_discards(rx: &Destination, att: &Attempt, runs: &[PageRun]) -> Result<(), MigrateError> {
@@ -161,9 +164,11 @@ pub(super) fn enter(
         resume,
         late,
         broken: None,
+        rejoin: None,
+        early: Vec::new(),
     };
     for channel in early {
-        if p.pass_end(rx, channel, pass) {
+        if p.pass_end(channel, pass) {
             return p.finish(rx);
         }
     }
@@ -181,7 +186,23 @@ pub(crate) struct PostcopyRunning {
     late: bool,
     /// Why postcopy broke off, if it did.
     broken: Option<String>,
+    /// A reconnecting source's channels, gathering.
+    rejoin: Option<Rejoin>,
+    /// Channels of this session that came before their reconnecting main channel.
+    early: Vec<Greeted>,
 }
+
+/// A reconnecting source: its new main channel, and its data and urgent channels as they
+/// come.
+struct Rejoin {
+    main: Stream,
+    data: Vec<Option<Stream>>,
+    urgent: Option<Stream>,
+    deadline: Instant,
+}
+
+/// How long a reconnecting source's channels may take to follow its main channel.
+const REJOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl PostcopyRunning {
     pub(super) fn name(&self) -> &'static str {
@@ -196,7 +217,7 @@ impl PostcopyRunning {
         match ev {
             Event::Data { attempt, ev } if self.att.is_current(attempt) => match ev {
                 super::super::data::DataEvent::PassEnd { channel, pass } => {
-                    if self.pass_end(rx, channel, pass) {
+                    if self.pass_end(channel, pass) {
                         return (*self).finish(rx);
                     }
                 }
@@ -222,6 +243,8 @@ impl PostcopyRunning {
                 Ok(Message::Error { reason }) => {
                     self.broke(rx, format!("the source gave up: {reason}"))
                 }
+                Ok(Message::Postcopy { pass }) => self.new_pass(pass),
+                Ok(Message::Ack { .. } | Message::Pong { .. }) => {}
                 Ok(m) => self.broke(rx, format!("the source sent {} in postcopy", m.name())),
                 Err(ProtoError::Eof) if self.broken.is_some() => {}
                 Err(e) => self.broke(rx, read_error(e, "postcopy").to_string()),
@@ -247,26 +270,135 @@ impl PostcopyRunning {
                      ends when they are all here ('quit --force' abandons the guest)",
                 ),
             },
-            Event::Greeted(g) => {
-                if let Some(g) = rx.busy(g, &self.att) {
-                    rx.stray(&g.peer, "an extra channel during postcopy");
-                }
-            }
+            Event::Greeted(g) => self.greeted(rx, g),
             _ => {}
+        }
+        if self
+            .rejoin
+            .as_ref()
+            .is_some_and(|r| Instant::now() >= r.deadline)
+        {
+            tracing::warn!("a reconnecting source's channels did not all come in time");
+            self.rejoin = None;
         }
         Step::Next(Phase::Postcopy(self))
     }
 
+    /// A connection during postcopy: a reconnecting source's, or a stray.
+    fn greeted(&mut self, rx: &mut Destination, g: Greeted) {
+        let ours = g.hello.session == self.att.hello.session;
+        let resume = g.hello.capabilities & caps::RESUME != 0;
+        match g.hello.role {
+            ChannelRole::Main if ours && resume => self.start_rejoin(rx, g),
+            ChannelRole::Data { .. } | ChannelRole::Urgent if ours => {
+                self.early.push(g);
+                self.gather(rx);
+            }
+            _ => {
+                if let Some(g) = rx.busy(g, &self.att) {
+                    rx.stray(&g.peer, "an extra channel during postcopy");
+                }
+            }
+        }
+    }
+
+    /// The source reconnects: greet it with what was agreed, and gather its channels.
+    fn start_rejoin(&mut self, rx: &mut Destination, g: Greeted) {
+        let mut main = g.stream;
+        let _ = main.set_nodelay();
+        let welcome = Message::Welcome {
+            version: VERSION,
+            capabilities: self.att.agreed,
+        };
+        let deadline = Instant::now() + ERROR_SEND_TIMEOUT;
+        if let Err(e) = super::send_by(&mut main, &welcome, self.att.wire.sums, deadline) {
+            tracing::warn!("greeting the reconnecting source: {e}");
+            return;
+        }
+        tracing::info!(source = g.peer.as_str(), "postcopy: the source reconnects");
+        let n = usize::from(self.att.hello.data_channels);
+        self.rejoin = Some(Rejoin {
+            main,
+            data: (0..n).map(|_| None).collect(),
+            urgent: None,
+            deadline: Instant::now() + REJOIN_TIMEOUT,
+        });
+        self.gather(rx);
+    }
+
+    /// Slots the channels that came; once all are here, switches to them.
+    fn gather(&mut self, rx: &mut Destination) {
+        let Some(r) = self.rejoin.as_mut() else {
+            return;
+        };
+        for g in std::mem::take(&mut self.early) {
+            match g.hello.role {
+                ChannelRole::Urgent => r.urgent = Some(g.stream),
+                ChannelRole::Data { index } => {
+                    if let Some(slot) = r.data.get_mut(usize::from(index)) {
+                        *slot = Some(g.stream);
+                    }
+                }
+                ChannelRole::Main => {}
+            }
+        }
+        if r.urgent.is_none() || r.data.iter().any(Option::is_none) {
+            return;
+        }
+        if let Some(r) = self.rejoin.take() {
+            if let Err(e) = self.switch_channels(rx, r) {
+                self.broke(rx, format!("taking the reconnected channels failed: {e}"));
+            }
+        }
+    }
+
+    /// Replaces every channel of the attempt with the reconnected ones. The attempt gets a
+    /// new id: whatever the old channels still report is stale.
+    fn switch_channels(&mut self, rx: &mut Destination, r: Rejoin) -> Result<(), MigrateError> {
+        let att = &mut self.att;
+        att.reader.stop();
+        att.main.shutdown();
+        for d in att.data.drain(..) {
+            d.shutdown();
+        }
+        for j in att.receivers.drain(..) {
+            let _ = j.join();
+        }
+        att.id += 1 << 40;
+        att.main = r.main;
+        att.reader = attempt_reader(rx, &att.main, att.id, &att.sums)?;
+        for (index, stream) in r.data.into_iter().flatten().enumerate() {
+            spawn_receiver(rx, att, index, stream)?;
+        }
+        let urgent = r.urgent.ok_or(MigrateError::PostcopyNotEnabled)?;
+        let keep = urgent
+            .try_clone()
+            .map_err(MigrateError::io("cloning the urgent channel"))?;
+        if let Some(f) = att.faults.as_mut() {
+            f.rejoin(urgent, att.id)?;
+        }
+        att.urgent = Some(keep);
+        att.activity.touch();
+        self.ended.iter_mut().for_each(|e| *e = false);
+        self.broken = None;
+        rx.progress.set_status(Status::Postcopy);
+        tracing::info!("postcopy resumes on the reconnected channels");
+        Ok(())
+    }
+
+    /// A newer push (a reconnected source pushes again, as a new pass).
+    fn new_pass(&mut self, pass: u32) {
+        if pass > self.pass {
+            self.pass = pass;
+            self.ended.iter_mut().for_each(|e| *e = false);
+        }
+    }
+
     /// A channel ended the postcopy pass; true when all have (every page is here).
-    fn pass_end(&mut self, rx: &Destination, channel: u16, pass: u32) -> bool {
+    fn pass_end(&mut self, channel: u16, pass: u32) -> bool {
+        self.new_pass(pass);
         if pass != self.pass {
-            self.broke(
-                rx,
-                format!(
-                    "data channel {channel} ended pass {pass}, not postcopy's {}",
-                    self.pass
-                ),
-            );
+            tracing::debug!(channel, pass, "a stale pass end after a reconnection");
             return false;
         }
         if let Some(e) = self.ended.get_mut(usize::from(channel)) {
@@ -281,25 +413,21 @@ impl PostcopyRunning {
         }
         let msg = format!(
             "postcopy broke off: {why}. The guest keeps running here; a vCPU that touches a \
-             page still on the source waits for it, and pages that still arrive are placed. \
-             This version cannot resume postcopy on a new connection"
+             page still on the source waits for it. The source reconnects to this address by \
+             itself; postcopy then goes on"
         );
         tracing::error!("{msg}");
         rx.progress.set_error(&msg);
         rx.progress.set_status(Status::PostcopyPaused);
         self.broken = Some(why);
+        // Every channel goes, so the source learns of it too and reconnects.
+        self.att.main.shutdown();
+        for d in self.att.data.iter().chain(&self.att.urgent) {
+            d.shutdown();
+        }
     }
 
-    /// Every page is here: stop the fault machinery, tell the source, and report.
-    fn finish(mut self, rx: &mut Destination) -> Step {
-        let stats = self.att.faults.take().map(Faults::stop).unwrap_or_default();
-        tracing::info!(
-            faults = stats.faults,
-            requested = stats.requested_pages,
-            p50_us = stats.latency_p50_us,
-            p99_us = stats.latency_p99_us,
-            "postcopy complete: every page is here"
-        );
+    fn tell_done(&mut self, stats: &super::super::PostcopyStats) {
         let done = Message::PostcopyDone {
             faults: stats.faults,
             requested: stats.requested_pages,
@@ -313,6 +441,26 @@ impl PostcopyRunning {
         {
             tracing::warn!("telling the source that postcopy is complete: {e}");
         }
+    }
+
+    /// Every page is here: tell the source, stop the fault machinery, and report.
+    fn finish(mut self, rx: &mut Destination) -> Step {
+        // The source's word first: it may let go as soon as it has it.
+        let so_far = self
+            .att
+            .faults
+            .as_ref()
+            .map(Faults::stats)
+            .unwrap_or_default();
+        self.tell_done(&so_far);
+        let stats = self.att.faults.take().map(Faults::stop).unwrap_or_default();
+        tracing::info!(
+            faults = stats.faults,
+            requested = stats.requested_pages,
+            p50_us = stats.latency_p50_us,
+            p99_us = stats.latency_p99_us,
+            "postcopy complete: every page is here"
+        );
         let mut out = rx.stats(&self.att);
         out.load_ms = self.load.as_secs_f64() * 1e3;
         out.resume_ms = self.resume.as_secs_f64() * 1e3;

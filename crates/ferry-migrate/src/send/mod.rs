@@ -211,6 +211,8 @@ pub fn migrate(
         urgent: None,
         urgent_server: None,
         postcopy_ok: false,
+        uri: None,
+        session: 0,
         sockets: Vec::new(),
         reader: None,
         wire: Wire::default(),
@@ -287,6 +289,10 @@ struct Source {
     urgent_server: Option<urgent::Urgent>,
     /// The destination accepted postcopy.
     postcopy_ok: bool,
+    /// Where the destination listens (a broken postcopy reconnects there).
+    uri: Option<Uri>,
+    /// This migration's session id, in every channel's Hello.
+    session: u64,
     /// Every socket, to shut down when the migration ends.
     sockets: Vec<Stream>,
     reader: Option<ReaderGuard>,

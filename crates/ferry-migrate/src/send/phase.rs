@@ -57,41 +57,10 @@ pub(super) enum Phase {
 impl Phase {
     /// Starts connecting on a helper thread, so the loop stays responsive meanwhile.
     pub(super) fn connect(src: &mut Source, uri: &Uri) -> Phase {
+        src.uri = Some(uri.clone());
+        src.session = session_id();
         let deadline = Instant::now() + src.params.handshake_timeout;
-        let tx = src.events_tx.clone();
-        let local = src.params.local;
-        // A local hand-over copies no page: no data channel.
-        let n = if local { 0 } else { src.params.channels };
-        let (uri, session) = (uri.clone(), session_id());
-        let tls = src.params.tls.clone();
-        // TLS's AEAD already authenticates every byte: no checksums on top. A local
-        // hand-over sends no page, and its first frames go before the answer that would
-        // agree on checksums.
-        let sums = src.params.checksums && tls.is_none() && !local;
-        let wire = Wire::offer(sums, src.params.compression);
-        let postcopy = src.params.postcopy != super::PostcopyMode::Off;
-        let spawned = std::thread::Builder::new()
-            .name("mig-connect".into())
-            .spawn(move || {
-                let how = How {
-                    n,
-                    session,
-                    deadline,
-                    local,
-                    wire,
-                    tls,
-                    postcopy,
-                };
-                let conn = connect_all(&uri, &how);
-                let _ = tx.send(Event::Connected(conn));
-            });
-        if let Err(e) = spawned {
-            let err = MigrateError::Io {
-                what: "starting the connecting thread".into(),
-                source: e,
-            };
-            let _ = src.events_tx.send(Event::Connected(Err(err)));
-        }
+        src.open_channels(deadline, false);
         Phase::Connecting(Connecting { deadline })
     }
 
@@ -124,7 +93,7 @@ impl Phase {
             Phase::Unconfirmed(_) => None,
             Phase::PostcopySwitch(p) => Some(p.deadline()),
             Phase::Postcopy(p) => p.deadline(),
-            Phase::PostcopyPaused(_) => None,
+            Phase::PostcopyPaused(p) => p.deadline(),
         }
     }
 
@@ -155,6 +124,48 @@ fn session_id() -> u64 {
     t ^ (u64::from(std::process::id()) << 40)
 }
 
+impl Source {
+    /// Opens every channel on a helper thread, which reports with `Event::Connected`;
+    /// `resume` reconnects a broken postcopy (same session).
+    pub(super) fn open_channels(&mut self, deadline: Instant, resume: bool) {
+        let tx = self.events_tx.clone();
+        let local = self.params.local;
+        // A local hand-over copies no page: no data channel.
+        let n = if local { 0 } else { self.params.channels };
+        let Some(uri) = self.uri.clone() else {
+            return;
+        };
+        let tls = self.params.tls.clone();
+        // TLS's AEAD already authenticates every byte: no checksums on top. A local
+        // hand-over sends no page, and its first frames go before the answer that would
+        // agree on checksums.
+        let sums = self.params.checksums && tls.is_none() && !local;
+        let how = How {
+            n,
+            session: self.session,
+            deadline,
+            local,
+            wire: Wire::offer(sums, self.params.compression),
+            tls,
+            postcopy: self.params.postcopy != super::PostcopyMode::Off,
+            resume,
+        };
+        let spawned = std::thread::Builder::new()
+            .name("mig-connect".into())
+            .spawn(move || {
+                let conn = connect_all(&uri, &how);
+                let _ = tx.send(Event::Connected(conn));
+            });
+        if let Err(e) = spawned {
+            let err = MigrateError::Io {
+                what: "starting the connecting thread".into(),
+                source: e,
+            };
+            let _ = self.events_tx.send(Event::Connected(Err(err)));
+        }
+    }
+}
+
 /// How to open the channels.
 struct How {
     n: u16,
@@ -166,6 +177,8 @@ struct How {
     tls: Option<TlsConfig>,
     /// Offer postcopy and open its urgent channel.
     postcopy: bool,
+    /// Reconnect a broken postcopy.
+    resume: bool,
 }
 
 /// Connects one channel, in TLS if configured.
@@ -192,7 +205,8 @@ fn connect_all(uri: &Uri, how: &How) -> Result<Connection, MigrateError> {
     let capabilities = base
         | how.wire
         | if how.local { caps::LOCAL } else { 0 }
-        | if how.postcopy { caps::POSTCOPY } else { 0 };
+        | if how.postcopy { caps::POSTCOPY } else { 0 }
+        | if how.resume { caps::RESUME } else { 0 };
     let hello = |role| {
         Message::Hello(Hello {
             version: VERSION,
@@ -326,7 +340,7 @@ impl Connecting {
 
 impl Source {
     /// Takes over the connected channels and starts reading the main one.
-    fn attach(&mut self, conn: Connection) -> Result<(), MigrateError> {
+    pub(super) fn attach(&mut self, conn: Connection) -> Result<(), MigrateError> {
         let clone = |s: &ferry_transport::Stream| {
             s.try_clone()
                 .map_err(MigrateError::io("cloning a migration socket"))

@@ -17,7 +17,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ferry_memory::dirty::DirtySnapshot;
 use ferry_memory::ram::PAGE_SIZE;
@@ -148,6 +148,8 @@ impl PostcopySwitch {
             outstanding: src.workers.len(),
             quiet_deadline: None,
             stats: self.stats,
+            pass: self.pass,
+            missing: self.missing,
         }))))
     }
 }
@@ -172,6 +174,63 @@ fn stale_runs(src: &Source, missing: &DirtySnapshot) -> Vec<PageRun> {
 }
 
 impl Source {
+    /// A `PostcopyDone` among the events of the next 300 ms, if one comes (other events
+    /// met meanwhile are of a link that is going away).
+    fn postcopy_done_soon(&self) -> Option<Message> {
+        let deadline = Instant::now() + Duration::from_millis(300);
+        while let Ok(ev) = self
+            .inputs
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if let Event::Peer(Ok(done @ Message::PostcopyDone { .. })) = ev {
+                return Some(done);
+            }
+        }
+        None
+    }
+
+    /// Shuts every channel and its threads down (postcopy broke off).
+    fn drop_channels(&mut self) {
+        for s in self.sockets.drain(..) {
+            s.shutdown();
+        }
+        if let Some(mut u) = self.urgent_server.take() {
+            u.stop();
+        }
+        worker::stop(&mut self.workers);
+        self.reader = None;
+        self.main = None;
+    }
+
+    /// Takes the reconnected channels: the pages the destination lacked at the switch go
+    /// out again as a new pass (it skips those it has), and page requests are answered on
+    /// the new urgent channel. Returns the new pass.
+    fn rejoin(&mut self, conn: super::Connection, a: &PostcopyActive) -> Result<u32, MigrateError> {
+        self.attach(conn)?;
+        let pass = a.pass + 1;
+        let deadline = Instant::now() + self.params.handshake_timeout;
+        self.send(&Message::Postcopy { pass }, "postcopy-paused", deadline)?;
+        self.start_urgent_server(pass)?;
+        let tracker = self.tracker.clone().ok_or(MigrateError::NotTracking)?;
+        let how = worker::Sending {
+            wire: self.wire,
+            max_bandwidth: self.params.max_bandwidth,
+        };
+        let data = std::mem::take(&mut self.data);
+        self.workers = worker::spawn(
+            data,
+            how,
+            &self.ram,
+            &tracker,
+            &self.progress,
+            &self.events_tx,
+            Event::Worker,
+        )?;
+        worker::dispatch(&self.workers, &self.ram, pass, "postcopy", &a.missing);
+        Ok(pass)
+    }
+
     /// Starts answering page requests on the urgent channel, from the paused guest.
     fn start_urgent_server(&mut self, pass: u32) -> Result<(), MigrateError> {
         let Some(stream) = self.urgent.take() else {
@@ -233,6 +292,10 @@ pub(super) struct PostcopyActive {
     /// Once every page is pushed: when the destination must have said it has them all.
     quiet_deadline: Option<Instant>,
     stats: PostcopySendStats,
+    /// The pass of the push in flight.
+    pass: u32,
+    /// Every page the destination lacked at the switch (pushed again after a reconnection).
+    missing: Arc<DirtySnapshot>,
 }
 
 impl PostcopyActive {
@@ -254,18 +317,25 @@ impl PostcopyActive {
             Event::Peer(Ok(Message::Error { reason })) if self.running.is_none() => {
                 return src.destination_refused_go(reason);
             }
+            // A reconnection's Welcome, and the usual chatter.
             Event::Peer(Ok(
-                Message::Ack { .. } | Message::Prepared { .. } | Message::Pong { .. },
+                Message::Ack { .. }
+                | Message::Prepared { .. }
+                | Message::Pong { .. }
+                | Message::Welcome { .. },
             )) => {}
             Event::Peer(Ok(m)) => {
                 let why = format!("the destination sent {} during postcopy", m.name());
                 return PostcopyPaused::enter(self, src, why);
             }
             Event::Peer(Err(e)) => {
+                if let Some(done) = src.postcopy_done_soon() {
+                    return src.complete_postcopy(&self, done);
+                }
                 let why = format!("the link broke: {}", src.read_error(e, "postcopy"));
                 return PostcopyPaused::enter(self, src, why);
             }
-            Event::Worker(WorkerEvent::Done { .. }) => {
+            Event::Worker(WorkerEvent::Done { pass, .. }) if pass == self.pass => {
                 self.outstanding = self.outstanding.saturating_sub(1);
                 if self.outstanding == 0 {
                     tracing::info!("postcopy: every missing page is pushed");
@@ -273,6 +343,11 @@ impl PostcopyActive {
                 }
             }
             Event::Worker(WorkerEvent::Failed(e)) => {
+                // The destination closes its channels once it has every page: its word on
+                // the main channel may be right behind.
+                if let Some(done) = src.postcopy_done_soon() {
+                    return src.complete_postcopy(&self, done);
+                }
                 return PostcopyPaused::enter(self, src, e.to_string());
             }
             Event::Tick if self.quiet_deadline.is_some_and(|d| Instant::now() >= d) => {
@@ -287,7 +362,7 @@ impl PostcopyActive {
                 "the guest runs on the destination and this side serves the pages it still \
                  lacks; the migration ends when it has them all",
             ),
-            Event::Tick | Event::Connected(_) => {}
+            Event::Tick | Event::Connected(_) | Event::Worker(WorkerEvent::Done { .. }) => {}
         }
         Step::Next(Phase::Postcopy(self))
     }
@@ -295,33 +370,81 @@ impl PostcopyActive {
 
 /// Postcopy broke off after `Go`: the guest is the destination's, but pages it lacks are
 /// only here. Neither side can run it alone, so nothing is discarded: the guest stays paused
-/// here with its memory until an operator decides.
+/// here with its memory, and this side reconnects to the destination (same address, same
+/// session) every [`RECONNECT_EVERY`] until postcopy goes on, or an operator gives up.
 pub(super) struct PostcopyPaused {
     prior: Box<PostcopyActive>,
+    /// When to try again (none while a try is under way).
+    retry_at: Option<Instant>,
+    tries: u32,
 }
+
+/// How often a broken postcopy tries to reconnect.
+pub(super) const RECONNECT_EVERY: Duration = Duration::from_millis(500);
 
 impl PostcopyPaused {
     fn enter(prior: Box<PostcopyActive>, src: &mut Source, why: String) -> Step {
         let msg = format!(
             "postcopy broke off: {why}. The guest belongs to the destination now, which still \
-             lacks pages that only this side holds (the guest stays paused here with them). \
-             This version cannot resume postcopy on a new connection; keep this process \
-             until the destination is dealt with ('quit --force' discards these pages)"
+             lacks pages that only this side holds (the guest stays paused here with them); \
+             reconnecting every {} ms ('quit --force' gives up and loses those pages)",
+            RECONNECT_EVERY.as_millis()
         );
         tracing::error!("{msg}");
         src.progress.set_error(&msg);
         src.progress.set_status(Status::PostcopyPaused);
-        Step::Next(Phase::PostcopyPaused(Box::new(PostcopyPaused { prior })))
+        // Nothing of the old channels is of use any more.
+        src.drop_channels();
+        Step::Next(Phase::PostcopyPaused(Box::new(PostcopyPaused {
+            prior,
+            retry_at: Some(Instant::now() + RECONNECT_EVERY),
+            tries: 0,
+        })))
     }
 
-    pub(super) fn on(self: Box<Self>, ev: Event, src: &mut Source) -> Step {
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
+    pub(super) fn on(mut self: Box<Self>, ev: Event, src: &mut Source) -> Step {
         match ev {
-            Event::Peer(Ok(done @ Message::PostcopyDone { .. })) => {
-                src.complete_postcopy(&self.prior, done)
+            Event::Tick if self.retry_at.is_some_and(|t| Instant::now() >= t) => {
+                self.retry_at = None;
+                self.tries += 1;
+                src.open_channels(Instant::now() + src.params.handshake_timeout, true);
             }
-            Event::Command(req) => self.command(req, src),
-            _ => Step::Next(Phase::PostcopyPaused(self)),
+            Event::Connected(Ok(conn)) => match src.rejoin(conn, &self.prior) {
+                Ok(pass) => {
+                    tracing::info!(
+                        tries = self.tries,
+                        pass,
+                        "postcopy reconnected: pushing the missing pages again"
+                    );
+                    let mut a = self.prior;
+                    a.pass = pass;
+                    a.outstanding = src.workers.len();
+                    a.quiet_deadline = None;
+                    src.progress.set_status(Status::Postcopy);
+                    return Step::Next(Phase::Postcopy(a));
+                }
+                Err(e) => {
+                    tracing::warn!("postcopy: reconnecting failed: {e}");
+                    src.drop_channels();
+                    self.retry_at = Some(Instant::now() + RECONNECT_EVERY);
+                }
+            },
+            Event::Connected(Err(e)) => {
+                tracing::debug!("postcopy: reconnecting failed: {e}");
+                self.retry_at = Some(Instant::now() + RECONNECT_EVERY);
+            }
+            Event::Peer(Ok(done @ Message::PostcopyDone { .. })) => {
+                return src.complete_postcopy(&self.prior, done)
+            }
+            Event::Command(req) => return self.command(req, src),
+            // The old channels' last words.
+            _ => {}
         }
+        Step::Next(Phase::PostcopyPaused(self))
     }
 
     fn command(self: Box<Self>, req: Request, src: &mut Source) -> Step {

@@ -446,6 +446,11 @@ impl WorkerCtx {
         let mut totals = PassTotals::default();
         // The queue empties between passes: a drain measured across that wait is no link.
         bufs.queue = None;
+        if item.phase == "postcopy" {
+            // The guest runs on the destination: its faults, on the urgent channel, come
+            // before the background push wherever the two share CPUs.
+            let _ = ferry_sys::sched::set_thread_nice(crate::recv::PUSH_NICE);
+        }
         let mut data: Vec<PageRun> = Vec::with_capacity(64);
         let mut zero: Vec<PageRun> = Vec::with_capacity(64);
         let mut data_pages = 0u32;
