@@ -1129,6 +1129,7 @@ mod tests {
             dest_status: "running".into(),
             other_cpus: 0.0,
             first_pass_ms: f64::NAN,
+            sweeps: crate::qemu::Sweeps::default(),
             postcopy_blocktime_ms: f64::NAN,
         }
     }

@@ -195,6 +195,8 @@ pub struct FerryResult {
     /// With `mark=1` in the guest's command line: from `migrate` to the end of the guest's
     /// first sweep of its hot set done wholly on the destination, ms (NaN without marks).
     pub first_pass_ms: f64,
+    /// The guest's sweep times on the source (warm-up) and first on the destination.
+    pub sweeps: crate::qemu::Sweeps,
 }
 
 /// What a run's page-digest comparison found.
@@ -532,6 +534,12 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
             .count(),
         other_cpus: cpu_after.others_since(&cpu_before),
         first_pass_ms: crate::qemu::first_pass_ms(&dst.serial.marks(), t_migrate),
+        sweeps: crate::qemu::Sweeps::of(
+            &src.serial.marks(),
+            &dst.serial.marks(),
+            warm_from,
+            t_migrate,
+        ),
         ..FerryResult::default()
     };
     r.fill_from_stats(&stats)?;

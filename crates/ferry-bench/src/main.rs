@@ -13,6 +13,9 @@
 //!   `migrate --local`, at 1, 4 and 8 GiB.
 //! - `secure`: mutual TLS, checksums and compression (issue 11) against QEMU 7.2
 //!   `tls-creds-x509` and multifd zstd, on loopback and on links shaped to 1 and 10 Gbit/s.
+//! - `demand-paging`: the fault path alone (issue 8): N threads touching missing memory,
+//!   faults resolved through one shared userfaultfd, one per range, or by the touching
+//!   thread itself.
 //! - `postcopy`: postcopy switching at once (issue 8), QEMU 7.2 `postcopy-ram` (with and
 //!   without `postcopy-preempt`) against Ferry `migrate --postcopy`, with the fault-latency
 //!   floor (a loopback round trip carrying a page, plus a page copy) in the same run.
@@ -22,6 +25,7 @@
 
 mod bench;
 mod cleanup;
+mod demand;
 mod dirtylog;
 mod faults;
 mod ferry;
@@ -74,6 +78,25 @@ enum Cmd {
     /// Postcopy switching at once, QEMU 7.2 postcopy-ram (and postcopy-preempt) vs Ferry
     /// --postcopy, and the fault-latency floor (issue 8).
     Postcopy(PostcopyArgs),
+    /// The fault path alone: N threads touching missing memory, one shared userfaultfd vs
+    /// one per range vs the touching thread resolving its own fault (issue 8).
+    DemandPaging(DemandArgs),
+}
+
+#[derive(Args)]
+struct DemandArgs {
+    /// Thread ("vCPU") counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    vcpus: Vec<usize>,
+    /// Memory each thread touches, MiB.
+    #[arg(long, default_value_t = 64)]
+    mib: u64,
+    /// Repetitions.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Print every raw run as one JSON document on stdout (the tables then go to stderr).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -563,6 +586,14 @@ fn main() -> ExitCode {
         Cmd::Local(a) => local_handover(a),
         Cmd::Secure(a) => secure_bench(a),
         Cmd::Postcopy(a) => postcopy_bench(a),
+        Cmd::DemandPaging(a) => {
+            let plan = demand::Plan {
+                vcpus: a.vcpus,
+                mib_per_vcpu: a.mib,
+                reps: a.reps,
+            };
+            demand::run(&plan).map(|r| emit(&r.text(), a.json.then(|| r.to_json())))
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

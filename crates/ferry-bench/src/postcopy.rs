@@ -56,6 +56,9 @@ pub struct Run {
     pub total_ms: f64,
     /// `migrate` to the guest's first sweep done wholly on the destination, ms.
     pub first_pass_ms: f64,
+    /// That sweep's duration over the guest's median sweep on the source before the
+    /// migration: how much the missing pages slowed it (1.0: not at all).
+    pub first_sweep_slowdown: f64,
     /// The guest's longest heartbeat silence from `migrate` to 2 s after, ms.
     pub guest_downtime_ms: f64,
     /// The system's own downtime (paused until the destination runs), ms.
@@ -125,6 +128,7 @@ fn qemu_run(plan: &Plan, vcpus: u32, preempt: bool) -> Result<Run> {
         system: if preempt { "qemu-preempt" } else { "qemu" },
         total_ms: r.total_ms,
         first_pass_ms: r.first_pass_ms,
+        first_sweep_slowdown: r.sweeps.first_dest_ms / r.sweeps.source_ms,
         guest_downtime_ms: r.guest_downtime_ms,
         downtime_ms: r.downtime_ms,
         fault_p50_us: f64::NAN,
@@ -162,6 +166,7 @@ fn ferry_run(plan: &Plan, vcpus: u32) -> Result<Run> {
         system: "ferry",
         total_ms: r.total_ms,
         first_pass_ms: r.first_pass_ms,
+        first_sweep_slowdown: r.sweeps.first_dest_ms / r.sweeps.source_ms,
         guest_downtime_ms: r.guest_downtime_ms,
         downtime_ms: r.downtime_ms,
         fault_p50_us: num(&pc["latency_p50_us"]),
@@ -284,7 +289,9 @@ impl Report {
              with postcopy), and with postcopy-preempt; migrate-start-postcopy right after \
              migrate. Ferry: migrate --postcopy, {} data channels plus the urgent channel.\n\
              first pass: migrate to the end of the guest's first sweep of its hot set done \
-             wholly on the destination. figures: median (min-max), ms unless marked",
+             wholly on the destination; sweep slowdown: that sweep's time over the guest's \
+             sweep on the source before migrate (1.0 = postcopy did not slow it). \
+             figures: median (min-max), ms unless marked",
             self.started, self.plan.mem_mib, self.plan.ws, self.plan.reps, self.plan.channels
         );
         let header = [
@@ -292,6 +299,7 @@ impl Report {
             "system",
             "total",
             "first pass",
+            "sweep slowdown",
             "longest silence",
             "downtime",
             "fault p50 us",
@@ -299,11 +307,12 @@ impl Report {
             "faults",
             "blocked",
         ];
-        let widths = [5, 12, 20, 20, 18, 14, 16, 18, 12, 16];
+        let widths = [5, 12, 20, 20, 18, 18, 14, 16, 18, 12, 16];
         let _ = writeln!(out, "{}", table_row(&header.map(String::from), &widths));
-        let cols: [fn(&Run) -> f64; 8] = [
+        let cols: [fn(&Run) -> f64; 9] = [
             |r| r.total_ms,
             |r| r.first_pass_ms,
+            |r| r.first_sweep_slowdown,
             |r| r.guest_downtime_ms,
             |r| r.downtime_ms,
             |r| r.fault_p50_us,
@@ -335,7 +344,7 @@ impl Report {
                     "  {v} vCPU vs {q:<12}: total {:.2}x, first pass {:.2}x, longest silence {:.2}x",
                     ratio(cols[0]),
                     ratio(cols[1]),
-                    ratio(cols[2])
+                    ratio(cols[3])
                 );
             }
         }
@@ -350,7 +359,7 @@ impl Report {
             2.0 * f.total_us()
         );
         for &v in &self.plan.vcpus {
-            let p50 = self.column(v, "ferry", cols[4]).median;
+            let p50 = self.column(v, "ferry", cols[5]).median;
             let _ = writeln!(
                 out,
                 "  {v} vCPU: Ferry median fault latency {p50:.0} us = {:.2}x the floor",

@@ -219,6 +219,42 @@ pub struct QemuResult {
     pub first_pass_ms: f64,
     /// Postcopy: the destination's `postcopy-blocktime` (time vCPUs waited for pages), ms.
     pub postcopy_blocktime_ms: f64,
+    /// With `mark=1`: the guest's median sweep of its hot set on the source during the
+    /// warm-up, and its first sweep done wholly on the destination, ms (NaN without marks).
+    pub sweeps: Sweeps,
+}
+
+/// The guest's sweep times around a migration (`mark=1`), ms.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Sweeps {
+    /// Median sweep on the source during the warm-up.
+    pub source_ms: f64,
+    /// The first sweep done wholly on the destination.
+    pub first_dest_ms: f64,
+}
+
+impl Sweeps {
+    /// From the source's marks in `[warm_from, t_migrate)` and the destination's after.
+    pub(crate) fn of(
+        src: &[Instant],
+        dst: &[Instant],
+        warm_from: Instant,
+        t_migrate: Instant,
+    ) -> Sweeps {
+        let mut before: Vec<f64> = src
+            .windows(2)
+            .filter(|w| w[0] >= warm_from && w[1] < t_migrate)
+            .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
+            .collect();
+        let after: Vec<&Instant> = dst.iter().filter(|t| **t >= t_migrate).collect();
+        Sweeps {
+            source_ms: crate::stats::median(&mut before),
+            first_dest_ms: match after.as_slice() {
+                [a, b, ..] => (**b - **a).as_secs_f64() * 1e3,
+                _ => f64::NAN,
+            },
+        }
+    }
 }
 
 impl QemuResult {
@@ -377,6 +413,12 @@ pub fn run_migration(cfg: &QemuConfig) -> Result<QemuResult> {
         other_cpus: cpu_after.others_since(&cpu_before),
         first_pass_ms: first_pass_ms(&dst.serial.marks(), t_migrate),
         postcopy_blocktime_ms,
+        sweeps: Sweeps::of(
+            &src.serial.marks(),
+            &dst.serial.marks(),
+            warm_from,
+            t_migrate,
+        ),
     })
 }
 

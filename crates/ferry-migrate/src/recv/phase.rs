@@ -565,9 +565,15 @@ impl Handshake {
     /// Takes a data channel (or the urgent channel) of this migration.
     fn attach(&mut self, g: Greeted) -> Result<(), MigrateError> {
         if g.hello.role == ChannelRole::Urgent {
-            if self.att.urgent.is_some() || self.att.hello.capabilities & caps::POSTCOPY == 0 {
+            if !self.att.postcopy_ok {
+                // Opened before the source heard that postcopy is refused: it fails with
+                // that reason, not this channel's.
+                tracing::debug!("an urgent channel of a migration without postcopy: closed");
+                return Ok(());
+            }
+            if self.att.urgent.is_some() {
                 return Err(MigrateError::Unexpected {
-                    message: "a second or unannounced urgent channel",
+                    message: "a second urgent channel",
                     phase: "handshake",
                     channel: Channel::Urgent,
                 });
@@ -631,8 +637,7 @@ impl Handshake {
         // A preparation stopped for an earlier local hand-over may still be undoing its
         // work (discarding pages): nothing may be received until it has ended.
         let undoing = rx.stopped_for_local && rx.prepared.is_none();
-        let urgent_here =
-            self.att.urgent.is_some() || self.att.hello.capabilities & caps::POSTCOPY == 0;
+        let urgent_here = self.att.urgent.is_some() || !self.att.postcopy_ok;
         if self.data.iter().all(Option::is_some) && urgent_here && !undoing {
             if let Some(setup) = self.setup.take() {
                 return Receiving::begin(*self, setup, rx)
