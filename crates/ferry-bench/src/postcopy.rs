@@ -325,7 +325,7 @@ impl Report {
                 let mut cells = vec![v.to_string(), system.to_string()];
                 cells.extend(
                     cols.iter()
-                        .map(|f| self.column(v, system, *f).display(1.0, 1)),
+                        .map(|f| self.column(v, system, *f).display(1.0, 2)),
                 );
                 let _ = writeln!(out, "{}", table_row(&cells, &widths));
             }

@@ -665,6 +665,98 @@ fn migrate_start_postcopy_switches_a_running_precopy() {
     assert_eq!(stats["postcopy"]["trigger"], "requested", "{stats}");
 }
 
+/// A TCP proxy that cuts every connection once, when more than `limit` bytes have gone
+/// towards the destination; connections made after the cut are forwarded untouched (the
+/// link is back).
+fn cut_once_proxy(target: String, limit: u64) -> (String, Arc<AtomicBool>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri = format!("tcp:{}", l.local_addr().unwrap());
+    let sent = Arc::new(AtomicU64::new(0));
+    let cut = Arc::new(AtomicBool::new(false));
+    let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let was_cut = cut.clone();
+    std::thread::spawn(move || {
+        for a in l.incoming().flatten() {
+            let Ok(b) = TcpStream::connect(&target) else {
+                continue;
+            };
+            let limited = !cut.load(Ordering::SeqCst);
+            if limited {
+                conns.lock().unwrap().push(a.try_clone().unwrap());
+                conns.lock().unwrap().push(b.try_clone().unwrap());
+            }
+            let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+            let (sent, cut2, conns2) = (sent.clone(), cut.clone(), conns.clone());
+            std::thread::spawn(move || {
+                let (mut a, mut b) = (a, b);
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match a.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if limited && sent.fetch_add(n as u64, Ordering::SeqCst) + n as u64 > limit {
+                        cut2.store(true, Ordering::SeqCst);
+                        for c in conns2.lock().unwrap().iter() {
+                            let _ = c.shutdown(std::net::Shutdown::Both);
+                        }
+                        break;
+                    }
+                    if b.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut b2, &mut a2);
+            });
+        }
+    });
+    (uri, was_cut)
+}
+
+/// The link dies in the middle of postcopy, after the guest moved: the source keeps the
+/// pages, the destination keeps the guest, the source reconnects, and postcopy completes
+/// with the guest's own checks intact.
+#[test]
+fn postcopy_survives_a_link_cut() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = tcp_uri();
+    let mut dst = destination(dir.path(), "destination", &uri, MEM, 1, &[]);
+    let mut src = source(dir.path(), 1);
+    let (via, was_cut) = cut_once_proxy(uri.trim_start_matches("tcp:").to_string(), 40 << 20);
+    let out = migrate_json(&src, &via, &["--channels", "2", "--postcopy"]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nsource: {}\ndestination: {}",
+        String::from_utf8_lossy(&out.stderr),
+        src.stderr(),
+        dst.stderr()
+    );
+    assert!(was_cut.load(Ordering::SeqCst), "the link was never cut");
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["status"], "completed", "{stats}");
+    assert!(
+        src.stderr().contains("postcopy broke off"),
+        "{}",
+        src.stderr()
+    );
+    assert!(src
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    dst.wait_progress(3);
+    assert!(
+        dst.fails().is_empty(),
+        "destination guest: {:?}",
+        dst.fails()
+    );
+    assert_eq!(dst.info()["state"], "running");
+    assert!(dst.stderr().contains("incoming migration complete"));
+    assert!(remote(&dst.api, &["quit"]).status.success());
+    assert!(dst.wait_exit(Duration::from_secs(10)).is_some());
+}
+
 #[test]
 fn migrates_over_tcp_one_channel_one_vcpu() {
     migrate_case("tcp", 1, 1);

@@ -13,7 +13,7 @@ use ferry_proto::{page_sum, read_message_checked, Codec, Message, PageRun, Proto
 use ferry_transport::Stream;
 use vm_memory::Bytes;
 
-use super::postcopy::{place_checked, Space, PUSH_NICE};
+use super::postcopy::{place_checked, Space};
 use super::Event;
 use crate::channel::{Unpacker, Wire};
 use crate::error::{Channel, MigrateError};
@@ -246,7 +246,6 @@ impl DataRx {
             stream,
             offset: 0,
             unpacker: Unpacker::default(),
-            yielding: false,
         };
         // Pages (data and zero) since the last PassEnd, checked against its count: a frame
         // lost on the way cannot go unnoticed.
@@ -259,11 +258,6 @@ impl DataRx {
             };
             self.activity.touch();
             if let Some(space) = self.postcopy_space(&msg) {
-                if !ch.yielding {
-                    // The guest runs now: its vCPUs and faults come before the push.
-                    ch.yielding = true;
-                    let _ = ferry_sys::sched::set_thread_nice(PUSH_NICE);
-                }
                 pass_pages += self.place_postcopy(&mut ch, &space, msg)?;
                 continue;
             }
@@ -605,8 +599,6 @@ struct ChannelRx<'a> {
     stream: &'a mut Stream,
     offset: u64,
     unpacker: Unpacker,
-    /// This receiver carries the postcopy push at low priority.
-    yielding: bool,
 }
 
 impl Read for ChannelRx<'_> {

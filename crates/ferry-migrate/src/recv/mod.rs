@@ -13,7 +13,7 @@ mod phase;
 mod postcopy;
 mod prepare;
 
-pub use postcopy::{PostcopyStats, ThreadFaults, MAX_FAULT_QUEUES, PUSH_NICE};
+pub use postcopy::{PostcopyStats, ThreadFaults, MAX_FAULT_QUEUES};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -39,10 +39,6 @@ const HANDLER_POLL: Duration = Duration::from_millis(50);
 const REQUEST_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Range sizes are rounded to this, so a huge page never straddles two ranges.
 const RANGE_ALIGN: u64 = 2 << 20;
-/// Nice value of the threads that carry the background push once the guest runs (data
-/// channel senders and receivers): the vCPUs, the fault handlers and the urgent channel
-/// come first on a busy host.
-pub const PUSH_NICE: i32 = 10;
 
 /// One registered range of guest memory.
 struct FaultRange {

@@ -213,6 +213,7 @@ pub fn migrate(
         postcopy_ok: false,
         uri: None,
         session: 0,
+        fault_hint: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         sockets: Vec::new(),
         reader: None,
         wire: Wire::default(),
@@ -293,6 +294,8 @@ struct Source {
     uri: Option<Uri>,
     /// This migration's session id, in every channel's Hello.
     session: u64,
+    /// Postcopy: where the destination faulted last (the push follows it).
+    fault_hint: Arc<std::sync::atomic::AtomicU64>,
     /// Every socket, to shut down when the migration ends.
     sockets: Vec<Stream>,
     reader: Option<ReaderGuard>,

@@ -612,6 +612,7 @@ impl Precopy {
         let how = worker::Sending {
             wire: src.wire,
             max_bandwidth: src.params.max_bandwidth,
+            hint: src.fault_hint.clone(),
         };
         src.workers = worker::spawn(
             data,

@@ -216,6 +216,7 @@ impl Source {
         let how = worker::Sending {
             wire: self.wire,
             max_bandwidth: self.params.max_bandwidth,
+            hint: self.fault_hint.clone(),
         };
         let data = std::mem::take(&mut self.data);
         self.workers = worker::spawn(
@@ -241,6 +242,7 @@ impl Source {
             wire: self.wire,
             pass,
             progress: self.progress.clone(),
+            hint: self.fault_hint.clone(),
         };
         self.urgent_server = Some(urgent::spawn(
             stream,

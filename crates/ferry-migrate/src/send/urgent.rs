@@ -50,6 +50,8 @@ pub(crate) struct Serving {
     pub(crate) wire: Wire,
     pub(crate) pass: u32,
     pub(crate) progress: Arc<Progress>,
+    /// Where the destination faulted last, for the push to follow.
+    pub(crate) hint: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Starts serving page requests on `stream`; a failure is reported through `events`.
@@ -95,6 +97,9 @@ fn serve(mut stream: Stream, how: &Serving) -> Result<(), MigrateError> {
         match msg {
             Message::PageRequest { runs, .. } => {
                 out.answer(&mut stream, how, &runs)?;
+                if let Some(r) = runs.last() {
+                    how.hint.store(r.gpa, Ordering::Relaxed);
+                }
             }
             m => {
                 return Err(MigrateError::Unexpected {

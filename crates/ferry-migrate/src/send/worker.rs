@@ -76,6 +76,9 @@ impl Workers {
 pub(crate) struct Sending {
     pub(crate) wire: Wire,
     pub(crate) max_bandwidth: Option<u64>,
+    /// Postcopy: the guest address the destination faulted on last (0: none yet); a
+    /// postcopy pass sends that page's chunk next, so the push follows the guest.
+    pub(crate) hint: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Starts one sender per data stream; each reports through `events` wrapped by `wrap`.
@@ -91,6 +94,7 @@ pub(crate) fn spawn<E: Send + 'static>(
     let Sending {
         wire,
         max_bandwidth,
+        hint,
     } = how;
     let limiter = max_bandwidth.map(|r| Arc::new(RateLimiter::new(r)));
     let mut workers = Workers {
@@ -106,6 +110,7 @@ pub(crate) fn spawn<E: Send + 'static>(
             tracker: tracker.clone(),
             limiter: limiter.clone(),
             progress: progress.clone(),
+            hint: hint.clone(),
         };
         let events = events.clone();
         let join = std::thread::Builder::new()
@@ -182,6 +187,35 @@ struct WorkerCtx {
     tracker: Arc<DirtyTracker>,
     limiter: Option<Arc<RateLimiter>>,
     progress: Arc<Progress>,
+    hint: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The order a pass sends its chunks in: as dispatched, except that in postcopy the chunk
+/// of the page the destination faulted on last goes next (the guest works around there).
+struct ChunkOrder<'a> {
+    left: std::collections::VecDeque<&'a DirtyChunk>,
+    follow: Option<(&'a std::sync::atomic::AtomicU64, u64)>,
+}
+
+impl<'a> ChunkOrder<'a> {
+    fn next(&mut self, ram: &GuestRam) -> Option<&'a DirtyChunk> {
+        if let Some((hint, seen)) = self.follow.as_mut() {
+            let h = hint.load(Ordering::Relaxed);
+            if h != *seen {
+                *seen = h;
+                let holds = |c: &&DirtyChunk| {
+                    ram.regions().get(c.region).is_some_and(|r| {
+                        let first = r.gpa + c.first_page * PAGE_SIZE;
+                        h >= first && h < first + c.pages * PAGE_SIZE
+                    })
+                };
+                if let Some(i) = self.left.iter().position(holds) {
+                    return self.left.remove(i);
+                }
+            }
+        }
+        self.left.pop_front()
+    }
 }
 
 /// A sender thread's reusable buffers: nothing is allocated per page or per batch.
@@ -446,16 +480,15 @@ impl WorkerCtx {
         let mut totals = PassTotals::default();
         // The queue empties between passes: a drain measured across that wait is no link.
         bufs.queue = None;
-        if item.phase == "postcopy" {
-            // The guest runs on the destination: its faults, on the urgent channel, come
-            // before the background push wherever the two share CPUs.
-            let _ = ferry_sys::sched::set_thread_nice(crate::recv::PUSH_NICE);
-        }
         let mut data: Vec<PageRun> = Vec::with_capacity(64);
         let mut zero: Vec<PageRun> = Vec::with_capacity(64);
         let mut data_pages = 0u32;
         let regions = self.ram.regions();
-        for chunk in &item.chunks {
+        let mut order = ChunkOrder {
+            left: item.chunks.iter().collect(),
+            follow: (item.phase == "postcopy").then(|| (&*self.hint, 0)),
+        };
+        while let Some(chunk) = order.next(&self.ram) {
             // Re-protect just before reading: a guest write from now on is caught next pass.
             self.tracker.clear_chunk(&item.snap, chunk)?;
             let base = regions
