@@ -64,19 +64,25 @@ pub fn migrate(socket: &Path, req: &Value, show_progress: bool) -> Result<Value>
         let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
         bar.set_length(f("ram_bytes") as u64);
         bar.set_position((f("bytes") as u64).min(f("ram_bytes") as u64));
-        bar.set_message(format!(
-            "{} pass {} dirty {}/s tput {}/s exp. downtime {:.1} ms{}",
-            p["status"].as_str().unwrap_or(""),
-            f("pass"),
-            human_bytes(f("dirty_rate")),
-            human_bytes(f("throughput")),
-            f("expected_downtime_ms"),
-            if f("throttle_percent") > 0.0 {
-                format!(" throttle {}%", f("throttle_percent"))
+        bar.set_message(
+            format!(
+                "{} pass {} dirty {}/s tput {}/s exp. downtime {:.1} ms{}",
+                p["status"].as_str().unwrap_or(""),
+                f("pass"),
+                human_bytes(f("dirty_rate")),
+                human_bytes(f("throughput")),
+                f("expected_downtime_ms"),
+                if f("throttle_percent") > 0.0 {
+                    format!(" throttle {}%", f("throttle_percent"))
+                } else {
+                    String::new()
+                },
+            ) + &if f("pages_requested") > 0.0 {
+                format!(" faulted pages sent {}", f("pages_requested"))
             } else {
                 String::new()
-            }
-        ));
+            },
+        );
     });
     bar.finish_and_clear();
     result
@@ -124,6 +130,21 @@ pub fn describe_stats(s: &Value) -> String {
             ""
         }
     );
+    let pc = &s["postcopy"];
+    if pc.is_object() {
+        out += &format!(
+            "  postcopy ({}, after {} precopy passes): {} pages missing at the switch, {} sent because the guest faulted on them; {} faults, latency median {} us, p99 {} us, max {} us; every page there {:.0} ms after the guest ran\n",
+            pc["trigger"].as_str().unwrap_or(""),
+            f(&pc["precopy_passes"]),
+            f(&pc["pages_missing"]),
+            f(&pc["pages_requested"]),
+            f(&pc["faults"]),
+            f(&pc["latency_p50_us"]),
+            f(&pc["latency_p99_us"]),
+            f(&pc["latency_max_us"]),
+            f(&pc["postcopy_ms"])
+        );
+    }
     let p = &s["prepare"];
     if p["reported"] == Value::Bool(true) {
         out += &if f(&p["threads"]) == 0.0 {
@@ -139,4 +160,25 @@ pub fn describe_stats(s: &Value) -> String {
         };
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn statistics_name_postcopy_when_there_was_one() {
+        let mut s = json!({"total_ms": 900.0, "downtime_ms": 1.0, "prepare": {}});
+        assert!(!describe_stats(&s).contains("postcopy"));
+        s["postcopy"] = json!({
+            "trigger": "now", "precopy_passes": 0, "pages_missing": 262144,
+            "pages_requested": 31, "faults": 31, "latency_p50_us": 61,
+            "latency_p99_us": 313, "latency_max_us": 900, "postcopy_ms": 840.0
+        });
+        let text = describe_stats(&s);
+        assert!(text.contains("postcopy (now"), "{text}");
+        assert!(text.contains("262144 pages missing"), "{text}");
+        assert!(text.contains("latency median 61 us"), "{text}");
+    }
 }

@@ -129,6 +129,8 @@ pub struct ProgressReport {
     pub expected_downtime_ms: f64,
     /// Throttle, percent.
     pub throttle_percent: u64,
+    /// Postcopy: pages sent (source) because the destination faulted on them.
+    pub pages_requested: u64,
     /// Time since the start, ms.
     pub elapsed_ms: u64,
     /// Guest RAM, bytes.
@@ -249,6 +251,7 @@ impl Progress {
             },
             expected_downtime_ms: self.expected_downtime_us.load(Ordering::Relaxed) as f64 / 1000.0,
             throttle_percent: self.throttle.load(Ordering::Relaxed),
+            pages_requested: self.pages_requested.load(Ordering::Relaxed),
             elapsed_ms: elapsed.as_millis() as u64,
             ram_bytes: self.ram_bytes.load(Ordering::Relaxed),
             phase: self.phase(),
