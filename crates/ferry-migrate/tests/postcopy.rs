@@ -297,3 +297,28 @@ fn the_end_of_postcopy_is_never_mistaken_for_a_broken_link() {
         assert_handed_over(&src, &target);
     }
 }
+
+/// `Go` is lost with the link: the source has committed (and reconnects), the destination
+/// has the state loaded but never heard `Go`. The reconnection stands for it: the guest runs
+/// on the destination and postcopy completes, never on both sides.
+#[test]
+fn a_go_lost_with_the_link_is_recovered_by_the_reconnection() {
+    use ferry_proto::MessageKind;
+    use ferry_testkit::proxy::{Action, Dir, Fault, Trigger};
+    let dst = Dest::start(MIB);
+    let src = busy_source();
+    let cut = Fault {
+        when: Trigger::first(Dir::ToDestination, MessageKind::Go),
+        action: Action::Cut,
+    };
+    let px = proxy(&dst, vec![cut]);
+    let m = Migration::start(&src, &px.uri(), postcopy(PostcopyMode::Now));
+    m.wait_status(Status::PostcopyPaused, Duration::from_secs(10));
+    assert!(!dst.target.running(), "no Go reached the destination yet");
+    assert!(!src.running(), "the committed source never resumes");
+    px.heal();
+    completed(m.finish());
+    let target = dst.target.clone();
+    received(dst.finish());
+    assert_handed_over(&src, &target);
+}

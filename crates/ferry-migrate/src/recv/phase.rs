@@ -272,6 +272,15 @@ impl Attempt {
         close_gracefully(self.main, LINGER);
     }
 
+    /// A postcopy source reconnecting with `RESUME`: it does so only after it has sent `Go`,
+    /// so `Go` was lost on the way.
+    fn reconnects_after_go(&self, g: &Greeted) -> bool {
+        self.faults.is_some()
+            && g.hello.role == ChannelRole::Main
+            && g.hello.session == self.hello.session
+            && g.hello.capabilities & caps::RESUME != 0
+    }
+
     /// Postcopy: a channel may end the postcopy pass before the loop has handled `Go` (its
     /// reader raced the main channel's); kept for the postcopy phase.
     fn early_end(&mut self, ev: DataEvent) {
@@ -1145,6 +1154,9 @@ impl AwaitGo {
 
     fn on(self: Box<Self>, ev: Event, rx: &mut Destination) -> Attempted<Step> {
         match ev {
+            Event::Greeted(g) if self.att.reconnects_after_go(&g) => {
+                Ok(postcopy_run::go_lost(rx, self.att, self.load, g))
+            }
             Event::Main { attempt, msg } if self.att.is_current(attempt) => match msg {
                 Ok(Message::Go) => Ok(run_guest(rx, self.att, self.load, false)),
                 Ok(m) => Err((self.att, unexpected(m, "awaiting-go"))),
@@ -1273,6 +1285,9 @@ impl Unconfirmed {
 
     fn on(mut self: Box<Self>, ev: Event, rx: &mut Destination) -> Step {
         match ev {
+            Event::Greeted(g) if self.att.reconnects_after_go(&g) => {
+                postcopy_run::go_lost(rx, self.att, self.load, g)
+            }
             Event::Main { attempt, msg } if self.att.is_current(attempt) => match msg {
                 Ok(Message::Go) => run_guest(rx, self.att, self.load, true),
                 Ok(Message::Error { reason }) => {

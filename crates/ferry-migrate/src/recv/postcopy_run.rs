@@ -141,6 +141,19 @@ fn start_faults(rx: &Destination, att: &mut Attempt, pass: u32) -> Result<(), Mi
     Ok(())
 }
 
+/// The source reconnected after `Go` (it reconnects only once committed), but `Go` itself
+/// never arrived: it was lost with the link. Run the guest, then take the new channels.
+pub(super) fn go_lost(rx: &mut Destination, att: Box<Attempt>, load: Duration, g: Greeted) -> Step {
+    tracing::warn!("postcopy: Go was lost with the link; the source's reconnection stands for it");
+    match super::run_guest(rx, att, load, true) {
+        Step::Next(Phase::Postcopy(mut p)) => {
+            p.greeted(rx, g);
+            Step::Next(Phase::Postcopy(p))
+        }
+        other => other,
+    }
+}
+
 /// `Go` came and the guest runs: wait for every pushed page.
 pub(super) fn enter(
     rx: &mut Destination,
