@@ -352,10 +352,12 @@ pub enum MigrateError {
         asked: String,
     },
     /// Pages arrived without the checksums the handshake agreed on.
-    #[error("data {channel} channel: a {kind} frame came without page checksums, though they were agreed")]
+    #[error(
+        "{channel} channel: a {kind} frame came without page checksums, though they were agreed"
+    )]
     MissingPageSums {
-        /// Which data channel.
-        channel: u16,
+        /// Which channel.
+        channel: Channel,
         /// Pages or Compressed.
         kind: &'static str,
     },

@@ -90,3 +90,11 @@ impl Drop for ReaderGuard {
         drop(self.join.take());
     }
 }
+
+/// Appends page `gpa` to `runs`, extending the last run when it is contiguous.
+pub(crate) fn push_run(runs: &mut Vec<ferry_proto::PageRun>, gpa: u64) {
+    match runs.last_mut() {
+        Some(l) if l.gpa + u64::from(l.pages) * ferry_proto::PAGE_SIZE == gpa => l.pages += 1,
+        _ => runs.push(ferry_proto::PageRun { gpa, pages: 1 }),
+    }
+}

@@ -82,7 +82,22 @@ pub enum UffdError {
     /// A range outside registered volatile memory.
     #[error(transparent)]
     Range(#[from] mm::MmError),
+    /// The kernel registered the range but cannot place pages into it with the ioctls the
+    /// handlers need (copy, zero page, wake).
+    #[error(
+        "the kernel cannot resolve missing-page faults in this memory (available ioctls \
+         {ioctls:#x}, needed {needed:#x})"
+    )]
+    Unsupported {
+        /// The ioctls the kernel offers for the range.
+        ioctls: u64,
+        /// The ones needed.
+        needed: u64,
+    },
 }
+
+/// `_UFFDIO_WAKE`, `_UFFDIO_COPY` and `_UFFDIO_ZEROPAGE` in a registration's ioctl mask.
+const NEEDED_IOCTLS: u64 = 1 << 0x02 | 1 << 0x03 | 1 << 0x04;
 
 fn os(call: &'static str) -> UffdError {
     UffdError::Os {
@@ -166,6 +181,13 @@ impl Uffd {
         };
         if rc != 0 {
             return Err(os("ioctl(UFFDIO_REGISTER)"));
+        }
+        if arg.ioctls & NEEDED_IOCTLS != NEEDED_IOCTLS {
+            let _ = self.unregister(addr, len);
+            return Err(UffdError::Unsupported {
+                ioctls: arg.ioctls,
+                needed: NEEDED_IOCTLS,
+            });
         }
         Ok(())
     }

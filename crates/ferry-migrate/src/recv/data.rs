@@ -371,7 +371,7 @@ impl DataRx {
     fn require_sums(&self, sums: &[u64], kind: &'static str) -> Result<(), MigrateError> {
         if self.wire.sums && sums.is_empty() {
             return Err(MigrateError::MissingPageSums {
-                channel: self.channel,
+                channel: self.name(),
                 kind,
             });
         }

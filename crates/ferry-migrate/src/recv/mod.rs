@@ -175,7 +175,7 @@ pub fn receive(
         strays: Arc::new(AtomicU64::new(0)),
         digest_time: Duration::ZERO,
         canceller,
-        stopped_for_local: false,
+        stopped_early: false,
         fatal: None,
     };
     let stop = AtomicBool::new(false);
@@ -241,8 +241,9 @@ struct Destination {
     digest_time: Duration,
     /// Stops the memory preparation (a local hand-over brings memory of its own).
     canceller: Option<ferry_memory::prepare::Canceller>,
-    /// The preparation was stopped for a local hand-over (its cancellation is no failure).
-    stopped_for_local: bool,
+    /// The preparation was stopped early (a local hand-over brings memory of its own; a
+    /// postcopy without precopy discards it all): its cancellation is no failure.
+    stopped_early: bool,
     /// What makes receiving impossible from now on (memory that could not be given back).
     fatal: Option<MigrateError>,
 }
@@ -283,7 +284,7 @@ impl Destination {
     /// attempt can succeed without the memory).
     fn on_prepared(&mut self, r: Result<Prepared, PrepareError>) -> Result<Event, MigrateError> {
         let p = match r {
-            Err(PrepareError::Cancelled { .. }) if self.stopped_for_local => Prepared {
+            Err(PrepareError::Cancelled { .. }) if self.stopped_early => Prepared {
                 elapsed: Duration::ZERO,
                 threads: 0,
             },

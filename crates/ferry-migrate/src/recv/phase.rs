@@ -283,9 +283,21 @@ impl Attempt {
 
     /// Postcopy: a channel may end the postcopy pass before the loop has handled `Go` (its
     /// reader raced the main channel's); kept for the postcopy phase.
-    fn early_end(&mut self, ev: DataEvent) {
-        if let (DataEvent::PassEnd { channel, .. }, Some(_)) = (ev, &self.faults) {
-            self.early_ends.push(channel);
+    /// Other data events before `Go`: a channel that fails or closes then (a broken link, a
+    /// push frame that did not verify, a dead urgent receiver or fault handler) is
+    /// returned.
+    fn early_end(&mut self, ev: DataEvent) -> Option<MigrateError> {
+        match ev {
+            DataEvent::PassEnd { channel, .. } if self.faults.is_some() => {
+                self.early_ends.push(channel);
+                None
+            }
+            DataEvent::PassEnd { .. } => None,
+            DataEvent::Failed(e) => Some(e),
+            DataEvent::Closed { channel } => Some(MigrateError::DataClosed {
+                channel,
+                phase: "awaiting-go",
+            }),
         }
     }
 
@@ -516,6 +528,20 @@ impl Handshake {
         g: Greeted,
         pending: &mut Vec<(Greeted, Instant)>,
     ) -> Option<Handshake> {
+        if g.hello.capabilities & caps::RESUME != 0 {
+            // A source resuming a postcopy this destination does not hold (it ended, or
+            // this is another process at that address): never a new migration.
+            let reason = "there is no postcopy here to resume".to_string();
+            let mut s = g.stream;
+            let _ = send_by(
+                &mut s,
+                &Message::refuse(reason.clone()),
+                false,
+                Instant::now() + ERROR_SEND_TIMEOUT,
+            );
+            rx.stray(&g.peer, &reason);
+            return None;
+        }
         let n = g.hello.data_channels;
         // A local hand-over has no data channel; only a unix socket can carry one.
         let local = g.hello.capabilities & caps::LOCAL != 0 && g.stream.is_local() && n == 0;
@@ -645,7 +671,7 @@ impl Handshake {
         }
         // A preparation stopped for an earlier local hand-over may still be undoing its
         // work (discarding pages): nothing may be received until it has ended.
-        let undoing = rx.stopped_for_local && rx.prepared.is_none();
+        let undoing = rx.stopped_early && rx.prepared.is_none();
         let urgent_here = self.att.urgent.is_some() || !self.att.postcopy_ok;
         if self.data.iter().all(Option::is_some) && urgent_here && !undoing {
             if let Some(setup) = self.setup.take() {
@@ -962,7 +988,7 @@ impl Receiving {
         }
         if rx.prepared.is_none() {
             if let Some(c) = &rx.canceller {
-                rx.stopped_for_local = true;
+                rx.stopped_early = true;
                 c.cancel();
             }
             return Ok(());
@@ -1159,6 +1185,17 @@ impl AwaitGo {
             }
             Event::Main { attempt, msg } if self.att.is_current(attempt) => match msg {
                 Ok(Message::Go) => Ok(run_guest(rx, self.att, self.load, false)),
+                Ok(Message::Ping { nonce }) => {
+                    let mut a = self;
+                    let deadline = control_deadline(&a.att);
+                    match a
+                        .att
+                        .send(&Message::Pong { nonce }, "awaiting-go", deadline)
+                    {
+                        Ok(()) => Ok(Step::Next(Phase::AwaitGo(a))),
+                        Err(e) => Err((a.att, e)),
+                    }
+                }
                 Ok(m) => Err((self.att, unexpected(m, "awaiting-go"))),
                 Err(e) => {
                     let why = format!(
@@ -1196,8 +1233,16 @@ impl AwaitGo {
             }
             Event::Data { attempt, ev } if self.att.is_current(attempt) => {
                 let mut a = self;
-                a.att.early_end(ev);
-                Ok(Step::Next(Phase::AwaitGo(a)))
+                match a.att.early_end(ev) {
+                    // A postcopy channel failing now may be the link failing with Go on
+                    // it: the source may have committed. Not a discard: unconfirmed, until
+                    // the source's word (or its reconnection) says which.
+                    Some(e) if a.att.faults.is_some() => {
+                        let why = format!("a postcopy channel failed before Go: {e}");
+                        Ok(Unconfirmed::enter(rx, *a, why, false))
+                    }
+                    _ => Ok(Step::Next(Phase::AwaitGo(a))),
+                }
             }
             _ => Ok(Step::Next(Phase::AwaitGo(self))),
         }
@@ -1311,7 +1356,8 @@ impl Unconfirmed {
                 Step::Next(Phase::Unconfirmed(self))
             }
             Event::Data { attempt, ev } if self.att.is_current(attempt) => {
-                self.att.early_end(ev);
+                // The link is in doubt here anyway; only the word on Go decides.
+                let _ = self.att.early_end(ev);
                 Step::Next(Phase::Unconfirmed(self))
             }
             _ => Step::Next(Phase::Unconfirmed(self)),

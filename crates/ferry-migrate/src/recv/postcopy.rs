@@ -29,7 +29,7 @@ use super::data::{DataEvent, PageBits};
 use super::Event;
 use crate::channel::Wire;
 use crate::error::{Channel, MigrateError};
-use crate::wire::send_by;
+use crate::wire::{push_run, send_by};
 
 /// Most fault queues (a userfaultfd and its handler thread each).
 pub const MAX_FAULT_QUEUES: usize = 16;
@@ -297,13 +297,7 @@ impl Space {
             if self.requested.test_and_set(gpa) {
                 continue;
             }
-            let merged = runs
-                .last_mut()
-                .filter(|l| l.gpa + u64::from(l.pages) * PAGE_SIZE == gpa);
-            match merged {
-                Some(l) => l.pages += 1,
-                None => runs.push(PageRun { gpa, pages: 1 }),
-            }
+            push_run(runs, gpa);
         }
     }
 
@@ -358,9 +352,8 @@ pub(crate) struct Faults {
     /// The urgent channel (a clone, to shut it down) and where requests are written.
     urgent: Stream,
     writer: Arc<Mutex<Stream>>,
-    /// The urgent receiver of a channel replaced by a reconnection.
-    old_receivers: Vec<JoinHandle<()>>,
     started: Instant,
+    unregistered: bool,
 }
 
 /// What a fault thread needs.
@@ -427,9 +420,17 @@ impl Faults {
             tx,
         };
         let writer = Arc::new(Mutex::new(clone_urgent(&urgent)?));
-        let mut threads = Vec::new();
+        // Built first, so that a failure below drops it: what started stops again.
+        let mut f = Faults {
+            ctx,
+            threads: Vec::new(),
+            urgent,
+            writer,
+            started: Instant::now(),
+            unregistered: false,
+        };
         for i in 0..space.ranges.len() {
-            let (ctx, writer) = (ctx.clone(), writer.clone());
+            let (ctx, writer) = (f.ctx.clone(), f.writer.clone());
             let t = std::thread::Builder::new()
                 .name(format!("mig-fault{i}"))
                 .spawn(move || {
@@ -438,17 +439,11 @@ impl Faults {
                     }
                 })
                 .map_err(MigrateError::io("starting a fault handler thread"))?;
-            threads.push(t);
+            f.threads.push(t);
         }
-        threads.push(spawn_urgent_receiver(&ctx, clone_urgent(&urgent)?)?);
-        Ok(Faults {
-            ctx,
-            threads,
-            urgent,
-            writer,
-            old_receivers: Vec::new(),
-            started: Instant::now(),
-        })
+        let reader = clone_urgent(&f.urgent)?;
+        f.threads.push(spawn_urgent_receiver(&f.ctx, reader)?);
+        Ok(f)
     }
 
     /// Restarts the clock of [`PostcopyStats::postcopy_ms`] (the guest runs from now on).
@@ -461,34 +456,36 @@ impl Faults {
     /// request, or its answer, may have been lost with the old link). Events of the old
     /// channels carry the old attempt id from now on.
     pub(crate) fn rejoin(&mut self, urgent: Stream, attempt: u64) -> Result<(), MigrateError> {
-        self.ctx.attempt.store(attempt, Ordering::Relaxed);
+        // The old link first: a handler blocked on it gets its error now, and reports it
+        // (holding the writer) as the old attempt.
         self.urgent.shutdown();
         let writer = clone_urgent(&urgent)?;
-        self.old_receivers
-            .push(spawn_urgent_receiver(&self.ctx, clone_urgent(&urgent)?)?);
-        self.urgent = urgent;
-        let mut w = lock(&self.writer);
-        *w = writer;
-        let waiting: Vec<u64> = {
-            let mut v: Vec<u64> = lock(&self.ctx.space.waiting).keys().copied().collect();
-            v.sort_unstable();
-            v
+        let reader = clone_urgent(&urgent)?;
+        let runs = {
+            let mut w = lock(&self.writer);
+            *w = writer;
+            self.ctx.attempt.store(attempt, Ordering::Relaxed);
+            self.still_waiting()
         };
-        let mut runs: Vec<PageRun> = Vec::new();
-        for gpa in waiting
-            .into_iter()
-            .filter(|g| !self.ctx.space.placed.get(*g))
-        {
-            match runs.last_mut() {
-                Some(l) if l.gpa + u64::from(l.pages) * PAGE_SIZE == gpa => l.pages += 1,
-                _ => runs.push(PageRun { gpa, pages: 1 }),
-            }
-        }
+        self.threads.push(spawn_urgent_receiver(&self.ctx, reader)?);
+        self.urgent = urgent;
         tracing::info!(
             pages = runs.iter().map(|r| u64::from(r.pages)).sum::<u64>(),
             "postcopy: the source reconnected; asking again for the pages vCPUs wait for"
         );
-        send_requests(&mut w, &self.ctx, &runs, &mut 0)
+        send_requests(&mut lock(&self.writer), &self.ctx, &runs, &mut 0)
+    }
+
+    /// The pages a vCPU faulted on that are not placed yet, as runs.
+    fn still_waiting(&self) -> Vec<PageRun> {
+        let space = &self.ctx.space;
+        let mut waiting: Vec<u64> = lock(&space.waiting).keys().copied().collect();
+        waiting.sort_unstable();
+        let mut runs = Vec::new();
+        for gpa in waiting.into_iter().filter(|g| !space.placed.get(*g)) {
+            push_run(&mut runs, gpa);
+        }
+        runs
     }
 
     /// The statistics so far.
@@ -498,13 +495,28 @@ impl Faults {
 
     /// Stops every thread and unregisters guest memory; returns the statistics.
     pub(crate) fn stop(mut self) -> PostcopyStats {
+        self.shut_down();
+        self.ctx.space.stats(self.started)
+    }
+
+    fn shut_down(&mut self) {
         self.ctx.stop.store(true, Ordering::Relaxed);
         self.urgent.shutdown();
-        for t in self.threads.drain(..).chain(self.old_receivers.drain(..)) {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        self.ctx.space.unregister();
-        self.ctx.space.stats(self.started)
+        if !self.unregistered {
+            self.unregistered = true;
+            self.ctx.space.unregister();
+        }
+    }
+}
+
+/// Whatever way the machinery ends (a half-started one included), its threads stop and
+/// guest memory is unregistered: a later attempt must never write into registered memory.
+impl Drop for Faults {
+    fn drop(&mut self) {
+        self.shut_down();
     }
 }
 
@@ -601,6 +613,12 @@ fn receive_urgent(ctx: &Ctx, mut stream: Stream) -> Result<(), MigrateError> {
         };
         match msg {
             Message::Pages { runs, sums, .. } => {
+                if ctx.wire.sums && sums.is_empty() {
+                    return Err(MigrateError::MissingPageSums {
+                        channel: Channel::Urgent,
+                        kind: "Pages",
+                    });
+                }
                 let len = (msg_pages(&runs) * PAGE_SIZE) as usize;
                 buf.resize(len, 0);
                 stream

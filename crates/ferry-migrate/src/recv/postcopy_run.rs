@@ -43,8 +43,17 @@ fn apply_discards(rx: &Destination, att: &Attempt, runs: &[PageRun]) -> Result<(
 impl Receiving {
     /// A postcopy without precopy: discards all memory while the guest still runs on the
     /// source, once the memory preparation is over, and says so.
-    pub(super) fn discard_early(&mut self, rx: &Destination) -> Result<(), MigrateError> {
-        if !self.discard_ack_due || rx.prepared.is_none() {
+    pub(super) fn discard_early(&mut self, rx: &mut Destination) -> Result<(), MigrateError> {
+        if !self.discard_ack_due {
+            return Ok(());
+        }
+        if rx.prepared.is_none() {
+            // Populating what is discarded next is wasted: stop it (its undo discards what
+            // it did), and discard once it has stopped.
+            if let Some(c) = &rx.canceller {
+                rx.stopped_early = true;
+                c.cancel();
+            }
             return Ok(());
         }
         let t = Instant::now();

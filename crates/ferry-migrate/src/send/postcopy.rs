@@ -150,6 +150,10 @@ impl PostcopySwitch {
             stats: self.stats,
             pass: self.pass,
             missing: self.missing,
+            reconnects: 0,
+            last_heard: go_at,
+            next_ping: go_at + PING_EVERY,
+            nonce: 0,
         }))))
     }
 }
@@ -163,11 +167,7 @@ fn stale_runs(src: &Source, missing: &DirtySnapshot) -> Vec<PageRun> {
             continue;
         };
         for p in missing.chunk_pages(&c) {
-            let gpa = base + p * PAGE_SIZE;
-            match runs.last_mut() {
-                Some(l) if l.gpa + u64::from(l.pages) * PAGE_SIZE == gpa => l.pages += 1,
-                _ => runs.push(PageRun { gpa, pages: 1 }),
-            }
+            crate::wire::push_run(&mut runs, base + p * PAGE_SIZE);
         }
     }
     runs
@@ -298,14 +298,54 @@ pub(super) struct PostcopyActive {
     pass: u32,
     /// Every page the destination lacked at the switch (pushed again after a reconnection).
     missing: Arc<DirtySnapshot>,
+    /// Reconnections so far: after one, no `Error` can mean "the guest did not run there".
+    reconnects: u32,
+    /// The destination's last word, and the next `Ping` (a silent link is a broken one).
+    last_heard: Instant,
+    next_ping: Instant,
+    nonce: u64,
 }
+
+/// How often an active postcopy pings the destination: a link that stays silent for the
+/// progress timeout counts as broken (and is reconnected).
+const PING_EVERY: Duration = Duration::from_millis(500);
 
 impl PostcopyActive {
     pub(super) fn deadline(&self) -> Option<Instant> {
-        self.quiet_deadline
+        Some(match self.quiet_deadline {
+            Some(q) => q.min(self.next_ping),
+            None => self.next_ping,
+        })
+    }
+
+    fn keep_alive_due(&self) -> bool {
+        Instant::now() >= self.next_ping
+    }
+
+    /// Pings the destination when due; the link is broken when it stayed silent too long.
+    fn keep_alive(&mut self, src: &mut Source) -> Option<String> {
+        let now = Instant::now();
+        if now.duration_since(self.last_heard) >= src.params.progress_timeout {
+            return Some(format!(
+                "the destination stayed silent for {} ms",
+                src.params.progress_timeout.as_millis()
+            ));
+        }
+        if now >= self.next_ping {
+            self.next_ping = now + PING_EVERY;
+            self.nonce += 1;
+            let deadline = now + src.params.progress_timeout;
+            if let Err(e) = src.send(&Message::Ping { nonce: self.nonce }, "postcopy", deadline) {
+                return Some(e.to_string());
+            }
+        }
+        None
     }
 
     pub(super) fn on(mut self: Box<Self>, ev: Event, src: &mut Source) -> Step {
+        if matches!(ev, Event::Peer(Ok(_))) {
+            self.last_heard = Instant::now();
+        }
         match ev {
             Event::Peer(Ok(Message::Running { resume_us })) if self.running.is_none() => {
                 self.running = Some(Instant::now());
@@ -315,8 +355,12 @@ impl PostcopyActive {
             Event::Peer(Ok(done @ Message::PostcopyDone { .. })) => {
                 return src.complete_postcopy(&self, done);
             }
-            // Before Running, an Error is the destination's promise not to run the guest.
-            Event::Peer(Ok(Message::Error { reason })) if self.running.is_none() => {
+            // Before Running, and on the link Go went over, an Error is the destination's
+            // promise not to run the guest. After a reconnection it proves nothing (it may
+            // come from another process at that address).
+            Event::Peer(Ok(Message::Error { reason }))
+                if self.running.is_none() && self.reconnects == 0 =>
+            {
                 return src.destination_refused_go(reason);
             }
             // A reconnection's Welcome, and the usual chatter.
@@ -352,6 +396,11 @@ impl PostcopyActive {
                 }
                 return PostcopyPaused::enter(self, src, e.to_string());
             }
+            Event::Tick if self.keep_alive_due() => {
+                if let Some(why) = self.keep_alive(src) {
+                    return PostcopyPaused::enter(self, src, why);
+                }
+            }
             Event::Tick if self.quiet_deadline.is_some_and(|d| Instant::now() >= d) => {
                 let why = format!(
                     "every page was pushed but the destination did not confirm within {} ms",
@@ -359,10 +408,20 @@ impl PostcopyActive {
                 );
                 return PostcopyPaused::enter(self, src, why);
             }
+            Event::Command(req) if req.command == Command::Quit { force: true } => {
+                req.answer(Ok(
+                    "quitting by force during postcopy; the pages the destination lacked are \
+                     lost"
+                        .into(),
+                ));
+                src.close();
+                return Step::End(Box::new(SendOutcome::Quit));
+            }
             Event::Command(req) => req.refuse(
                 "postcopy",
                 "the guest runs on the destination and this side serves the pages it still \
-                 lacks; the migration ends when it has them all",
+                 lacks; the migration ends when it has them all ('quit --force' gives up and \
+                 loses them)",
             ),
             Event::Tick | Event::Connected(_) | Event::Worker(WorkerEvent::Done { .. }) => {}
         }
@@ -389,7 +448,8 @@ impl PostcopyPaused {
         let msg = format!(
             "postcopy broke off: {why}. The guest belongs to the destination now, which still \
              lacks pages that only this side holds (the guest stays paused here with them); \
-             reconnecting every {} ms ('quit --force' gives up and loses those pages)",
+             reconnecting every {} ms. 'quit --force' gives up: it loses those pages, unless \
+             the destination has logged 'incoming migration complete' (then it has them all)",
             RECONNECT_EVERY.as_millis()
         );
         tracing::error!("{msg}");
@@ -426,6 +486,9 @@ impl PostcopyPaused {
                     a.pass = pass;
                     a.outstanding = src.workers.len();
                     a.quiet_deadline = None;
+                    a.reconnects += 1;
+                    a.last_heard = Instant::now();
+                    a.next_ping = Instant::now() + PING_EVERY;
                     src.progress.set_status(Status::Postcopy);
                     return Step::Next(Phase::Postcopy(a));
                 }

@@ -19,6 +19,7 @@ use super::worker::WorkerEvent;
 use crate::channel::{sum_guest_pages, Wire};
 use crate::error::{Channel, MigrateError};
 use crate::progress::Progress;
+use crate::wire::push_run;
 
 const PHASE: &str = "postcopy";
 
@@ -122,13 +123,6 @@ struct Answer {
     sums: Vec<u64>,
 }
 
-fn push(runs: &mut Vec<PageRun>, gpa: u64) {
-    match runs.last_mut() {
-        Some(l) if l.gpa + u64::from(l.pages) * PAGE_SIZE == gpa => l.pages += 1,
-        _ => runs.push(PageRun { gpa, pages: 1 }),
-    }
-}
-
 impl Answer {
     /// Sends every page of `runs`: data pages as Pages frames, zero pages as one ZeroPages.
     fn answer(
@@ -148,13 +142,13 @@ impl Answer {
             for p in 0..u64::from(r.pages) {
                 let gpa = r.gpa + p * PAGE_SIZE;
                 if iov::is_zero(&how.ram.slice(gpa, PAGE_SIZE as usize)?) {
-                    push(&mut self.zero, gpa);
+                    push_run(&mut self.zero, gpa);
                     continue;
                 }
                 if self.data_pages == MAX_BATCH_PAGES || self.data.len() == MAX_RUNS as usize {
                     self.flush_data(stream, how)?;
                 }
-                push(&mut self.data, gpa);
+                push_run(&mut self.data, gpa);
                 self.data_pages += 1;
             }
         }

@@ -193,8 +193,10 @@ pub fn busy_source() -> Arc<FakeSource> {
 
 /// A proxy in front of `dst` applying `faults`.
 pub fn proxy(dst: &Dest, faults: Vec<Fault>) -> Proxy {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!(
-        "ferry-proxy-{}-{:?}.sock",
+        "ferry-proxy-{}-{:?}-{n}.sock",
         std::process::id(),
         std::thread::current().id()
     ));
