@@ -13,7 +13,7 @@ use ferry_proto::{page_sum, read_message_checked, Codec, Message, PageRun, Proto
 use ferry_transport::Stream;
 use vm_memory::Bytes;
 
-use super::postcopy::{place_checked, Space};
+use super::postcopy::{place_checked, receive_pages, Arrival, Space};
 use super::Event;
 use crate::channel::{Unpacker, Wire};
 use crate::error::{Channel, MigrateError};
@@ -335,20 +335,18 @@ impl DataRx {
                 return Ok(pages);
             }
             Message::Pages { runs, sums, .. } => {
-                self.require_sums(&sums, "Pages")?;
-                let len =
-                    (runs.iter().map(|r| u64::from(r.pages)).sum::<u64>() * PAGE_SIZE) as usize;
+                let how = Arrival {
+                    channel,
+                    sums_required: self.wire.sums,
+                    pushed: true,
+                };
                 let mut buf = std::mem::take(&mut ch.unpacker.pages);
-                buf.resize(len, 0);
-                let read = ch.read_exact(&mut buf);
-                let placed = read
-                    .map_err(|e| self.read_error(ProtoError::Io(e)))
-                    .and_then(|()| place_checked(space, channel, &runs, &sums, &buf, true));
+                let got = receive_pages(ch, &mut buf, space, how, &runs, &sums);
                 ch.unpacker.pages = buf;
-                placed?;
-                self.progress.bytes.fetch_add(len as u64, Ordering::Relaxed);
-                self.activity.bytes.fetch_add(len as u64, Ordering::Relaxed);
-                len as u64 / PAGE_SIZE
+                let len = got?;
+                self.progress.bytes.fetch_add(len, Ordering::Relaxed);
+                self.activity.bytes.fetch_add(len, Ordering::Relaxed);
+                len / PAGE_SIZE
             }
             Message::Compressed {
                 runs,

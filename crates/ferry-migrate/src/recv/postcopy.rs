@@ -613,18 +613,12 @@ fn receive_urgent(ctx: &Ctx, mut stream: Stream) -> Result<(), MigrateError> {
         };
         match msg {
             Message::Pages { runs, sums, .. } => {
-                if ctx.wire.sums && sums.is_empty() {
-                    return Err(MigrateError::MissingPageSums {
-                        channel: Channel::Urgent,
-                        kind: "Pages",
-                    });
-                }
-                let len = (msg_pages(&runs) * PAGE_SIZE) as usize;
-                buf.resize(len, 0);
-                stream
-                    .read_exact(&mut buf)
-                    .map_err(|e| read_err(ProtoError::Io(e)))?;
-                place_checked(&ctx.space, Channel::Urgent, &runs, &sums, &buf, false)?;
+                let how = Arrival {
+                    channel: Channel::Urgent,
+                    sums_required: ctx.wire.sums,
+                    pushed: false,
+                };
+                receive_pages(&mut stream, &mut buf, &ctx.space, how, &runs, &sums)?;
             }
             Message::ZeroPages { runs, .. } => {
                 for r in &runs {
@@ -643,8 +637,40 @@ fn receive_urgent(ctx: &Ctx, mut stream: Stream) -> Result<(), MigrateError> {
     }
 }
 
-fn msg_pages(runs: &[PageRun]) -> u64 {
-    runs.iter().map(|r| u64::from(r.pages)).sum()
+/// Where a Pages frame came from, and what it must carry.
+pub(crate) struct Arrival {
+    pub(crate) channel: Channel,
+    /// Checksums were agreed: a frame without them is refused.
+    pub(crate) sums_required: bool,
+    /// It is the background push (for the statistics).
+    pub(crate) pushed: bool,
+}
+
+/// Reads a Pages frame's payload into `buf`, then checks it and places it; returns its
+/// bytes.
+pub(crate) fn receive_pages(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+    space: &Space,
+    how: Arrival,
+    runs: &[PageRun],
+    sums: &[u64],
+) -> Result<u64, MigrateError> {
+    if how.sums_required && sums.is_empty() {
+        return Err(MigrateError::MissingPageSums {
+            channel: how.channel,
+            kind: "Pages",
+        });
+    }
+    let len = runs.iter().map(|r| u64::from(r.pages)).sum::<u64>() * PAGE_SIZE;
+    buf.resize(len as usize, 0);
+    r.read_exact(buf).map_err(|e| MigrateError::Receive {
+        channel: how.channel,
+        phase: "postcopy",
+        source: ProtoError::Io(e),
+    })?;
+    place_checked(space, how.channel, runs, sums, buf, how.pushed)?;
+    Ok(len)
 }
 
 /// Checks `data` against `sums` (one per page, or none) and places it run by run. A page

@@ -406,6 +406,19 @@ impl Source {
     /// the main channel just before it closed) is the useful one. Waits at most 300 ms, so
     /// a caller holding a paused guest resumes it first.
     fn prefer_peer_reason(&self, e: MigrateError) -> MigrateError {
+        match self.peer_word_soon(|m| matches!(m, Message::Error { .. })) {
+            Some(Message::Error { reason }) => MigrateError::Peer {
+                side: "destination",
+                reason,
+            },
+            _ => e,
+        }
+    }
+
+    /// The destination's next message that `wanted` picks, if it comes within 300 ms and
+    /// before its main channel ends (other events met meanwhile belong to a link that is
+    /// going away, and are dropped).
+    fn peer_word_soon(&self, wanted: impl Fn(&Message) -> bool) -> Option<Message> {
         let deadline = Instant::now() + Duration::from_millis(300);
         while let Ok(ev) = self
             .inputs
@@ -413,18 +426,13 @@ impl Source {
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
         {
             match ev {
-                Event::Peer(Ok(Message::Error { reason })) => {
-                    return MigrateError::Peer {
-                        side: "destination",
-                        reason,
-                    }
-                }
-                // The main channel ended without a reason: there will be none.
-                Event::Peer(Err(_)) => return e,
+                Event::Peer(Ok(m)) if wanted(&m) => return Some(m),
+                // The main channel ended without it: it will not come.
+                Event::Peer(Err(_)) => return None,
                 _ => {}
             }
         }
-        e
+        None
     }
 
     /// Whether the destination has acknowledged its memory preparation (or needs none).

@@ -681,12 +681,7 @@ impl Precopy {
                 gpa += pages * PAGE_SIZE;
             }
         }
-        for batch in runs.chunks(ferry_proto::MAX_RUNS as usize) {
-            let msg = Message::Discard {
-                runs: batch.to_vec(),
-            };
-            src.send(&msg, "precopy", deadline)?;
-        }
+        src.send_discards(&runs, "precopy", deadline)?;
         self.discard_deadline = Some(deadline);
         Ok(())
     }

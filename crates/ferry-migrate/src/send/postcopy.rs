@@ -68,12 +68,8 @@ impl PostcopySwitch {
         src.send(&Message::State { sections }, "postcopy-switch", deadline)?;
         if pre.sent_any {
             // Without a pass sent, the destination discarded all its memory before the pause.
-            for batch in stale_runs(src, &missing).chunks(MAX_RUNS as usize) {
-                let msg = Message::Discard {
-                    runs: batch.to_vec(),
-                };
-                src.send(&msg, "postcopy-switch", deadline)?;
-            }
+            let stale = stale_runs(src, &missing);
+            src.send_discards(&stale, "postcopy-switch", deadline)?;
         }
         src.send(&Message::Postcopy { pass }, "postcopy-switch", deadline)?;
         src.start_urgent_server(pass)?;
@@ -174,20 +170,20 @@ fn stale_runs(src: &Source, missing: &DirtySnapshot) -> Vec<PageRun> {
 }
 
 impl Source {
-    /// A `PostcopyDone` among the events of the next 300 ms, if one comes (other events
-    /// met meanwhile are of a link that is going away).
-    fn postcopy_done_soon(&self) -> Option<Message> {
-        let deadline = Instant::now() + Duration::from_millis(300);
-        while let Ok(ev) = self
-            .inputs
-            .events
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            if let Event::Peer(Ok(done @ Message::PostcopyDone { .. })) = ev {
-                return Some(done);
-            }
+    /// Tells the destination to make `runs` missing, in as many `Discard` frames as needed.
+    pub(super) fn send_discards(
+        &mut self,
+        runs: &[PageRun],
+        phase: &'static str,
+        deadline: Instant,
+    ) -> Result<(), MigrateError> {
+        for batch in runs.chunks(MAX_RUNS as usize) {
+            let msg = Message::Discard {
+                runs: batch.to_vec(),
+            };
+            self.send(&msg, phase, deadline)?;
         }
-        None
+        Ok(())
     }
 
     /// Shuts every channel and its threads down (postcopy broke off).
@@ -375,9 +371,6 @@ impl PostcopyActive {
                 return PostcopyPaused::enter(self, src, why);
             }
             Event::Peer(Err(e)) => {
-                if let Some(done) = src.postcopy_done_soon() {
-                    return src.complete_postcopy(&self, done);
-                }
                 let why = format!("the link broke: {}", src.read_error(e, "postcopy"));
                 return PostcopyPaused::enter(self, src, why);
             }
@@ -391,7 +384,9 @@ impl PostcopyActive {
             Event::Worker(WorkerEvent::Failed(e)) => {
                 // The destination closes its channels once it has every page: its word on
                 // the main channel may be right behind.
-                if let Some(done) = src.postcopy_done_soon() {
+                if let Some(done) =
+                    src.peer_word_soon(|m| matches!(m, Message::PostcopyDone { .. }))
+                {
                     return src.complete_postcopy(&self, done);
                 }
                 return PostcopyPaused::enter(self, src, e.to_string());
