@@ -665,10 +665,11 @@ fn migrate_start_postcopy_switches_a_running_precopy() {
     assert_eq!(stats["postcopy"]["trigger"], "requested", "{stats}");
 }
 
-/// A TCP proxy that cuts every connection once, when more than `limit` bytes have gone
-/// towards the destination; connections made after the cut are forwarded untouched (the
-/// link is back).
-fn cut_once_proxy(target: String, limit: u64) -> (String, Arc<AtomicBool>) {
+/// A TCP proxy that cuts every connection when more than `limit` bytes have gone towards
+/// the destination. With `once`, connections made after the cut are forwarded untouched
+/// (the link is back); otherwise they are cut at their first bytes. Returns its URI and
+/// whether the cut happened.
+fn cut_proxy(target: String, limit: u64, once: bool) -> (String, Arc<AtomicBool>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let uri = format!("tcp:{}", l.local_addr().unwrap());
     let sent = Arc::new(AtomicU64::new(0));
@@ -680,7 +681,7 @@ fn cut_once_proxy(target: String, limit: u64) -> (String, Arc<AtomicBool>) {
             let Ok(b) = TcpStream::connect(&target) else {
                 continue;
             };
-            let limited = !cut.load(Ordering::SeqCst);
+            let limited = !once || !cut.load(Ordering::SeqCst);
             if limited {
                 conns.lock().unwrap().push(a.try_clone().unwrap());
                 conns.lock().unwrap().push(b.try_clone().unwrap());
@@ -725,7 +726,7 @@ fn postcopy_survives_a_link_cut() {
     let uri = tcp_uri();
     let mut dst = destination(dir.path(), "destination", &uri, MEM, 1, &[]);
     let mut src = source(dir.path(), 1);
-    let (via, was_cut) = cut_once_proxy(uri.trim_start_matches("tcp:").to_string(), 40 << 20);
+    let (via, was_cut) = cut_proxy(uri.trim_start_matches("tcp:").to_string(), 40 << 20, true);
     let out = migrate_json(&src, &via, &["--channels", "2", "--postcopy"]);
     assert!(
         out.status.success(),
@@ -945,45 +946,7 @@ fn other_protocol_version_is_refused_by_name() {
 /// Forwards connections to `target`, but cuts every connection once `limit` bytes went from
 /// the source towards the destination.
 fn cutting_proxy(target: String, limit: u64) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let uri = format!("tcp:{}", l.local_addr().unwrap());
-    let sent = Arc::new(AtomicU64::new(0));
-    let cut = Arc::new(AtomicBool::new(false));
-    let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-    std::thread::spawn(move || {
-        for a in l.incoming().flatten() {
-            let b = TcpStream::connect(&target).unwrap();
-            conns.lock().unwrap().push(a.try_clone().unwrap());
-            conns.lock().unwrap().push(b.try_clone().unwrap());
-            let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-            let (sent, cut2, conns2) = (sent.clone(), cut.clone(), conns.clone());
-            std::thread::spawn(move || {
-                let (mut a, mut b) = (a, b);
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    let n = match a.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    if sent.fetch_add(n as u64, Ordering::SeqCst) + n as u64 > limit {
-                        cut2.store(true, Ordering::SeqCst);
-                        for c in conns2.lock().unwrap().iter() {
-                            let _ = c.shutdown(std::net::Shutdown::Both);
-                        }
-                        break;
-                    }
-                    if b.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut b2, &mut a2);
-            });
-            let _ = &cut;
-        }
-    });
-    uri
+    cut_proxy(target, limit, false).0
 }
 
 #[test]

@@ -218,62 +218,6 @@ fn a_failure_before_go_gives_the_guest_back_and_the_destination_forgets_postcopy
     assert_handed_over(&src, &target);
 }
 
-/// The link is cut in the middle of postcopy (the guest runs on the destination, pages are
-/// still on the source): both sides hold on, the source reconnects once the link is back,
-/// the destination asks again for what its guest waits for, and every page arrives right.
-#[test]
-fn a_link_cut_mid_postcopy_is_recovered_on_a_new_connection() {
-    use ferry_proto::MessageKind;
-    use ferry_testkit::proxy::{Action, Dir, Fault, Trigger};
-    let dst = Dest::start(MIB);
-    let src = busy_source();
-    let cut = Fault {
-        when: Trigger::Frame {
-            dir: Dir::ToDestination,
-            kind: MessageKind::Pages,
-            nth: 8,
-        },
-        action: Action::Cut,
-    };
-    let px = proxy(&dst, vec![cut]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let guest = toucher(&dst.target, stop.clone());
-    let params = SendParams {
-        // A bandwidth cap keeps the push in flight long enough to be cut.
-        max_bandwidth: Some(16 << 20),
-        ..postcopy(PostcopyMode::Now)
-    };
-    let m = Migration::start(&src, &px.uri(), params);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !px.is_cut() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the link was never cut"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    m.wait_status(Status::PostcopyPaused, Duration::from_secs(5));
-    dst.wait_status(Status::PostcopyPaused, Duration::from_secs(5));
-    assert!(dst.target.running(), "the destination keeps the guest");
-    assert!(!src.running(), "the source never runs it again");
-    // Both refuse what would lose the guest.
-    assert!(m.command(Command::Resume { force: false }).is_err());
-    assert!(dst.command(Command::Cancel).is_err());
-    std::thread::sleep(Duration::from_millis(300));
-    px.heal();
-    let stats = completed(m.finish());
-    let target = dst.target.clone();
-    received(dst.finish());
-    stop.store(true, Ordering::Relaxed);
-    assert_eq!(
-        guest.join().unwrap(),
-        MIB * 256,
-        "the guest read every page"
-    );
-    assert_handed_over(&src, &target);
-    assert!(stats.postcopy.is_some());
-}
-
 /// The end of postcopy races the destination closing its channels against its
 /// `PostcopyDone`: repeated, the source must always learn that it is done (not mistake the
 /// closing for a broken link).
@@ -326,36 +270,6 @@ fn a_go_lost_with_the_link_is_recovered_by_the_reconnection() {
     }
 }
 
-/// A link that goes silent in the middle of postcopy (no reset, nothing arrives) is found
-/// out by the source's pings within the progress timeout, and recovered when it comes back.
-#[test]
-fn a_silent_link_mid_postcopy_is_detected_and_recovered() {
-    use ferry_proto::MessageKind;
-    use ferry_testkit::proxy::{Action, Dir, Fault, Trigger};
-    let dst = Dest::start(MIB);
-    let src = busy_source();
-    let freeze = Fault {
-        when: Trigger::Frame {
-            dir: Dir::ToDestination,
-            kind: MessageKind::Pages,
-            nth: 8,
-        },
-        action: Action::Freeze,
-    };
-    let px = proxy(&dst, vec![freeze]);
-    let params = SendParams {
-        max_bandwidth: Some(16 << 20),
-        ..postcopy(PostcopyMode::Now)
-    };
-    let m = Migration::start(&src, &px.uri(), params);
-    m.wait_status(Status::PostcopyPaused, Duration::from_secs(10));
-    px.thaw();
-    completed(m.finish());
-    let target = dst.target.clone();
-    received(dst.finish());
-    assert_handed_over(&src, &target);
-}
-
 /// A source resuming a postcopy at an address where no postcopy runs (the destination
 /// ended, or another process listens there) is refused, never taken as a new migration.
 #[test]
@@ -384,4 +298,73 @@ fn a_resume_without_a_postcopy_here_is_refused() {
     );
     assert_eq!(dst.progress.status(), Status::Listening);
     assert!(!dst.target.running());
+}
+
+/// Postcopy through a proxy that does `action` at the 8th pushed frame; `mend` runs once
+/// the source has paused the migration (and brings the link back). Afterwards every page
+/// must be right on the destination, which kept running the guest.
+fn postcopy_through_a_broken_link(
+    action: ferry_testkit::proxy::Action,
+    mend: impl FnOnce(&ferry_testkit::proxy::Proxy, &Migration, &Dest),
+) {
+    use ferry_proto::MessageKind;
+    use ferry_testkit::proxy::{Dir, Fault, Trigger};
+    let dst = Dest::start(MIB);
+    let src = busy_source();
+    let fault = Fault {
+        when: Trigger::Frame {
+            dir: Dir::ToDestination,
+            kind: MessageKind::Pages,
+            nth: 8,
+        },
+        action,
+    };
+    let px = proxy(&dst, vec![fault]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = toucher(&dst.target, stop.clone());
+    let params = SendParams {
+        // A bandwidth cap keeps the push in flight long enough to be broken.
+        max_bandwidth: Some(16 << 20),
+        ..postcopy(PostcopyMode::Now)
+    };
+    let m = Migration::start(&src, &px.uri(), params);
+    m.wait_status(Status::PostcopyPaused, Duration::from_secs(10));
+    assert!(!src.running(), "the source never runs the guest again");
+    mend(&px, &m, &dst);
+    let stats = completed(m.finish());
+    let target = dst.target.clone();
+    received(dst.finish());
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(
+        guest.join().unwrap(),
+        MIB * 256,
+        "the guest read every page"
+    );
+    assert_handed_over(&src, &target);
+    assert!(stats.postcopy.is_some());
+}
+
+/// The link is cut in the middle of postcopy (the guest runs on the destination, pages are
+/// still on the source): both sides hold on, the source reconnects once the link is back,
+/// the destination asks again for what its guest waits for, and every page arrives right.
+#[test]
+fn a_link_cut_mid_postcopy_is_recovered_on_a_new_connection() {
+    use ferry_testkit::proxy::Action;
+    postcopy_through_a_broken_link(Action::Cut, |px, m, dst| {
+        dst.wait_status(Status::PostcopyPaused, Duration::from_secs(5));
+        assert!(dst.target.running(), "the destination keeps the guest");
+        // Both refuse what would lose the guest.
+        assert!(m.command(Command::Resume { force: false }).is_err());
+        assert!(dst.command(Command::Cancel).is_err());
+        std::thread::sleep(Duration::from_millis(300));
+        px.heal();
+    });
+}
+
+/// A link that goes silent in the middle of postcopy (no reset, nothing arrives) is found
+/// out by the source's pings within the progress timeout, and recovered when it comes back.
+#[test]
+fn a_silent_link_mid_postcopy_is_detected_and_recovered() {
+    use ferry_testkit::proxy::Action;
+    postcopy_through_a_broken_link(Action::Freeze, |px, _, _| px.thaw());
 }

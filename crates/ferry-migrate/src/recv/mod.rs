@@ -310,6 +310,15 @@ impl Destination {
         self.attempts
     }
 
+    /// Stops the memory preparation (its undo discards what it populated); the event of
+    /// its end then counts as prepared.
+    fn stop_preparation(&mut self) {
+        if let Some(c) = &self.canceller {
+            self.stopped_early = true;
+            c.cancel();
+        }
+    }
+
     /// Whether this destination can take a postcopy migration: its memory must be 4 KiB
     /// pages that can be discarded (not hugetlb, not locked).
     fn postcopy_possible(&self) -> bool {

@@ -987,10 +987,7 @@ impl Receiving {
             return Ok(());
         }
         if rx.prepared.is_none() {
-            if let Some(c) = &rx.canceller {
-                rx.stopped_early = true;
-                c.cancel();
-            }
+            rx.stop_preparation();
             return Ok(());
         }
         let Local::Pending {

@@ -48,12 +48,9 @@ impl Receiving {
             return Ok(());
         }
         if rx.prepared.is_none() {
-            // Populating what is discarded next is wasted: stop it (its undo discards what
-            // it did), and discard once it has stopped.
-            if let Some(c) = &rx.canceller {
-                rx.stopped_early = true;
-                c.cancel();
-            }
+            // Populating what is discarded next is wasted: stop it, and discard once it
+            // has stopped.
+            rx.stop_preparation();
             return Ok(());
         }
         let t = Instant::now();
