@@ -1132,9 +1132,7 @@ mod postcopy_run;
 
 impl AwaitGo {
     fn begin(r: Receiving, rx: &mut Destination) -> Attempted<AwaitGo> {
-        let Receiving {
-            mut att, sections, ..
-        } = r;
+        let Receiving { att, sections, .. } = r;
         rx.progress.set_status(Status::Switchover);
         rx.progress.set_phase("loading");
         // Every page is here: nothing may touch guest memory any more (the guest may run).
@@ -1160,10 +1158,15 @@ impl AwaitGo {
             ));
         }
         let load = t.elapsed();
+        AwaitGo::loaded(att, load, load)
+    }
+
+    /// Says `Loaded` (reporting `took`) and waits for `Go` within the switchover timeout.
+    fn loaded(mut att: Box<Attempt>, load: Duration, took: Duration) -> Attempted<AwaitGo> {
         let switchover = Duration::from_millis(u64::from(att.timeouts.switchover_ms));
         let deadline = Instant::now() + switchover;
         let loaded = Message::Loaded {
-            load_us: load.as_micros() as u64,
+            load_us: took.as_micros() as u64,
         };
         if let Err(e) = att.send(&loaded, "loading", deadline) {
             return Err((att, e));

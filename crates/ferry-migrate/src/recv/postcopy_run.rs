@@ -106,19 +106,7 @@ pub(super) fn begin(r: Receiving, rx: &mut Destination, pass: u32) -> Attempted<
         load_ms = load.as_secs_f64() * 1e3,
         "postcopy: memory registered for faults, state loaded"
     );
-    let switchover = Duration::from_millis(u64::from(att.timeouts.switchover_ms));
-    let deadline = Instant::now() + switchover;
-    let loaded = Message::Loaded {
-        load_us: (discarded + load).as_micros() as u64,
-    };
-    if let Err(e) = att.send(&loaded, "loading", deadline) {
-        return Err((att, e));
-    }
-    Ok(AwaitGo {
-        att,
-        deadline,
-        load,
-    })
+    AwaitGo::loaded(att, load, discarded + load)
 }
 
 /// Registers guest memory for faults and starts the handlers and the urgent receiver.
