@@ -117,8 +117,8 @@ pub mod caps {
     /// link broke, reconnecting with the same session id. The destination takes the new
     /// channels in place of the old ones, asks again for the pages its vCPUs wait for, and
     /// the source pushes again what the destination may lack (pass in a new `Postcopy`).
+    /// A flag of the Hello, not negotiated: never in [`ALL`] nor in a `Welcome`.
     pub const RESUME: u64 = 1 << 7;
-    /// Every capability this version knows.
-    pub const ALL: u64 =
-        ZERO_RUNS | SWITCHOVER_ACK | LOCAL | PAGE_SUMS | ZSTD | LZ4 | POSTCOPY | RESUME;
+    /// Every capability this version negotiates.
+    pub const ALL: u64 = ZERO_RUNS | SWITCHOVER_ACK | LOCAL | PAGE_SUMS | ZSTD | LZ4 | POSTCOPY;
 }
