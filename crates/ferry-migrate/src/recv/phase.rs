@@ -157,6 +157,8 @@ pub(super) struct Attempt {
     early_ends: Vec<u16>,
     /// The capabilities the Welcome accepted (a reconnecting source gets them again).
     agreed: u64,
+    /// Postcopy: a reconnecting source's channels that came before `Go` was settled.
+    early_rejoin: Vec<Greeted>,
 }
 
 /// Refuses a migration announcing a channel count this destination does not take.
@@ -216,6 +218,7 @@ impl Attempt {
             postcopy_ok: false,
             early_ends: Vec::new(),
             agreed: 0,
+            early_rejoin: Vec::new(),
             // Until the source's Setup says otherwise.
             timeouts: Timeouts {
                 progress_ms: 30_000,
@@ -270,6 +273,30 @@ impl Attempt {
         self.stop_data();
         self.reader.stop();
         close_gracefully(self.main, LINGER);
+    }
+
+    /// A connection while the state is loaded and `Go` awaited. A postcopy source that
+    /// reconnects (after `Go`) may open its data and urgent channels before its main one
+    /// arrives: those are kept for it (a few at most); anything else is a stray.
+    fn greeted_before_go(&mut self, rx: &Destination, g: Greeted) {
+        let reconnecting = self.faults.is_some()
+            && g.hello.session == self.hello.session
+            && matches!(g.hello.role, ChannelRole::Data { .. } | ChannelRole::Urgent);
+        if !reconnecting {
+            if let Some(g) = rx.busy(g, self) {
+                rx.stray(&g.peer, "an extra data channel after the handshake");
+            }
+            return;
+        }
+        let most = 2 * (usize::from(self.hello.data_channels) + 1);
+        if self.early_rejoin.len() >= most {
+            let old = self.early_rejoin.remove(0);
+            rx.stray(
+                &old.peer,
+                "a reconnecting source's channel that its main one never followed",
+            );
+        }
+        self.early_rejoin.push(g);
     }
 
     /// A postcopy source reconnecting with `RESUME`: it does so only after it has sent `Go`,
@@ -1226,10 +1253,9 @@ impl AwaitGo {
                 }))))
             }
             Event::Greeted(g) => {
-                if let Some(g) = rx.busy(g, &self.att) {
-                    rx.stray(&g.peer, "an extra data channel after the handshake");
-                }
-                Ok(Step::Next(Phase::AwaitGo(self)))
+                let mut a = self;
+                a.att.greeted_before_go(rx, g);
+                Ok(Step::Next(Phase::AwaitGo(a)))
             }
             Event::Data { attempt, ev } if self.att.is_current(attempt) => {
                 let mut a = self;
@@ -1350,9 +1376,7 @@ impl Unconfirmed {
             },
             Event::Command(req) => self.command(req, rx),
             Event::Greeted(g) => {
-                if let Some(g) = rx.busy(g, &self.att) {
-                    rx.stray(&g.peer, "an extra data channel after the handshake");
-                }
+                self.att.greeted_before_go(rx, g);
                 Step::Next(Phase::Unconfirmed(self))
             }
             Event::Data { attempt, ev } if self.att.is_current(attempt) => {

@@ -141,6 +141,8 @@ pub(super) fn go_lost(rx: &mut Destination, att: Box<Attempt>, load: Duration, g
     tracing::warn!("postcopy: Go was lost with the link; the source's reconnection stands for it");
     match super::run_guest(rx, att, load, true) {
         Step::Next(Phase::Postcopy(mut p)) => {
+            let early = std::mem::take(&mut p.att.early_rejoin);
+            p.early.extend(early);
             p.greeted(rx, g);
             Step::Next(Phase::Postcopy(p))
         }
@@ -298,6 +300,15 @@ impl PostcopyRunning {
         match g.hello.role {
             ChannelRole::Main if ours && resume => self.start_rejoin(rx, g),
             ChannelRole::Data { .. } | ChannelRole::Urgent if ours => {
+                // A few at most wait for their main channel.
+                let most = 2 * (self.ended.len() + 1);
+                if self.early.len() >= most {
+                    let old = self.early.remove(0);
+                    rx.stray(
+                        &old.peer,
+                        "a reconnecting source's channel without its main one",
+                    );
+                }
                 self.early.push(g);
                 self.gather(rx);
             }
