@@ -221,13 +221,7 @@ pub struct Report {
 
 impl Report {
     fn column(&self, n: usize, mode: &str, f: fn(&Run) -> f64) -> Summary {
-        let v: Vec<f64> = self
-            .runs
-            .iter()
-            .filter(|r| r.vcpus == n && r.mode == mode)
-            .map(f)
-            .collect();
-        Summary::of(&v)
+        Summary::over(&self.runs, |r| r.vcpus == n && r.mode == mode, f)
     }
 
     /// The table: pages/s and fault latency by mode and vCPU count.

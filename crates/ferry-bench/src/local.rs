@@ -208,13 +208,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
 
 impl Report {
     fn column(&self, gib: u64, system: &str, f: fn(&Run) -> f64) -> Summary {
-        let v: Vec<f64> = self
-            .runs
-            .iter()
-            .filter(|r| r.gib == gib && r.system == system)
-            .map(f)
-            .collect();
-        Summary::of(&v)
+        Summary::over(&self.runs, |r| r.gib == gib && r.system == system, f)
     }
 
     /// The tables: figures by size and system, Ferry/QEMU ratios, and size scaling.

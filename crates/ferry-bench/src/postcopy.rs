@@ -270,13 +270,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
 
 impl Report {
     fn column(&self, vcpus: u32, system: &str, f: fn(&Run) -> f64) -> Summary {
-        let v: Vec<f64> = self
-            .runs
-            .iter()
-            .filter(|r| r.vcpus == vcpus && r.system == system)
-            .map(f)
-            .collect();
-        Summary::of(&v)
+        Summary::over(&self.runs, |r| r.vcpus == vcpus && r.system == system, f)
     }
 
     /// The tables: figures by vCPUs and system, ratios, fault latency against the floor.

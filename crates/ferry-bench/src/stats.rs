@@ -63,6 +63,12 @@ impl Summary {
         }
     }
 
+    /// The summary of `f` over the `items` that `keep` picks (a column of a report).
+    pub fn over<T>(items: &[T], keep: impl Fn(&T) -> bool, f: impl Fn(&T) -> f64) -> Summary {
+        let v: Vec<f64> = items.iter().filter(|r| keep(r)).map(f).collect();
+        Summary::of(&v)
+    }
+
     /// `median (min-max)` with `decimals` digits after the point, each value divided by
     /// `scale` first (e.g. 1e9 to print bytes/s as GB/s); just the value when n is 1.
     pub fn display(&self, scale: f64, decimals: usize) -> String {

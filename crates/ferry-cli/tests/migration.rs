@@ -282,6 +282,21 @@ fn assert_destination_listening(dst: &mut Proc, phrases: &[&str]) {
     }
 }
 
+/// The statistics of a `migrate --json` that succeeded and completed (its failure is
+/// reported with both VMs' logs).
+fn completed_stats(out: &Output, src: &Proc, dst: &Proc) -> Value {
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nsource: {}\ndestination: {}",
+        String::from_utf8_lossy(&out.stderr),
+        src.stderr(),
+        dst.stderr()
+    );
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["status"], "completed", "{stats}");
+    stats
+}
+
 fn migrate_json(src: &Proc, uri: &str, extra: &[&str]) -> Output {
     let mut args = vec!["migrate", uri, "--json"];
     args.extend_from_slice(extra);
@@ -340,15 +355,7 @@ fn migrate_case_with(
     ];
     args.extend_from_slice(mig_extra);
     let out = migrate_json(&src, &uri, &args);
-    assert!(
-        out.status.success(),
-        "migrate failed: {}\nsource: {}\ndestination: {}",
-        String::from_utf8_lossy(&out.stderr),
-        src.stderr(),
-        dst.stderr()
-    );
-    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(stats["status"], "completed");
+    let stats = completed_stats(&out, &src, &dst);
     assert_eq!(stats["channels"], channels);
     assert!(stats["pages_data"].as_u64().unwrap() > 10_000, "{stats}");
     assert!(stats["downtime_ms"].as_f64().unwrap() > 0.0);
@@ -577,15 +584,7 @@ fn postcopy_case(vcpus: u32, mig_extra: &[&str], dst_extra: &[String], start: bo
         }
         m.join().unwrap()
     });
-    assert!(
-        out.status.success(),
-        "migrate failed: {}\nsource: {}\ndestination: {}",
-        String::from_utf8_lossy(&out.stderr),
-        src.stderr(),
-        dst.stderr()
-    );
-    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(stats["status"], "completed", "{stats}");
+    let stats = completed_stats(&out, &src, &dst);
     let p = &stats["postcopy"];
     assert!(p["pages_missing"].as_u64().unwrap() > 0, "{stats}");
     let st = src
@@ -720,16 +719,8 @@ fn postcopy_survives_a_link_cut() {
     let mut src = source(dir.path(), 1);
     let (via, was_cut) = cut_proxy(uri.trim_start_matches("tcp:").to_string(), 40 << 20, true);
     let out = migrate_json(&src, &via, &["--channels", "2", "--postcopy"]);
-    assert!(
-        out.status.success(),
-        "migrate failed: {}\nsource: {}\ndestination: {}",
-        String::from_utf8_lossy(&out.stderr),
-        src.stderr(),
-        dst.stderr()
-    );
+    completed_stats(&out, &src, &dst);
     assert!(was_cut.load(Ordering::SeqCst), "the link was never cut");
-    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(stats["status"], "completed", "{stats}");
     assert!(
         src.stderr().contains("postcopy broke off"),
         "{}",

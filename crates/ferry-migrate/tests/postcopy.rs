@@ -56,19 +56,19 @@ fn received(o: Result<RecvOutcome, MigrateError>) -> ferry_migrate::recv::Receiv
     }
 }
 
-/// Runs a postcopy migration with a guest touching all memory on the destination, and
-/// checks that nothing was lost.
-fn moves_everything(mode: PostcopyMode, prepare: PrepareMode, src: Arc<FakeSource>) -> String {
-    let dst = Dest::with(
-        FakeTarget::new(MIB),
-        ferry_migrate::recv::ReceiveParams {
-            prepare,
-            ..recv_params()
-        },
-    );
+/// Migrates `src` to `dst` with `params` while a guest thread on the destination reads all
+/// of its memory, and checks that nothing was lost; returns both sides' statistics.
+fn migrate_touched(
+    src: &Arc<FakeSource>,
+    dst: Dest,
+    params: SendParams,
+) -> (
+    ferry_migrate::MigrationStats,
+    ferry_migrate::recv::ReceiveStats,
+) {
     let stop = Arc::new(AtomicBool::new(false));
     let guest = toucher(&dst.target, stop.clone());
-    let m = Migration::start(&src, &dst.uri, postcopy(mode));
+    let m = Migration::start(src, &dst.uri, params);
     let stats = completed(m.finish());
     let target = dst.target.clone();
     let rstats = received(dst.finish());
@@ -78,9 +78,24 @@ fn moves_everything(mode: PostcopyMode, prepare: PrepareMode, src: Arc<FakeSourc
         MIB * 256,
         "the guest read every page"
     );
-    assert_handed_over(&src, &target);
+    assert_handed_over(src, &target);
+    (stats, rstats)
+}
+
+/// A postcopy without precopy into a destination preparing as `prepare`: every page missing
+/// at the switch came, pushed or asked for.
+fn moves_everything(prepare: PrepareMode) {
+    let dst = Dest::with(
+        FakeTarget::new(MIB),
+        ferry_migrate::recv::ReceiveParams {
+            prepare,
+            ..recv_params()
+        },
+    );
+    let (stats, rstats) = migrate_touched(&busy_source(), dst, postcopy(PostcopyMode::Now));
     let p = stats.postcopy.expect("postcopy statistics");
     let r = rstats.postcopy.expect("destination postcopy statistics");
+    assert_eq!(p.trigger, "now");
     assert!(p.pages_missing > 0);
     assert_eq!(r.faults, p.faults);
     assert!(r.queues >= 1);
@@ -88,55 +103,40 @@ fn moves_everything(mode: PostcopyMode, prepare: PrepareMode, src: Arc<FakeSourc
         r.pushed_pages + r.requested_pages >= p.pages_missing,
         "every missing page came: {r:?} {p:?}"
     );
-    p.trigger
 }
 
 #[test]
 fn postcopy_without_precopy_moves_every_page() {
-    let trigger = moves_everything(PostcopyMode::Now, PrepareMode::None, busy_source());
-    assert_eq!(trigger, "now");
+    moves_everything(PrepareMode::None);
 }
 
 #[test]
 fn postcopy_discards_prepared_destination_memory() {
     // Populated memory never faults: postcopy must make it missing first.
-    let trigger = moves_everything(PostcopyMode::Now, PrepareMode::Populate, busy_source());
-    assert_eq!(trigger, "now");
+    moves_everything(PrepareMode::Populate);
 }
 
 #[test]
 fn postcopy_on_shared_destination_memory() {
-    let dst_ram = FakeTarget::new_shared(MIB);
-    let dst = Dest::with(dst_ram, recv_params());
-    let src = busy_source();
-    let stop = Arc::new(AtomicBool::new(false));
-    let guest = toucher(&dst.target, stop.clone());
-    let m = Migration::start(&src, &dst.uri, postcopy(PostcopyMode::Now));
-    completed(m.finish());
-    let target = dst.target.clone();
-    received(dst.finish());
-    assert_eq!(guest.join().unwrap(), MIB * 256);
-    assert_handed_over(&src, &target);
+    let dst = Dest::with(FakeTarget::new_shared(MIB), recv_params());
+    migrate_touched(&busy_source(), dst, postcopy(PostcopyMode::Now));
 }
 
-#[test]
-fn postcopy_after_a_precopy_that_does_not_converge() {
-    // A working set rewritten without pause against a 1 ms limit never converges.
+/// A postcopy after a precopy that cannot converge: a working set rewritten without pause
+/// against a 1 ms limit.
+fn after_stuck_precopy() -> ferry_migrate::MigrationStats {
     let src = FakeSource::start(MIB, 2048, Duration::ZERO);
     let params = SendParams {
         downtime_limit: Duration::from_millis(1),
         ..postcopy(PostcopyMode::AfterPrecopy)
     };
-    let dst = Dest::start(MIB);
-    let stop = Arc::new(AtomicBool::new(false));
-    let guest = toucher(&dst.target, stop.clone());
-    let m = Migration::start(&src, &dst.uri, params);
-    let stats = completed(m.finish());
-    let target = dst.target.clone();
-    received(dst.finish());
-    assert_eq!(guest.join().unwrap(), MIB * 256);
-    assert_handed_over(&src, &target);
-    let p = stats.postcopy.unwrap();
+    migrate_touched(&src, Dest::start(MIB), params).0
+}
+
+#[test]
+fn postcopy_after_a_precopy_that_does_not_converge() {
+    let stats = after_stuck_precopy();
+    let p = stats.postcopy.as_ref().expect("postcopy statistics");
     assert_eq!(p.trigger, "after-precopy");
     assert!(p.precopy_passes >= 1);
     assert_eq!(
@@ -224,21 +224,7 @@ fn a_failure_before_go_gives_the_guest_back_and_the_destination_forgets_postcopy
 #[test]
 fn the_end_of_postcopy_is_never_mistaken_for_a_broken_link() {
     for _ in 0..6 {
-        let src = FakeSource::start(MIB, 2048, Duration::ZERO);
-        let params = SendParams {
-            downtime_limit: Duration::from_millis(1),
-            ..postcopy(PostcopyMode::AfterPrecopy)
-        };
-        let dst = Dest::start(MIB);
-        let stop = Arc::new(AtomicBool::new(false));
-        let guest = toucher(&dst.target, stop.clone());
-        let m = Migration::start(&src, &dst.uri, params);
-        completed(m.finish());
-        let target = dst.target.clone();
-        received(dst.finish());
-        stop.store(true, Ordering::Relaxed);
-        guest.join().unwrap();
-        assert_handed_over(&src, &target);
+        after_stuck_precopy();
     }
 }
 
