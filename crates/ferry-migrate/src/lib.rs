@@ -37,6 +37,7 @@ pub mod send;
 pub mod vm;
 
 mod events;
+mod latency;
 mod limit;
 mod wire;
 

@@ -46,6 +46,7 @@ pub(crate) fn spawn_reader<E: Send + 'static>(
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
+            crate::latency::control_thread();
             let mut scratch = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 // Decrypted TLS data may already wait in memory, with nothing on the socket.

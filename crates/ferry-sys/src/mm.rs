@@ -379,22 +379,36 @@ pub fn release(addr: usize, len: usize) -> Result<(), MmError> {
 /// while the guest still runs leaves little to tear down when it matters (an `exec` inside
 /// a live update's pause). Private memory is refused: there it would discard the data.
 pub fn drop_page_tables(addr: usize, len: usize) -> Result<(), MmError> {
-    check_range("drop page tables", addr, len, page_size())?;
+    dont_need_registered("drop page tables (shared memory only)", addr, len, true)
+}
+
+/// Takes a range of registered volatile memory out of this process (`MADV_DONTNEED`), for
+/// memory whose guest has left the process for good: private pages are freed (and would
+/// read back as zeros); shared pages stay in their file, which another process may map,
+/// and only this process's page tables go. Done piece by piece ahead of `exit`, it spares
+/// the exit from tearing everything down at once.
+pub fn let_go(addr: usize, len: usize) -> Result<(), MmError> {
+    dont_need_registered("let go of guest memory", addr, len, false)
+}
+
+/// `MADV_DONTNEED` on a range inside one registration (a shared one if `shared_only`).
+fn dont_need_registered(
+    call: &'static str,
+    addr: usize,
+    len: usize,
+    shared_only: bool,
+) -> Result<(), MmError> {
+    check_range(call, addr, len, page_size())?;
     let reg = registry_read();
     match reg.range(..=addr).next_back() {
-        Some((_, v)) if addr + len <= v.end && v.shared => {}
-        _ => {
-            return Err(MmError::NotVolatile {
-                call: "drop page tables (shared memory only)",
-                addr,
-                len,
-            })
-        }
+        Some((_, v)) if addr + len <= v.end && (v.shared || !shared_only) => {}
+        _ => return Err(MmError::NotVolatile { call, addr, len }),
     }
-    // SAFETY: the range lies inside a registered *shared* mapping (checked under the read
-    // lock, so it stays mapped meanwhile). MADV_DONTNEED on a shared file mapping only
-    // removes page-table entries; the pages stay in the file and read back unchanged, so
-    // nothing any code relies on changes.
+    // SAFETY: the range lies inside a registered volatile mapping (checked under the read
+    // lock, so it stays mapped meanwhile), which by the registration's contract no Rust
+    // reference points into and whose contents safe code may discard at any time. On a
+    // shared mapping MADV_DONTNEED only removes page-table entries; the pages stay in the
+    // file.
     let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
     drop(reg);
     if rc != 0 {

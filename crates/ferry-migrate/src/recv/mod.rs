@@ -145,6 +145,7 @@ pub fn receive(
     prepared: Option<PrepareHandle>,
     commands: Receiver<Request>,
 ) -> Result<RecvOutcome, MigrateError> {
+    let _latency = crate::latency::ControlThread::enter();
     let ram = target.ram();
     let handle = match prepared {
         Some(h) => Some(h),
@@ -186,6 +187,7 @@ pub fn receive(
         let acceptor = std::thread::Builder::new()
             .name("mig-accept".into())
             .spawn_scoped(scope, move || {
+                crate::latency::control_thread();
                 accept::run(
                     listener,
                     tls.as_ref(),

@@ -396,6 +396,7 @@ fn spawn_urgent_receiver(ctx: &Ctx, reader: Stream) -> Result<JoinHandle<()>, Mi
     std::thread::Builder::new()
         .name("mig-urgent-rx".into())
         .spawn(move || {
+            crate::latency::control_thread();
             if let Err(e) = receive_urgent(&rctx, reader) {
                 rctx.fail_as(e, attempt);
             }
@@ -434,6 +435,7 @@ impl Faults {
             let t = std::thread::Builder::new()
                 .name(format!("mig-fault{i}"))
                 .spawn(move || {
+                    crate::latency::control_thread();
                     if let Err(e) = handle_faults(&ctx, i, &writer) {
                         ctx.fail(e);
                     }

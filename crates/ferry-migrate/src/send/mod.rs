@@ -188,6 +188,7 @@ pub fn migrate(
     progress: Arc<Progress>,
     commands: Receiver<Request>,
 ) -> SendOutcome {
+    let _latency = crate::latency::ControlThread::enter();
     let ram = vm.ram();
     progress.begin(ram.size());
     if let Err(e) = params

@@ -153,6 +153,7 @@ impl Source {
         let spawned = std::thread::Builder::new()
             .name("mig-connect".into())
             .spawn(move || {
+                crate::latency::control_thread();
                 let conn = connect_all(&uri, &how);
                 let _ = tx.send(Event::Connected(conn));
             });

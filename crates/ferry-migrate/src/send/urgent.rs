@@ -68,6 +68,7 @@ pub(crate) fn spawn<E: Send + 'static>(
     let join = std::thread::Builder::new()
         .name("mig-urgent".into())
         .spawn(move || {
+            crate::latency::control_thread();
             if let Err(e) = serve(reader, &how) {
                 let _ = events.send(wrap(WorkerEvent::Failed(e)));
             }
