@@ -420,7 +420,8 @@ impl GuestRam {
     /// [`mm::let_go`]: private memory is freed, shared memory keeps its file and loses only
     /// this process's page tables). The process's exit then has little left to tear down,
     /// and a caller that pauses in `between` hands the CPU back between pieces, instead of
-    /// the exit taking it from a guest next door for tens of milliseconds per GiB.
+    /// the exit taking it from a guest next door for tens of milliseconds per GiB. Locked
+    /// memory is refused by the kernel (the first piece fails) and left to the exit.
     pub fn let_go_gradually(
         &self,
         chunk: usize,

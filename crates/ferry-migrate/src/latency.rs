@@ -24,7 +24,8 @@ pub(crate) fn control_thread() {
 }
 
 /// [`control_thread`] for the calling thread until dropped, then the default slice again:
-/// for the caller's own thread, which outlives the migration.
+/// for a thread the engine did not start (the caller's), which may go on to other work.
+/// Threads started meanwhile (data channels, helpers) keep the default slice.
 pub(crate) struct ControlThread(());
 
 impl ControlThread {

@@ -179,22 +179,33 @@ fn sched_getattr() -> Result<SchedAttr, SchedError> {
     Ok(attr)
 }
 
+/// `SCHED_FLAG_RESET_ON_FORK`: threads this one creates start with the defaults (since
+/// Linux 6.12 that includes the time slice, which they would otherwise inherit).
+const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
+
 /// Asks the scheduler for a time slice of `slice` for the calling thread
 /// (`sched_setattr` with `sched_runtime` under `SCHED_OTHER`, Linux 6.12+ EEVDF; the kernel
 /// clamps it to 0.1-100 ms, and `Duration::ZERO` restores the default). A thread with a
 /// shorter slice than the running one preempts it when it wakes, so a control thread that
 /// sleeps on a socket gets a CPU within a fraction of a millisecond even while busy vCPU
 /// threads fill every CPU, instead of waiting out their slices. Policy and nice value are
-/// kept. Returns the slice the kernel now holds for the thread: zero where the kernel has
-/// no custom slices (it ignores the request) or the thread is not under `SCHED_OTHER` /
-/// `SCHED_BATCH` (left alone).
+/// kept. With a slice set, the thread is also marked reset-on-fork, so the threads it
+/// creates (bulk workers, say) start with the default slice again (and, if this thread
+/// had a negative nice value, with nice 0). Returns the slice asked for, as the kernel now
+/// holds it: zero where the kernel has no custom slices (it ignores the request), where
+/// the thread is not under `SCHED_OTHER` / `SCHED_BATCH` (left alone), or when `slice` is
+/// zero (the kernel's default).
 pub fn set_thread_slice(slice: Duration) -> Result<Duration, SchedError> {
     let mut attr = sched_getattr()?;
     if attr.policy != libc::SCHED_OTHER as u32 && attr.policy != libc::SCHED_BATCH as u32 {
         return Ok(Duration::ZERO);
     }
     attr.size = SCHED_ATTR_SIZE_VER0;
-    attr.flags = 0;
+    attr.flags = if slice.is_zero() {
+        attr.flags & SCHED_FLAG_RESET_ON_FORK
+    } else {
+        SCHED_FLAG_RESET_ON_FORK
+    };
     attr.runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
     // SAFETY: `attr` is a readable SCHED_ATTR_SIZE_VER0-byte struct of the kernel's layout,
     // filled from sched_getattr so policy and nice stay as they were (pid 0 = the calling
@@ -245,21 +256,24 @@ mod tests {
     }
 
     #[test]
-    fn a_short_slice_is_per_thread_and_keeps_the_nice_value() {
-        let before = sched_getattr().expect("getattr").runtime;
-        std::thread::spawn(|| {
+    fn a_short_slice_is_per_thread_kept_from_children_and_keeps_the_nice_value() {
+        let slice = Duration::from_micros(200);
+        std::thread::spawn(move || {
+            let before = sched_getattr().expect("getattr").runtime;
             set_thread_nice(5).expect("set nice");
-            let held = set_thread_slice(Duration::from_micros(200)).expect("set slice");
+            let held = set_thread_slice(slice).expect("set slice");
             // Kernels before 6.12 ignore the request; those with custom slices hold it.
-            assert!(
-                held.is_zero() || held == Duration::from_micros(200),
-                "{held:?}"
-            );
+            assert!(held.is_zero() || held == slice, "{held:?}");
             assert_eq!(thread_nice().expect("nice"), 5);
+            // A thread created now starts with the default slice, not this one.
+            let child = std::thread::spawn(|| sched_getattr().expect("getattr").runtime)
+                .join()
+                .expect("child");
+            assert_eq!(child, before, "the child inherited the short slice");
             set_thread_slice(Duration::ZERO).expect("reset");
+            assert_eq!(sched_getattr().expect("getattr").runtime, before);
         })
         .join()
         .expect("thread");
-        assert_eq!(sched_getattr().expect("getattr").runtime, before);
     }
 }
