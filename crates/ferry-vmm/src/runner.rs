@@ -453,6 +453,7 @@ fn let_go_of_memory(vm: &Vm) {
             "guest memory taken apart for {:.1} ms",
             t.elapsed().as_secs_f64() * 1e3
         ),
-        Err(e) => tracing::warn!("{e}; the exit takes the rest"),
+        // Locked memory, for one, is refused; nothing is lost, the exit does it all.
+        Err(e) => tracing::debug!("{e}; the exit takes the rest"),
     }
 }
