@@ -25,12 +25,14 @@ pub enum Variant {
     /// `-mem-prealloc`, Ferry's downtime limit unless the case sets one, auto-converge), or
     /// out of the box (QEMU's defaults, apart from what the case sets).
     Qemu { like_ferry: bool },
-    /// A Ferry migration with these extra destination arguments; `pause_source` pauses the
-    /// source guest before migrating (no vCPU then competes for the CPUs: what the engine
-    /// alone does against the link).
+    /// A Ferry migration with these extra destination and `migrate` arguments;
+    /// `pause_source` pauses the source guest before migrating (no vCPU then competes for
+    /// the CPUs: what the engine alone does against the link).
     Ferry {
         /// Extra destination arguments.
         dest_args: Vec<String>,
+        /// Extra `ferry remote migrate` arguments.
+        migrate_args: Vec<String>,
         /// Pause the source guest first.
         pause_source: bool,
     },
@@ -62,6 +64,7 @@ impl Row {
             label: label.to_string(),
             variant: Variant::Ferry {
                 dest_args: dest_args.iter().map(|s| s.to_string()).collect(),
+                migrate_args: Vec::new(),
                 pause_source: false,
             },
         }
@@ -120,9 +123,22 @@ pub fn migrate_rows(channels: u32, with_qemu: bool, nice0: bool) -> Vec<Row> {
     );
     paused.variant = Variant::Ferry {
         dest_args: Vec::new(),
+        migrate_args: Vec::new(),
         pause_source: true,
     };
     rows.push(paused);
+    // Page checksums are on by default and cost CPU on both ends; QEMU sends none.
+    let mut unsummed = Row::ferry(
+        "ferry-no-checksums",
+        "Ferry migrate --no-checksums (variant: what the page checksums cost)",
+        &[],
+    );
+    unsummed.variant = Variant::Ferry {
+        dest_args: Vec::new(),
+        migrate_args: vec!["--no-checksums".into()],
+        pause_source: false,
+    };
+    rows.push(unsummed);
     rows
 }
 
@@ -525,9 +541,11 @@ fn run_one_with(case: &Case, row: &Row, verify: bool) -> Result<Outcome> {
         }
         Variant::Ferry {
             dest_args,
+            migrate_args,
             pause_source,
         } => {
             let mut cfg = case.ferry_config(dest_args);
+            cfg.migrate_args.extend(migrate_args.iter().cloned());
             cfg.pause_source = *pause_source;
             cfg.verify = verify;
             let r = ferry::run_migration(&cfg)?;
@@ -883,9 +901,11 @@ impl Report {
                     Variant::Qemu { like_ferry } => v["like_ferry"] = json!(like_ferry),
                     Variant::Ferry {
                         dest_args,
+                        migrate_args,
                         pause_source,
                     } => {
                         v["dest_args"] = json!(dest_args);
+                        v["migrate_args"] = json!(migrate_args);
                         v["pause_source"] = json!(pause_source);
                         v["first_pass_throughput_bytes_per_s"] =
                             json!(self.ferry_column(k, |f| f.first_pass_throughput_bytes_per_s));
@@ -997,7 +1017,8 @@ mod tests {
                 "ferry",
                 "qemu",
                 "ferry-prepare-none",
-                "ferry-paused"
+                "ferry-paused",
+                "ferry-no-checksums"
             ]
         );
         assert!(r[0].label.contains("multifd x2"));
@@ -1007,12 +1028,27 @@ mod tests {
         let keys: Vec<_> = r.iter().map(|r| r.key).collect();
         assert_eq!(
             keys,
-            ["ferry", "ferry-prepare-none", "ferry-nice0", "ferry-paused"]
+            [
+                "ferry",
+                "ferry-prepare-none",
+                "ferry-nice0",
+                "ferry-paused",
+                "ferry-no-checksums"
+            ]
         );
         assert_eq!(
             r[2].variant,
             Variant::Ferry {
                 dest_args: vec!["--prepare-nice".into(), "0".into()],
+                migrate_args: Vec::new(),
+                pause_source: false,
+            }
+        );
+        assert_eq!(
+            r[4].variant,
+            Variant::Ferry {
+                dest_args: Vec::new(),
+                migrate_args: vec!["--no-checksums".into()],
                 pause_source: false,
             }
         );
