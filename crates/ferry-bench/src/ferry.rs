@@ -76,6 +76,8 @@ pub struct FerryConfig {
     pub verify: bool,
     /// Extra arguments for `ferry remote migrate` (`--tls-dir`, `--compress`, ...).
     pub migrate_args: Vec<String>,
+    /// Extra arguments for the source's `ferry run` (`--device ...`).
+    pub source_args: Vec<String>,
     /// Run the destination in this network namespace (`ip netns exec`), reached at
     /// `dest_host` ([`crate::netshape::ShapedLink`]).
     pub dest_netns: Option<String>,
@@ -104,6 +106,7 @@ impl FerryConfig {
             dest_env: Vec::new(),
             verify: false,
             migrate_args: Vec::new(),
+            source_args: Vec::new(),
             dest_netns: None,
             dest_host: "127.0.0.1".to_string(),
         }
@@ -403,6 +406,7 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
     if cfg.local {
         src_args.extend([s("--memory-backend"), s("memfd")]);
     }
+    src_args.extend(cfg.source_args.iter().cloned());
     // Both start at once, as for QEMU; the destination starts preparing its memory now.
     let (dst_bin, dst_args) = match &cfg.dest_netns {
         // `ip netns exec` execs ferry, so the child's pid is ferry's own.

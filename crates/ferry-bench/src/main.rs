@@ -26,6 +26,7 @@
 mod bench;
 mod cleanup;
 mod demand;
+mod devices;
 mod dirtylog;
 mod faults;
 mod ferry;
@@ -81,6 +82,34 @@ enum Cmd {
     /// The fault path alone: N threads touching missing memory, one shared userfaultfd vs
     /// one per range vs the touching thread resolving its own fault (issue 8).
     DemandPaging(DemandArgs),
+    /// Device state: downtime by device count and state size, devices saved and loaded
+    /// side by side vs one after another, and a 64-vCPU VM's vCPU state both ways (issue 9).
+    Devices(DevicesArgs),
+}
+
+#[derive(Args)]
+struct DevicesArgs {
+    /// Device counts (1 to 16).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    counts: Vec<usize>,
+    /// Device memory sizes (their stop-copy state), MiB.
+    #[arg(long, value_delimiter = ',', default_value = "4,16")]
+    sizes: Vec<u64>,
+    /// Each device's load on the destination (firmware), ms.
+    #[arg(long, default_value_t = 20)]
+    load_ms: u32,
+    /// vCPUs of the big-VM rows (2 of them run, the rest halt); 0 for none.
+    #[arg(long, default_value_t = 64)]
+    big_vcpus: u32,
+    /// Repetitions of every configuration and mode.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// The ferry binary (default: `ferry` next to this program).
+    #[arg(long, value_name = "PATH")]
+    ferry: Option<PathBuf>,
+    /// Print every raw run as one JSON document on stdout (the tables then go to stderr).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -529,6 +558,23 @@ fn local_handover(a: LocalArgs) -> Result<()> {
     Ok(())
 }
 
+fn devices_bench(a: DevicesArgs) -> Result<()> {
+    let dir = qemu::WorkDir::new()?;
+    let image = ferry_guest::write_image(ferry_guest::ImageKind::Elf, &dir.0)?;
+    let plan = devices::Plan {
+        counts: a.counts,
+        sizes_mib: a.sizes,
+        load_ms: a.load_ms,
+        big_vcpus: a.big_vcpus,
+        reps: a.reps,
+        ferry: locate_ferry(a.ferry)?,
+        image,
+    };
+    let report = devices::run(&plan)?;
+    emit(&report.text(), a.json.then(|| report.to_json()));
+    Ok(())
+}
+
 fn postcopy_bench(a: PostcopyArgs) -> Result<()> {
     require_qemu(&a.qemu)?;
     let dir = qemu::WorkDir::new()?;
@@ -586,6 +632,7 @@ fn main() -> ExitCode {
         Cmd::Local(a) => local_handover(a),
         Cmd::Secure(a) => secure_bench(a),
         Cmd::Postcopy(a) => postcopy_bench(a),
+        Cmd::Devices(a) => devices_bench(a),
         Cmd::DemandPaging(a) => {
             let plan = demand::Plan {
                 vcpus: a.vcpus,

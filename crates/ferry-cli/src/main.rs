@@ -98,6 +98,12 @@ struct RunArgs {
     /// Serve the control API on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// A test device with its own memory, a stand-in for a VFIO device such as a vGPU:
+    /// `testdev,mem=SIZE[,load-ms=N]` (repeatable; device i answers MMIO at
+    /// 0xD0000000 + i * 16 MiB). Loading its final state on a migration destination takes
+    /// load-ms. A migration destination needs the same ones, or none.
+    #[arg(long = "device", value_name = "SPEC", value_parser = parse_device)]
+    devices: Vec<ferry_vmm::testdev::TestDevConfig>,
     /// Guest memory backend: anonymous, memfd or hugetlb.
     #[arg(long, default_value = "anonymous")]
     memory_backend: Backend,
@@ -243,6 +249,10 @@ struct MigrateArgs {
     /// No checksums on frames and pages (they are on by default without TLS).
     #[arg(long)]
     no_checksums: bool,
+    /// Save and load device and vCPU state one device after another on one thread (the
+    /// shape of QEMU before 10.0), instead of side by side.
+    #[arg(long)]
+    serial_devices: bool,
     /// Postcopy right after the setup: the guest runs on the destination at once and pulls
     /// the pages it lacks (no precopy pass).
     #[arg(long, conflicts_with_all = ["postcopy_after_precopy", "postcopy_on_request", "local"])]
@@ -273,6 +283,14 @@ fn postcopy_mode(m: &MigrateArgs) -> &'static str {
 }
 
 /// Checks a `--compress` value here, so a typo fails before anything is sent.
+/// `--device testdev,mem=SIZE[,load-ms=N]`.
+fn parse_device(s: &str) -> Result<ferry_vmm::testdev::TestDevConfig, String> {
+    let rest = s.strip_prefix("testdev,").ok_or_else(|| {
+        format!("'{s}': the only device kind is testdev (testdev,mem=SIZE[,load-ms=N])")
+    })?;
+    ferry_vmm::testdev::TestDevConfig::parse(rest).map_err(|e| e.to_string())
+}
+
 fn parse_compress(s: &str) -> Result<String, String> {
     s.parse::<ferry_migrate::channel::Compression>()
         .map(|c| c.to_string())
@@ -338,6 +356,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         vcpus: args.vcpus.unwrap_or(1),
         serial: args.serial,
         api_socket: args.api_socket,
+        testdevs: args.devices,
     };
     run_to_end(cfg)
 }
@@ -387,6 +406,7 @@ fn takeover(a: TakeoverArgs) -> Result<ExitCode> {
         vcpus: h.vcpus,
         serial,
         api_socket: h.api_socket.clone(),
+        testdevs: Vec::new(),
         boot: Boot::Takeover(Box::new(inh)),
     };
     run_to_end(cfg)
@@ -461,6 +481,7 @@ fn remote(args: RemoteArgs) -> Result<ExitCode> {
                 "tls_hostname": m.tls_hostname,
                 "compress": m.compress,
                 "checksums": !m.no_checksums,
+                "serial_devices": m.serial_devices,
                 "postcopy": postcopy,
                 "progress_timeout_ms": m.progress_timeout,
                 "switchover_timeout_ms": m.switchover_timeout,

@@ -70,7 +70,7 @@ matrix! {
     garbage_to_destination => "garbage-to-destination",
     idle_connection_to_destination => "idle-connection-to-destination",
     connection_storm => "connection-storm",
-    corrupt_state => "corrupt-state",
+    corrupt_device_state => "corrupt-device-state",
     quit_destination_precopy => "quit-destination-precopy",
     quit_destination_switchover => "quit-destination-switchover",
     api_on_destination => "api-on-destination",

@@ -1516,3 +1516,186 @@ fn update_exec_needs_shared_memory() {
     assert!(err.contains("--memory-backend memfd"), "{err}");
     assert_eq!(src.info()["state"], "running");
 }
+
+/// A source with test devices (`--device` specs), its guest writing and checking their
+/// memory through MMIO (`tdev=`).
+fn source_with_devices(dir: &Path, vcpus: u32, append: &str, devices: &[&str]) -> Proc {
+    let img = ferry_guest::write_image(ImageKind::Elf, dir).unwrap();
+    let mut args = vec![
+        s("--kernel"),
+        img.display().to_string(),
+        s("--append"),
+        format!("{append} hb=1 cpus={vcpus}"),
+        s("--memory"),
+        s(MEM),
+        s("--vcpus"),
+        vcpus.to_string(),
+    ];
+    for d in devices {
+        args.push(s("--device"));
+        args.push(s(d));
+    }
+    let p = spawn("source", dir, &args);
+    p.wait_ready();
+    p.wait_progress(1);
+    p
+}
+
+/// Every test device of `p`: (name, steps, fails, state).
+fn testdevs(p: &Proc) -> Vec<(String, u64, u64, String)> {
+    p.info()["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["name"].as_str().unwrap().to_string(),
+                d["steps"].as_u64().unwrap(),
+                d["fails"].as_u64().unwrap(),
+                d["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn test_devices_load_side_by_side_and_keep_checking_themselves() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = format!("unix:{}", dir.path().join("mig.sock").display());
+    // Started without --device: it creates the source's devices from their description.
+    let mut dst = destination(dir.path(), "destination", &uri, MEM, 2, &[]);
+    let loads = [20u64, 40, 60];
+    let specs: Vec<String> = loads
+        .iter()
+        .enumerate()
+        .map(|(i, ms)| format!("testdev,mem={}M,load-ms={ms}", 2 + 2 * i))
+        .collect();
+    let specs: Vec<&str> = specs.iter().map(String::as_str).collect();
+    let src = source_with_devices(dir.path(), 2, "ws=4M tdev=3", &specs);
+    let before: Vec<u64> = testdevs(&src).iter().map(|d| d.1).collect();
+    assert!(before.iter().all(|s| *s > 0), "devices step: {before:?}");
+
+    let out = migrate_json(&src, &uri, &["--switchover-timeout", "5000"]);
+    let stats = completed_stats(&out, &src, &dst);
+    // 2 vCPUs, the platform, 3 test devices.
+    assert_eq!(stats["devices"], 6, "{stats}");
+    assert_eq!(stats["parallel_devices"], true);
+    let part = stats["downtime"]["dest_load_ms"].as_f64().unwrap();
+    assert!(
+        (60.0..=66.0).contains(&part),
+        "device part of the downtime {part} ms; slowest device 60 ms, sum 120 ms: {stats}"
+    );
+
+    // The guest checks the device memory it wrote through MMIO, and each device checks the
+    // half it writes itself: both go on without a failure, from where they were.
+    dst.wait_progress(3);
+    assert!(dst.fails().is_empty(), "guest: {:?}", dst.fails());
+    let after = testdevs(&dst);
+    assert_eq!(after.len(), 3, "{after:?}");
+    for (i, (name, steps, fails, state)) in after.iter().enumerate() {
+        assert_eq!(name, &format!("testdev{i}"));
+        assert_eq!(*fails, 0, "{name} found pages it did not write");
+        assert_eq!(state, "RUNNING");
+        assert!(
+            *steps > before[i],
+            "{name} carried on: {steps} after {}",
+            before[i]
+        );
+    }
+    assert_carries_on_then_quit(&mut dst, &[]);
+}
+
+#[test]
+fn a_destination_with_other_devices_refuses_and_the_source_keeps_the_guest() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = format!("unix:{}", dir.path().join("mig.sock").display());
+    let extra = [s("--device"), s("testdev,mem=8M")];
+    let mut dst = destination(dir.path(), "destination", &uri, MEM, 1, &extra);
+    let mut src = source_with_devices(dir.path(), 1, "ws=4M tdev=1", &["testdev,mem=4M"]);
+    let out = migrate_json(&src, &uri, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("testdev0") && err.contains("configured differently"),
+        "{err}"
+    );
+    assert_source_unharmed(&mut src);
+    assert_eq!(testdevs(&src)[0].2, 0, "source device check");
+    assert_eq!(testdevs(&src)[0].3, "RUNNING");
+    assert_destination_listening(&mut dst, &["testdev0"]);
+}
+
+#[test]
+fn a_64_vcpu_vm_migrates_with_its_vcpus_saved_side_by_side_then_one_by_one() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        format!("unix:{}", dir.path().join("a.sock").display()),
+        format!("unix:{}", dir.path().join("b.sock").display()),
+    );
+    let first = destination(dir.path(), "first", &a, MEM, 64, &[]);
+    let src = source_with_devices(dir.path(), 64, "ws=2M active=2", &[]);
+    let out = migrate_json(&src, &a, &["--switchover-timeout", "10000"]);
+    let stats = completed_stats(&out, &src, &first);
+    assert_eq!(stats["devices"], 65, "{stats}");
+    assert_eq!(stats["parallel_devices"], true);
+    first.wait_progress(2);
+    assert!(first.fails().is_empty(), "{:?}", first.fails());
+    // And on again, one vCPU after another (the shape of QEMU before 10.0).
+    let mut second = destination(dir.path(), "second", &b, MEM, 64, &[]);
+    let out = migrate_json(
+        &first,
+        &b,
+        &["--switchover-timeout", "10000", "--serial-devices"],
+    );
+    let stats = completed_stats(&out, &first, &second);
+    assert_eq!(stats["parallel_devices"], false);
+    second.wait_progress(2);
+    assert!(second.fails().is_empty(), "{:?}", second.fails());
+    assert_carries_on_then_quit(&mut second, &[]);
+}
+
+#[test]
+fn a_local_hand_over_streams_device_state_over_the_socket() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = format!("unix:{}", dir.path().join("local.sock").display());
+    let mut dst = destination(dir.path(), "destination", &uri, MEM, 1, &[]);
+    let img = ferry_guest::write_image(ImageKind::Elf, dir.path()).unwrap();
+    let mut src = spawn(
+        "source",
+        dir.path(),
+        &[
+            s("--kernel"),
+            img.display().to_string(),
+            s("--append"),
+            s("ws=4M hb=1 tdev=1"),
+            s("--memory"),
+            s(MEM),
+            s("--memory-backend"),
+            s("memfd"),
+            s("--device"),
+            s("testdev,mem=1M,load-ms=10"),
+        ],
+    );
+    src.wait_ready();
+    src.wait_progress(1);
+    let before = testdevs(&src)[0].1;
+    let out = migrate_json(&src, &uri, &["--local"]);
+    let stats = completed_stats(&out, &src, &dst);
+    assert_eq!(stats["local"], true);
+    assert_eq!(stats["pages_data"], 0, "no page copied: {stats}");
+    assert_eq!(stats["devices"], 3, "vCPU, platform, testdev0: {stats}");
+    assert!(src.wait_exit(Duration::from_secs(10)).is_some());
+    dst.wait_progress(2);
+    assert!(dst.fails().is_empty(), "{:?}", dst.fails());
+    let (name, steps, fails, state) = testdevs(&dst).remove(0);
+    assert_eq!(
+        (name.as_str(), fails, state.as_str()),
+        ("testdev0", 0, "RUNNING")
+    );
+    assert!(steps > before, "{steps} after {before}");
+    assert_carries_on_then_quit(&mut dst, &[]);
+}

@@ -22,6 +22,20 @@
 #   cpus=N     wait for exactly N CPUs (default: whoever answers the SIPI in 100 ms)
 #   fill=0|1   fill (and later verify) the cold memory, default 1; fill=0 leaves it as it is
 #   mark=0|1   print '+' each time the BSP completes a sweep of its hot slice, default 0
+#   tdev=N     N Ferry test devices are present (0..16), default 0. Device d's memory is MMIO
+#              at TDEV_BASE + d * 16 MiB; the guest owns its pages 0..63 (the device changes
+#              the upper half of its memory; the guest never touches above page 63). After
+#              every sweep of its hot slice the BSP visits 8 of those 64 pages of each device
+#              (a rotating cursor per device): it reads the qwords at offsets 0 and 4088,
+#              checks each holds what it last wrote there (tdev_vals; 0 before the first
+#              write, as a fresh device holds), then writes gen << 16 | d << 8 | page to both.
+#              A mismatch is a FAIL line like any other, with addr the MMIO address. Every
+#              access is one 8-byte mov (one MMIO exit). Without a device there (e.g. under
+#              QEMU) the writes are lost, so tdev=N reports FAIL lines for those addresses.
+#   active=N   only the first N CPUs (the BSP and the first N-1 APs to check in) run the
+#              workload, default 0 = all; the others check in (`cpus=` counts them) and then
+#              halt forever (cli; hlt), as the idle vCPUs of a big VM. The hot and cold slices
+#              are split over the N active CPUs only, and nothing waits for the halted ones.
 #
 # Built twice: as ELF32 (QEMU's default path) and as a flat image that uses the multiboot
 # header's load-address fields (flag bit 16), selected by KLUDGE.
@@ -47,6 +61,12 @@
 .set LAPIC,         0xFEE00000
 .set GEN_SHIFT,     40
 .set DMA_PAGES,     16
+.set TDEV_BASE,     0xD0000000        # test device d's memory: TDEV_BASE + d * TDEV_STRIDE
+.set TDEV_STRIDE,   0x01000000
+.set TDEV_MAX,      16
+.set TDEV_PAGES,    64                # pages the guest owns in each device window
+.set TDEV_BATCH,    8                 # pages per device per BSP sweep
+.set TDEV_GEN_SHIFT, 16
 
 # ---------------------------------------------------------------------------------------------
 .section .multiboot, "a"
@@ -257,7 +277,12 @@ ap_entry64:
     lock xadd [cpus_up], ebx          # ebx = this AP's index (1, 2, ...)
     cmp     ebx, MAX_CPUS
     jae     .Lap_park
-    mov     rax, rbx
+    mov     eax, [want_active]        # active=N: APs past the first N-1 halt at once
+    test    eax, eax
+    jz      1f
+    cmp     ebx, eax
+    jae     .Lap_park
+1:  mov     rax, rbx
     inc     rax
     imul    rax, rax, STACK_SIZE
     lea     rsp, [rip + ap_stacks]
@@ -266,8 +291,11 @@ ap_entry64:
     pause
     cmp     byte ptr [go], 0
     je      .Lap_wait
+    cmp     ebx, [nactive]            # not active (or checked in after the count): halt
+    jae     .Lap_park
     jmp     cpu_main
 .Lap_park:
+    cli
     hlt
     jmp     .Lap_park
 
@@ -288,7 +316,7 @@ cpu_main:
 .Lfill_wait:
     pause
     mov     eax, [filled]
-    cmp     eax, [ncpus]
+    cmp     eax, [nactive]
     jb      .Lfill_wait
 
     test    r15, r15
@@ -402,8 +430,11 @@ cpu_main:
     test    r15, r15
     jnz     .Lsweep
     cmp     byte ptr [dma_on], 0
-    je      .Lsweep
+    je      1f
     call    dma_step
+1:  cmp     dword ptr [tdev_count], 0
+    je      .Lsweep
+    call    tdev_step
     jmp     .Lsweep
 
 # cold_check_page: rdi = page address. Clobbers rax, rdx, rsi.
@@ -625,6 +656,63 @@ dma_step:
     mov     [rdi], r8                 # no DMA device (e.g. under QEMU): do not repeat forever
 2:  ret
 
+# tdev_step (BSP, tdev=N): for each test device d < N, check and rewrite TDEV_BATCH of its
+# pages 0..TDEV_PAGES-1, from its cursor on. Both qwords of a page (offsets 0 and 4088) must
+# hold what was last written there (tdev_vals[d][page]); both then get
+# gen << TDEV_GEN_SHIFT | d << 8 | page (nonzero: gen >= 2 here, and new on every visit).
+# Clobbers everything but r15 (and rbx, rsp).
+tdev_step:
+    mov     r12, [gen]                # the sweep just completed
+    shl     r12, TDEV_GEN_SHIFT
+    xor     r13d, r13d                # device
+.Ltdev_dev:
+    imul    r10, r13, TDEV_STRIDE
+    mov     eax, TDEV_BASE
+    add     r10, rax                  # the device's window
+    mov     ebp, [tdev_cur + r13 * 4] # page cursor
+    mov     r14d, TDEV_BATCH
+.Ltdev_page:
+    mov     rdi, rbp
+    shl     rdi, 12
+    add     rdi, r10                  # MMIO address of the page
+    mov     r9, r13
+    shl     r9, 6
+    add     r9, rbp                   # table index d * TDEV_PAGES + page
+    mov     rdx, [tdev_vals + r9 * 8] # expected
+    mov     rax, [rdi]
+    cmp     rax, rdx
+    jne     .Ltdev_bad0
+.Ltdev_w1:
+    mov     rax, [rdi + 4088]
+    cmp     rax, rdx
+    jne     .Ltdev_bad1
+.Ltdev_write:
+    mov     rax, r13
+    shl     rax, 8
+    or      rax, rbp
+    or      rax, r12                  # new value
+    mov     [rdi], rax
+    mov     [rdi + 4088], rax
+    mov     [tdev_vals + r9 * 8], rax
+    inc     ebp
+    and     ebp, TDEV_PAGES - 1
+    dec     r14d
+    jnz     .Ltdev_page
+    mov     [tdev_cur + r13 * 4], ebp
+    call    tick_nopace               # MMIO exits are slow: keep heartbeat and stall honest
+    inc     r13d
+    cmp     r13d, [tdev_count]
+    jb      .Ltdev_dev
+    ret
+.Ltdev_bad0:
+    mov     rsi, rdi
+    call    report_fail               # rsi = addr, rdx = expected, rax = got
+    jmp     .Ltdev_w1
+.Ltdev_bad1:
+    lea     rsi, [rdi + 4088]
+    call    report_fail
+    jmp     .Ltdev_write
+
 # report_fail: rsi = address, rdx = expected, rax = got. Preserves all but flags.
 report_fail:
     push    rax
@@ -788,9 +876,27 @@ parse_cmdline:
     jmp     8f
 12: lea     rdi, [rip + key_mark]
     call    match_key
-    jc      8f
+    jc      13f
     call    parse_size
     mov     [mark_on], al
+    jmp     8f
+13: lea     rdi, [rip + key_tdev]
+    call    match_key
+    jc      14f
+    call    parse_size
+    cmp     rax, TDEV_MAX
+    jbe     15f
+    mov     eax, TDEV_MAX
+15: mov     [tdev_count], eax
+    jmp     8f
+14: lea     rdi, [rip + key_active]
+    call    match_key
+    jc      8f
+    call    parse_size
+    cmp     rax, MAX_CPUS
+    jbe     16f
+    mov     eax, MAX_CPUS
+16: mov     [want_active], eax
 8:  # skip to the end of the token
     mov     al, [rsi]
     test    al, al
@@ -1082,9 +1188,17 @@ delay_ms:
     jb      1b
     ret
 
-# compute_slices: split hot pages (in the first region) and cold pages evenly over the CPUs.
+# compute_slices: split hot pages (in the first region) and cold pages evenly over the active
+# CPUs (all of them, or the first active=N).
 compute_slices:
     mov     r8d, [ncpus]
+    mov     eax, [want_active]
+    test    eax, eax
+    jz      5f
+    cmp     eax, r8d
+    jae     5f
+    mov     r8d, eax
+5:  mov     [nactive], r8d
     mov     r9, [hot_pages]
     mov     r10, [reg_start]
     xor     ecx, ecx
@@ -1185,6 +1299,8 @@ key_dma:       .asciz "dma="
 key_cpus:      .asciz "cpus="
 key_fill:      .asciz "fill="
 key_mark:      .asciz "mark="
+key_tdev:      .asciz "tdev="
+key_active:    .asciz "active="
 
 .section .data
 .align 8
@@ -1197,6 +1313,8 @@ fill_on:       .byte 1
 mark_on:       .byte 0
 .align 4
 want_cpus:     .long 0
+want_active:   .long 0
+tdev_count:    .long 0
 
 .section .bss
 .align 4096
@@ -1214,6 +1332,7 @@ map_gib:       .long 0
 nregions:      .long 0
 cpus_up:       .long 0
 ncpus:         .long 0
+nactive:       .long 0
 filled:        .long 0
 fails:         .long 0
 hb_count:      .long 0
@@ -1240,3 +1359,5 @@ cold_cur:      .skip 8 * MAX_CPUS
 gen:           .skip 8 * MAX_CPUS
 pace_next:     .skip 8 * MAX_CPUS
 dma_vals:      .skip 8 * DMA_PAGES
+tdev_cur:      .skip 4 * TDEV_MAX
+tdev_vals:     .skip 8 * TDEV_MAX * TDEV_PAGES   # last value written to each device page

@@ -217,6 +217,37 @@ pub enum MigrateError {
     /// This side refused the other (incompatible VM).
     #[error("incompatible VM: {0}")]
     Incompatible(String),
+    /// A device (or vCPU) failed a step of its migration.
+    #[error("device '{device}': {op}: {source}")]
+    Device {
+        /// The device's name.
+        device: String,
+        /// What was being done.
+        op: &'static str,
+        /// Its error.
+        source: VmError,
+    },
+    /// A device's stream broke a rule of the protocol (order, end).
+    #[error("device '{device}': its stream {problem}")]
+    DeviceStream {
+        /// The device's name.
+        device: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A device chunk for a device the Setup did not list.
+    #[error("{channel} channel: data for device #{index}, but the source listed {count} devices")]
+    UnknownDevice {
+        /// Where it came.
+        channel: Channel,
+        /// The device index it named.
+        index: u16,
+        /// Devices in the Setup.
+        count: usize,
+    },
+    /// The destination cannot have the source's devices.
+    #[error("devices: {0}")]
+    Devices(VmError),
     /// The VM failed.
     #[error("VM: {op}: {source}")]
     Vm {

@@ -27,6 +27,7 @@
 pub mod channel;
 pub mod compat;
 pub mod control;
+pub mod device;
 pub mod digest;
 pub mod error;
 pub mod files;
@@ -42,6 +43,7 @@ mod limit;
 mod wire;
 
 pub use control::{Command, CommandError, Commander};
+pub use device::{DeviceState, MigrationDevice, PrecopyInfo};
 pub use error::MigrateError;
 pub use progress::{MigrationStats, Progress, ProgressReport, Status};
 pub use vm::{MigrationSource, MigrationTarget, VmError};

@@ -25,6 +25,19 @@ pub struct Limits {
     pub state_bytes: u64,
     /// Round trip to the destination (`Ping`/`Pong` during precopy).
     pub rtt: Duration,
+    /// What loading the devices costs the destination inside the downtime
+    /// ([`devices_load`]).
+    pub device_load: Duration,
+}
+
+/// The downtime's device load part: the slowest device when each loads on its own thread,
+/// the sum when they load one after another.
+pub fn devices_load(costs: impl Iterator<Item = Duration>, parallel: bool) -> Duration {
+    if parallel {
+        costs.max().unwrap_or_default()
+    } else {
+        costs.sum()
+    }
 }
 
 /// What one pass measured.
@@ -89,7 +102,10 @@ impl Convergence {
     /// Estimated downtime if the switchover happened with `dirty` bytes left.
     pub fn estimate(&self, limits: &Limits, dirty: u64, sync_time: Duration) -> Duration {
         let bytes = dirty.saturating_add(limits.state_bytes) as f64;
-        Duration::from_secs_f64(bytes / self.bandwidth.max(1.0)) + sync_time + limits.rtt
+        Duration::from_secs_f64(bytes / self.bandwidth.max(1.0))
+            + sync_time
+            + limits.rtt
+            + limits.device_load
     }
 
     /// Takes a finished pass into account and decides what comes next.
@@ -193,6 +209,7 @@ mod tests {
             auto_converge: auto,
             state_bytes: 0,
             rtt: Duration::ZERO,
+            device_load: Duration::ZERO,
         }
     }
 
@@ -347,6 +364,31 @@ mod tests {
         };
         let e = c.estimate(&l, 20 * MB, Duration::from_millis(2));
         assert!((e.as_secs_f64() - 0.035).abs() < 1e-6, "{e:?}");
+        let l = Limits {
+            device_load: Duration::from_millis(20),
+            ..l
+        };
+        let e = c.estimate(&l, 20 * MB, Duration::from_millis(2));
+        assert!((e.as_secs_f64() - 0.055).abs() < 1e-6, "{e:?}");
+    }
+
+    #[test]
+    fn devices_load_side_by_side_cost_the_slowest_and_in_a_row_the_sum() {
+        let t = |ms: &[u64]| {
+            ms.iter()
+                .map(|m| Duration::from_millis(*m))
+                .collect::<Vec<_>>()
+        };
+        let costs = t(&[10, 40, 20]);
+        assert_eq!(
+            devices_load(costs.iter().copied(), true),
+            Duration::from_millis(40)
+        );
+        assert_eq!(
+            devices_load(costs.iter().copied(), false),
+            Duration::from_millis(70)
+        );
+        assert_eq!(devices_load(t(&[]).into_iter(), true), Duration::ZERO);
     }
 
     #[test]

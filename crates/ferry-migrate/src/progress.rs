@@ -101,6 +101,8 @@ pub struct Progress {
     pub batches_raw: AtomicU64,
     /// Postcopy: pages sent because the destination faulted on them.
     pub pages_requested: AtomicU64,
+    /// Bytes of device and vCPU state streams (frames included).
+    pub device_bytes: AtomicU64,
     started: Mutex<Option<Instant>>,
     phase: Mutex<&'static str>,
     error: Mutex<Option<String>>,
@@ -159,6 +161,7 @@ impl Default for Progress {
             batches_compressed: AtomicU64::new(0),
             batches_raw: AtomicU64::new(0),
             pages_requested: AtomicU64::new(0),
+            device_bytes: AtomicU64::new(0),
             started: Mutex::new(None),
             phase: Mutex::new("none"),
             error: Mutex::new(None),
@@ -187,6 +190,7 @@ impl Progress {
             &self.batches_compressed,
             &self.batches_raw,
             &self.pages_requested,
+            &self.device_bytes,
         ] {
             c.store(0, Ordering::Relaxed);
         }
@@ -358,6 +362,12 @@ pub struct MigrationStats {
     pub batches_raw: u64,
     /// Postcopy, when the migration switched to it.
     pub postcopy: Option<Box<PostcopySendStats>>,
+    /// Devices (vCPUs included) whose state streamed.
+    pub devices: u32,
+    /// Whether they were saved and loaded side by side (else one after another).
+    pub parallel_devices: bool,
+    /// Bytes of their streams, frames included.
+    pub device_bytes: u64,
 }
 
 /// What postcopy did, as the source saw it and the destination reported.

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use ferry_memory::dirty::DirtyLogBackend;
 use ferry_memory::ram::GuestRam;
-use ferry_proto::{StateSection, VmDescription};
+use ferry_proto::{DeviceInfo, VmDescription};
+
+use crate::device::MigrationDevice;
 
 /// An error from the VM side. The engine does not look inside it: it reports it with the
 /// operation that failed ([`crate::MigrateError::Vm`]).
@@ -36,8 +38,9 @@ pub trait MigrationSource: Send + Sync {
     fn resume(&self) -> Result<(), VmError>;
     /// Throttles the vCPUs to `percent` % idle (0 = off).
     fn set_throttle(&self, percent: u8);
-    /// Device and vCPU state; called while paused.
-    fn save_state(&self) -> Result<Vec<StateSection>, VmError>;
+    /// Every device and vCPU, each with its own state stream; the order is the one the
+    /// destination gets them in.
+    fn devices(&self) -> Vec<Arc<dyn MigrationDevice>>;
 }
 
 /// An empty VM shell that receives a migration.
@@ -46,9 +49,15 @@ pub trait MigrationTarget: Send + Sync {
     fn description(&self) -> VmDescription;
     /// Guest RAM.
     fn ram(&self) -> Arc<GuestRam>;
-    /// Loads device and vCPU state (the guest stays paused). May be called again by a later
-    /// attempt when an earlier one was aborted after loading.
-    fn load_state(&self, sections: &[StateSection]) -> Result<(), VmError>;
+    /// The devices (and vCPUs) for a source's list, in its order: this VM's own, checked
+    /// against what the source describes, or created from their `config` when this VM was
+    /// started without them. The error names the device that cannot be had. Called once
+    /// per attempt; the engine then moves each to RESUMING.
+    fn devices(&self, wanted: &[DeviceInfo]) -> Result<Vec<Arc<dyn MigrationDevice>>, VmError>;
+    /// Every device has loaded its stream (each is in STOP): what is VM-wide and must come
+    /// after them (the guest clock) is set. The guest stays paused. May be called again by
+    /// a later attempt when an earlier one was aborted after it.
+    fn finish_load(&self) -> Result<(), VmError>;
     /// Runs the guest.
     fn resume(&self) -> Result<(), VmError>;
 }

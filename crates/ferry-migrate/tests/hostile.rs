@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use ferry_migrate::Status;
 use ferry_proto::{
-    caps, ChannelRole, Hello, MemRegion, Message, PageRun, Setup, StateSection, Timeouts,
-    VmDescription, VERSION,
+    caps, ChannelRole, Hello, MemRegion, Message, PageRun, Setup, Timeouts, VmDescription, VERSION,
 };
 use ferry_transport::Uri;
 use proptest::prelude::*;
@@ -69,6 +68,8 @@ fn setup() -> impl Strategy<Value = Message> {
                     progress_ms,
                     switchover_ms,
                 },
+                devices: fake_devices(),
+                parallel_devices: true,
             })
         },
     )
@@ -77,9 +78,8 @@ fn setup() -> impl Strategy<Value = Message> {
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         3 => setup(),
-        2 => prop::collection::vec(any::<u8>(), 0..16).prop_map(|data| Message::State {
-            sections: vec![StateSection { name: "fake-machine".into(), data }],
-        }),
+        2 => (0u16..2, 0u32..3, 0u8..4, prop::collection::vec(any::<u8>(), 0..16))
+            .prop_map(|(device, seq, flags, data)| Message::DeviceData { device, seq, flags, data }),
         2 => (0u32..3).prop_map(|final_pass| Message::Complete { final_pass }),
         2 => Just(Message::Go),
         1 => Just(Message::Error { reason: "hostile".into() }),
@@ -146,7 +146,7 @@ fn connect(uri: &Uri) -> Option<UnixStream> {
 struct Frame {
     /// Start like a real source: every data channel, then a Setup that fits.
     prefix: bool,
-    /// End like a real source (State, PassEnd everywhere, Complete), then maybe `Go` once
+    /// End like a real source (device state, PassEnd everywhere, Complete), then maybe `Go` once
     /// the destination said Loaded.
     finish: Option<bool>,
 }
@@ -237,16 +237,37 @@ fn valid_setup() -> Message {
             progress_ms: 1000,
             switchover_ms: 300,
         },
+        devices: fake_devices(),
+        parallel_devices: true,
     })
+}
+
+/// The fake VM's one device, loading at once.
+fn fake_devices() -> Vec<ferry_proto::DeviceInfo> {
+    vec![ferry_proto::DeviceInfo {
+        name: "fake-machine".into(),
+        config: 0u64.to_le_bytes().to_vec(),
+    }]
+}
+
+/// A fake device's frame: length, bytes, CRC.
+fn device_frame(data: &[u8]) -> Vec<u8> {
+    let mut out = (data.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(data);
+    out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+    out
 }
 
 /// The end of a real migration; sends Go (if `go`) once Loaded came. Returns whether it did.
 fn finish(main: &mut UnixStream, data: &mut [UnixStream], loaded: &AtomicBool, go: bool) -> bool {
-    let state = Message::State {
-        sections: vec![StateSection {
-            name: "fake-machine".into(),
-            data: vec![1, 2, 3],
-        }],
+    // The whole stream of the one device: its (empty) initial bytes, then its state.
+    let mut stream = device_frame(&[]);
+    stream.extend_from_slice(&device_frame(&[1, 2, 3]));
+    let state = Message::DeviceData {
+        device: 0,
+        seq: 0,
+        flags: ferry_proto::DEVICE_INITIAL_END | ferry_proto::DEVICE_END,
+        data: stream,
     };
     let _ = main.write_all(&frame(&state));
     for d in data.iter_mut() {

@@ -134,6 +134,8 @@ fn local_memory_without_a_file_is_refused() {
                 progress_ms: 1000,
                 switchover_ms: 300,
             },
+            devices: vec![],
+            parallel_devices: true,
         }),
     );
     assert_eq!(

@@ -438,9 +438,10 @@ fn quit_on_the_source_aborts_before_quitting() {
 
 #[test]
 fn a_corrupt_frame_fails_the_attempt_and_the_source_keeps_the_guest() {
-    let (dst, src, _p, e) = failed_through(vec![at(Dir::ToDestination, K::State, Action::Corrupt)]);
+    let (dst, src, _p, e) =
+        failed_through(vec![at(Dir::ToDestination, K::DeviceData, Action::Corrupt)]);
     assert!(
-        matches!(&e, MigrateError::Peer { reason, .. } if reason.contains("State")),
+        matches!(&e, MigrateError::Peer { reason, .. } if reason.contains("DeviceData")),
         "{e}"
     );
     assert_source_owns(&src, &dst.target);

@@ -4,12 +4,13 @@ use std::io::{ErrorKind, Read};
 
 use crate::message::{
     check_batch_pages, compressed_body_len, pages_body_len, runs_body_len, total_pages,
-    FEATURE_LEN, REGION_LEN, RUN_LEN, SECTION_MIN_LEN,
+    DEVICE_INFO_MIN_LEN, FEATURE_LEN, REGION_LEN, RUN_LEN,
 };
 use crate::{
-    ChannelRole, Codec, CpuFeature, Hello, MemRegion, Message, MessageKind, PageRun, ProtoError,
-    Setup, StateSection, Timeouts, VmDescription, FLAG_SUMMED, FRAME_HEADER_LEN, MAGIC,
-    MAX_BATCH_PAGES, MAX_CPU_FEATURES, MAX_REGIONS, MAX_RUNS, MAX_SECTIONS, MAX_STRING,
+    ChannelRole, Codec, CpuFeature, DeviceInfo, Hello, MemRegion, Message, MessageKind, PageRun,
+    ProtoError, Setup, Timeouts, VmDescription, FLAG_SUMMED, FRAME_HEADER_LEN, MAGIC,
+    MAX_BATCH_PAGES, MAX_CPU_FEATURES, MAX_DEVICES, MAX_DEVICE_CHUNK, MAX_REGIONS, MAX_RUNS,
+    MAX_STRING,
 };
 
 /// A decoded and checked frame header.
@@ -90,9 +91,13 @@ pub fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message, ProtoError
             pass: r.u32("PassEnd pass")?,
             pages: r.u64("PassEnd pages")?,
         },
-        MessageKind::State => Message::State {
-            sections: read_sections(&mut r)?,
+        MessageKind::DeviceData => Message::DeviceData {
+            device: r.u16("DeviceData device")?,
+            seq: r.u32("DeviceData seq")?,
+            flags: r.u8("DeviceData flags")?,
+            data: r.blob("DeviceData length", MAX_DEVICE_CHUNK, "DeviceData data")?,
         },
+        MessageKind::DevicesReady => Message::DevicesReady,
         MessageKind::Complete => Message::Complete {
             final_pass: r.u32("Complete final_pass")?,
         },
@@ -115,6 +120,7 @@ pub fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message, ProtoError
             adopt_us: r.u64("MemoryAdopted adopt_us")?,
         },
         MessageKind::Discard => Message::Discard {
+            early: r.flag("Discard early")?,
             runs: read_runs(&mut r, "Discard run count", "Discard run")?,
         },
         MessageKind::Discarded => Message::Discarded {
@@ -385,7 +391,8 @@ fn body_what(kind: MessageKind) -> &'static str {
         MessageKind::Pages => "Pages frame body",
         MessageKind::ZeroPages => "ZeroPages frame body",
         MessageKind::PassEnd => "PassEnd frame body",
-        MessageKind::State => "State frame body",
+        MessageKind::DeviceData => "DeviceData frame body",
+        MessageKind::DevicesReady => "DevicesReady frame body",
         MessageKind::Complete => "Complete frame body",
         MessageKind::Prepared => "Prepared frame body",
         MessageKind::Loaded => "Loaded frame body",
@@ -442,6 +449,18 @@ impl<'a> Reader<'a> {
         self.array::<1>(what).map(u8::from_le_bytes)
     }
 
+    /// A byte that must be 0 or 1 (so every message has one encoding).
+    fn flag(&mut self, what: &'static str) -> Result<bool, ProtoError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(ProtoError::Invalid {
+                what,
+                detail: format!("{v} is neither 0 nor 1"),
+            }),
+        }
+    }
+
     fn u16(&mut self, what: &'static str) -> Result<u16, ProtoError> {
         self.array(what).map(u16::from_le_bytes)
     }
@@ -486,6 +505,26 @@ impl<'a> Reader<'a> {
         let raw = self.bytes(usize::try_from(len).unwrap_or(usize::MAX), what)?;
         let s = std::str::from_utf8(raw).map_err(|_| ProtoError::BadUtf8 { what })?;
         Ok(s.to_owned())
+    }
+    /// `u32` length + bytes, at most `max`; the length is checked against `max` and what
+    /// is left before the copy.
+    fn blob(
+        &mut self,
+        len_what: &'static str,
+        max: u32,
+        what: &'static str,
+    ) -> Result<Vec<u8>, ProtoError> {
+        let len = self.u32(len_what)?;
+        if len > max {
+            return Err(ProtoError::TooMany {
+                what: len_what,
+                count: u64::from(len),
+                max: u64::from(max),
+            });
+        }
+        Ok(self
+            .bytes(usize::try_from(len).unwrap_or(usize::MAX), what)?
+            .to_vec())
     }
 }
 
@@ -563,6 +602,8 @@ fn read_setup(r: &mut Reader<'_>) -> Result<Setup, ProtoError> {
         progress_ms: r.u32("Setup progress timeout")?,
         switchover_ms: r.u32("Setup switchover timeout")?,
     };
+    let devices = read_devices(r)?;
+    let parallel_devices = r.flag("Setup parallel_devices")?;
     Ok(Setup {
         vm: VmDescription {
             vcpus,
@@ -571,6 +612,8 @@ fn read_setup(r: &mut Reader<'_>) -> Result<Setup, ProtoError> {
             cpu_features,
         },
         timeouts,
+        devices,
+        parallel_devices,
     })
 }
 
@@ -615,22 +658,19 @@ fn read_compressed(r: &mut Reader<'_>) -> Result<Message, ProtoError> {
     })
 }
 
-fn read_sections(r: &mut Reader<'_>) -> Result<Vec<StateSection>, ProtoError> {
-    let n = r.count("State section count", MAX_SECTIONS, SECTION_MIN_LEN)?;
-    let mut sections = Vec::with_capacity(n);
+fn read_devices(r: &mut Reader<'_>) -> Result<Vec<DeviceInfo>, ProtoError> {
+    let n = r.count("Setup device count", MAX_DEVICES, DEVICE_INFO_MIN_LEN)?;
+    let mut devices = Vec::with_capacity(n);
     for _ in 0..n {
-        let name = r.string("State section name")?;
-        let len = r.u32("State section data length")?;
-        // bytes() checks the length against what is left before the copy.
-        let data = r
-            .bytes(
-                usize::try_from(len).unwrap_or(usize::MAX),
-                "State section data",
-            )?
-            .to_vec();
-        sections.push(StateSection { name, data });
+        let name = r.string("Setup device name")?;
+        let config = r.blob(
+            "Setup device config length",
+            MAX_STRING,
+            "Setup device config",
+        )?;
+        devices.push(DeviceInfo { name, config });
     }
-    Ok(sections)
+    Ok(devices)
 }
 
 pub(crate) fn put_u8(out: &mut Vec<u8>, v: u8) {
@@ -700,6 +740,13 @@ pub(crate) fn put_setup(out: &mut Vec<u8>, s: &Setup) {
     }
     put_u32(out, s.timeouts.progress_ms);
     put_u32(out, s.timeouts.switchover_ms);
+    put_len(out, s.devices.len());
+    for d in &s.devices {
+        put_str(out, &d.name);
+        put_len(out, d.config.len());
+        out.extend_from_slice(&d.config);
+    }
+    put_u8(out, u8::from(s.parallel_devices));
 }
 
 pub(crate) fn put_runs(out: &mut Vec<u8>, pass: u32, runs: &[PageRun]) {
@@ -737,11 +784,10 @@ pub(crate) fn put_compressed(
     put_u32(out, len);
 }
 
-pub(crate) fn put_sections(out: &mut Vec<u8>, sections: &[StateSection]) {
-    put_len(out, sections.len());
-    for s in sections {
-        put_str(out, &s.name);
-        put_len(out, s.data.len());
-        out.extend_from_slice(&s.data);
-    }
+pub(crate) fn put_device_data(out: &mut Vec<u8>, device: u16, seq: u32, flags: u8, data: &[u8]) {
+    put_u16(out, device);
+    put_u32(out, seq);
+    put_u8(out, flags);
+    put_len(out, data.len());
+    out.extend_from_slice(data);
 }

@@ -55,14 +55,14 @@ pub use codec::{
 };
 pub use error::ProtoError;
 pub use message::{
-    page_sum, ChannelRole, Codec, CpuFeature, Hello, MemRegion, Message, MessageKind, PageRun,
-    Setup, StateSection, Timeouts, VmDescription,
+    page_sum, ChannelRole, Codec, CpuFeature, DeviceInfo, Hello, MemRegion, Message, MessageKind,
+    PageRun, Setup, Timeouts, VmDescription, DEVICE_END, DEVICE_INITIAL_END,
 };
 
 /// First bytes of every [`Hello`] body: identifies a Ferry migration stream.
 pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 /// Protocol version spoken by this crate.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Frame header flag: the body is followed by the frame's xxh3-64 checksum.
 pub const FLAG_SUMMED: u16 = 1;
 /// Guest page size; page runs and memory regions are in units of it.
@@ -81,11 +81,11 @@ pub const MAX_STRING: u32 = 4096;
 pub const MAX_REGIONS: u32 = 4096;
 /// Most CPUID entries in a [`VmDescription`].
 pub const MAX_CPU_FEATURES: u32 = 4096;
-/// Most sections in one [`Message::State`] frame.
-pub const MAX_SECTIONS: u32 = 65536;
-/// Body limit of a [`Message::State`] frame.
-pub const MAX_STATE_LEN: u32 = 256 << 20;
-/// Body limit of every frame kind other than [`Message::State`].
+/// Most devices (vCPUs included) in a [`Setup`].
+pub const MAX_DEVICES: u32 = 4096;
+/// Most bytes of a device stream in one [`Message::DeviceData`] frame.
+pub const MAX_DEVICE_CHUNK: u32 = 1 << 20;
+/// Body limit of every frame kind other than [`Message::DeviceData`].
 pub const MAX_CONTROL_LEN: u32 = 1 << 20;
 
 /// Capability bits exchanged in [`Hello`] and [`Message::Welcome`]; both

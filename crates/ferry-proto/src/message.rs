@@ -4,8 +4,8 @@ use std::fmt;
 
 use crate::codec::{self, len64};
 use crate::{
-    ProtoError, MAX_BATCH_PAGES, MAX_CONTROL_LEN, MAX_CPU_FEATURES, MAX_REGIONS, MAX_RUNS,
-    MAX_SECTIONS, MAX_STATE_LEN, MAX_STRING, PAGE_SIZE,
+    ProtoError, MAX_BATCH_PAGES, MAX_CONTROL_LEN, MAX_CPU_FEATURES, MAX_DEVICES, MAX_DEVICE_CHUNK,
+    MAX_REGIONS, MAX_RUNS, MAX_STRING, PAGE_SIZE,
 };
 
 /// What a channel carries; sent in its [`Hello`].
@@ -104,6 +104,12 @@ pub struct Setup {
     pub vm: VmDescription,
     /// The deadlines.
     pub timeouts: Timeouts,
+    /// Its devices and vCPUs, in the order [`Message::DeviceData`] numbers them (at most
+    /// [`MAX_DEVICES`]).
+    pub devices: Vec<DeviceInfo>,
+    /// Load the device streams side by side, each on its own thread (else one after
+    /// another on one thread, the shape of QEMU before 10.0).
+    pub parallel_devices: bool,
 }
 
 /// A run of consecutive guest pages.
@@ -118,14 +124,22 @@ pub struct PageRun {
     pub pages: u32,
 }
 
-/// One named blob of device or vCPU state.
+/// A device (or vCPU) whose state streams in [`Message::DeviceData`] frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StateSection {
-    /// Non-empty name, at most [`MAX_STRING`] bytes.
+pub struct DeviceInfo {
+    /// Non-empty name, unique in the VM, at most [`MAX_STRING`] bytes.
     pub name: String,
-    /// Opaque state bytes.
-    pub data: Vec<u8>,
+    /// What a destination needs to create the device (opaque, at most [`MAX_STRING`]
+    /// bytes).
+    pub config: Vec<u8>,
 }
+
+/// [`Message::DeviceData`] flag: this chunk ends the device's initial bytes (the
+/// destination acknowledges them all with [`Message::DevicesReady`]).
+pub const DEVICE_INITIAL_END: u8 = 1;
+/// [`Message::DeviceData`] flag: this chunk ends the device's stream (its stop-copy state is
+/// complete).
+pub const DEVICE_END: u8 = 2;
 
 /// Frame kinds, as the `u16` in the frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,8 +161,8 @@ pub enum MessageKind {
     ZeroPages,
     /// [`Message::PassEnd`].
     PassEnd,
-    /// [`Message::State`].
-    State,
+    /// [`Message::DeviceData`].
+    DeviceData,
     /// [`Message::Complete`].
     Complete,
     /// [`Message::Prepared`].
@@ -183,11 +197,13 @@ pub enum MessageKind {
     PageRequest,
     /// [`Message::PostcopyDone`].
     PostcopyDone,
+    /// [`Message::DevicesReady`].
+    DevicesReady,
 }
 
 impl MessageKind {
     /// Every kind, in wire order.
-    pub const ALL: [MessageKind; 26] = [
+    pub const ALL: [MessageKind; 27] = [
         MessageKind::Hello,
         MessageKind::Welcome,
         MessageKind::Setup,
@@ -196,7 +212,7 @@ impl MessageKind {
         MessageKind::Pages,
         MessageKind::ZeroPages,
         MessageKind::PassEnd,
-        MessageKind::State,
+        MessageKind::DeviceData,
         MessageKind::Complete,
         MessageKind::Prepared,
         MessageKind::Loaded,
@@ -214,6 +230,7 @@ impl MessageKind {
         MessageKind::Postcopy,
         MessageKind::PageRequest,
         MessageKind::PostcopyDone,
+        MessageKind::DevicesReady,
     ];
 
     /// The kind's name, as in "unexpected Pages in state Setup".
@@ -227,7 +244,7 @@ impl MessageKind {
             MessageKind::Pages => "Pages",
             MessageKind::ZeroPages => "ZeroPages",
             MessageKind::PassEnd => "PassEnd",
-            MessageKind::State => "State",
+            MessageKind::DeviceData => "DeviceData",
             MessageKind::Complete => "Complete",
             MessageKind::Prepared => "Prepared",
             MessageKind::Loaded => "Loaded",
@@ -245,14 +262,15 @@ impl MessageKind {
             MessageKind::Postcopy => "Postcopy",
             MessageKind::PageRequest => "PageRequest",
             MessageKind::PostcopyDone => "PostcopyDone",
+            MessageKind::DevicesReady => "DevicesReady",
         }
     }
 
-    /// Largest body a frame of this kind may have: [`MAX_STATE_LEN`] for
-    /// State, [`MAX_CONTROL_LEN`] for everything else.
+    /// Largest body a frame of this kind may have: a full [`MAX_DEVICE_CHUNK`] for
+    /// DeviceData, [`MAX_CONTROL_LEN`] for everything else.
     pub fn max_body_len(self) -> u32 {
         match self {
-            MessageKind::State => MAX_STATE_LEN,
+            MessageKind::DeviceData => MAX_DEVICE_CHUNK.saturating_add(DEVICE_DATA_FIXED),
             _ => MAX_CONTROL_LEN,
         }
     }
@@ -333,10 +351,18 @@ pub enum Message {
         /// Pages (data and zero) this channel sent in that pass.
         pages: u64,
     },
-    /// Main channel: device and vCPU state.
-    State {
-        /// At most [`MAX_SECTIONS`] named sections.
-        sections: Vec<StateSection>,
+    /// Data channel (main channel in a local hand-over): the next chunk of one device's
+    /// state stream. A device's chunks travel on one channel, numbered from 0, so its
+    /// stream stays in order while devices move side by side.
+    DeviceData {
+        /// The device: its index in the Setup's device list.
+        device: u16,
+        /// The chunk's number in the device's stream.
+        seq: u32,
+        /// [`DEVICE_INITIAL_END`] and [`DEVICE_END`] bits.
+        flags: u8,
+        /// The stream's bytes (at most [`MAX_DEVICE_CHUNK`]).
+        data: Vec<u8>,
     },
     /// Source to destination: all memory and state sent.
     Complete {
@@ -409,10 +435,13 @@ pub enum Message {
     },
     /// Source to destination, main channel (postcopy agreed): the destination's copies of
     /// these pages are stale or were never sent; it must make them missing, to be filled
-    /// in postcopy. Sent before the switch (all memory, for a postcopy without precopy) or
-    /// at it, before `State` (the pages dirtied since they were sent). 1..=[`MAX_RUNS`]
-    /// runs of any length.
+    /// in postcopy. Sent before the switch (`early`: all memory, for a postcopy without
+    /// precopy, while the guest still runs on the source; acknowledged with `Discarded`) or
+    /// at it, before `Postcopy` (the pages dirtied since they were sent; applied once every
+    /// precopy page is in). 1..=[`MAX_RUNS`] runs of any length.
     Discard {
+        /// Before the switch (else at it).
+        early: bool,
         /// The pages.
         runs: Vec<PageRun>,
     },
@@ -421,8 +450,8 @@ pub enum Message {
         /// Time the discards took, in microseconds.
         discard_us: u64,
     },
-    /// Source to destination, main channel, after `State` and instead of `Complete`: the
-    /// switch to postcopy. Every page the destination is missing comes as pass `pass`,
+    /// Source to destination, main channel, after the switch's `Discard`s and instead of
+    /// `Complete`: the switch to postcopy (the devices' stop-copy streams are on their way). Every page the destination is missing comes as pass `pass`,
     /// pushed on the data channels and, when asked for, on the urgent channel.
     Postcopy {
         /// The pass of the postcopy pages.
@@ -436,6 +465,9 @@ pub enum Message {
         /// The pages.
         runs: Vec<PageRun>,
     },
+    /// Destination to source, main channel: every device has loaded its initial bytes; the
+    /// source may pause the guest (QEMU's `switchover-ack`).
+    DevicesReady,
     /// Destination to source: every page is here; the source may let go of the guest.
     PostcopyDone {
         /// Page faults the destination's guest took on missing pages.
@@ -495,7 +527,11 @@ pub(crate) const FEATURE_LEN: u64 = 4 + 4 + 4 * 4;
 pub(crate) const TIMEOUTS_LEN: u64 = 4 + 4;
 /// Smallest encoded section: name length + data length (an empty name is
 /// rejected later with a clearer error than "truncated").
-pub(crate) const SECTION_MIN_LEN: u64 = 4 + 4;
+/// A device description's fixed part: name length, config length.
+pub(crate) const DEVICE_INFO_MIN_LEN: u64 = 4 + 4;
+/// A DeviceData body's fixed part: device, seq, flags, data length.
+const DEVICE_DATA_FIXED: u32 = 2 + 4 + 1 + 4;
+pub(crate) const DEVICE_DATA_MIN_LEN: u64 = DEVICE_DATA_FIXED as u64;
 
 /// `s` cut to at most [`MAX_STRING`] bytes, at a character boundary.
 fn bounded(s: impl Into<String>) -> String {
@@ -544,7 +580,8 @@ impl Message {
             Message::Pages { .. } => MessageKind::Pages,
             Message::ZeroPages { .. } => MessageKind::ZeroPages,
             Message::PassEnd { .. } => MessageKind::PassEnd,
-            Message::State { .. } => MessageKind::State,
+            Message::DeviceData { .. } => MessageKind::DeviceData,
+            Message::DevicesReady => MessageKind::DevicesReady,
             Message::Complete { .. } => MessageKind::Complete,
             Message::Prepared { .. } => MessageKind::Prepared,
             Message::Loaded { .. } => MessageKind::Loaded,
@@ -627,7 +664,13 @@ impl Message {
                 codec::put_u32(out, *pass);
                 codec::put_u64(out, *pages);
             }
-            Message::State { sections } => codec::put_sections(out, sections),
+            Message::DeviceData {
+                device,
+                seq,
+                flags,
+                data,
+            } => codec::put_device_data(out, *device, *seq, *flags, data),
+            Message::DevicesReady => {}
             Message::Complete { final_pass } => codec::put_u32(out, *final_pass),
             Message::Prepared {
                 prepare_us,
@@ -649,7 +692,10 @@ impl Message {
                 offsets.iter().for_each(|o| codec::put_u64(out, *o));
             }
             Message::MemoryAdopted { adopt_us } => codec::put_u64(out, *adopt_us),
-            Message::Discard { runs } => codec::put_run_list(out, runs),
+            Message::Discard { early, runs } => {
+                codec::put_u8(out, u8::from(*early));
+                codec::put_run_list(out, runs)
+            }
             Message::Discarded { discard_us } => codec::put_u64(out, *discard_us),
             Message::Postcopy { pass } => codec::put_u32(out, *pass),
             Message::PageRequest { seq, runs } => codec::put_runs(out, *seq, runs),
@@ -680,8 +726,14 @@ impl Message {
     pub fn validate(&self) -> Result<(), ProtoError> {
         self.check_limits()?;
         match self {
-            Message::Setup(Setup { vm: d, timeouts }) => {
+            Message::Setup(Setup {
+                vm: d,
+                timeouts,
+                devices,
+                ..
+            }) => {
                 check_timeouts(timeouts)?;
+                check_devices(devices)?;
                 if d.vcpus == 0 {
                     return Err(invalid(
                         "Setup vcpus",
@@ -714,7 +766,7 @@ impl Message {
                 check_compressed_len(runs, *len)
             }
             Message::ZeroPages { runs, .. } => check_runs("ZeroPages runs", "ZeroPages run", runs),
-            Message::Discard { runs } => check_runs("Discard runs", "Discard run", runs),
+            Message::Discard { runs, .. } => check_runs("Discard runs", "Discard run", runs),
             Message::PageRequest { runs, .. } => {
                 check_runs("PageRequest runs", "PageRequest run", runs)?;
                 check_batch_pages(total_pages(runs))
@@ -734,13 +786,14 @@ impl Message {
                     None => Ok(()),
                 }
             }
-            Message::State { sections } => match sections.iter().position(|s| s.name.is_empty()) {
-                Some(i) => Err(invalid(
-                    "State section name",
-                    format!("section {i} has an empty name"),
-                )),
-                None => Ok(()),
-            },
+            Message::DeviceData { flags, .. }
+                if flags & !(DEVICE_INITIAL_END | DEVICE_END) != 0 =>
+            {
+                Err(invalid(
+                    "DeviceData flags",
+                    format!("unknown flag bits {flags:#04x}"),
+                ))
+            }
             _ => Ok(()),
         }
     }
@@ -749,13 +802,18 @@ impl Message {
     /// semantically invalid): string lengths, counts and the body length.
     fn check_limits(&self) -> Result<(), ProtoError> {
         match self {
-            Message::Setup(Setup { vm: d, .. }) => {
+            Message::Setup(Setup { vm: d, devices, .. }) => {
                 check_count("Setup region count", d.regions.len(), MAX_REGIONS)?;
                 check_count(
                     "Setup cpu feature count",
                     d.cpu_features.len(),
                     MAX_CPU_FEATURES,
                 )?;
+                check_count("Setup device count", devices.len(), MAX_DEVICES)?;
+                for dev in devices {
+                    check_string("Setup device name", &dev.name)?;
+                    check_count("Setup device config length", dev.config.len(), MAX_STRING)?;
+                }
             }
             Message::Refuse { reason } => check_string("Refuse reason", reason)?,
             Message::Error { reason } => check_string("Error reason", reason)?,
@@ -767,15 +825,14 @@ impl Message {
             Message::ZeroPages { runs, .. } => {
                 check_count("ZeroPages run count", runs.len(), MAX_RUNS)?
             }
-            Message::Discard { runs } => check_count("Discard run count", runs.len(), MAX_RUNS)?,
+            Message::Discard { runs, .. } => {
+                check_count("Discard run count", runs.len(), MAX_RUNS)?
+            }
             Message::PageRequest { runs, .. } => {
                 check_count("PageRequest run count", runs.len(), MAX_RUNS)?
             }
-            Message::State { sections } => {
-                check_count("State section count", sections.len(), MAX_SECTIONS)?;
-                for s in sections {
-                    check_string("State section name", &s.name)?;
-                }
+            Message::DeviceData { data, .. } => {
+                check_count("DeviceData length", data.len(), MAX_DEVICE_CHUNK)?
             }
             Message::LocalMemory { offsets, .. } => {
                 check_count("LocalMemory offset count", offsets.len(), MAX_REGIONS)?
@@ -797,13 +854,20 @@ impl Message {
         match self {
             Message::Hello(_) => HELLO_LEN,
             Message::Welcome { .. } => 4 + 8,
-            Message::Setup(Setup { vm: d, .. }) => 4u64
+            Message::Setup(Setup { vm: d, devices, .. }) => 4u64
                 .saturating_add(4)
                 .saturating_add(4)
                 .saturating_add(len64(d.regions.len()).saturating_mul(REGION_LEN))
                 .saturating_add(4)
                 .saturating_add(len64(d.cpu_features.len()).saturating_mul(FEATURE_LEN))
-                .saturating_add(TIMEOUTS_LEN),
+                .saturating_add(TIMEOUTS_LEN)
+                .saturating_add(4)
+                .saturating_add(devices.iter().fold(0u64, |acc, dev| {
+                    acc.saturating_add(DEVICE_INFO_MIN_LEN)
+                        .saturating_add(len64(dev.name.len()))
+                        .saturating_add(len64(dev.config.len()))
+                }))
+                .saturating_add(1),
             Message::SetupAccepted | Message::Go => 0,
             Message::Refuse { reason } | Message::Error { reason } => {
                 4u64.saturating_add(len64(reason.len()))
@@ -812,11 +876,10 @@ impl Message {
             Message::Compressed { runs, sums, .. } => compressed_body_len(runs, sums.len()),
             Message::ZeroPages { runs, .. } => runs_body_len(runs),
             Message::PassEnd { .. } => 4 + 8,
-            Message::State { sections } => sections.iter().fold(4u64, |acc, s| {
-                acc.saturating_add(SECTION_MIN_LEN)
-                    .saturating_add(len64(s.name.len()))
-                    .saturating_add(len64(s.data.len()))
-            }),
+            Message::DeviceData { data, .. } => {
+                DEVICE_DATA_MIN_LEN.saturating_add(len64(data.len()))
+            }
+            Message::DevicesReady => 0,
             Message::Complete { .. } => 4,
             Message::Prepared { .. } => 8 + 4,
             Message::Loaded { .. } | Message::Running { .. } => 8,
@@ -826,7 +889,8 @@ impl Message {
                 8u64.saturating_add(len64(offsets.len()).saturating_mul(8))
             }
             Message::MemoryAdopted { .. } => 8,
-            Message::Discard { runs } => runs_body_len(runs).saturating_sub(4),
+            // The early flag in place of a pass.
+            Message::Discard { runs, .. } => runs_body_len(runs).saturating_sub(3),
             Message::PageRequest { runs, .. } => runs_body_len(runs),
             Message::Discarded { .. } => 8,
             Message::PostcopyDone { .. } => 5 * 8,
@@ -960,6 +1024,26 @@ fn check_run(what: &'static str, r: &PageRun) -> Result<(), ProtoError> {
                 r.gpa, r.pages
             ),
         ));
+    }
+    Ok(())
+}
+
+/// Device names: non-empty and unique (a stream is routed by its device's place in the
+/// list, and errors name the device).
+fn check_devices(devices: &[DeviceInfo]) -> Result<(), ProtoError> {
+    for (i, d) in devices.iter().enumerate() {
+        if d.name.is_empty() {
+            return Err(invalid(
+                "Setup device name",
+                format!("device {i} has an empty name"),
+            ));
+        }
+        if devices.iter().take(i).any(|o| o.name == d.name) {
+            return Err(invalid(
+                "Setup device name",
+                format!("'{}' appears twice", d.name),
+            ));
+        }
     }
     Ok(())
 }

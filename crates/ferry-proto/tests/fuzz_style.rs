@@ -37,7 +37,7 @@ const MAGIC_U32: [u32; 10] = [
     4096,
     4097,
     MAX_CONTROL_LEN,
-    MAX_STATE_LEN,
+    MAX_DEVICE_CHUNK,
     u32::MAX,
 ];
 

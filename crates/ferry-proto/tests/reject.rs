@@ -70,7 +70,7 @@ fn hello_bad_role_and_main_index() {
 
 #[test]
 fn unknown_kind() {
-    for kind in [0u16, 27, 0x7fff, u16::MAX] {
+    for kind in [0u16, 28, 0x7fff, u16::MAX] {
         let e = err(&frame(kind, 0, 0, &[]));
         assert!(matches!(e, ProtoError::UnknownKind(k) if k == kind), "{e}");
         assert!(e.to_string().contains(&kind.to_string()));
@@ -99,7 +99,9 @@ fn decode_header_checks_kind_flags_and_length() {
             summed: false,
         }
     );
-    assert!(h(K::State as u16, 0, MAX_STATE_LEN).is_ok());
+    let device_max = K::DeviceData.max_body_len();
+    assert!(device_max > MAX_DEVICE_CHUNK);
+    assert!(h(K::DeviceData as u16, 0, device_max).is_ok());
     assert!(h(K::Setup as u16, 0, MAX_CONTROL_LEN).is_ok());
     assert!(matches!(
         h(K::Setup as u16, 0, MAX_CONTROL_LEN + 1),
@@ -107,8 +109,11 @@ fn decode_header_checks_kind_flags_and_length() {
             if len == u64::from(MAX_CONTROL_LEN) + 1 && max == u64::from(MAX_CONTROL_LEN)
     ));
     assert!(matches!(
-        h(K::State as u16, 0, MAX_STATE_LEN + 1),
-        Err(ProtoError::TooLong { kind: K::State, .. })
+        h(K::DeviceData as u16, 0, device_max + 1),
+        Err(ProtoError::TooLong {
+            kind: K::DeviceData,
+            ..
+        })
     ));
     assert!(matches!(h(99, 0, 0), Err(ProtoError::UnknownKind(99))));
     assert!(matches!(h(1, 2, 0), Err(ProtoError::BadFlags(2))));
@@ -146,25 +151,27 @@ fn body_len_over_limit_fails_from_the_header_alone() {
         assert_eq!(r.pulled, FRAME_HEADER_LEN);
         assert_eq!(scratch.capacity(), 0, "allocated for a rejected header");
     }
-    let e = err(&frame(K::State as u16, 0, u32::MAX, &[]));
+    let e = err(&frame(K::DeviceData as u16, 0, u32::MAX, &[]));
     assert_eq!(
         e.to_string(),
         format!(
-            "State frame body of {} bytes exceeds the limit of {MAX_STATE_LEN}",
-            u32::MAX
+            "DeviceData frame body of {} bytes exceeds the limit of {}",
+            u32::MAX,
+            K::DeviceData.max_body_len()
         )
     );
 }
 
 #[test]
 fn lying_body_len_within_limit_costs_little_memory() {
-    // A State header claiming the full 256 MiB, followed by 10 bytes.
-    let bytes = frame(K::State as u16, 0, MAX_STATE_LEN, &[0; 10]);
+    // A DeviceData header claiming its largest body, followed by 10 bytes.
+    let max = K::DeviceData.max_body_len();
+    let bytes = frame(K::DeviceData as u16, 0, max, &[0; 10]);
     let mut scratch = Vec::new();
     let e = read_message(&mut &bytes[..], &mut scratch).unwrap_err();
     assert!(
-        matches!(e, ProtoError::Truncated { what: "State frame body", needed, available: 10 }
-            if needed == u64::from(MAX_STATE_LEN)),
+        matches!(e, ProtoError::Truncated { what: "DeviceData frame body", needed, available: 10 }
+            if needed == u64::from(max)),
         "{e}"
     );
     assert!(scratch.capacity() <= 64 << 10, "{}", scratch.capacity());
@@ -199,8 +206,8 @@ fn counts_larger_than_the_remaining_bytes() {
             "Setup cpu feature count",
         ),
         (
-            Body::new().u32(60000).u64(0).frame(K::State),
-            "State section count",
+            device_data(0, 60000, &[1, 2]).frame(K::DeviceData),
+            "DeviceData data",
         ),
         (
             Body::new().u32(4000).bytes(b"abc").frame(K::Refuse),
@@ -208,13 +215,14 @@ fn counts_larger_than_the_remaining_bytes() {
         ),
         (Body::new().u32(10).frame(K::Error), "Error reason"),
         (
-            Body::new()
+            setup_with_devices(&[])
+                .truncate(5)
                 .u32(1)
                 .str("cpu")
-                .u32(u32::MAX)
+                .u32(4000)
                 .bytes(&[1, 2])
-                .frame(K::State),
-            "State section data",
+                .frame(K::Setup),
+            "Setup device config",
         ),
     ];
     for (bytes, what) in cases {
@@ -261,9 +269,17 @@ fn counts_over_their_limit() {
             MAX_CPU_FEATURES,
         ),
         (
-            Body::new().u32(MAX_SECTIONS + 1).frame(K::State),
-            "State section count",
-            MAX_SECTIONS,
+            device_data(0, MAX_DEVICE_CHUNK + 1, &[]).frame(K::DeviceData),
+            "DeviceData length",
+            MAX_DEVICE_CHUNK,
+        ),
+        (
+            setup_with_devices(&[])
+                .truncate(5)
+                .u32(MAX_DEVICES + 1)
+                .frame(K::Setup),
+            "Setup device count",
+            MAX_DEVICES,
         ),
     ];
     for (bytes, what, limit) in cases {
@@ -283,8 +299,8 @@ fn strings_over_max_string() {
         (Body::new().str(&long).frame(K::Refuse), "Refuse reason"),
         (Body::new().str(&long).frame(K::Error), "Error reason"),
         (
-            Body::new().u32(1).str(&long).u32(0).frame(K::State),
-            "State section name",
+            setup_with_devices(&[(&long, &[])]).frame(K::Setup),
+            "Setup device name",
         ),
     ] {
         let e = err(&bytes);
@@ -364,8 +380,15 @@ fn bad_utf8() {
             "Error reason",
         ),
         (
-            Body::new().u32(1).u32(4).bytes(&bad).u32(0).frame(K::State),
-            "State section name",
+            setup_with_devices(&[])
+                .truncate(5)
+                .u32(1)
+                .u32(4)
+                .bytes(&bad)
+                .u32(0)
+                .u8(1)
+                .frame(K::Setup),
+            "Setup device name",
         ),
         // A code point cut in half.
         (
@@ -528,7 +551,8 @@ fn setup_rules() {
     // Timeouts of 0 ms: a deadline that has passed before anything started.
     let mut zero = setup_body(1, 4096, &[(0, 4096)], 0).frame(K::Setup);
     let n = zero.len();
-    zero[n - 8..].fill(0);
+    // The timeouts, before the (empty) device list and its flag.
+    zero[n - 13..n - 5].fill(0);
     assert_invalid(&zero, "Setup timeouts", "at least 1 ms");
     // At the limits it decodes.
     let regions: Vec<(u64, u64)> = (0..MAX_REGIONS as u64).map(|i| (i << 20, 4096)).collect();
@@ -536,26 +560,34 @@ fn setup_rules() {
 }
 
 #[test]
-fn state_rules() {
+fn device_rules() {
     assert_invalid(
-        &Body::new()
-            .u32(2)
-            .str("a")
-            .u32(0)
-            .str("")
-            .u32(1)
-            .u8(0)
-            .frame(K::State),
-        "State section name",
-        "section 1",
+        &setup_with_devices(&[("a", &[]), ("", &[])]).frame(K::Setup),
+        "Setup device name",
+        "device 1",
     );
-    // Many empty-data sections are fine up to the limit.
-    let mut b = Body::new().u32(MAX_SECTIONS);
-    for _ in 0..MAX_SECTIONS {
-        b = b.str("s").u32(0);
+    assert_invalid(
+        &setup_with_devices(&[("vcpu0", &[]), ("vcpu0", &[1])]).frame(K::Setup),
+        "Setup device name",
+        "twice",
+    );
+    assert_invalid(
+        &device_data(0x80, 0, &[]).frame(K::DeviceData),
+        "DeviceData flags",
+        "0x80",
+    );
+    // Many devices are fine up to the limit, and a full chunk decodes.
+    let names: Vec<String> = (0..MAX_DEVICES).map(|i| format!("d{i}")).collect();
+    let list: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &[][..])).collect();
+    match read(&setup_with_devices(&list).frame(K::Setup)).unwrap() {
+        Message::Setup(s) => assert_eq!(s.devices.len(), MAX_DEVICES as usize),
+        m => panic!("{m:?}"),
     }
-    match read(&b.frame(K::State)).unwrap() {
-        Message::State { sections } => assert_eq!(sections.len(), MAX_SECTIONS as usize),
+    let full = vec![7u8; MAX_DEVICE_CHUNK as usize];
+    match read(&device_data(DEVICE_END, MAX_DEVICE_CHUNK, &full).frame(K::DeviceData)).unwrap() {
+        Message::DeviceData { data, flags, .. } => {
+            assert_eq!((data.len(), flags), (full.len(), DEVICE_END))
+        }
         m => panic!("{m:?}"),
     }
 }
@@ -626,16 +658,38 @@ fn validate_reports_oversized_messages() {
         sums: vec![],
     };
     assert!(matches!(m.validate(), Err(ProtoError::TooMany { .. })));
-    let big = Message::State {
-        sections: vec![StateSection {
-            name: "ram".into(),
-            data: vec![0; MAX_STATE_LEN as usize],
-        }],
-    };
+    // Every device config within its limit, but together past the control frame limit.
+    let devices = (0..300)
+        .map(|i| DeviceInfo {
+            name: format!("d{i}"),
+            config: vec![0; MAX_STRING as usize],
+        })
+        .collect();
+    let big = Message::Setup(Setup {
+        vm: VmDescription {
+            vcpus: 1,
+            page_size: 4096,
+            regions: vec![MemRegion { gpa: 0, size: 4096 }],
+            cpu_features: vec![],
+        },
+        timeouts: Timeouts {
+            progress_ms: 1,
+            switchover_ms: 1,
+        },
+        devices,
+        parallel_devices: true,
+    });
     assert!(matches!(
         big.validate(),
-        Err(ProtoError::TooLong { kind: K::State, .. })
+        Err(ProtoError::TooLong { kind: K::Setup, .. })
     ));
+    let big = Message::DeviceData {
+        device: 0,
+        seq: 0,
+        flags: 0,
+        data: vec![0; MAX_DEVICE_CHUNK as usize + 1],
+    };
+    assert!(matches!(big.validate(), Err(ProtoError::TooMany { .. })));
 }
 
 #[test]

@@ -168,15 +168,16 @@ fn kind_table() {
         assert_eq!(k as u16, v);
         assert_eq!(MessageKind::from_u16(v), Some(k));
         assert_eq!(k.to_string(), k.name());
-        let max = if k == MessageKind::State {
-            MAX_STATE_LEN
+        // A full device chunk and its fixed fields.
+        let max = if k == MessageKind::DeviceData {
+            MAX_DEVICE_CHUNK + 11
         } else {
             MAX_CONTROL_LEN
         };
         assert_eq!(k.max_body_len(), max);
     }
     assert_eq!(MessageKind::from_u16(0), None);
-    assert_eq!(MessageKind::from_u16(27), None);
+    assert_eq!(MessageKind::from_u16(28), None);
     assert_eq!(MessageKind::from_u16(u16::MAX), None);
     let names: Vec<&str> = samples().iter().map(Message::name).collect();
     assert!(names.contains(&"Hello") && names.contains(&"Pages") && names.contains(&"Go"));
@@ -278,18 +279,14 @@ impl Read for Chunked<'_> {
 }
 
 #[test]
-fn large_state_body_grows_scratch_exactly() {
-    let m = Message::State {
-        sections: vec![
-            StateSection {
-                name: "memory-ish".into(),
-                data: (0..3 << 20).map(|i: u32| (i % 253) as u8).collect(),
-            },
-            StateSection {
-                name: "tail".into(),
-                data: vec![7; 17],
-            },
-        ],
+fn large_device_body_grows_scratch_exactly() {
+    let m = Message::DeviceData {
+        device: 3,
+        seq: 9,
+        flags: DEVICE_END,
+        data: (0..MAX_DEVICE_CHUNK)
+            .map(|i: u32| (i % 253) as u8)
+            .collect(),
     };
     let bytes = encode(&m);
     let body_len = bytes.len() - FRAME_HEADER_LEN;

@@ -18,11 +18,16 @@ use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version of the [`MachineState`] encoding; bumped on any incompatible change.
 pub const STATE_VERSION: u32 = 1;
 const STATE_MAGIC: [u8; 8] = *b"FERRYVMS";
+/// Magic of one vCPU's state streamed on its own ([`encode_part`]).
+pub const VCPU_MAGIC: [u8; 8] = *b"FERRYCPU";
+/// Magic of the VM-wide state streamed on its own ([`PlatformState`]).
+pub const PLATFORM_MAGIC: [u8; 8] = *b"FERRYPLT";
 /// Largest encoded state accepted (1024 vCPUs at ~20 KiB each fit well within it).
 pub const MAX_STATE_LEN: usize = 256 << 20;
 
@@ -141,6 +146,63 @@ pub struct RegionLayout {
     pub size: u64,
 }
 
+/// What is VM-wide (not per vCPU), as a migration streams it beside the vCPUs.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PlatformState {
+    /// RAM layout.
+    pub memory: Vec<RegionLayout>,
+    /// VM-wide KVM state.
+    pub vm: VmState,
+    /// Emulated devices.
+    pub devices: DeviceState,
+}
+
+/// Encodes a state part with its magic and the state version.
+pub fn encode_part<T: Serialize>(magic: &[u8; 8], v: &T) -> Result<Vec<u8>, StateError> {
+    let mut out = Vec::with_capacity(16 * 1024);
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&STATE_VERSION.to_le_bytes());
+    let body = postcard::to_allocvec(v).map_err(|e| StateError::Encode(e.to_string()))?;
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Decodes what [`encode_part`] wrote with `magic`, refusing other versions and trailing
+/// bytes.
+pub fn decode_part<T: DeserializeOwned>(magic: &[u8; 8], bytes: &[u8]) -> Result<T, StateError> {
+    if bytes.len() > MAX_STATE_LEN {
+        return Err(StateError::Length(format!(
+            "{} bytes exceeds the limit of {MAX_STATE_LEN}",
+            bytes.len()
+        )));
+    }
+    let (m, rest) = bytes
+        .split_first_chunk::<8>()
+        .ok_or_else(|| StateError::Length(format!("only {} bytes", bytes.len())))?;
+    if m != magic {
+        return Err(StateError::BadMagic);
+    }
+    let (version, body) = rest
+        .split_first_chunk::<4>()
+        .ok_or_else(|| StateError::Length("truncated before the version".into()))?;
+    let version = u32::from_le_bytes(*version);
+    if version != STATE_VERSION {
+        return Err(StateError::Version {
+            found: version,
+            expected: STATE_VERSION,
+        });
+    }
+    let (state, rest): (T, &[u8]) =
+        postcard::take_from_bytes(body).map_err(|e| StateError::Decode(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(StateError::Decode(format!(
+            "{} trailing bytes after the state",
+            rest.len()
+        )));
+    }
+    Ok(state)
+}
+
 /// The whole machine except RAM contents.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MachineState {
@@ -228,47 +290,12 @@ impl MachineState {
 
     /// Encodes with magic and version.
     pub fn encode(&self) -> Result<Vec<u8>, StateError> {
-        let mut out = Vec::with_capacity(64 * 1024);
-        out.extend_from_slice(&STATE_MAGIC);
-        out.extend_from_slice(&STATE_VERSION.to_le_bytes());
-        let body = postcard::to_allocvec(self).map_err(|e| StateError::Encode(e.to_string()))?;
-        out.extend_from_slice(&body);
-        Ok(out)
+        encode_part(&STATE_MAGIC, self)
     }
 
     /// Decodes what [`MachineState::encode`] wrote, refusing other versions.
     pub fn decode(bytes: &[u8]) -> Result<MachineState, StateError> {
-        if bytes.len() > MAX_STATE_LEN {
-            return Err(StateError::Length(format!(
-                "{} bytes exceeds the limit of {MAX_STATE_LEN}",
-                bytes.len()
-            )));
-        }
-        let (magic, rest) = bytes
-            .split_first_chunk::<8>()
-            .ok_or_else(|| StateError::Length(format!("only {} bytes", bytes.len())))?;
-        if magic != &STATE_MAGIC {
-            return Err(StateError::BadMagic);
-        }
-        let (version, body) = rest
-            .split_first_chunk::<4>()
-            .ok_or_else(|| StateError::Length("truncated before the version".into()))?;
-        let version = u32::from_le_bytes(*version);
-        if version != STATE_VERSION {
-            return Err(StateError::Version {
-                found: version,
-                expected: STATE_VERSION,
-            });
-        }
-        let (state, rest): (MachineState, &[u8]) =
-            postcard::take_from_bytes(body).map_err(|e| StateError::Decode(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(StateError::Decode(format!(
-                "{} trailing bytes after the state",
-                rest.len()
-            )));
-        }
-        Ok(state)
+        decode_part(&STATE_MAGIC, bytes)
     }
 }
 

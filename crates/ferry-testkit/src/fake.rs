@@ -10,12 +10,23 @@ use std::time::Duration;
 
 use ferry_memory::dirty::{DirtyError, DirtyLogBackend};
 use ferry_memory::ram::{Backend, GuestRam, MemoryConfig, PAGE_SIZE};
-use ferry_migrate::{MigrationSource, MigrationTarget, VmError};
-use ferry_proto::{MemRegion, StateSection, VmDescription};
+use ferry_migrate::{MigrationDevice, MigrationSource, MigrationTarget, VmError};
+use ferry_proto::{DeviceInfo, MemRegion, VmDescription};
 use vm_memory::{Bytes, GuestAddress};
 
-/// The only state section a fake VM has.
+use crate::fake_device::FakeDevice;
+
+/// The device every fake VM has: its state is the guest's write counter.
 pub const SECTION: &str = "fake-machine";
+
+/// One device's state, as a source had it at the pause or a destination loaded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Section {
+    /// The device.
+    pub name: String,
+    /// Its state.
+    pub data: Vec<u8>,
+}
 
 /// An error a fake VM was told to produce.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +104,8 @@ pub struct FakeSource {
     throttle: AtomicU8,
     resumes: AtomicU64,
     vcpu: Mutex<Option<JoinHandle<()>>>,
+    devices: Mutex<Vec<Arc<FakeDevice>>>,
+    first_pause: Mutex<Option<std::time::Instant>>,
     /// Make the next `pause` fail.
     pub fail_pause: AtomicBool,
 }
@@ -122,6 +135,10 @@ impl FakeSource {
             let (ram, run, writes) = (ram.clone(), run.clone(), writes.clone());
             std::thread::spawn(move || vcpu_loop(&ram, &run, &writes, ws_pages.max(1), nap))
         };
+        let counter = writes.clone();
+        let machine = FakeDevice::source(SECTION, Vec::new(), Duration::ZERO, move || {
+            counter.load(Ordering::SeqCst).to_le_bytes().to_vec()
+        });
         Arc::new(FakeSource {
             ram,
             run,
@@ -129,8 +146,20 @@ impl FakeSource {
             throttle: AtomicU8::new(0),
             resumes: AtomicU64::new(0),
             vcpu: Mutex::new(Some(vcpu)),
+            devices: Mutex::new(vec![machine]),
+            first_pause: Mutex::new(None),
             fail_pause: AtomicBool::new(false),
         })
+    }
+
+    /// Adds a device (before a migration starts).
+    pub fn add_device(&self, d: Arc<FakeDevice>) {
+        lock(&self.devices).push(d);
+    }
+
+    /// When the guest was first paused (by anyone).
+    pub fn first_pause(&self) -> Option<std::time::Instant> {
+        *lock(&self.first_pause)
     }
 
     /// Whether the guest runs here.
@@ -164,8 +193,15 @@ impl FakeSource {
         self.ram.page_digests()
     }
 
-    fn state(&self) -> Vec<u8> {
-        self.writes().to_le_bytes().to_vec()
+    /// Every device's state now, as a destination should load it.
+    pub fn state(&self) -> Vec<Section> {
+        lock(&self.devices)
+            .iter()
+            .map(|d| Section {
+                name: d.name().to_owned(),
+                data: d.state_now(),
+            })
+            .collect()
     }
 }
 
@@ -233,6 +269,7 @@ impl MigrationSource for FakeSource {
         if self.fail_pause.swap(false, Ordering::SeqCst) {
             return Err(VmError::new(Injected("pause")));
         }
+        lock(&self.first_pause).get_or_insert_with(std::time::Instant::now);
         let mut r = lock(&self.run.0);
         r.paused = true;
         r.paused_at.get_or_insert_with(std::time::Instant::now);
@@ -256,18 +293,19 @@ impl MigrationSource for FakeSource {
     fn set_throttle(&self, percent: u8) {
         self.throttle.store(percent, Ordering::SeqCst);
     }
-    fn save_state(&self) -> Result<Vec<StateSection>, VmError> {
-        Ok(vec![StateSection {
-            name: SECTION.into(),
-            data: self.state(),
-        }])
+    fn devices(&self) -> Vec<Arc<dyn MigrationDevice>> {
+        lock(&self.devices)
+            .iter()
+            .map(|d| d.clone() as Arc<dyn MigrationDevice>)
+            .collect()
     }
 }
 
 /// An empty fake VM that receives a migration.
 pub struct FakeTarget {
     ram: Arc<GuestRam>,
-    loaded: Mutex<Option<Vec<StateSection>>>,
+    devices: Mutex<Vec<Arc<FakeDevice>>>,
+    loaded: Mutex<Option<Vec<Section>>>,
     loads: AtomicU64,
     running: AtomicBool,
     /// Make `load_state` fail.
@@ -290,6 +328,7 @@ impl FakeTarget {
     fn on(ram: Arc<GuestRam>) -> Arc<FakeTarget> {
         Arc::new(FakeTarget {
             ram,
+            devices: Mutex::new(Vec::new()),
             loaded: Mutex::new(None),
             loads: AtomicU64::new(0),
             running: AtomicBool::new(false),
@@ -304,8 +343,13 @@ impl FakeTarget {
     }
 
     /// The state loaded last.
-    pub fn loaded(&self) -> Option<Vec<StateSection>> {
+    pub fn loaded(&self) -> Option<Vec<Section>> {
         lock(&self.loaded).clone()
+    }
+
+    /// The devices of the last attempt.
+    pub fn devices(&self) -> Vec<Arc<FakeDevice>> {
+        lock(&self.devices).clone()
     }
 
     /// How many times state was loaded (one per attempt that got that far).
@@ -326,12 +370,30 @@ impl MigrationTarget for FakeTarget {
     fn ram(&self) -> Arc<GuestRam> {
         self.ram.clone()
     }
-    fn load_state(&self, sections: &[StateSection]) -> Result<(), VmError> {
+    fn devices(&self, wanted: &[DeviceInfo]) -> Result<Vec<Arc<dyn MigrationDevice>>, VmError> {
+        let list = wanted
+            .iter()
+            .map(|w| FakeDevice::target(&w.name, &w.config).map_err(VmError::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        *lock(&self.devices) = list.clone();
+        Ok(list
+            .into_iter()
+            .map(|d| d as Arc<dyn MigrationDevice>)
+            .collect())
+    }
+    fn finish_load(&self) -> Result<(), VmError> {
         if self.fail_load.load(Ordering::SeqCst) {
             return Err(VmError::new(Injected("load_state")));
         }
+        let sections = lock(&self.devices)
+            .iter()
+            .map(|d| Section {
+                name: d.name().to_owned(),
+                data: d.loaded().unwrap_or_default(),
+            })
+            .collect();
         self.loads.fetch_add(1, Ordering::SeqCst);
-        *lock(&self.loaded) = Some(sections.to_vec());
+        *lock(&self.loaded) = Some(sections);
         Ok(())
     }
     fn resume(&self) -> Result<(), VmError> {
@@ -344,9 +406,6 @@ impl MigrationTarget for FakeTarget {
 }
 
 /// The state a source would send now (for comparing with what a target loaded).
-pub fn source_state(src: &FakeSource) -> Vec<StateSection> {
-    vec![StateSection {
-        name: SECTION.into(),
-        data: src.state(),
-    }]
+pub fn source_state(src: &FakeSource) -> Vec<Section> {
+    src.state()
 }

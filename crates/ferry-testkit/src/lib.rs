@@ -4,13 +4,14 @@
 //! - [`proxy`]: a frame-aware proxy that freezes, cuts, delays or corrupts a migration at
 //!   an exact protocol step, or runs a hook there (signal a process, call the API);
 //! - [`fake`]: VMs without KVM (RAM, a writing "vCPU", a counter as state) that implement
-//!   the engine's traits;
+//!   the engine's traits; [`fake_device`]: devices without hardware for them;
 //! - [`certs`]: test certificates for mutual TLS;
 //! - [`serial`]: the workload guest's serial output, heartbeats timestamped;
 //! - [`matrix`]: the fault matrix against real `ferry` processes.
 
 pub mod certs;
 pub mod fake;
+pub mod fake_device;
 pub mod matrix;
 pub mod proxy;
 pub mod serial;

@@ -748,14 +748,14 @@ fn peers() -> Vec<Case> {
             run: connection_storm,
         },
         Case {
-            name: "corrupt-state",
-            fault: "one byte of the State frame flipped",
+            name: "corrupt-device-state",
+            fault: "one byte of the first device-state frame flipped",
             moment: "switchover",
             expect: Source,
             commits: false,
             run: |sc| {
                 sc.through(vec![Fault {
-                    when: Trigger::first(Dir::ToDestination, K::State),
+                    when: Trigger::first(Dir::ToDestination, K::DeviceData),
                     action: Action::Corrupt,
                 }])?;
                 failed_naming(&sc.migrate(&[])?, &["destination"])

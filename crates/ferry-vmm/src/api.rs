@@ -168,6 +168,8 @@ struct MigrateRequest {
     checksums: Option<bool>,
     /// Postcopy: off (default), on-request, after-precopy or now.
     postcopy: Option<String>,
+    /// Save and load device state one device after another (default false: side by side).
+    serial_devices: Option<bool>,
 }
 
 /// The running API server; removes its socket when dropped (if it is still its own).
@@ -417,7 +419,27 @@ fn info(vmm: &Vmm) -> Value {
         "throttle_percent": vm.vcpus().throttle(),
         "migration": report(last),
         "incoming": report(incoming),
+        "devices": testdevs(vm),
     })
+}
+
+/// The test devices: configuration, migration state and the mutator's own check.
+fn testdevs(vm: &crate::vm::Vm) -> Value {
+    use ferry_migrate::MigrationDevice;
+    vm.devices()
+        .testdevs()
+        .iter()
+        .map(|d| {
+            json!({
+                "name": d.name(),
+                "config": d.device_config().to_string(),
+                "state": d.state().name(),
+                "steps": d.steps(),
+                "fails": d.fails(),
+                "digest": format!("{:016x}", d.digest()),
+            })
+        })
+        .collect()
 }
 
 fn handle(req: Request, vmm: &Arc<Vmm>, writer: &Arc<Mutex<UnixStream>>) -> Result<Value, String> {
@@ -513,6 +535,7 @@ fn migrate(m: MigrateRequest, vmm: &Arc<Vmm>, writer: &Mutex<UnixStream>) -> Res
         compression,
         checksums: m.checksums.unwrap_or(true),
         postcopy: parse_postcopy(m.postcopy.as_deref())?,
+        parallel_devices: !m.serial_devices.unwrap_or(false),
     };
     let (progress, result) = vmm
         .start_migration(uri, params)

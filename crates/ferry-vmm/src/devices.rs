@@ -4,10 +4,14 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use ferry_migrate::{DeviceState as MigState, MigrationDevice};
 
 use ferry_memory::ram::GuestRam;
 use ferry_state::{DeviceState, DmaState, SerialState};
+
+use crate::testdev::{self, TestDev, TestDevConfig, TestDevError};
 use vm_memory::{Bytes, GuestAddress};
 
 /// COM1 base port.
@@ -94,6 +98,8 @@ pub struct Devices {
     serial: Mutex<Serial>,
     dma: Mutex<DmaState>,
     ram: Arc<GuestRam>,
+    /// Test devices with their own memory, by index (stand-ins for VFIO devices).
+    testdevs: RwLock<Vec<Arc<TestDev>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -118,7 +124,54 @@ impl Devices {
             }),
             dma: Mutex::new(DmaState::default()),
             ram,
+            testdevs: RwLock::new(Vec::new()),
         }
+    }
+
+    /// Adds test device `index` and starts it; an index in use is refused.
+    pub fn add_testdev(
+        &self,
+        index: usize,
+        config: TestDevConfig,
+    ) -> Result<Arc<TestDev>, TestDevError> {
+        let mut list = self.testdevs.write().unwrap_or_else(|e| e.into_inner());
+        if list.iter().any(|d| d.index() == index) {
+            return Err(TestDevError::Index {
+                dev: format!("testdev{index}"),
+            });
+        }
+        let dev = TestDev::new(index, config)?;
+        dev.start()?;
+        list.push(dev.clone());
+        list.sort_by_key(|d| d.index());
+        Ok(dev)
+    }
+
+    /// The test devices, by index.
+    pub fn testdevs(&self) -> Vec<Arc<TestDev>> {
+        self.testdevs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The guest runs (again): every test device works, whatever a migration left it in.
+    pub fn run_testdevs(&self) {
+        for d in self.testdevs() {
+            if d.state() != MigState::Running {
+                if let Err(e) = d.set_state(MigState::Running) {
+                    tracing::error!("{}: cannot run: {e}", d.name());
+                }
+            }
+        }
+    }
+
+    fn testdev_at(&self, gpa: u64) -> Option<(Arc<TestDev>, u64)> {
+        let (index, offset) = testdev::mmio_slot(gpa)?;
+        let list = self.testdevs.read().unwrap_or_else(|e| e.into_inner());
+        list.iter()
+            .find(|d| d.index() == index)
+            .map(|d| (d.clone(), offset))
     }
 
     /// A port write by the guest.
@@ -172,14 +225,20 @@ impl Devices {
         }
     }
 
-    /// A read from an address no device claims.
+    /// A guest MMIO read: a test device's window, or an address no device claims.
     pub fn mmio_read(&self, gpa: u64, data: &mut [u8]) {
+        if let Some((d, offset)) = self.testdev_at(gpa) {
+            return d.mmio_read(offset, data);
+        }
         tracing::trace!("read from unclaimed MMIO {gpa:#x}");
         data.fill(0xFF);
     }
 
-    /// A write to an address no device claims.
-    pub fn mmio_write(&self, gpa: u64, _data: &[u8]) {
+    /// A guest MMIO write: a test device's window, or an address no device claims.
+    pub fn mmio_write(&self, gpa: u64, data: &[u8]) {
+        if let Some((d, offset)) = self.testdev_at(gpa) {
+            return d.mmio_write(offset, data);
+        }
         tracing::trace!("write to unclaimed MMIO {gpa:#x}");
     }
 

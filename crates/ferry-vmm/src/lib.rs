@@ -8,6 +8,7 @@ pub mod migration;
 pub mod multiboot;
 pub mod owner;
 pub mod runner;
+pub mod testdev;
 pub mod update;
 pub mod vcpu;
 pub mod vm;

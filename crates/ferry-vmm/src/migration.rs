@@ -1,18 +1,28 @@
-//! The test VMM seen through the engine's traits.
+//! The test VMM seen through the engine's traits: its devices, each vCPU and the VM-wide
+//! state are each a [`MigrationDevice`] with its own stream, so a migration saves and loads
+//! them side by side.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use ferry_memory::dirty::DirtyLogBackend;
 use ferry_memory::ram::{GuestRam, PAGE_SIZE};
-use ferry_migrate::{MigrationSource, MigrationTarget, VmError};
-use ferry_proto::{CpuFeature, MemRegion, StateSection, VmDescription};
-use ferry_state::MachineState;
+use ferry_migrate::VmError;
+use ferry_migrate::{DeviceState, MigrationDevice, MigrationSource, MigrationTarget, PrecopyInfo};
+use ferry_proto::{CpuFeature, DeviceInfo, MemRegion, VmDescription};
+use ferry_state::{decode_part, encode_part, PlatformState, PLATFORM_MAGIC, VCPU_MAGIC};
 use kvm_bindings::kvm_cpuid_entry2;
 
+use crate::testdev::TestDevConfig;
 use crate::vm::{vcpu_cpuid, Vm};
 
-/// Name of the single state section this VMM sends.
-pub const MACHINE_SECTION: &str = "machine";
+/// Name of the VM-wide part (irqchips, PIT, clock, UART, DMA device).
+pub const PLATFORM_DEVICE: &str = "platform";
+/// What one vCPU's state is expected to take on the wire, before it is saved.
+const VCPU_STATE_ESTIMATE: u64 = 16 << 10;
+/// What loading one vCPU (or the platform) costs a destination, as reported for the
+/// downtime estimate.
+const SMALL_LOAD_COST: Duration = Duration::from_micros(200);
 
 /// The CPUID leaves whose feature bits the guest may rely on: (leaf, subleaf, which of
 /// eax/ebx/ecx/edx are feature masks).
@@ -67,59 +77,294 @@ fn vm_err(e: impl std::error::Error + Send + Sync + 'static) -> VmError {
     VmError::new(e)
 }
 
-/// Why a received state cannot be loaded.
+/// Why the destination cannot have the source's devices, or load one.
 #[derive(Debug, thiserror::Error)]
-enum SectionError {
-    #[error("no '{MACHINE_SECTION}' state section")]
-    Missing,
-    #[error("unknown state section '{0}'")]
+enum PartError {
+    #[error("device '{0}': the source has it, this VM cannot create it")]
     Unknown(String),
+    #[error("device '{name}': configured differently here ({here}) than on the source ({there})")]
+    Differs {
+        name: String,
+        here: String,
+        there: String,
+    },
+    #[error("device '{0}': this VM has it, the source does not")]
+    Extra(String),
+    #[error("device '{0}': bad configuration from the source: {1}")]
+    Config(String, String),
+    #[error("{0}: no state arrived before its end")]
+    Empty(String),
+    #[error("{0}: its state stream is larger than any state ({1} bytes)")]
+    TooLong(String, usize),
+    #[error("the platform state never loaded")]
+    NoPlatform,
 }
 
-/// A [`Vm`] as a migration source or target.
-pub struct Migratable(pub Arc<Vm>);
+/// A part saved whole at STOP_COPY and loaded whole at STOP: a vCPU or the platform.
+#[derive(Default)]
+struct Blob {
+    /// Source: the saved state, and how much of it was read.
+    saved: Vec<u8>,
+    read: usize,
+    /// Destination: what has arrived.
+    received: Vec<u8>,
+}
+
+fn lock(b: &Mutex<Blob>) -> MutexGuard<'_, Blob> {
+    b.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Blob {
+    fn read(&mut self, out: &mut Vec<u8>, max: usize) -> usize {
+        let rest = self.saved.get(self.read..).unwrap_or_default();
+        let n = rest.len().min(max);
+        out.extend_from_slice(rest.get(..n).unwrap_or_default());
+        self.read += n;
+        n
+    }
+
+    fn write(&mut self, name: &str, data: &[u8]) -> Result<(), VmError> {
+        let len = self.received.len() + data.len();
+        if len > ferry_state::MAX_STATE_LEN {
+            return Err(vm_err(PartError::TooLong(name.into(), len)));
+        }
+        self.received.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// What arrived, taken; an empty stream is an error.
+    fn take(&mut self, name: &str) -> Result<Vec<u8>, VmError> {
+        let got = std::mem::take(&mut self.received);
+        if got.is_empty() {
+            return Err(vm_err(PartError::Empty(name.into())));
+        }
+        Ok(got)
+    }
+}
+
+/// One vCPU as a device: its registers, saved on its own thread at the switchover.
+struct VcpuPart {
+    vm: Arc<Vm>,
+    index: usize,
+    name: String,
+    blob: Mutex<Blob>,
+}
+
+impl MigrationDevice for VcpuPart {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn config(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn set_state(&self, to: DeviceState) -> Result<(), VmError> {
+        let mut b = lock(&self.blob);
+        match to {
+            DeviceState::StopCopy => {
+                let s = self.vm.save_vcpu(self.index).map_err(vm_err)?;
+                b.saved = encode_part(&VCPU_MAGIC, &s).map_err(vm_err)?;
+                b.read = 0;
+            }
+            DeviceState::Stop => {
+                let bytes = b.take(&self.name)?;
+                let s = decode_part(&VCPU_MAGIC, &bytes).map_err(vm_err)?;
+                self.vm.restore_vcpu(self.index, &s).map_err(vm_err)?;
+            }
+            DeviceState::Running | DeviceState::PreCopy | DeviceState::Resuming => {
+                *b = Blob::default();
+            }
+        }
+        Ok(())
+    }
+    fn read(&self, out: &mut Vec<u8>, max: usize) -> Result<usize, VmError> {
+        Ok(lock(&self.blob).read(out, max))
+    }
+    fn precopy_info(&self) -> PrecopyInfo {
+        PrecopyInfo::default()
+    }
+    fn stop_copy_size(&self) -> u64 {
+        VCPU_STATE_ESTIMATE
+    }
+    fn load_cost(&self) -> Duration {
+        SMALL_LOAD_COST
+    }
+    fn write(&self, data: &[u8]) -> Result<(), VmError> {
+        lock(&self.blob).write(&self.name, data)
+    }
+}
+
+/// What is VM-wide: irqchips, PIT, clock and the emulated UART and DMA device. Loaded (decoded and
+/// checked) at STOP, applied by `finish_load` after every vCPU.
+struct PlatformPart {
+    vm: Arc<Vm>,
+    blob: Mutex<Blob>,
+    loaded: Mutex<Option<PlatformState>>,
+}
+
+impl MigrationDevice for PlatformPart {
+    fn name(&self) -> &str {
+        PLATFORM_DEVICE
+    }
+    fn config(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn set_state(&self, to: DeviceState) -> Result<(), VmError> {
+        let mut b = lock(&self.blob);
+        match to {
+            DeviceState::StopCopy => {
+                let s = self.vm.save_platform().map_err(vm_err)?;
+                b.saved = encode_part(&PLATFORM_MAGIC, &s).map_err(vm_err)?;
+                b.read = 0;
+            }
+            DeviceState::Stop => {
+                let bytes = b.take(PLATFORM_DEVICE)?;
+                let s: PlatformState = decode_part(&PLATFORM_MAGIC, &bytes).map_err(vm_err)?;
+                self.vm.check_layout(&s.memory).map_err(vm_err)?;
+                *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+            }
+            DeviceState::Running | DeviceState::PreCopy | DeviceState::Resuming => {
+                *b = Blob::default();
+            }
+        }
+        Ok(())
+    }
+    fn read(&self, out: &mut Vec<u8>, max: usize) -> Result<usize, VmError> {
+        Ok(lock(&self.blob).read(out, max))
+    }
+    fn precopy_info(&self) -> PrecopyInfo {
+        PrecopyInfo::default()
+    }
+    fn stop_copy_size(&self) -> u64 {
+        VCPU_STATE_ESTIMATE
+    }
+    fn load_cost(&self) -> Duration {
+        SMALL_LOAD_COST
+    }
+    fn write(&self, data: &[u8]) -> Result<(), VmError> {
+        lock(&self.blob).write(PLATFORM_DEVICE, data)
+    }
+}
+
+/// A [`Vm`] as a migration source or target: the same parts serve both.
+pub struct Migratable {
+    vm: Arc<Vm>,
+    vcpus: Vec<Arc<VcpuPart>>,
+    platform: Arc<PlatformPart>,
+}
+
+impl Migratable {
+    /// The VM's migration view.
+    pub fn new(vm: Arc<Vm>) -> Migratable {
+        let vcpus = (0..vm.config().vcpus as usize)
+            .map(|index| {
+                Arc::new(VcpuPart {
+                    vm: vm.clone(),
+                    index,
+                    name: format!("vcpu{index}"),
+                    blob: Mutex::new(Blob::default()),
+                })
+            })
+            .collect();
+        let platform = Arc::new(PlatformPart {
+            vm: vm.clone(),
+            blob: Mutex::new(Blob::default()),
+            loaded: Mutex::new(None),
+        });
+        Migratable {
+            vm,
+            vcpus,
+            platform,
+        }
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+
+    /// Every part: vCPUs, the platform, then the test devices.
+    fn parts(&self) -> Vec<Arc<dyn MigrationDevice>> {
+        let mut out: Vec<Arc<dyn MigrationDevice>> = Vec::new();
+        out.extend(
+            self.vcpus
+                .iter()
+                .map(|v| v.clone() as Arc<dyn MigrationDevice>),
+        );
+        out.push(self.platform.clone());
+        out.extend(
+            self.vm
+                .devices()
+                .testdevs()
+                .into_iter()
+                .map(|d| d as Arc<dyn MigrationDevice>),
+        );
+        out
+    }
+
+    /// This VM's part named like the source's, or a test device created from its config.
+    fn part_for(
+        &self,
+        mine: &[Arc<dyn MigrationDevice>],
+        w: &DeviceInfo,
+    ) -> Result<Arc<dyn MigrationDevice>, VmError> {
+        if let Some(d) = mine.iter().find(|d| d.name() == w.name) {
+            if d.config() != w.config {
+                let show = |c: &[u8]| match TestDevConfig::decode(c) {
+                    Ok(c) => c.to_string(),
+                    Err(_) => format!("{} bytes", c.len()),
+                };
+                return Err(vm_err(PartError::Differs {
+                    name: w.name.clone(),
+                    here: show(&d.config()),
+                    there: show(&w.config),
+                }));
+            }
+            return Ok(d.clone());
+        }
+        let index = w
+            .name
+            .strip_prefix("testdev")
+            .and_then(|i| i.parse::<usize>().ok())
+            .ok_or_else(|| vm_err(PartError::Unknown(w.name.clone())))?;
+        let config = TestDevConfig::decode(&w.config)
+            .map_err(|e| vm_err(PartError::Config(w.name.clone(), e.to_string())))?;
+        let dev = self.vm.add_testdev(index, config).map_err(vm_err)?;
+        Ok(dev)
+    }
+}
 
 impl MigrationSource for Migratable {
     fn description(&self) -> VmDescription {
-        describe(&self.0, &self.0.guest_cpuid())
+        describe(&self.vm, &self.vm.guest_cpuid())
     }
 
     fn ram(&self) -> Arc<GuestRam> {
-        self.0.ram().clone()
+        self.vm.ram().clone()
     }
 
     fn dirty_log(&self) -> Arc<dyn DirtyLogBackend> {
-        self.0.dirty_log()
+        self.vm.dirty_log()
     }
 
     fn is_paused(&self) -> bool {
-        self.0.is_paused()
+        self.vm.is_paused()
     }
 
     fn pause(&self) -> Result<(), VmError> {
-        self.0.pause().map_err(vm_err)
+        self.vm.pause().map_err(vm_err)
     }
 
     fn resume(&self) -> Result<(), VmError> {
-        self.0.resume();
+        self.vm.resume();
         Ok(())
     }
 
     fn set_throttle(&self, percent: u8) {
-        self.0.vcpus().set_throttle(percent);
+        self.vm.vcpus().set_throttle(percent);
     }
 
-    fn save_state(&self) -> Result<Vec<StateSection>, VmError> {
-        let data = self
-            .0
-            .save_state()
-            .map_err(vm_err)?
-            .encode()
-            .map_err(vm_err)?;
-        Ok(vec![StateSection {
-            name: MACHINE_SECTION.into(),
-            data,
-        }])
+    fn devices(&self) -> Vec<Arc<dyn MigrationDevice>> {
+        self.parts()
     }
 }
 
@@ -128,8 +373,8 @@ impl MigrationTarget for Migratable {
         // What this host can give: KVM's supported CPUID with this VMM's own additions, and
         // whatever its vCPUs actually expose (some KVMs, like the one Ferry is tested on,
         // show vCPUs more than KVM_GET_SUPPORTED_CPUID lists).
-        let mut cpuid = vcpu_cpuid(self.0.supported_cpuid(), 0, self.0.config().vcpus);
-        for g in self.0.guest_cpuid() {
+        let mut cpuid = vcpu_cpuid(self.vm.supported_cpuid(), 0, self.vm.config().vcpus);
+        for g in self.vm.guest_cpuid() {
             match cpuid
                 .iter_mut()
                 .find(|e| e.function == g.function && e.index == g.index)
@@ -143,27 +388,37 @@ impl MigrationTarget for Migratable {
                 None => cpuid.push(g),
             }
         }
-        describe(&self.0, &cpuid)
+        describe(&self.vm, &cpuid)
     }
 
     fn ram(&self) -> Arc<GuestRam> {
-        self.0.ram().clone()
+        self.vm.ram().clone()
     }
 
-    fn load_state(&self, sections: &[StateSection]) -> Result<(), VmError> {
-        let machine = sections
+    fn devices(&self, wanted: &[DeviceInfo]) -> Result<Vec<Arc<dyn MigrationDevice>>, VmError> {
+        let mine = self.parts();
+        if let Some(extra) = mine
             .iter()
-            .find(|s| s.name == MACHINE_SECTION)
-            .ok_or_else(|| vm_err(SectionError::Missing))?;
-        if let Some(other) = sections.iter().find(|s| s.name != MACHINE_SECTION) {
-            return Err(vm_err(SectionError::Unknown(other.name.clone())));
+            .find(|d| !wanted.iter().any(|w| w.name == d.name()))
+        {
+            return Err(vm_err(PartError::Extra(extra.name().to_owned())));
         }
-        let state = MachineState::decode(&machine.data).map_err(vm_err)?;
-        self.0.restore_state(&state).map_err(vm_err)
+        wanted.iter().map(|w| self.part_for(&mine, w)).collect()
+    }
+
+    fn finish_load(&self) -> Result<(), VmError> {
+        let p = self
+            .platform
+            .loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| vm_err(PartError::NoPlatform))?;
+        self.vm.restore_platform(&p.vm, &p.devices).map_err(vm_err)
     }
 
     fn resume(&self) -> Result<(), VmError> {
-        self.0.resume();
+        self.vm.resume();
         Ok(())
     }
 }

@@ -211,7 +211,7 @@ impl Vmm {
         std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || {
-                let vm = Arc::new(Migratable(vmm.vm.clone()));
+                let vm = Arc::new(Migratable::new(vmm.vm.clone()));
                 let outcome = migrate(vm, &uri, &params, p, commands);
                 vmm.migration_ended(outcome, &result_tx);
             })

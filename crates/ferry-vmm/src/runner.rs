@@ -87,6 +87,8 @@ pub struct RunConfig {
     pub serial: SerialConfig,
     /// Control API socket.
     pub api_socket: Option<PathBuf>,
+    /// Test devices (`--device testdev,...`), numbered in order.
+    pub testdevs: Vec<crate::testdev::TestDevConfig>,
 }
 
 /// Errors of `ferry run`.
@@ -197,6 +199,24 @@ struct Built {
 }
 
 fn build(cfg: &RunConfig, serial: SerialSink) -> Result<Built, RunError> {
+    let built = build_vm(cfg, serial)?;
+    if !cfg.testdevs.is_empty() && matches!(cfg.boot, Boot::Restore { .. } | Boot::Takeover(_)) {
+        return Err(RunError::Setup(
+            "--device testdev cannot be combined with --restore or a takeover (a snapshot \
+             and an exec update do not carry test device memory)"
+                .into(),
+        ));
+    }
+    for (i, c) in cfg.testdevs.iter().enumerate() {
+        built
+            .vm
+            .add_testdev(i, *c)
+            .map_err(|e| RunError::Setup(e.to_string()))?;
+    }
+    Ok(built)
+}
+
+fn build_vm(cfg: &RunConfig, serial: SerialSink) -> Result<Built, RunError> {
     let vm_config = VmConfig {
         memory: cfg.memory,
         vcpus: cfg.vcpus,
@@ -266,7 +286,7 @@ fn receive_guest(
         Role::Incoming(e) => e.progress,
         _ => Progress::new(),
     };
-    let target = Arc::new(Migratable(vmm.vm.clone()));
+    let target = Arc::new(Migratable::new(vmm.vm.clone()));
     let r = receive(target, &listener, params, progress, prepared, commands);
     drop(listener);
     match r {
@@ -292,7 +312,6 @@ fn receive_guest(
 /// failure, hands the VM back to the previous binary (which returns only if that fails).
 fn take_over(vmm: &Vmm, mut inh: crate::update::Inherited) -> Result<(), RunError> {
     use crate::update::{answer, downtime_ms, fall_back, FAIL_ENV};
-    use ferry_migrate::MigrationTarget;
     let attempt = |inh: &crate::update::Inherited| -> Result<(), String> {
         if std::env::var_os(FAIL_ENV).is_some() && inh.fallback.is_some() {
             return Err(format!("test hook {FAIL_ENV}"));
@@ -303,9 +322,9 @@ fn take_over(vmm: &Vmm, mut inh: crate::update::Inherited) -> Result<(), RunErro
             .ram()
             .adopt(memory, &h.offsets, h.locked)
             .map_err(|e| e.to_string())?;
-        Migratable(vmm.vm.clone())
-            .load_state(&inh.state.sections)
-            .map_err(|e| e.to_string())
+        let state =
+            ferry_state::MachineState::decode(&inh.state.state).map_err(|e| e.to_string())?;
+        vmm.vm.restore_state(&state).map_err(|e| e.to_string())
     };
     if let Err(why) = attempt(&inh) {
         inh.settled = true;

@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_migrate::MigrationSource;
-use ferry_proto::{read_message, Message, StateSection};
+
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -51,6 +51,15 @@ pub enum UpdateError {
          --local to a new process instead)"
     )]
     Hugetlb,
+    /// Test device memory lives in this process and is not passed on.
+    #[error(
+        "update --exec does not carry test device memory ({devices}); hand the VM over \
+         with migrate --local to a new process instead, which streams device state"
+    )]
+    TestDevices {
+        /// The devices.
+        devices: String,
+    },
     /// The role forbids it (a migration runs, or the VM left).
     #[error("update --exec refused: this process is {role}; it must own a running guest")]
     NotOwner {
@@ -125,12 +134,12 @@ fn now_us() -> u64 {
 pub struct Handover {
     /// The header.
     pub header: Header,
-    /// The machine state.
-    pub sections: Vec<StateSection>,
+    /// The machine state ([`ferry_state::MachineState::encode`]).
+    pub state: Vec<u8>,
 }
 
 impl Handover {
-    /// Writes it into a new memfd (one JSON line, then a `State` frame).
+    /// Writes it into a new memfd (one JSON line, then the encoded machine state).
     fn to_memfd(&self) -> Result<File, UpdateError> {
         let fd = ferry_sys::mm::memfd_create(
             "ferry-takeover",
@@ -144,16 +153,13 @@ impl Handover {
         let mut bytes =
             serde_json::to_vec(&self.header).map_err(|e| UpdateError::BadState(e.to_string()))?;
         bytes.push(b'\n');
-        Message::State {
-            sections: self.sections.clone(),
-        }
-        .encode(&mut bytes);
+        bytes.extend_from_slice(&self.state);
         f.write_all(&bytes).map_err(io("writing the state file"))?;
         f.rewind().map_err(io("writing the state file"))?;
         Ok(f)
     }
 
-    /// Reads what the previous binary wrote (one JSON line, then a `State` frame).
+    /// Reads what the previous binary wrote (one JSON line, then the machine state).
     pub fn read(f: &File) -> Result<Handover, UpdateError> {
         let mut r = BufReader::new(f);
         let mut line = String::new();
@@ -167,12 +173,12 @@ impl Handover {
                 header.format
             )));
         }
-        let sections = match read_message(&mut r, &mut Vec::new()) {
-            Ok(Message::State { sections }) => sections,
-            Ok(m) => return Err(UpdateError::BadState(format!("a {} frame", m.name()))),
-            Err(e) => return Err(UpdateError::BadState(e.to_string())),
-        };
-        Ok(Handover { header, sections })
+        let mut state = Vec::new();
+        // The state decoder refuses more than this anyway; reading stops there.
+        r.take(ferry_state::MAX_STATE_LEN as u64 + 1)
+            .read_to_end(&mut state)
+            .map_err(|e| UpdateError::BadState(e.to_string()))?;
+        Ok(Handover { header, state })
     }
 }
 
@@ -264,6 +270,14 @@ impl Vmm {
             // have to be 2 MiB aligned; not done yet.
             return UpdateError::Hugetlb;
         }
+        let devs = self.vm.devices().testdevs();
+        if !devs.is_empty() {
+            use ferry_migrate::MigrationDevice;
+            let names: Vec<&str> = devs.iter().map(|d| d.name()).collect();
+            return UpdateError::TestDevices {
+                devices: names.join(", "),
+            };
+        }
         if let Err(e) = check_binary(exe) {
             return e;
         }
@@ -292,19 +306,19 @@ impl Vmm {
         reply: Option<&OwnedFd>,
     ) -> UpdateError {
         let paused_at_us = now_us();
-        let vm = Migratable(self.vm.clone());
+        let vm = Migratable::new(self.vm.clone());
         if let Err(source) = vm.pause() {
             return UpdateError::Vm {
                 what: "pausing the guest",
                 source,
             };
         }
-        let sections = match vm.save_state() {
+        let state = match self.vm.save_state().and_then(|s| Ok(s.encode()?)) {
             Ok(s) => s,
-            Err(source) => {
+            Err(e) => {
                 return UpdateError::Vm {
                     what: "saving the state",
-                    source,
+                    source: ferry_migrate::VmError::new(e),
                 }
             }
         };
@@ -319,7 +333,7 @@ impl Vmm {
             paused_at_us,
             paused,
         };
-        let state = match (Handover { header, sections }).to_memfd() {
+        let state = match (Handover { header, state }).to_memfd() {
             Ok(f) => f,
             Err(e) => return e,
         };

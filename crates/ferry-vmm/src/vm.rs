@@ -9,7 +9,7 @@ use std::sync::Arc;
 use ferry_memory::dirty::{DirtyError, DirtyLogBackend};
 use ferry_memory::ram::{pc_layout, Backend, GuestRam, MemoryConfig, MemoryError, PAGE_SIZE};
 use ferry_state::snapshot::{SnapshotError, SnapshotHeader};
-use ferry_state::{MachineState, RegionLayout, StateError, VmState};
+use ferry_state::{MachineState, PlatformState, RegionLayout, StateError, VcpuState, VmState};
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, kvm_segment, CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -316,7 +316,23 @@ impl Vm {
 
     /// Runs the guest.
     pub fn resume(&self) {
+        // Devices first: a vCPU may touch one at once.
+        self.devices.run_testdevs();
         self.vcpus.resume();
+    }
+
+    /// The emulated devices.
+    pub fn devices(&self) -> &Arc<Devices> {
+        &self.devices
+    }
+
+    /// Adds a test device (`--device testdev,...`, or one a migration source has).
+    pub fn add_testdev(
+        &self,
+        index: usize,
+        config: crate::testdev::TestDevConfig,
+    ) -> Result<Arc<crate::testdev::TestDev>, crate::testdev::TestDevError> {
+        self.devices.add_testdev(index, config)
     }
 
     /// Whether the guest is paused.
@@ -334,16 +350,40 @@ impl Vm {
         if !self.vcpus.is_paused() {
             return Err(VmError::Config("save_state needs a paused VM".into()));
         }
-        let mut vcpus = Vec::with_capacity(self.vcpus.count());
-        for i in 0..self.vcpus.count() {
-            let s = self
-                .vcpus
-                .with_fd(i, |fd| {
-                    vcpu::save_vcpu(fd, i as u32, &self.msrs, KVM_MAX_CPUID_ENTRIES)
-                })
-                .ok_or_else(|| VmError::Config(format!("no vCPU {i}")))??;
-            vcpus.push(s);
-        }
+        let vcpus = (0..self.vcpus.count())
+            .map(|i| self.save_vcpu(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let p = self.save_platform()?;
+        Ok(MachineState {
+            memory: p.memory,
+            vcpus,
+            vm: p.vm,
+            devices: p.devices,
+        })
+    }
+
+    /// Saves one vCPU (the VM must be paused). vCPUs save independently of each other, so
+    /// a migration saves them side by side.
+    pub fn save_vcpu(&self, i: usize) -> Result<VcpuState, VmError> {
+        self.vcpus
+            .with_fd(i, |fd| {
+                vcpu::save_vcpu(fd, i as u32, &self.msrs, KVM_MAX_CPUID_ENTRIES)
+            })
+            .ok_or_else(|| VmError::Config(format!("no vCPU {i}")))?
+            .map_err(VmError::from)
+    }
+
+    /// Restores one vCPU (the VM must not run).
+    pub fn restore_vcpu(&self, i: usize, v: &VcpuState) -> Result<(), VmError> {
+        self.vcpus
+            .with_fd(i, |fd| vcpu::restore_vcpu(self.vm.fd(), fd, v))
+            .ok_or_else(|| VmError::Config(format!("no vCPU {i}")))?
+            .map_err(VmError::from)
+    }
+
+    /// Saves what is VM-wide: irqchips, PIT, clock, emulated devices (after the vCPUs are
+    /// paused).
+    pub fn save_platform(&self) -> Result<PlatformState, VmError> {
         let fd = self.vm.fd();
         let chip = |id: u32| -> Result<kvm_irqchip, VmError> {
             let mut c = kvm_irqchip {
@@ -360,9 +400,8 @@ impl Vm {
             pit: fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
             clock: fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
         };
-        Ok(MachineState {
+        Ok(PlatformState {
             memory: self.layout(),
-            vcpus,
             vm,
             devices: self.devices.state(),
         })
@@ -385,13 +424,7 @@ impl Vm {
         if !self.vcpus.is_paused() {
             return Err(VmError::Config("restore_state needs a paused VM".into()));
         }
-        if s.memory != self.layout() {
-            return Err(VmError::Mismatch(format!(
-                "memory layout {:?} vs this VM's {:?}",
-                s.memory,
-                self.layout()
-            )));
-        }
+        self.check_layout(&s.memory)?;
         if s.vcpus.len() != self.vcpus.count() {
             return Err(VmError::Mismatch(format!(
                 "{} vCPUs saved, this VM has {}",
@@ -400,16 +433,37 @@ impl Vm {
             )));
         }
         for (i, v) in s.vcpus.iter().enumerate() {
-            self.vcpus
-                .with_fd(i, |fd| vcpu::restore_vcpu(self.vm.fd(), fd, v))
-                .ok_or_else(|| VmError::Config(format!("no vCPU {i}")))??;
+            self.restore_vcpu(i, v)?;
         }
+        self.restore_platform(&s.vm, &s.devices)
+    }
+
+    /// Refuses a state saved from another memory layout.
+    pub fn check_layout(&self, memory: &[RegionLayout]) -> Result<(), VmError> {
+        if memory != self.layout() {
+            return Err(VmError::Mismatch(format!(
+                "memory layout {:?} vs this VM's {:?}",
+                memory,
+                self.layout()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Restores what is VM-wide, after the vCPUs: irqchips, PIT, devices, and the KVM clock
+    /// last (guest time resumes from the saved value).
+    pub fn restore_platform(
+        &self,
+        vm: &VmState,
+        devices: &ferry_state::DeviceState,
+    ) -> Result<(), VmError> {
+        let s = (vm, devices);
         let fd = self.vm.fd();
-        fd.set_pit2(&s.vm.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
-        for chip in [&s.vm.pic_master, &s.vm.pic_slave, &s.vm.ioapic] {
+        fd.set_pit2(&s.0.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+        for chip in [&s.0.pic_master, &s.0.pic_slave, &s.0.ioapic] {
             fd.set_irqchip(chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
         }
-        self.devices.set_state(&s.devices);
+        self.devices.set_state(s.1);
         if let Some(Ok(c)) = self
             .vcpus
             .with_fd(0, |fd| fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES))
@@ -417,7 +471,7 @@ impl Vm {
             *self.guest_cpuid.lock().unwrap_or_else(|e| e.into_inner()) = c.as_slice().to_vec();
         }
         // Guest time continues from the saved value, like the TSC restored through its MSR.
-        let mut clock = s.vm.clock;
+        let mut clock = s.0.clock;
         clock.flags = 0;
         fd.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
         Ok(())

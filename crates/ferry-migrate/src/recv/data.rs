@@ -13,6 +13,7 @@ use ferry_proto::{page_sum, read_message_checked, Codec, Message, PageRun, Proto
 use ferry_transport::Stream;
 use vm_memory::Bytes;
 
+use super::devices::DeviceHub;
 use super::postcopy::{place_checked, receive_pages, Arrival, Space};
 use super::Event;
 use crate::channel::{Unpacker, Wire};
@@ -28,8 +29,16 @@ pub(crate) enum DataEvent {
     PassEnd { channel: u16, pass: u32 },
     /// The source closed the channel.
     Closed { channel: u16 },
-    /// The channel failed (I/O, a hostile frame).
+    /// The channel failed (I/O, a hostile frame), or a device loader did.
     Failed(MigrateError),
+    /// A device loader: the device's initial bytes are loaded.
+    DeviceInitial { device: u16 },
+    /// A device loader: the device's whole stream is loaded (its load began at `began`).
+    DeviceLoaded {
+        device: u16,
+        began: Instant,
+        took: std::time::Duration,
+    },
 }
 
 /// When anything last arrived from the source, in ms since the attempt began; shared by
@@ -198,6 +207,8 @@ pub(crate) struct DataRx {
     /// Set at the switch to postcopy: from its pass on, pages are placed atomically into
     /// the running guest's memory, never written straight into it.
     pub(crate) postcopy: Arc<OnceLock<(u32, Arc<Space>)>>,
+    /// Where device chunks go.
+    pub(crate) devices: Arc<DeviceHub>,
 }
 
 static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
@@ -273,6 +284,18 @@ impl DataRx {
                     ..
                 } => pass_pages += self.unpack(&mut ch, &runs, codec, &sums, len)?,
                 Message::ZeroPages { runs, .. } => pass_pages += self.zero(&runs)?,
+                Message::DeviceData {
+                    device,
+                    seq,
+                    flags,
+                    data,
+                } => {
+                    let len = data.len() as u64;
+                    self.devices
+                        .deliver(self.name(), device, seq, flags, data)?;
+                    self.activity.bytes.fetch_add(len, Ordering::Relaxed);
+                    self.progress.device_bytes.fetch_add(len, Ordering::Relaxed);
+                }
                 Message::PassEnd { pass, pages } => {
                     if pages != pass_pages {
                         return Err(MigrateError::PassPages {

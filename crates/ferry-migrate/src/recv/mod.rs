@@ -9,6 +9,7 @@
 
 mod accept;
 mod data;
+mod devices;
 mod phase;
 mod postcopy;
 mod prepare;

@@ -15,13 +15,12 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_proto::{
-    caps, ChannelRole, Hello, Message, ProtoError, Setup, StateSection, Timeouts, VERSION,
-};
+use ferry_proto::{caps, ChannelRole, Hello, Message, ProtoError, Setup, Timeouts, VERSION};
 use ferry_transport::{close_gracefully, Stream};
 
 use super::accept::{Greeted, MAX_PENDING};
 use super::data::{Activity, DataEvent, DataRx};
+use super::devices::{DeviceLoad, DeviceProgress};
 use super::postcopy::{Faults, Space};
 use super::{Destination, Event, ReceiveStats, RecvOutcome, MAX_CHANNELS};
 use crate::channel::Wire;
@@ -159,6 +158,8 @@ pub(super) struct Attempt {
     agreed: u64,
     /// Postcopy: a reconnecting source's channels that came before `Go` was settled.
     early_rejoin: Vec<Greeted>,
+    /// The devices and their loaders, from the Setup on.
+    devices: Option<DeviceLoad>,
 }
 
 /// Refuses a migration announcing a channel count this destination does not take.
@@ -219,6 +220,7 @@ impl Attempt {
             early_ends: Vec::new(),
             agreed: 0,
             early_rejoin: Vec::new(),
+            devices: None,
             // Until the source's Setup says otherwise.
             timeouts: Timeouts {
                 progress_ms: 30_000,
@@ -265,6 +267,10 @@ impl Attempt {
         }
         for r in self.receivers.drain(..) {
             let _ = r.join();
+        }
+        // The receivers are gone: nothing can hand the loaders a chunk any more.
+        if let Some(d) = self.devices.take() {
+            d.stop();
         }
     }
 
@@ -319,7 +325,9 @@ impl Attempt {
                 self.early_ends.push(channel);
                 None
             }
-            DataEvent::PassEnd { .. } => None,
+            DataEvent::PassEnd { .. }
+            | DataEvent::DeviceInitial { .. }
+            | DataEvent::DeviceLoaded { .. } => None,
             DataEvent::Failed(e) => Some(e),
             DataEvent::Closed { channel } => Some(MigrateError::DataClosed {
                 channel,
@@ -755,7 +763,8 @@ pub(super) struct Receiving {
     discard_ack_due: bool,
     /// Postcopy: the switch came, and its pages come as this pass.
     postcopy_pass: Option<u32>,
-    sections: Option<Vec<StateSection>>,
+    /// How far the devices have loaded.
+    devs: DeviceProgress,
     final_pass: Option<u32>,
     last: Vec<Option<u32>>,
     acked: (u32, u64),
@@ -774,6 +783,14 @@ impl Receiving {
             return Err((att, MigrateError::Incompatible(reason)));
         }
         att.timeouts = clamp(setup.timeouts);
+        let count = match start_devices(rx, &mut att, &setup) {
+            Ok(n) => n,
+            Err(e) => {
+                let deadline = Instant::now() + ERROR_SEND_TIMEOUT;
+                let _ = att.send(&Message::refuse(e.to_string()), "handshake", deadline);
+                return Err((att, e));
+            }
+        };
         // Answer first: the source takes this exchange as its round-trip time, so it must
         // not include starting threads (whose stacks wait for the memory preparation's
         // hold on the address space). Pages wait in the socket buffers meanwhile.
@@ -803,7 +820,7 @@ impl Receiving {
             postcopy_pass: None,
             ack_prepared: att.hello.capabilities & caps::SWITCHOVER_ACK != 0,
             att,
-            sections: None,
+            devs: DeviceProgress::new(count),
             final_pass: None,
             last: vec![None; n],
             acked: (0, 0),
@@ -841,6 +858,30 @@ const MAX_SWITCHOVER_MS: u32 = 60 * 1000;
 /// Longest wait for the source to take a small control message off the wire.
 const CONTROL_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Has the source's devices (each in RESUMING) and starts their loaders; returns how many.
+fn start_devices(
+    rx: &Destination,
+    att: &mut Attempt,
+    setup: &Setup,
+) -> Result<usize, MigrateError> {
+    let devices = rx
+        .target
+        .devices(&setup.devices)
+        .map_err(MigrateError::Devices)?;
+    for d in &devices {
+        d.set_state(crate::device::DeviceState::Resuming)
+            .map_err(|source| MigrateError::Device {
+                device: d.name().to_owned(),
+                op: "entering RESUMING",
+                source,
+            })?;
+    }
+    let load = DeviceLoad::start(devices, setup.parallel_devices, att.id, &rx.events_tx)?;
+    let n = load.count();
+    att.devices = Some(load);
+    Ok(n)
+}
+
 fn clamp(t: Timeouts) -> Timeouts {
     Timeouts {
         progress_ms: t.progress_ms.min(MAX_PROGRESS_MS),
@@ -868,7 +909,17 @@ fn spawn_receiver(
             .try_clone()
             .map_err(MigrateError::io("cloning a data socket"))?,
     );
+    let devices = att
+        .devices
+        .as_ref()
+        .map(|d| d.hub.clone())
+        .ok_or(MigrateError::Unexpected {
+            message: "a data channel",
+            phase: "handshake",
+            channel: Channel::Data(u16::try_from(index).unwrap_or(u16::MAX)),
+        })?;
     let ctx = DataRx {
+        devices,
         postcopy: att.postcopy.clone(),
         attempt: att.id,
         wire: att.wire,
@@ -967,33 +1018,31 @@ impl Receiving {
                 };
                 Ok(())
             }
-            Ok(Message::State { sections })
-                if self.sections.is_none() && self.final_pass.is_none() =>
-            {
-                self.sections = Some(sections);
-                Ok(())
-            }
-            Ok(Message::Complete { final_pass })
-                if self.final_pass.is_none() && self.postcopy_pass.is_none() =>
-            {
-                if self.sections.is_none() {
-                    return Err(MigrateError::CompleteBeforeState);
-                }
+            // A local hand-over's device streams (no data channel).
+            Ok(Message::DeviceData {
+                device,
+                seq,
+                flags,
+                data,
+            }) => match &self.att.devices {
+                Some(d) => d.hub.deliver(Channel::Main, device, seq, flags, data),
+                None => Err(unexpected(Message::DevicesReady, "receiving")),
+            },
+            Ok(Message::Complete { final_pass }) if self.switch_pending() => {
                 self.final_pass = Some(final_pass);
                 Ok(())
             }
-            Ok(Message::Discard { runs }) if self.switch_pending() && self.att.postcopy_ok => {
-                // Before the state: the guest still runs on the source (no precopy pass).
-                if self.sections.is_none() {
+            Ok(Message::Discard { early, runs })
+                if self.switch_pending() && self.att.postcopy_ok =>
+            {
+                // Before the switch: the guest still runs on the source (no precopy pass).
+                if early {
                     self.discard_ack_due = true;
                 }
                 self.discards.extend(runs);
                 Ok(())
             }
             Ok(Message::Postcopy { pass }) if self.switch_pending() && self.att.postcopy_ok => {
-                if self.sections.is_none() {
-                    return Err(MigrateError::CompleteBeforeState);
-                }
                 self.postcopy_pass = Some(pass);
                 Ok(())
             }
@@ -1079,7 +1128,29 @@ impl Receiving {
                 }
             }
             DataEvent::Failed(e) => Err(e),
+            DataEvent::DeviceInitial { device } => {
+                self.devs.initial(device);
+                self.send_devices_ready()
+            }
+            DataEvent::DeviceLoaded {
+                device,
+                began,
+                took,
+            } => {
+                self.devs.loaded(device, began, took);
+                Ok(())
+            }
         }
+    }
+
+    /// Says `DevicesReady` once every device's initial bytes are loaded (switchover-ack).
+    fn send_devices_ready(&mut self) -> Result<(), MigrateError> {
+        if self.devs.initial_left > 0 || self.devs.ready_sent {
+            return Ok(());
+        }
+        self.devs.ready_sent = true;
+        let deadline = control_deadline(&self.att);
+        self.att.send(&Message::DevicesReady, "receiving", deadline)
     }
 
     /// Passes complete on every channel.
@@ -1129,7 +1200,7 @@ impl Receiving {
     /// `pass`), with the memory preparation over (it must not refill discarded pages).
     fn ready_for_postcopy(&self, rx: &Destination, pass: u32) -> bool {
         let last = pass.checked_sub(1);
-        self.sections.is_some()
+        self.devs.loaded_left == 0
             && rx.prepared.is_some()
             && !self.discard_ack_due
             && self.last.iter().all(|l| *l == last)
@@ -1138,7 +1209,7 @@ impl Receiving {
     /// Everything is here: state, `Complete`, every channel's final pass, prepared memory
     /// (or, in a local hand-over, the source's memory mapped).
     fn ready(&self, rx: &Destination) -> bool {
-        self.sections.is_some()
+        self.devs.loaded_left == 0
             && rx.prepared.is_some()
             && matches!(self.local, Local::No | Local::Adopted)
             && self
@@ -1159,7 +1230,7 @@ mod postcopy_run;
 
 impl AwaitGo {
     fn begin(r: Receiving, rx: &mut Destination) -> Attempted<AwaitGo> {
-        let Receiving { att, sections, .. } = r;
+        let Receiving { att, devs, .. } = r;
         rx.progress.set_status(Status::Switchover);
         rx.progress.set_phase("loading");
         // Every page is here: nothing may touch guest memory any more (the guest may run).
@@ -1175,7 +1246,7 @@ impl AwaitGo {
             return Err((att, e));
         }
         let t = Instant::now();
-        if let Err(source) = rx.target.load_state(&sections.unwrap_or_default()) {
+        if let Err(source) = rx.target.finish_load() {
             return Err((
                 att,
                 MigrateError::Vm {
@@ -1184,7 +1255,8 @@ impl AwaitGo {
                 },
             ));
         }
-        let load = t.elapsed();
+        // The devices loaded side by side while the last pages came; this is their span.
+        let load = devs.load_span() + t.elapsed();
         AwaitGo::loaded(att, load, load)
     }
 

@@ -73,7 +73,7 @@ impl Receiving {
 pub(super) fn begin(r: Receiving, rx: &mut Destination, pass: u32) -> Attempted<AwaitGo> {
     let Receiving {
         mut att,
-        sections,
+        devs,
         discards,
         ..
     } = r;
@@ -91,14 +91,14 @@ pub(super) fn begin(r: Receiving, rx: &mut Destination, pass: u32) -> Attempted<
     }
     let discarded = t.elapsed();
     let t = Instant::now();
-    if let Err(source) = rx.target.load_state(&sections.unwrap_or_default()) {
+    if let Err(source) = rx.target.finish_load() {
         let e = MigrateError::Vm {
             op: "loading the state",
             source,
         };
         return Err((att, e));
     }
-    let load = t.elapsed();
+    let load = devs.load_span() + t.elapsed();
     tracing::info!(
         pass,
         stale = discards.iter().map(|r| u64::from(r.pages)).sum::<u64>(),
@@ -241,6 +241,9 @@ impl PostcopyRunning {
                     }
                 }
                 super::super::data::DataEvent::Failed(e) => self.broke(rx, e.to_string()),
+                // Every device loaded before the guest ran here.
+                super::super::data::DataEvent::DeviceInitial { .. }
+                | super::super::data::DataEvent::DeviceLoaded { .. } => {}
             },
             Event::Main { attempt, msg } if self.att.is_current(attempt) => match msg {
                 Ok(Message::Ping { nonce }) => {

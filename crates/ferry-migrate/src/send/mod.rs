@@ -7,6 +7,7 @@
 //! aborts any more; a hand-over that is not confirmed in time becomes the `unconfirmed`
 //! phase, which keeps the guest paused and keeps listening for the destination's word.
 
+mod devices;
 mod phase;
 mod postcopy;
 mod urgent;
@@ -31,6 +32,7 @@ use crate::progress::{MigrationStats, Progress, Status};
 use crate::vm::MigrationSource;
 use crate::wire::{send_by, ReaderGuard};
 
+use devices::{DeviceEvent, DeviceSenders};
 use phase::{Phase, Step};
 use worker::{WorkerEvent, Workers};
 
@@ -72,6 +74,9 @@ pub struct SendParams {
     pub checksums: bool,
     /// Whether and when to switch to postcopy.
     pub postcopy: PostcopyMode,
+    /// Save and load device (and vCPU) state side by side, one thread per device; else
+    /// one device after another on one thread (the shape of QEMU before 10.0).
+    pub parallel_devices: bool,
 }
 
 /// When a migration runs the guest on the destination before every page is there.
@@ -118,6 +123,7 @@ impl Default for SendParams {
             compression: Compression::Off,
             checksums: true,
             postcopy: PostcopyMode::Off,
+            parallel_devices: true,
         }
     }
 }
@@ -220,6 +226,8 @@ pub fn migrate(
         wire: Wire::default(),
         peer_sums: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         workers: Workers::default(),
+        devices: None,
+        devices_ready: false,
         tracker: None,
         paused_by_us: false,
         need_prepared: false,
@@ -260,6 +268,8 @@ enum Event {
     Peer(Result<Message, ProtoError>),
     /// A data channel sender's report.
     Worker(WorkerEvent),
+    /// A device thread's report.
+    Device(DeviceEvent),
     /// An API command.
     Command(Request),
     /// Time passed.
@@ -305,6 +315,10 @@ struct Source {
     /// Set once checksums are agreed: the main channel's reader then requires them.
     peer_sums: Arc<std::sync::atomic::AtomicBool>,
     workers: Workers,
+    /// The device streams, from precopy on.
+    devices: Option<DeviceSenders>,
+    /// The destination has loaded every device's initial bytes (switchover-ack).
+    devices_ready: bool,
     tracker: Option<Arc<DirtyTracker>>,
     paused_by_us: bool,
     need_prepared: bool,
@@ -436,14 +450,19 @@ impl Source {
         None
     }
 
-    /// Whether the destination has acknowledged its memory preparation (or needs none).
+    /// Whether the destination has acknowledged its memory preparation (or needs none)
+    /// and the devices' initial bytes.
     fn destination_ready(&self) -> bool {
-        !self.need_prepared || self.prepared.is_some()
+        (!self.need_prepared || self.prepared.is_some()) && self.devices_ready
     }
 
     /// Gives the guest back to this side after a failure: stop tracking and throttling, and
     /// resume it if the migration paused it.
     fn take_back(&mut self) {
+        // Devices run again before the guest does.
+        if let Some(d) = self.devices.take() {
+            d.abort();
+        }
         if let Some(t) = self.tracker.take() {
             let _ = t.stop();
         }

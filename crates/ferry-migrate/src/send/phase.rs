@@ -19,6 +19,7 @@ use ferry_memory::ram::PAGE_SIZE;
 use ferry_proto::{caps, ChannelRole, Hello, Message, Setup, VERSION};
 use ferry_transport::{connect, Stream, TlsConfig, Uri};
 
+use super::devices::{self, DeviceEvent, DeviceSenders, Route};
 use super::postcopy::{PostcopyActive, PostcopyPaused, PostcopySwitch};
 use super::worker::{self, PassTotals, WorkerEvent};
 use super::PostcopyMode;
@@ -287,14 +288,20 @@ fn precommit_command(req: Request, phase: &'static str) -> Result<(), MigrateErr
     }
 }
 
-/// Events every phase before precopy treats alike.
+/// Events every phase before the commit treats alike.
 pub(super) fn early_event(
     ev: Event,
-    src: &Source,
+    src: &mut Source,
     phase: &'static str,
 ) -> Result<(), MigrateError> {
     match ev {
+        Event::Peer(Ok(Message::DevicesReady)) => {
+            tracing::info!("the destination loaded every device's initial bytes");
+            src.devices_ready = true;
+            Ok(())
+        }
         Event::Peer(Ok(m)) => Err(src.unexpected(m, phase)),
+        Event::Device(ev) => src.on_device(ev, phase).map(|_| ()),
         Event::Peer(Err(e)) => Err(src.read_error(e, phase)),
         Event::Command(req) => precommit_command(req, phase),
         Event::Connected(Ok(c)) => {
@@ -433,7 +440,7 @@ impl SetupWait {
             Event::Peer(Ok(Message::SetupAccepted)) => {
                 src.rtt = self.sent_at.elapsed();
                 if src.params.local {
-                    return Ok(Step::Next(Phase::Adopting(Adopting::start(src))));
+                    return Ok(Step::Next(Phase::Adopting(Adopting::start(src)?)));
                 }
                 Ok(Step::Next(Phase::Precopy(Box::new(Precopy::start(src)?))))
             }
@@ -454,6 +461,8 @@ impl SetupWait {
 pub(super) struct Adopting {
     deadline: Instant,
     sent_at: Instant,
+    /// `MemoryAdopted` came.
+    adopted: bool,
 }
 
 impl Source {
@@ -461,6 +470,8 @@ impl Source {
         let setup = Message::Setup(Setup {
             vm: self.vm.description(),
             timeouts: self.params.timeouts(),
+            devices: devices::describe(&self.vm.devices()),
+            parallel_devices: self.params.parallel_devices,
         });
         self.send(&setup, phase, deadline)
     }
@@ -481,46 +492,101 @@ impl Source {
     }
 }
 
+impl Source {
+    /// Moves every device to PRE_COPY and starts streaming them on `routes`.
+    fn start_devices(&mut self, routes: &[Route]) -> Result<(), MigrateError> {
+        let tx = self.events_tx.clone();
+        let list = self.vm.devices();
+        self.stats.devices = u32::try_from(list.len()).unwrap_or(u32::MAX);
+        self.stats.parallel_devices = self.params.parallel_devices;
+        let senders = DeviceSenders::start(list, routes, self.params.parallel_devices, move |e| {
+            tx.send(Event::Device(e)).is_ok()
+        })?;
+        self.devices = Some(senders);
+        Ok(())
+    }
+
+    /// A device thread's report: a chunk for the main channel goes out on it, a failure
+    /// fails the migration. Returns, when a device's stop-copy stream ended, its save time.
+    pub(super) fn on_device(
+        &mut self,
+        ev: DeviceEvent,
+        phase: &'static str,
+    ) -> Result<Option<std::time::Duration>, MigrateError> {
+        match ev {
+            DeviceEvent::Chunk(c) => {
+                let msg = Message::DeviceData {
+                    device: c.device,
+                    seq: c.seq,
+                    flags: c.flags,
+                    data: c.data,
+                };
+                let deadline = Instant::now() + self.params.switchover_timeout;
+                self.send(&msg, phase, deadline)?;
+                Ok(None)
+            }
+            DeviceEvent::Ended { device, save } => {
+                tracing::debug!(device, ms = ms(save), "a device's stop-copy stream is out");
+                Ok(Some(save))
+            }
+            DeviceEvent::Failed(e) => Err(e),
+        }
+    }
+
+    /// Device bytes a switchover now would send, and what loading them costs.
+    fn device_estimate(&self) -> (u64, Duration) {
+        self.devices
+            .as_ref()
+            .map(|d| (d.pending_bytes(), d.load_cost()))
+            .unwrap_or_default()
+    }
+}
+
 impl Adopting {
     /// The Setup was accepted; the memory file went out behind it.
-    fn start(src: &mut Source) -> Adopting {
+    fn start(src: &mut Source) -> Result<Adopting, MigrateError> {
         src.stats.setup_ms = ms(src.started.elapsed());
         src.stats.ram_bytes = src.ram.size();
         src.stats.downtime_limit_ms = ms(src.params.downtime_limit);
         src.stats.local = true;
         src.progress.set_status(Status::Active);
+        // No data channel: the device streams go on the main channel.
+        src.start_devices(&[Route::Main])?;
         let sent_at = Instant::now();
-        Adopting {
+        Ok(Adopting {
             deadline: sent_at + src.params.progress_timeout,
             sent_at,
-        }
+            adopted: false,
+        })
     }
 
-    fn on(self, ev: Event, src: &mut Source) -> Result<Step, MigrateError> {
+    fn on(mut self, ev: Event, src: &mut Source) -> Result<Step, MigrateError> {
         match ev {
-            Event::Peer(Ok(Message::MemoryAdopted { adopt_us })) => {
+            Event::Peer(Ok(Message::MemoryAdopted { adopt_us })) if !self.adopted => {
                 src.stats.adopt_ms = adopt_us as f64 / 1e3;
                 tracing::info!(
                     adopt_ms = src.stats.adopt_ms,
                     waited_ms = ms(self.sent_at.elapsed()),
-                    "the destination mapped the guest memory; switching over"
+                    "the destination mapped the guest memory"
                 );
-                let sw = Switchover::begin_local(src)?;
-                Ok(Step::Next(Phase::Switchover(Box::new(sw))))
+                self.adopted = true;
             }
             // Its memory preparation was stopped for the hand-over.
-            Event::Peer(Ok(Message::Prepared { .. } | Message::Ack { .. })) => {
-                Ok(Step::Next(Phase::Adopting(self)))
+            Event::Peer(Ok(Message::Prepared { .. } | Message::Ack { .. })) => {}
+            Event::Tick if Instant::now() >= self.deadline => {
+                return Err(MigrateError::Timeout {
+                    what: Waited::Adopted,
+                    after: src.params.progress_timeout,
+                })
             }
-            Event::Tick if Instant::now() >= self.deadline => Err(MigrateError::Timeout {
-                what: Waited::Adopted,
-                after: src.params.progress_timeout,
-            }),
-            ev => {
-                early_event(ev, src, "adopting")?;
-                Ok(Step::Next(Phase::Adopting(self)))
-            }
+            ev => early_event(ev, src, "adopting")?,
         }
+        // The memory is mapped there and every device's initial bytes loaded: switch.
+        if self.adopted && src.devices_ready {
+            let sw = Switchover::begin_local(src)?;
+            return Ok(Step::Next(Phase::Switchover(Box::new(sw))));
+        }
+        Ok(Step::Next(Phase::Adopting(self)))
     }
 }
 
@@ -624,6 +690,8 @@ impl Precopy {
             &src.events_tx,
             Event::Worker,
         )?;
+        let routes = src.workers.device_routes();
+        src.start_devices(&routes)?;
         src.stats.setup_ms = ms(src.started.elapsed());
         src.stats.channels = src.params.channels;
         src.stats.tls = src.params.tls.is_some();
@@ -632,12 +700,13 @@ impl Precopy {
         src.stats.ram_bytes = src.ram.size();
         src.stats.downtime_limit_ms = ms(src.params.downtime_limit);
         src.progress.set_status(Status::Active);
-        let vcpus = u64::from(src.vm.description().vcpus);
+        let (state_bytes, device_load) = src.device_estimate();
         let limits = Limits {
             downtime: src.params.downtime_limit,
             auto_converge: src.params.auto_converge,
-            state_bytes: 64 * 1024 * vcpus + 64 * 1024,
+            state_bytes,
             rtt: src.rtt,
+            device_load,
         };
         let mut p = Precopy {
             pass: 0,
@@ -682,7 +751,7 @@ impl Precopy {
                 gpa += pages * PAGE_SIZE;
             }
         }
-        src.send_discards(&runs, "precopy", deadline)?;
+        src.send_discards(&runs, true, "precopy", deadline)?;
         self.discard_deadline = Some(deadline);
         Ok(())
     }
@@ -814,6 +883,7 @@ impl Precopy {
         let tracker = src.tracker.clone().ok_or(MigrateError::NotTracking)?;
         let t_sync = Instant::now();
         self.snap = Arc::new(tracker.sync(false)?);
+        (self.limits.state_bytes, self.limits.device_load) = src.device_estimate();
         let sample = PassSample {
             sent: self.totals.bytes,
             duration: dur,
@@ -913,7 +983,8 @@ impl Precopy {
 struct Timings {
     paused: Instant,
     synced: Instant,
-    state_sent: Instant,
+    /// When the last device's stop-copy stream was handed to its channel.
+    state_sent: Option<Instant>,
     pages_sent: Option<Instant>,
     complete_sent: Option<Instant>,
     loaded: Option<Instant>,
@@ -925,7 +996,10 @@ struct Timings {
 pub(super) struct Switchover {
     deadline: Instant,
     final_pass: u32,
+    /// Channels still sending the final pass.
     outstanding: usize,
+    /// Devices still streaming their stop-copy state.
+    devices_left: usize,
     t: Timings,
 }
 
@@ -947,20 +1021,16 @@ impl Switchover {
             .pass
             .store(u64::from(final_pass), Ordering::Relaxed);
         worker::dispatch(&src.workers, &src.ram, final_pass, "switchover", &last);
-        let sections = src.vm.save_state().map_err(|source| MigrateError::Vm {
-            op: "saving the state",
-            source,
-        })?;
-        src.send(&Message::State { sections }, "switchover", deadline)
-            .map_err(|e| switchover_send_error(e, src))?;
+        let devices_left = src.stop_copy_devices();
         Ok(Switchover {
             deadline,
             final_pass,
             outstanding: src.workers.len(),
+            devices_left,
             t: Timings {
                 paused,
                 synced,
-                state_sent: Instant::now(),
+                state_sent: None,
                 pages_sent: None,
                 complete_sent: None,
                 loaded: None,
@@ -976,30 +1046,40 @@ impl Switchover {
         let paused = Instant::now();
         let deadline = paused + src.params.switchover_timeout;
         src.pause_guest()?;
-        let sections = src.vm.save_state().map_err(|source| MigrateError::Vm {
-            op: "saving the state",
-            source,
-        })?;
-        src.send(&Message::State { sections }, "switchover", deadline)
-            .map_err(|e| switchover_send_error(e, src))?;
-        let state_sent = Instant::now();
-        src.send(&Message::Complete { final_pass: 0 }, "switchover", deadline)
-            .map_err(|e| switchover_send_error(e, src))?;
-        Ok(Switchover {
+        let devices_left = src.stop_copy_devices();
+        let mut sw = Switchover {
             deadline,
             final_pass: 0,
             outstanding: 0,
+            devices_left,
             t: Timings {
                 paused,
                 synced: paused,
-                state_sent,
-                pages_sent: Some(state_sent),
-                complete_sent: Some(Instant::now()),
+                state_sent: None,
+                pages_sent: Some(paused),
+                complete_sent: None,
                 loaded: None,
                 load_us: 0,
                 converged_at: None,
             },
-        })
+        };
+        sw.complete_when_sent(src)?;
+        Ok(sw)
+    }
+
+    /// Sends `Complete` once every channel has sent the final pass and every device its
+    /// stop-copy stream.
+    fn complete_when_sent(&mut self, src: &mut Source) -> Result<(), MigrateError> {
+        if self.outstanding > 0 || self.devices_left > 0 || self.t.complete_sent.is_some() {
+            return Ok(());
+        }
+        let done = Message::Complete {
+            final_pass: self.final_pass,
+        };
+        src.send(&done, "switchover", self.deadline)
+            .map_err(|e| switchover_send_error(e, src))?;
+        self.t.complete_sent = Some(Instant::now());
+        Ok(())
     }
 
     fn on(mut self: Box<Self>, ev: Event, src: &mut Source) -> Result<Step, MigrateError> {
@@ -1014,18 +1094,25 @@ impl Switchover {
                 self.outstanding = self.outstanding.saturating_sub(1);
                 if self.outstanding == 0 {
                     self.t.pages_sent = Some(Instant::now());
-                    let done = Message::Complete {
-                        final_pass: self.final_pass,
-                    };
-                    src.send(&done, "switchover", self.deadline)
-                        .map_err(|e| switchover_send_error(e, src))?;
-                    self.t.complete_sent = Some(Instant::now());
                 }
+                self.complete_when_sent(src)?;
             }
             Event::Worker(WorkerEvent::Failed(e)) => {
                 // The guest is paused: give it back before waiting for the peer's reason.
                 src.take_back();
                 return Err(src.prefer_peer_reason(e));
+            }
+            Event::Device(ev) => {
+                let ended = src
+                    .on_device(ev, "switchover")
+                    .inspect_err(|_| src.take_back())?;
+                if ended.is_some() {
+                    self.devices_left = self.devices_left.saturating_sub(1);
+                    if self.devices_left == 0 {
+                        self.t.state_sent = Some(Instant::now());
+                    }
+                    self.complete_when_sent(src)?;
+                }
             }
             Event::Peer(Ok(Message::Loaded { load_us })) if self.t.complete_sent.is_some() => {
                 self.t.loaded = Some(Instant::now());
@@ -1062,6 +1149,7 @@ impl Switchover {
         }
         src.send(&Message::Go, "switchover", self.deadline)?;
         tracing::info!("hand-over committed: Go sent");
+        src.finish_devices();
         // Dirty logging and throttling end when the migration does (stopping the log costs
         // milliseconds of CPU, which would delay reading Running).
         let go_at = Instant::now();
@@ -1081,6 +1169,28 @@ impl Source {
             if let Err(e) = write_digests(&self.ram, path) {
                 tracing::error!("{e}");
             }
+        }
+    }
+
+    /// The guest is paused: every device enters STOP_COPY. Returns how many stream.
+    pub(super) fn stop_copy_devices(&mut self) -> usize {
+        match &self.devices {
+            Some(d) => {
+                d.stop_copy();
+                d.count()
+            }
+            None => 0,
+        }
+    }
+
+    /// The hand-over committed: the device threads end; the devices stay stopped here.
+    pub(super) fn finish_devices(&mut self) {
+        if let Some(d) = self.devices.take() {
+            self.stats.device_bytes = self
+                .progress
+                .device_bytes
+                .load(std::sync::atomic::Ordering::Relaxed);
+            d.finish();
         }
     }
 
@@ -1128,7 +1238,8 @@ impl AwaitRunning {
             Event::Peer(Ok(
                 Message::Ack { .. } | Message::Prepared { .. } | Message::Pong { .. },
             ))
-            | Event::Worker(_) => Step::Next(Phase::AwaitRunning(self)),
+            | Event::Worker(_)
+            | Event::Device(_) => Step::Next(Phase::AwaitRunning(self)),
             Event::Peer(Ok(m)) => {
                 let why = format!("the destination answered Go with {}", m.name());
                 Unconfirmed::enter(self, src, why, true)
@@ -1168,9 +1279,9 @@ impl Source {
         let t = a.t;
         let d = &mut self.stats.downtime;
         d.final_sync_ms = ms(t.synced - t.paused);
-        d.state_ms = ms(t.state_sent - t.synced);
+        d.state_ms = t.state_sent.map(|s| ms(s - t.synced)).unwrap_or(0.0);
         d.final_pages_ms = t.pages_sent.map(|p| ms(p - t.synced)).unwrap_or(0.0);
-        let sent = t.complete_sent.unwrap_or(t.state_sent);
+        let sent = t.complete_sent.unwrap_or(t.synced);
         let loaded = t.loaded.unwrap_or(a.go_at);
         d.wait_loaded_ms = ms(loaded.saturating_duration_since(sent));
         d.dest_load_ms = t.load_us as f64 / 1000.0;

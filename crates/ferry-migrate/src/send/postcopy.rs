@@ -59,17 +59,12 @@ impl PostcopySwitch {
         let mut missing = tracker.sync(false)?;
         missing.merge(&pre.snap)?;
         let pass = if pre.sent_any { pre.pass + 1 } else { 0 };
-        let sections = src.vm.save_state().map_err(|source| MigrateError::Vm {
-            op: "saving the state",
-            source,
-        })?;
-        // State first: a Discard after it belongs to the switch (one before it would be
-        // the early discard of a postcopy without precopy).
-        src.send(&Message::State { sections }, "postcopy-switch", deadline)?;
+        // The device streams go on the data channels, ahead of the postcopy pass.
+        src.stop_copy_devices();
         if pre.sent_any {
             // Without a pass sent, the destination discarded all its memory before the pause.
             let stale = stale_runs(src, &missing);
-            src.send_discards(&stale, "postcopy-switch", deadline)?;
+            src.send_discards(&stale, false, "postcopy-switch", deadline)?;
         }
         src.send(&Message::Postcopy { pass }, "postcopy-switch", deadline)?;
         src.start_urgent_server(pass)?;
@@ -77,7 +72,7 @@ impl PostcopySwitch {
             trigger,
             pass,
             missing = missing.dirty_pages(),
-            "switching to postcopy: the guest is paused; state sent"
+            "switching to postcopy: the guest is paused; device state streaming"
         );
         let stats = PostcopySendStats {
             trigger: trigger.into(),
@@ -108,6 +103,11 @@ impl PostcopySwitch {
                 src.take_back();
                 Err(src.prefer_peer_reason(e))
             }
+            Event::Device(ev) => {
+                src.on_device(ev, "postcopy-switch")
+                    .inspect_err(|_| src.take_back())?;
+                Ok(Step::Next(Phase::PostcopySwitch(self)))
+            }
             Event::Tick if Instant::now() >= self.deadline => Err(MigrateError::Timeout {
                 what: Waited::Loaded,
                 after: src.params.switchover_timeout,
@@ -129,6 +129,7 @@ impl PostcopySwitch {
         }
         src.send(&Message::Go, "postcopy-switch", self.deadline)?;
         let go_at = Instant::now();
+        src.finish_devices();
         tracing::info!(
             load_us,
             "postcopy committed: Go sent; pushing the missing pages"
@@ -174,11 +175,13 @@ impl Source {
     pub(super) fn send_discards(
         &mut self,
         runs: &[PageRun],
+        early: bool,
         phase: &'static str,
         deadline: Instant,
     ) -> Result<(), MigrateError> {
         for batch in runs.chunks(MAX_RUNS as usize) {
             let msg = Message::Discard {
+                early,
                 runs: batch.to_vec(),
             };
             self.send(&msg, phase, deadline)?;
@@ -418,7 +421,10 @@ impl PostcopyActive {
                  lacks; the migration ends when it has them all ('quit --force' gives up and \
                  loses them)",
             ),
-            Event::Tick | Event::Connected(_) | Event::Worker(WorkerEvent::Done { .. }) => {}
+            Event::Tick
+            | Event::Connected(_)
+            | Event::Worker(WorkerEvent::Done { .. })
+            | Event::Device(_) => {}
         }
         Step::Next(Phase::Postcopy(self))
     }

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
+
+use super::devices::{DeviceChunk, Route};
 use ferry_memory::dirty::{DirtyChunk, DirtyError, DirtySnapshot, DirtyTracker};
 use ferry_memory::ram::{GuestRam, PAGE_SIZE};
 use ferry_proto::{
@@ -55,6 +57,8 @@ pub(crate) enum WorkerEvent {
 /// A sender thread and the queue of its work.
 pub(crate) struct Worker {
     tx: Option<Sender<WorkItem>>,
+    /// Device chunks for this channel; sent between page batches.
+    dev_tx: Sender<DeviceChunk>,
     join: Option<JoinHandle<()>>,
 }
 
@@ -70,7 +74,18 @@ impl Workers {
     pub(crate) fn len(&self) -> usize {
         self.list.len()
     }
+
+    /// One route per channel for device streams.
+    pub(crate) fn device_routes(&self) -> Vec<Route> {
+        self.list
+            .iter()
+            .map(|w| Route::Channel(w.dev_tx.clone()))
+            .collect()
+    }
 }
+
+/// Device chunks a channel's queue holds before their device thread waits.
+const DEVICE_QUEUE: usize = 8;
 
 /// How the senders send: what the handshake agreed, and the bandwidth cap they share.
 pub(crate) struct Sending {
@@ -103,7 +118,9 @@ pub(crate) fn spawn<E: Send + 'static>(
     };
     for (index, stream) in data.into_iter().enumerate() {
         let (tx, rx) = crossbeam_channel::unbounded::<WorkItem>();
+        let (dev_tx, dev_rx) = crossbeam_channel::bounded::<DeviceChunk>(DEVICE_QUEUE);
         let ctx = WorkerCtx {
+            dev_rx,
             index: u16::try_from(index).unwrap_or(u16::MAX),
             wire,
             ram: ram.clone(),
@@ -119,6 +136,7 @@ pub(crate) fn spawn<E: Send + 'static>(
             .map_err(MigrateError::io("starting a data channel sender thread"))?;
         workers.list.push(Worker {
             tx: Some(tx),
+            dev_tx,
             join: Some(join),
         });
     }
@@ -181,6 +199,7 @@ fn chunk_channel(ram: &GuestRam, c: &DirtyChunk, channels: usize) -> usize {
 }
 
 struct WorkerCtx {
+    dev_rx: Receiver<DeviceChunk>,
     index: u16,
     wire: Wire,
     ram: Arc<GuestRam>,
@@ -274,22 +293,79 @@ impl WorkerCtx {
         rx: Receiver<WorkItem>,
         report: impl Fn(WorkerEvent) -> bool,
     ) {
-        for item in rx.iter() {
-            match self.send_pass(&mut stream, bufs, &item) {
-                Ok(totals) => {
-                    if !report(WorkerEvent::Done {
-                        pass: item.pass,
-                        totals,
-                    }) {
+        let mut devices_open = true;
+        loop {
+            let never = crossbeam_channel::never();
+            let dev_rx = if devices_open { &self.dev_rx } else { &never };
+            let r = crossbeam_channel::select! {
+                recv(rx) -> item => match item {
+                    Ok(item) => self.send_pass(&mut stream, bufs, &item).map(|t| Some((item.pass, t))),
+                    Err(_) => return,
+                },
+                recv(dev_rx) -> chunk => match chunk {
+                    Ok(c) => self.send_device_chunk(&mut stream, bufs, c, "precopy").map(|()| None),
+                    Err(_) => {
+                        devices_open = false;
+                        Ok(None)
+                    }
+                },
+            };
+            match r {
+                Ok(Some((pass, totals))) => {
+                    if !report(WorkerEvent::Done { pass, totals }) {
                         return;
                     }
                 }
+                Ok(None) => {}
                 Err(e) => {
                     report(WorkerEvent::Failed(e));
                     return;
                 }
             }
         }
+    }
+
+    /// Writes one device chunk.
+    fn send_device_chunk(
+        &self,
+        stream: &mut Stream,
+        bufs: &mut Bufs,
+        c: DeviceChunk,
+        phase: &'static str,
+    ) -> Result<(), MigrateError> {
+        bufs.header.clear();
+        Message::DeviceData {
+            device: c.device,
+            seq: c.seq,
+            flags: c.flags,
+            data: c.data,
+        }
+        .encode_with(&mut bufs.header, self.wire.sums);
+        let bytes = bufs.header.len() as u64;
+        self.take_bandwidth(bytes)?;
+        stream
+            .write_all(&bufs.header)
+            .and_then(|()| stream.flush())
+            .map_err(self.send_err(phase))?;
+        self.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.progress
+            .device_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sends the device chunks waiting for this channel (between page batches, so a
+    /// device's stream is not held behind a whole pass).
+    fn drain_devices(
+        &self,
+        stream: &mut Stream,
+        bufs: &mut Bufs,
+        phase: &'static str,
+    ) -> Result<(), MigrateError> {
+        while let Ok(c) = self.dev_rx.try_recv() {
+            self.send_device_chunk(stream, bufs, c, phase)?;
+        }
+        Ok(())
     }
 
     fn send_err(&self, phase: &'static str) -> impl Fn(std::io::Error) -> MigrateError + '_ {
@@ -437,6 +513,7 @@ impl WorkerCtx {
         }
         let bytes = self.send_batch(stream, bufs, item, runs)?;
         Self::watch_queue(stream, bufs, bytes);
+        self.drain_devices(stream, bufs, item.phase)?;
         let pages: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
         totals.bytes += bytes;
         self.progress.bytes.fetch_add(bytes, Ordering::Relaxed);

@@ -29,6 +29,7 @@ pub fn samples() -> Vec<Message> {
             data_channels: 2,
         }),
         Message::Discard {
+            early: true,
             runs: vec![
                 PageRun {
                     gpa: 0,
@@ -104,6 +105,17 @@ pub fn samples() -> Vec<Message> {
                     },
                 ],
             },
+            devices: vec![
+                DeviceInfo {
+                    name: "vcpu0".into(),
+                    config: vec![],
+                },
+                DeviceInfo {
+                    name: "testdev1 «é»".into(),
+                    config: (0..=255).collect(),
+                },
+            ],
+            parallel_devices: true,
         }),
         Message::Setup(Setup {
             timeouts: Timeouts {
@@ -119,6 +131,8 @@ pub fn samples() -> Vec<Message> {
                 }],
                 cpu_features: vec![],
             },
+            devices: vec![],
+            parallel_devices: false,
         }),
         Message::SetupAccepted,
         Message::Refuse {
@@ -222,23 +236,25 @@ pub fn samples() -> Vec<Message> {
             offsets: vec![0x1000; MAX_REGIONS as usize],
         },
         Message::MemoryAdopted { adopt_us: 12 },
-        Message::State { sections: vec![] },
-        Message::State {
-            sections: vec![
-                StateSection {
-                    name: "vcpu0/regs".into(),
-                    data: (0..=255).collect(),
-                },
-                StateSection {
-                    name: "irqchip".into(),
-                    data: vec![],
-                },
-                StateSection {
-                    name: "é".into(),
-                    data: vec![0; 4097],
-                },
-            ],
+        Message::DeviceData {
+            device: 0,
+            seq: 0,
+            flags: DEVICE_INITIAL_END,
+            data: vec![],
         },
+        Message::DeviceData {
+            device: u16::MAX,
+            seq: u32::MAX,
+            flags: DEVICE_INITIAL_END | DEVICE_END,
+            data: (0..=255).collect(),
+        },
+        Message::DeviceData {
+            device: 7,
+            seq: 3,
+            flags: 0,
+            data: vec![0xA5; MAX_DEVICE_CHUNK as usize],
+        },
+        Message::DevicesReady,
         Message::Complete { final_pass: 9 },
         Message::Prepared {
             prepare_us: 123_456,
@@ -303,6 +319,12 @@ impl Body {
         self.0.extend_from_slice(&v.to_le_bytes());
         self
     }
+    /// Drops the last `n` bytes.
+    pub fn truncate(mut self, n: usize) -> Self {
+        let len = self.0.len().saturating_sub(n);
+        self.0.truncate(len);
+        self
+    }
     pub fn bytes(mut self, b: &[u8]) -> Self {
         self.0.extend_from_slice(b);
         self
@@ -360,6 +382,29 @@ pub fn setup_body(vcpus: u32, page_size: u32, regions: &[(u64, u64)], features: 
     for i in 0..features {
         b = b.u32(i).u32(0).u32(1).u32(2).u32(3).u32(4);
     }
-    // Timeouts: progress 30 s, switchover 2 s.
-    b.u32(30_000).u32(2_000)
+    // Timeouts: progress 30 s, switchover 2 s; no device; parallel loading.
+    b.u32(30_000).u32(2_000).u32(0).u8(1)
+}
+
+/// A Setup body (one region, no feature) with these devices.
+pub fn setup_with_devices(devices: &[(&str, &[u8])]) -> Body {
+    let mut b = Body::new()
+        .u32(1)
+        .u32(4096)
+        .u32(1)
+        .u64(0)
+        .u64(4096)
+        .u32(0)
+        .u32(30_000)
+        .u32(2_000)
+        .u32(devices.len() as u32);
+    for (name, config) in devices {
+        b = b.str(name).u32(config.len() as u32).bytes(config);
+    }
+    b.u8(1)
+}
+
+/// A DeviceData body: device, seq, flags, then `len` as the data length and `data`.
+pub fn device_data(flags: u8, len: u32, data: &[u8]) -> Body {
+    Body::new().u16(0).u32(0).u8(flags).u32(len).bytes(data)
 }

@@ -1,0 +1,83 @@
+//! What the engine needs from a device (and from each vCPU): the shape of VFIO migration
+//! v2. A device's state is an ordered, opaque byte stream that the source reads and the
+//! destination writes, in these states:
+//!
+//! ```text
+//! source:       RUNNING -> PRE_COPY -> STOP_COPY -> STOP        (any of them -> RUNNING: abort)
+//! destination:  STOP -> RESUMING -> STOP (the stream is loaded) -> RUNNING
+//! ```
+//!
+//! In PRE_COPY the guest runs and the device streams what it can ahead of time: first its
+//! "initial bytes", which the destination must have loaded before the source may pause the
+//! guest (switchover-ack), then whatever it dirties. In STOP_COPY (guest paused) it streams
+//! the rest and ends. The engine moves every device's stream over the data channels side
+//! by side, and loads each on its own thread.
+
+use std::time::Duration;
+
+use crate::vm::VmError;
+
+/// A device's migration state, after VFIO's `vfio_device_mig_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceState {
+    /// Working normally; not migrating.
+    Running,
+    /// Source, guest running: the device streams its initial bytes, then what it dirties.
+    PreCopy,
+    /// Source, guest paused: the device is frozen and streams the rest of its state.
+    StopCopy,
+    /// Destination: the device takes the stream.
+    Resuming,
+    /// Frozen. On a destination, entering it from `Resuming` loads what was written (the
+    /// device's firmware cost); the engine measures it as the device's load time.
+    Stop,
+}
+
+impl DeviceState {
+    /// Its name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceState::Running => "RUNNING",
+            DeviceState::PreCopy => "PRE_COPY",
+            DeviceState::StopCopy => "STOP_COPY",
+            DeviceState::Resuming => "RESUMING",
+            DeviceState::Stop => "STOP",
+        }
+    }
+}
+
+/// What a device in PRE_COPY still has to send (VFIO's `VFIO_MIG_GET_PRECOPY_INFO`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrecopyInfo {
+    /// Initial bytes not read yet: until they reach 0 the switchover must wait.
+    pub initial_bytes: u64,
+    /// Bytes the device dirtied since they were read.
+    pub dirty_bytes: u64,
+}
+
+/// A device (or a vCPU) as the engine migrates it. Both sides use the same interface: a
+/// source reads, a destination writes.
+pub trait MigrationDevice: Send + Sync {
+    /// Its name, unique in the VM ("vcpu3", "testdev0"); errors name the device by it.
+    fn name(&self) -> &str;
+    /// What a destination needs to create the same device when it was started without it
+    /// (opaque to the engine; the destination's VMM reads it).
+    fn config(&self) -> Vec<u8>;
+    /// Moves the device to `to`. The engine only asks for the transitions drawn in the
+    /// module documentation.
+    fn set_state(&self, to: DeviceState) -> Result<(), VmError>;
+    /// Source, in PRE_COPY or STOP_COPY: appends at most `max` next bytes of the stream to
+    /// `out` and returns how many. 0 in PRE_COPY means nothing is pending now; 0 in
+    /// STOP_COPY means the stream has ended.
+    fn read(&self, out: &mut Vec<u8>, max: usize) -> Result<usize, VmError>;
+    /// Source, in PRE_COPY: what is still pending.
+    fn precopy_info(&self) -> PrecopyInfo;
+    /// Source: the bytes STOP_COPY would send if entered now.
+    fn stop_copy_size(&self) -> u64;
+    /// What entering STOP from RESUMING costs on a destination (its load), as the device
+    /// reports it; the downtime estimate counts it.
+    fn load_cost(&self) -> Duration;
+    /// Destination, in RESUMING: the next bytes of the stream, in order. Fails on a
+    /// stream the device cannot take (corrupt, truncated, of another device).
+    fn write(&self, data: &[u8]) -> Result<(), VmError>;
+}

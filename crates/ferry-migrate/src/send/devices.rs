@@ -1,0 +1,411 @@
+//! The source's device streams: every device (vCPUs included) is read on its own thread
+//! (or, serial, all on one), and its chunks go out on one data channel, tagged with the
+//! device and a sequence number, between page batches. In PRE_COPY a device sends its
+//! initial bytes, then what it dirties; at the switchover all devices enter STOP_COPY at
+//! once and stream the rest side by side, so the downtime pays for the slowest, not the
+//! sum.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{SendTimeoutError, Sender};
+use ferry_proto::{DeviceInfo, DEVICE_END, DEVICE_INITIAL_END, MAX_DEVICE_CHUNK};
+
+use crate::device::{DeviceState, MigrationDevice};
+use crate::error::MigrateError;
+
+/// Bytes a device read asks for at a time.
+const CHUNK: usize = 256 << 10;
+/// How often a PRE_COPY device with nothing pending is asked again.
+const PRECOPY_POLL: Duration = Duration::from_millis(2);
+/// The longest a device that had nothing pending waits before it is asked again.
+const PRECOPY_POLL_MAX: Duration = Duration::from_millis(100);
+/// How long a device thread waits on a full channel queue before it looks at the stage.
+const QUEUE_WAIT: Duration = Duration::from_millis(10);
+
+/// One chunk of one device's stream, on its way to a channel.
+#[derive(Debug)]
+pub(crate) struct DeviceChunk {
+    pub(crate) device: u16,
+    pub(crate) seq: u32,
+    pub(crate) flags: u8,
+    pub(crate) data: Vec<u8>,
+}
+
+/// What device threads tell the event loop.
+pub(crate) enum DeviceEvent {
+    /// A chunk for the main channel (a local hand-over has no data channel).
+    Chunk(DeviceChunk),
+    /// The device's stop-copy stream has been handed to its channel, in `save` time.
+    Ended { device: u16, save: Duration },
+    /// A device failed.
+    Failed(MigrateError),
+}
+
+/// Where a device's chunks go.
+#[derive(Clone)]
+pub(crate) enum Route {
+    /// A data channel's sender (its queue).
+    Channel(Sender<DeviceChunk>),
+    /// The event loop, which writes them on the main channel.
+    Main,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    PreCopy,
+    StopCopy,
+    /// The hand-over committed: the devices stay stopped.
+    Done,
+    /// The migration failed: the devices run again.
+    Abort,
+}
+
+struct Shared {
+    stage: Mutex<Stage>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn stage(&self) -> MutexGuard<'_, Stage> {
+        self.stage.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, s: Stage) {
+        *self.stage() = s;
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `d` for the stage to leave `from`; returns the stage.
+    fn wait_change(&self, from: Stage, d: Duration) -> Stage {
+        let g = self.stage();
+        let (g, _) = self
+            .changed
+            .wait_timeout_while(g, d, |s| *s == from)
+            .unwrap_or_else(|e| e.into_inner());
+        *g
+    }
+}
+
+/// A device with its place in the Setup's list and its route.
+struct Dev {
+    index: u16,
+    dev: Arc<dyn MigrationDevice>,
+    route: Route,
+    seq: u32,
+    initial_sent: bool,
+}
+
+/// Every device's sender thread.
+pub(crate) struct DeviceSenders {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    devices: Vec<Arc<dyn MigrationDevice>>,
+    parallel: bool,
+}
+
+/// The Setup's description of `devices`.
+pub(crate) fn describe(devices: &[Arc<dyn MigrationDevice>]) -> Vec<DeviceInfo> {
+    devices
+        .iter()
+        .map(|d| DeviceInfo {
+            name: d.name().to_owned(),
+            config: d.config(),
+        })
+        .collect()
+}
+
+impl DeviceSenders {
+    /// Moves every device to PRE_COPY and starts streaming. Device `i` goes on
+    /// `routes[i % routes.len()]`; `report` reaches the event loop.
+    pub(crate) fn start(
+        devices: Vec<Arc<dyn MigrationDevice>>,
+        routes: &[Route],
+        parallel: bool,
+        report: impl Fn(DeviceEvent) -> bool + Clone + Send + 'static,
+    ) -> Result<DeviceSenders, MigrateError> {
+        let shared = Arc::new(Shared {
+            stage: Mutex::new(Stage::PreCopy),
+            changed: Condvar::new(),
+        });
+        let mut out = DeviceSenders {
+            shared: shared.clone(),
+            threads: Vec::new(),
+            devices: devices.clone(),
+            parallel,
+        };
+        let mut list = Vec::with_capacity(devices.len());
+        for (i, dev) in devices.into_iter().enumerate() {
+            let route = routes
+                .get(i % routes.len().max(1))
+                .cloned()
+                .unwrap_or(Route::Main);
+            dev.set_state(DeviceState::PreCopy)
+                .map_err(device_err(&*dev, "entering PRE_COPY"))?;
+            list.push(Dev {
+                index: u16::try_from(i).unwrap_or(u16::MAX),
+                dev,
+                route,
+                seq: 0,
+                initial_sent: false,
+            });
+        }
+        let groups: Vec<Vec<Dev>> = if parallel {
+            list.into_iter().map(|d| vec![d]).collect()
+        } else {
+            vec![list]
+        };
+        for (n, group) in groups.into_iter().enumerate() {
+            let shared = shared.clone();
+            let report = report.clone();
+            let join = std::thread::Builder::new()
+                .name(format!("mig-dev{n}"))
+                .spawn(move || run(group, &shared, &report))
+                .map_err(MigrateError::io("starting a device thread"))?;
+            out.threads.push(join);
+        }
+        Ok(out)
+    }
+
+    /// How many devices stream.
+    pub(crate) fn count(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// The guest is paused: every device enters STOP_COPY and streams the rest.
+    pub(crate) fn stop_copy(&self) {
+        self.shared.set(Stage::StopCopy);
+    }
+
+    /// Bytes the devices would still send at a switchover now.
+    pub(crate) fn pending_bytes(&self) -> u64 {
+        self.devices
+            .iter()
+            .map(|d| d.stop_copy_size())
+            .fold(0u64, u64::saturating_add)
+    }
+
+    /// What loading the devices costs a destination: the slowest when they load side by
+    /// side, the sum when one after another.
+    pub(crate) fn load_cost(&self) -> Duration {
+        crate::policy::devices_load(self.devices.iter().map(|d| d.load_cost()), self.parallel)
+    }
+
+    /// The hand-over committed: the threads end and the devices stay stopped.
+    pub(crate) fn finish(mut self) {
+        self.shared.set(Stage::Done);
+        self.join();
+    }
+
+    /// The migration failed: every device runs again before the guest does.
+    pub(crate) fn abort(mut self) {
+        self.shared.set(Stage::Abort);
+        self.join();
+    }
+
+    fn join(&mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for DeviceSenders {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.shared.set(Stage::Abort);
+            self.join();
+        }
+    }
+}
+
+fn device_err<'a>(
+    dev: &'a dyn MigrationDevice,
+    op: &'static str,
+) -> impl FnOnce(crate::vm::VmError) -> MigrateError + 'a {
+    move |source| MigrateError::Device {
+        device: dev.name().to_owned(),
+        op,
+        source,
+    }
+}
+
+/// A device thread: PRE_COPY until the switchover, then STOP_COPY, then wait for the
+/// outcome. A failure is reported and the devices are given back to RUNNING.
+fn run(mut group: Vec<Dev>, shared: &Shared, report: &impl Fn(DeviceEvent) -> bool) {
+    let r = precopy(&mut group, shared, report).and_then(|stage| match stage {
+        Stage::StopCopy => stop_copy(&mut group, shared, report),
+        s => Ok(s),
+    });
+    let end = match r {
+        Ok(s) => s,
+        Err(e) => {
+            report(DeviceEvent::Failed(e));
+            // Waits for the event loop's verdict: it aborts.
+            let mut s = *shared.stage();
+            while s != Stage::Abort && s != Stage::Done {
+                s = shared.wait_change(s, Duration::from_millis(100));
+            }
+            s
+        }
+    };
+    if end == Stage::Abort {
+        for d in &group {
+            if let Err(e) = d.dev.set_state(DeviceState::Running) {
+                tracing::error!("device '{}': could not run again: {e}", d.dev.name());
+            }
+        }
+    }
+}
+
+/// Streams what the devices have while the guest runs; returns the stage that ended it.
+fn precopy(
+    group: &mut [Dev],
+    shared: &Shared,
+    report: &impl Fn(DeviceEvent) -> bool,
+) -> Result<Stage, MigrateError> {
+    let mut buf = Vec::with_capacity(CHUNK);
+    // A device with nothing to send is asked less and less often (a big VM has many idle
+    // vCPUs); a stage change wakes the thread at once anyway.
+    let mut poll = PRECOPY_POLL;
+    loop {
+        let mut sent = false;
+        for d in group.iter_mut() {
+            sent |= precopy_one(d, &mut buf, shared, report)?;
+        }
+        let stage = *shared.stage();
+        if stage != Stage::PreCopy {
+            return Ok(stage);
+        }
+        if sent {
+            poll = PRECOPY_POLL;
+            continue;
+        }
+        if shared.wait_change(Stage::PreCopy, poll) != Stage::PreCopy {
+            return Ok(*shared.stage());
+        }
+        poll = (poll * 2).min(PRECOPY_POLL_MAX);
+    }
+}
+
+/// One read of a PRE_COPY device; the chunk that ends its initial bytes (or an empty one,
+/// for a device without any) carries [`DEVICE_INITIAL_END`]. Returns whether it sent.
+fn precopy_one(
+    d: &mut Dev,
+    buf: &mut Vec<u8>,
+    shared: &Shared,
+    report: &impl Fn(DeviceEvent) -> bool,
+) -> Result<bool, MigrateError> {
+    buf.clear();
+    let n = d
+        .dev
+        .read(buf, CHUNK)
+        .map_err(device_err(&*d.dev, "reading its PRE_COPY stream"))?;
+    let initial_end = !d.initial_sent && d.dev.precopy_info().initial_bytes == 0;
+    if n == 0 && !initial_end {
+        return Ok(false);
+    }
+    let flags = if initial_end { DEVICE_INITIAL_END } else { 0 };
+    d.initial_sent |= initial_end;
+    send_chunks(d, buf, flags, shared, report)?;
+    Ok(n > 0)
+}
+
+/// Enters STOP_COPY on every device of the group and streams each to its end, one after
+/// another (a group is one device, or all of them when serial).
+fn stop_copy(
+    group: &mut [Dev],
+    shared: &Shared,
+    report: &impl Fn(DeviceEvent) -> bool,
+) -> Result<Stage, MigrateError> {
+    let t = Instant::now();
+    for d in group.iter() {
+        d.dev
+            .set_state(DeviceState::StopCopy)
+            .map_err(device_err(&*d.dev, "entering STOP_COPY"))?;
+    }
+    let mut buf = Vec::with_capacity(CHUNK);
+    for d in group.iter_mut() {
+        loop {
+            buf.clear();
+            let n = d
+                .dev
+                .read(&mut buf, CHUNK)
+                .map_err(device_err(&*d.dev, "reading its STOP_COPY stream"))?;
+            if n == 0 {
+                break;
+            }
+            send_chunks(d, &buf, 0, shared, report)?;
+        }
+        send_chunks(d, &[], DEVICE_END, shared, report)?;
+        report(DeviceEvent::Ended {
+            device: d.index,
+            save: t.elapsed(),
+        });
+    }
+    let mut s = *shared.stage();
+    while s == Stage::StopCopy {
+        s = shared.wait_change(s, Duration::from_millis(100));
+    }
+    Ok(s)
+}
+
+/// Sends `data` as one or more chunks (a device may return more than a frame holds); the
+/// flags go on the last.
+fn send_chunks(
+    d: &mut Dev,
+    data: &[u8],
+    flags: u8,
+    shared: &Shared,
+    report: &impl Fn(DeviceEvent) -> bool,
+) -> Result<(), MigrateError> {
+    let max = MAX_DEVICE_CHUNK as usize;
+    let mut parts: Vec<&[u8]> = data.chunks(max).collect();
+    if parts.is_empty() {
+        parts.push(&[]);
+    }
+    let last = parts.len() - 1;
+    for (i, part) in parts.into_iter().enumerate() {
+        let chunk = DeviceChunk {
+            device: d.index,
+            seq: d.seq,
+            flags: if i == last { flags } else { 0 },
+            data: part.to_vec(),
+        };
+        d.seq = d.seq.wrapping_add(1);
+        deliver(&d.route, chunk, shared, report, d.dev.name())?;
+    }
+    Ok(())
+}
+
+/// Queues a chunk on its route; gives up when the migration aborts or the channel is gone.
+fn deliver(
+    route: &Route,
+    mut chunk: DeviceChunk,
+    shared: &Shared,
+    report: &impl Fn(DeviceEvent) -> bool,
+    name: &str,
+) -> Result<(), MigrateError> {
+    let gone = || MigrateError::DeviceStream {
+        device: name.to_owned(),
+        problem: "has no channel any more (the migration is ending)".into(),
+    };
+    match route {
+        Route::Main => report(DeviceEvent::Chunk(chunk))
+            .then_some(())
+            .ok_or_else(gone),
+        Route::Channel(tx) => loop {
+            match tx.send_timeout(chunk, QUEUE_WAIT) {
+                Ok(()) => return Ok(()),
+                Err(SendTimeoutError::Disconnected(_)) => return Err(gone()),
+                Err(SendTimeoutError::Timeout(c)) => {
+                    if *shared.stage() == Stage::Abort {
+                        return Err(gone());
+                    }
+                    chunk = c;
+                }
+            }
+        },
+    }
+}
