@@ -81,3 +81,75 @@ pub trait MigrationDevice: Send + Sync {
     /// stream the device cannot take (corrupt, truncated, of another device).
     fn write(&self, data: &[u8]) -> Result<(), VmError>;
 }
+
+/// A device whose load costs at least this much waits on something (firmware) rather than
+/// computing: it gets a thread of its own, so such devices overlap however many there are.
+pub const OWN_THREAD_COST: Duration = Duration::from_millis(1);
+
+/// Which devices share a save or load thread, as lists of indexes into `costs` (each
+/// device's [`MigrationDevice::load_cost`]). Serial: one thread for all, in order.
+/// Parallel: every device of [`OWN_THREAD_COST`] or more alone, the cheap ones (vCPUs,
+/// whose save and load are CPU work) dealt over at most `cpus` threads (more threads than
+/// CPUs only add switching).
+pub fn thread_groups(costs: &[Duration], parallel: bool, cpus: usize) -> Vec<Vec<usize>> {
+    if !parallel {
+        return vec![(0..costs.len()).collect()];
+    }
+    let (own, cheap): (Vec<usize>, Vec<usize>) =
+        (0..costs.len()).partition(|&i| costs.get(i).is_some_and(|c| *c >= OWN_THREAD_COST));
+    let pool = cpus.clamp(1, cheap.len().max(1));
+    let mut shared: Vec<Vec<usize>> = vec![Vec::new(); pool];
+    for (k, i) in cheap.into_iter().enumerate() {
+        if let Some(g) = shared.get_mut(k % pool) {
+            g.push(i);
+        }
+    }
+    own.into_iter()
+        .map(|i| vec![i])
+        .chain(shared.into_iter().filter(|g| !g.is_empty()))
+        .collect()
+}
+
+/// The CPUs this process may use (the pool size for cheap devices).
+pub(crate) fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_devices_get_their_own_thread_and_vcpus_share_one_per_cpu() {
+        let us = Duration::from_micros;
+        let ms = Duration::from_millis;
+        // Four vCPUs, a firmware device, two more vCPUs, a platform part.
+        let costs = [
+            us(200),
+            us(200),
+            us(200),
+            us(200),
+            ms(20),
+            us(200),
+            us(200),
+            us(200),
+        ];
+        let g = thread_groups(&costs, true, 2);
+        assert_eq!(g, vec![vec![4], vec![0, 2, 5, 7], vec![1, 3, 6]]);
+        // Serial: everything on one thread, in order.
+        assert_eq!(
+            thread_groups(&costs, false, 2),
+            vec![(0..8).collect::<Vec<_>>()]
+        );
+        // Fewer cheap devices than CPUs: no empty thread.
+        assert_eq!(
+            thread_groups(&[us(1), ms(5)], true, 8),
+            vec![vec![1], vec![0]]
+        );
+        assert!(thread_groups(&[], true, 4).is_empty());
+        assert_eq!(
+            thread_groups(&[ms(2), ms(3)], true, 1),
+            vec![vec![0], vec![1]]
+        );
+    }
+}

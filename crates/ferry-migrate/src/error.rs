@@ -62,6 +62,8 @@ pub enum Waited {
     Adopted,
     /// The destination to make its memory ready for postcopy.
     Discarded,
+    /// The destination to load every device's initial bytes (switchover-ack).
+    DevicesReady,
 }
 
 impl fmt::Display for Waited {
@@ -76,6 +78,7 @@ impl fmt::Display for Waited {
             Waited::Loaded => "for the destination to load the state (switchover timeout); the guest was resumed on the source",
             Waited::Adopted => "for the destination to map the guest memory file",
             Waited::Discarded => "for the destination to make its memory ready for postcopy",
+            Waited::DevicesReady => "for the destination to load every device's initial bytes",
         })
     }
 }
@@ -211,9 +214,6 @@ pub enum MigrateError {
         /// Phase.
         phase: &'static str,
     },
-    /// `Complete` arrived before the state.
-    #[error("the source sent Complete before the VM state")]
-    CompleteBeforeState,
     /// This side refused the other (incompatible VM).
     #[error("incompatible VM: {0}")]
     Incompatible(String),
@@ -248,6 +248,14 @@ pub enum MigrateError {
     /// The destination cannot have the source's devices.
     #[error("devices: {0}")]
     Devices(VmError),
+    /// The destination's VM gave other devices than the source listed.
+    #[error("devices: the source listed {asked}, this VM gave {got} (or in another order)")]
+    DeviceList {
+        /// Devices in the Setup.
+        asked: usize,
+        /// Devices the VM gave.
+        got: usize,
+    },
     /// The VM failed.
     #[error("VM: {op}: {source}")]
     Vm {

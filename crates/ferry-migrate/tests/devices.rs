@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use ferry_migrate::send::SendParams;
-use ferry_migrate::MigrateError;
+use ferry_migrate::{DeviceState, MigrateError, MigrationDevice};
 use ferry_testkit::fake::FakeSource;
 use ferry_testkit::fake_device::FakeDevice;
 
@@ -97,12 +97,56 @@ fn a_corrupt_device_stream_is_refused_naming_the_device_and_the_source_keeps_the
         "{text}"
     );
     assert_source_owns(&src, &dst.target);
+    for d in &devs {
+        assert_eq!(
+            d.state(),
+            Some(DeviceState::Running),
+            "devices run again here"
+        );
+    }
     // And the next migration, with the device healthy again, goes through.
     devs[1]
         .corrupt
         .store(false, std::sync::atomic::Ordering::SeqCst);
     dst.wait_status(ferry_migrate::Status::Listening, Duration::from_secs(5));
     completed(Migration::start(&src, &dst.uri, params()).finish());
+    assert_handed_over(&src, &dst.target);
+    for d in &devs {
+        assert_eq!(
+            d.state(),
+            Some(DeviceState::StopCopy),
+            "stopped for good here"
+        );
+    }
+    for d in dst.target.devices() {
+        assert_eq!(d.state(), Some(DeviceState::Running), "running there");
+    }
+}
+
+#[test]
+fn a_destination_that_will_not_run_the_guest_after_go_gives_it_back_with_running_devices() {
+    let target = ferry_testkit::fake::FakeTarget::new(MIB);
+    target
+        .fail_resume
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let dst = Dest::with_target(target);
+    let src = FakeSource::start(MIB, 4, Duration::from_millis(1));
+    let devs = with_devices(&src, &[0, 5]);
+    let e = failed(Migration::start(&src, &dst.uri, params()).finish());
+    assert!(e.to_string().contains("injected"), "{e}");
+    assert_source_owns(&src, &dst.target);
+    for d in &devs {
+        assert_eq!(d.state(), Some(DeviceState::Running), "{}", d.name());
+    }
+}
+
+#[test]
+fn a_vm_without_any_device_migrates() {
+    let dst = Dest::start(MIB);
+    let src = FakeSource::start(MIB, 4, Duration::from_millis(1));
+    src.clear_devices();
+    let stats = completed(Migration::start(&src, &dst.uri, params()).finish());
+    assert_eq!(stats.devices, 0);
     assert_handed_over(&src, &dst.target);
 }
 
@@ -143,7 +187,7 @@ fn the_source_pauses_only_after_the_destination_loaded_every_initial_byte() {
         .target
         .devices()
         .into_iter()
-        .find(|d| ferry_migrate::MigrationDevice::name(&**d) == "nic0")
+        .find(|d| d.name() == "nic0")
         .expect("nic0 on the destination");
     let (_, initial_at) = nic.initial().expect("initial bytes loaded");
     let paused = src.first_pause().expect("the source paused");

@@ -269,7 +269,16 @@ fn finish(main: &mut UnixStream, data: &mut [UnixStream], loaded: &AtomicBool, g
         flags: ferry_proto::DEVICE_INITIAL_END | ferry_proto::DEVICE_END,
         data: stream,
     };
-    let _ = main.write_all(&frame(&state));
+    // Device streams travel on the data channels (on the main one only in a local
+    // hand-over).
+    match data.first_mut() {
+        Some(d) => {
+            let _ = d.write_all(&frame(&state));
+        }
+        None => {
+            let _ = main.write_all(&frame(&state));
+        }
+    }
     for d in data.iter_mut() {
         let _ = d.write_all(&frame(&Message::PassEnd { pass: 0, pages: 0 }));
     }

@@ -525,8 +525,6 @@ pub(crate) const RUN_LEN: u64 = 8 + 4;
 pub(crate) const REGION_LEN: u64 = 8 + 8;
 pub(crate) const FEATURE_LEN: u64 = 4 + 4 + 4 * 4;
 pub(crate) const TIMEOUTS_LEN: u64 = 4 + 4;
-/// Smallest encoded section: name length + data length (an empty name is
-/// rejected later with a clearer error than "truncated").
 /// A device description's fixed part: name length, config length.
 pub(crate) const DEVICE_INFO_MIN_LEN: u64 = 4 + 4;
 /// A DeviceData body's fixed part: device, seq, flags, data length.

@@ -152,6 +152,11 @@ impl FakeSource {
         })
     }
 
+    /// Removes every device, the machine's too (a VM with nothing but RAM).
+    pub fn clear_devices(&self) {
+        lock(&self.devices).clear();
+    }
+
     /// Adds a device (before a migration starts).
     pub fn add_device(&self, d: Arc<FakeDevice>) {
         lock(&self.devices).push(d);

@@ -147,6 +147,11 @@ impl FakeDevice {
         Ok(d)
     }
 
+    /// The state the engine last moved it to (`None`: never).
+    pub fn state(&self) -> Option<DeviceState> {
+        lock(&self.inner).state
+    }
+
     /// Destination: the state it loaded last, if any.
     pub fn loaded(&self) -> Option<Vec<u8>> {
         lock(&self.inner).loaded.clone()

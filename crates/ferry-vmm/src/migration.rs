@@ -23,6 +23,9 @@ const VCPU_STATE_ESTIMATE: u64 = 16 << 10;
 /// What loading one vCPU (or the platform) costs a destination, as reported for the
 /// downtime estimate.
 const SMALL_LOAD_COST: Duration = Duration::from_micros(200);
+/// Most a vCPU's or the platform's stream may hold (a vCPU's state is about 20 KiB): a
+/// source cannot make the destination buffer more.
+const MAX_PART: usize = 4 << 20;
 
 /// The CPUID leaves whose feature bits the guest may rely on: (leaf, subleaf, which of
 /// eax/ebx/ecx/edx are feature masks).
@@ -125,7 +128,7 @@ impl Blob {
 
     fn write(&mut self, name: &str, data: &[u8]) -> Result<(), VmError> {
         let len = self.received.len() + data.len();
-        if len > ferry_state::MAX_STATE_LEN {
+        if len > MAX_PART {
             return Err(vm_err(PartError::TooLong(name.into(), len)));
         }
         self.received.extend_from_slice(data);

@@ -27,7 +27,10 @@ use crate::owner::Role;
 use crate::runner::{SerialConfig, Vmm};
 
 /// What `ferry takeover --check` prints: the hand-over format this binary reads.
-pub const CHECK_REPLY: &str = "ferry-takeover 1";
+pub const CHECK_REPLY: &str = "ferry-takeover 2";
+/// The hand-over format this binary writes and reads (2: the machine state follows the
+/// header as encoded bytes, no longer as a protocol frame).
+const FORMAT: u32 = 2;
 /// How long the new binary has to answer the check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Test hook: a new process with this set in its environment fails its first takeover.
@@ -167,9 +170,9 @@ impl Handover {
             .map_err(|e| UpdateError::BadState(e.to_string()))?;
         let header: Header =
             serde_json::from_str(&line).map_err(|e| UpdateError::BadState(e.to_string()))?;
-        if header.format != 1 {
+        if header.format != FORMAT {
             return Err(UpdateError::BadState(format!(
-                "format {} (this binary reads 1)",
+                "format {} (this binary reads {FORMAT})",
                 header.format
             )));
         }
@@ -323,7 +326,7 @@ impl Vmm {
             }
         };
         let header = Header {
-            format: 1,
+            format: FORMAT,
             memory_bytes: self.vm.ram().size(),
             vcpus: self.vm.config().vcpus,
             offsets,

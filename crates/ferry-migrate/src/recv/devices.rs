@@ -28,9 +28,11 @@ struct Chunk {
     data: Vec<u8>,
 }
 
-/// Where the receivers hand device chunks: one queue per device, or one for all.
+/// Where the receivers hand device chunks: per device (or one for all), a bounded queue
+/// for the data channels (a full one holds its channel back) and an unbounded one for the
+/// main channel, whose reader is the event loop and must never wait on a loader.
 pub(crate) struct DeviceHub {
-    queues: Vec<Sender<Chunk>>,
+    queues: Vec<(Sender<Chunk>, Sender<Chunk>)>,
 }
 
 impl DeviceHub {
@@ -57,8 +59,11 @@ impl DeviceHub {
             flags,
             data,
         };
-        // A loader gone has failed, and reported why.
-        let _ = q.send(chunk);
+        // A loader gone has failed, and reported why (or the attempt is over).
+        let _ = match channel {
+            Channel::Main => q.1.send(chunk),
+            _ => q.0.send(chunk),
+        };
         Ok(())
     }
 }
@@ -69,7 +74,6 @@ pub(crate) struct DeviceLoad {
     threads: Vec<JoinHandle<()>>,
     /// Cleared when the attempt ends: a loader still running leaves the devices alone.
     live: Arc<AtomicBool>,
-    pub(crate) names: Vec<String>,
 }
 
 /// A device's place in its loader.
@@ -89,7 +93,6 @@ impl DeviceLoad {
         events: &Sender<Event>,
     ) -> Result<DeviceLoad, MigrateError> {
         let live = Arc::new(AtomicBool::new(true));
-        let names = devices.iter().map(|d| d.name().to_owned()).collect();
         let list: Vec<Loading> = devices
             .into_iter()
             .enumerate()
@@ -101,36 +104,54 @@ impl DeviceLoad {
             })
             .collect();
         let n = list.len();
-        let groups: Vec<Vec<Loading>> = if parallel {
-            list.into_iter().map(|l| vec![l]).collect()
-        } else {
-            vec![list]
-        };
-        let mut queues = Vec::with_capacity(n);
+        let costs: Vec<Duration> = list.iter().map(|l| l.dev.load_cost()).collect();
+        let plan = crate::device::thread_groups(&costs, parallel, crate::device::cpus());
+        let mut slots: Vec<Option<Loading>> = list.into_iter().map(Some).collect();
+        let groups: Vec<Vec<Loading>> = plan
+            .into_iter()
+            .map(|g| {
+                g.into_iter()
+                    .filter_map(|i| slots.get_mut(i)?.take())
+                    .collect()
+            })
+            .collect();
+        let mut queues: Vec<Option<(Sender<Chunk>, Sender<Chunk>)>> = vec![None; n];
         let mut threads = Vec::with_capacity(groups.len());
         for (g, group) in groups.into_iter().enumerate() {
             let (tx, rx) = crossbeam_channel::bounded(QUEUE);
-            queues.extend(std::iter::repeat_n(tx, group.len()));
+            let (tx_main, rx_main) = crossbeam_channel::unbounded();
+            for l in &group {
+                if let Some(q) = queues.get_mut(usize::from(l.index)) {
+                    *q = Some((tx.clone(), tx_main.clone()));
+                }
+            }
             let events = events.clone();
-            let live = live.clone();
+            let alive = live.clone();
             let report = move |ev| events.send(Event::Data { attempt, ev }).is_ok();
-            let join = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("mig-load{g}"))
-                .spawn(move || load(group, &rx, &live, &report))
-                .map_err(MigrateError::io("starting a device loader thread"))?;
-            threads.push(join);
+                .spawn(move || load(group, [&rx, &rx_main], &alive, &report));
+            match spawned {
+                Ok(join) => threads.push(join),
+                Err(e) => {
+                    // The loaders started so far end with their queues.
+                    live.store(false, Ordering::SeqCst);
+                    return Err(MigrateError::io("starting a device loader thread")(e));
+                }
+            }
         }
         Ok(DeviceLoad {
-            hub: Arc::new(DeviceHub { queues }),
+            hub: Arc::new(DeviceHub {
+                queues: queues.into_iter().flatten().collect(),
+            }),
             threads,
             live,
-            names,
         })
     }
 
-    /// How many devices load.
-    pub(crate) fn count(&self) -> usize {
-        self.names.len()
+    /// From now on the loaders drop what they are given and end: the attempt is over.
+    pub(crate) fn cancel(&self) {
+        self.live.store(false, Ordering::SeqCst);
     }
 
     /// Ends the loaders. Every data receiver must have stopped (they hold the hub).
@@ -150,15 +171,29 @@ impl Drop for DeviceLoad {
     }
 }
 
-/// A loader thread: takes its devices' chunks in order until the attempt ends or a
-/// device fails (reported as the attempt's failure).
+/// A loader thread: takes its devices' chunks in order (a device's all come on one of
+/// the two queues) until the attempt ends or a device fails (reported as the attempt's
+/// failure).
 fn load(
     mut group: Vec<Loading>,
-    rx: &Receiver<Chunk>,
+    queues: [&Receiver<Chunk>; 2],
     live: &AtomicBool,
     report: &impl Fn(DataEvent) -> bool,
 ) {
-    for chunk in rx.iter() {
+    let mut sel = crossbeam_channel::Select::new();
+    for q in queues {
+        sel.recv(q);
+    }
+    let mut open = queues.len();
+    while open > 0 {
+        let op = sel.select();
+        let i = op.index();
+        let Some(q) = queues.get(i) else { return };
+        let Ok(chunk) = op.recv(q) else {
+            sel.remove(i);
+            open -= 1;
+            continue;
+        };
         if !live.load(Ordering::SeqCst) {
             return;
         }
@@ -241,8 +276,8 @@ pub(crate) struct DeviceProgress {
     pub(crate) loaded_left: usize,
     /// `DevicesReady` went out.
     pub(crate) ready_sent: bool,
-    /// The first device load began, and the last one ended.
-    span: Option<(Instant, Instant)>,
+    /// When each device's load began and ended.
+    loads: Vec<(Instant, Instant)>,
 }
 
 impl DeviceProgress {
@@ -253,7 +288,7 @@ impl DeviceProgress {
             initial_left: count,
             loaded_left: count,
             ready_sent: false,
-            span: None,
+            loads: Vec::new(),
         }
     }
 
@@ -270,16 +305,28 @@ impl DeviceProgress {
         if let Some(b) = self.loaded.get_mut(usize::from(device)).filter(|b| !**b) {
             *b = true;
             self.loaded_left -= 1;
-            let end = began + took;
-            self.span = Some(match self.span {
-                None => (began, end),
-                Some((a, b)) => (a.min(began), b.max(end)),
-            });
+            self.loads.push((began, began + took));
         }
     }
 
-    /// Wall time from the first device load's start to the last one's end.
+    /// Wall time during which any device was loading: the slowest when they load side by
+    /// side, the sum when one after another; time spent waiting for a device's bytes is not
+    /// counted.
     pub(crate) fn load_span(&self) -> Duration {
-        self.span.map(|(a, b)| b - a).unwrap_or_default()
+        let mut spans = self.loads.clone();
+        spans.sort();
+        let mut total = Duration::ZERO;
+        let mut cur: Option<(Instant, Instant)> = None;
+        for (a, b) in spans {
+            cur = match cur {
+                Some((ca, cb)) if a <= cb => Some((ca, cb.max(b))),
+                Some((ca, cb)) => {
+                    total += cb - ca;
+                    Some((a, b))
+                }
+                None => Some((a, b)),
+            };
+        }
+        total + cur.map(|(a, b)| b - a).unwrap_or_default()
     }
 }

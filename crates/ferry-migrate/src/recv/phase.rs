@@ -160,6 +160,8 @@ pub(super) struct Attempt {
     early_rejoin: Vec<Greeted>,
     /// The devices and their loaders, from the Setup on.
     devices: Option<DeviceLoad>,
+    /// The same devices, in the Setup's order (run once the guest runs here).
+    device_list: Vec<Arc<dyn crate::device::MigrationDevice>>,
 }
 
 /// Refuses a migration announcing a channel count this destination does not take.
@@ -221,6 +223,7 @@ impl Attempt {
             agreed: 0,
             early_rejoin: Vec::new(),
             devices: None,
+            device_list: Vec::new(),
             // Until the source's Setup says otherwise.
             timeouts: Timeouts {
                 progress_ms: 30_000,
@@ -259,6 +262,11 @@ impl Attempt {
     /// Closes the data channels and waits for their receivers, so none writes into guest
     /// memory after this; stops postcopy's fault handlers.
     fn stop_data(&mut self) {
+        // Loaders drop what is queued from now on (a receiver blocked on a full queue is
+        // let go), so nothing of this attempt reaches a device any more.
+        if let Some(d) = &self.devices {
+            d.cancel();
+        }
         if let Some(f) = self.faults.take() {
             f.stop();
         }
@@ -783,20 +791,26 @@ impl Receiving {
             return Err((att, MigrateError::Incompatible(reason)));
         }
         att.timeouts = clamp(setup.timeouts);
-        let count = match start_devices(rx, &mut att, &setup) {
-            Ok(n) => n,
+        let devices = match resolve_devices(rx, &setup) {
+            Ok(d) => d,
             Err(e) => {
                 let deadline = Instant::now() + ERROR_SEND_TIMEOUT;
                 let _ = att.send(&Message::refuse(e.to_string()), "handshake", deadline);
                 return Err((att, e));
             }
         };
+        let count = devices.len();
+        att.device_list = devices.clone();
         // Answer first: the source takes this exchange as its round-trip time, so it must
         // not include starting threads (whose stacks wait for the memory preparation's
         // hold on the address space). Pages wait in the socket buffers meanwhile.
         let deadline = control_deadline(&att);
         if let Err(e) = att.send(&Message::SetupAccepted, "handshake", deadline) {
             return Err((att, e));
+        }
+        match DeviceLoad::start(devices, setup.parallel_devices, att.id, &rx.events_tx) {
+            Ok(load) => att.devices = Some(load),
+            Err(e) => return Err((att, e)),
         }
         for (index, stream) in data.into_iter().flatten().enumerate() {
             if let Err(e) = spawn_receiver(rx, &mut att, index, stream) {
@@ -827,7 +841,8 @@ impl Receiving {
             acked_at: Instant::now(),
             prepared_sent: false,
         };
-        match r.send_prepared(rx) {
+        // Without any device, nothing is pending: ready at once.
+        match r.send_prepared(rx).and_then(|()| r.send_devices_ready()) {
             Ok(()) => Ok(r),
             Err(e) => Err((r.att, e)),
         }
@@ -858,16 +873,22 @@ const MAX_SWITCHOVER_MS: u32 = 60 * 1000;
 /// Longest wait for the source to take a small control message off the wire.
 const CONTROL_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Has the source's devices (each in RESUMING) and starts their loaders; returns how many.
-fn start_devices(
+/// Has the source's devices, in its order, each in RESUMING.
+fn resolve_devices(
     rx: &Destination,
-    att: &mut Attempt,
     setup: &Setup,
-) -> Result<usize, MigrateError> {
+) -> Result<Vec<Arc<dyn crate::device::MigrationDevice>>, MigrateError> {
     let devices = rx
         .target
         .devices(&setup.devices)
         .map_err(MigrateError::Devices)?;
+    let names = devices.iter().map(|d| d.name());
+    if !names.eq(setup.devices.iter().map(|w| w.name.as_str())) {
+        return Err(MigrateError::DeviceList {
+            asked: setup.devices.len(),
+            got: devices.len(),
+        });
+    }
     for d in &devices {
         d.set_state(crate::device::DeviceState::Resuming)
             .map_err(|source| MigrateError::Device {
@@ -876,10 +897,7 @@ fn start_devices(
                 source,
             })?;
     }
-    let load = DeviceLoad::start(devices, setup.parallel_devices, att.id, &rx.events_tx)?;
-    let n = load.count();
-    att.devices = Some(load);
-    Ok(n)
+    Ok(devices)
 }
 
 fn clamp(t: Timeouts) -> Timeouts {
@@ -1024,9 +1042,13 @@ impl Receiving {
                 seq,
                 flags,
                 data,
-            }) => match &self.att.devices {
+            }) if !matches!(self.local, Local::No) => match &self.att.devices {
                 Some(d) => d.hub.deliver(Channel::Main, device, seq, flags, data),
-                None => Err(unexpected(Message::DevicesReady, "receiving")),
+                None => Err(MigrateError::UnknownDevice {
+                    channel: Channel::Main,
+                    index: device,
+                    count: 0,
+                }),
             },
             Ok(Message::Complete { final_pass }) if self.switch_pending() => {
                 self.final_pass = Some(final_pass);
@@ -1372,6 +1394,9 @@ impl Destination {
 /// `Go` arrived (or an operator forced it): run the guest and say so.
 fn run_guest(rx: &mut Destination, mut att: Box<Attempt>, load: Duration, late: bool) -> Step {
     let t = Instant::now();
+    if let Err(e) = run_devices(&att) {
+        return rx.discard(*att, e, "awaiting-go");
+    }
     if let Err(source) = rx.target.resume() {
         let e = MigrateError::Vm {
             op: "running the guest",
@@ -1399,6 +1424,19 @@ fn run_guest(rx: &mut Destination, mut att: Box<Attempt>, load: Duration, late: 
     rx.progress.set_status(Status::Completed);
     rx.progress.set_phase("running");
     Step::End(RecvOutcome::Running(stats))
+}
+
+/// Every device runs (from STOP), before the guest does.
+fn run_devices(att: &Attempt) -> Result<(), MigrateError> {
+    for d in &att.device_list {
+        d.set_state(crate::device::DeviceState::Running)
+            .map_err(|source| MigrateError::Device {
+                device: d.name().to_owned(),
+                op: "running",
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// Loaded, but no `Go` in time: the guest stays paused here with its complete state.

@@ -23,6 +23,8 @@ const PRECOPY_POLL: Duration = Duration::from_millis(2);
 const PRECOPY_POLL_MAX: Duration = Duration::from_millis(100);
 /// How long a device thread waits on a full channel queue before it looks at the stage.
 const QUEUE_WAIT: Duration = Duration::from_millis(10);
+/// Device bytes handed to the event loop for the main channel and not written yet.
+const MAIN_WINDOW: usize = 4 << 20;
 
 /// One chunk of one device's stream, on its way to a channel.
 #[derive(Debug)]
@@ -52,6 +54,46 @@ pub(crate) enum Route {
     Main,
 }
 
+/// Bytes in flight to the event loop (the main route): a device thread waits while the
+/// loop has [`MAIN_WINDOW`] bytes to write, so a large device cannot fill the loop's queue
+/// (and hold up its ticks and commands).
+#[derive(Default)]
+pub(crate) struct Window {
+    used: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Window {
+    fn used(&self) -> MutexGuard<'_, usize> {
+        self.used.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for room for `n` bytes (a chunk larger than the window goes alone) until
+    /// `give_up` says so; returns whether there was room.
+    fn take(&self, n: usize, give_up: impl Fn() -> bool) -> bool {
+        let mut used = self.used();
+        while *used > 0 && *used + n > MAIN_WINDOW {
+            if give_up() {
+                return false;
+            }
+            used = self
+                .freed
+                .wait_timeout(used, QUEUE_WAIT)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        *used += n;
+        true
+    }
+
+    /// The event loop wrote `n` bytes.
+    pub(crate) fn give(&self, n: usize) {
+        let mut used = self.used();
+        *used = used.saturating_sub(n);
+        self.freed.notify_all();
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     PreCopy,
@@ -77,6 +119,11 @@ impl Shared {
         self.changed.notify_all();
     }
 
+    /// The migration is over (committed or aborted): streams stop where they are.
+    fn ending(&self) -> bool {
+        matches!(*self.stage(), Stage::Abort | Stage::Done)
+    }
+
     /// Waits up to `d` for the stage to leave `from`; returns the stage.
     fn wait_change(&self, from: Stage, d: Duration) -> Stage {
         let g = self.stage();
@@ -97,12 +144,16 @@ struct Dev {
     initial_sent: bool,
 }
 
-/// Every device's sender thread.
+/// Every device's sender thread. Dropped without [`DeviceSenders::abort`], the devices
+/// stay as they are (stopped after a switchover): running them again is a decision only an
+/// abort makes.
 pub(crate) struct DeviceSenders {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     devices: Vec<Arc<dyn MigrationDevice>>,
     parallel: bool,
+    /// The main route's flow control.
+    pub(crate) window: Arc<Window>,
 }
 
 /// The Setup's description of `devices`.
@@ -134,7 +185,24 @@ impl DeviceSenders {
             threads: Vec::new(),
             devices: devices.clone(),
             parallel,
+            window: Arc::new(Window::default()),
         };
+        // Whatever fails from here, every device runs again (abort).
+        match out.spawn(devices, routes, report) {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                out.abort();
+                Err(e)
+            }
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        devices: Vec<Arc<dyn MigrationDevice>>,
+        routes: &[Route],
+        report: impl Fn(DeviceEvent) -> bool + Clone + Send + 'static,
+    ) -> Result<(), MigrateError> {
         let mut list = Vec::with_capacity(devices.len());
         for (i, dev) in devices.into_iter().enumerate() {
             let route = routes
@@ -151,21 +219,28 @@ impl DeviceSenders {
                 initial_sent: false,
             });
         }
-        let groups: Vec<Vec<Dev>> = if parallel {
-            list.into_iter().map(|d| vec![d]).collect()
-        } else {
-            vec![list]
-        };
+        let costs: Vec<Duration> = list.iter().map(|d| d.dev.load_cost()).collect();
+        let plan = crate::device::thread_groups(&costs, self.parallel, crate::device::cpus());
+        let mut slots: Vec<Option<Dev>> = list.into_iter().map(Some).collect();
+        let groups: Vec<Vec<Dev>> = plan
+            .into_iter()
+            .map(|g| {
+                g.into_iter()
+                    .filter_map(|i| slots.get_mut(i)?.take())
+                    .collect()
+            })
+            .collect();
         for (n, group) in groups.into_iter().enumerate() {
-            let shared = shared.clone();
+            let shared = self.shared.clone();
             let report = report.clone();
+            let window = self.window.clone();
             let join = std::thread::Builder::new()
                 .name(format!("mig-dev{n}"))
-                .spawn(move || run(group, &shared, &report))
+                .spawn(move || run(group, &shared, &window, &report))
                 .map_err(MigrateError::io("starting a device thread"))?;
-            out.threads.push(join);
+            self.threads.push(join);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// How many devices stream.
@@ -192,16 +267,22 @@ impl DeviceSenders {
         crate::policy::devices_load(self.devices.iter().map(|d| d.load_cost()), self.parallel)
     }
 
-    /// The hand-over committed: the threads end and the devices stay stopped.
+    /// The destination runs the guest: the threads end and the devices stay stopped.
     pub(crate) fn finish(mut self) {
         self.shared.set(Stage::Done);
         self.join();
     }
 
-    /// The migration failed: every device runs again before the guest does.
+    /// The guest stays here: the threads stop (a stream in flight is dropped), then every
+    /// device runs again, before the guest does.
     pub(crate) fn abort(mut self) {
         self.shared.set(Stage::Abort);
         self.join();
+        for d in &self.devices {
+            if let Err(e) = d.set_state(DeviceState::Running) {
+                tracing::error!("device '{}': could not run again: {e}", d.name());
+            }
+        }
     }
 
     fn join(&mut self) {
@@ -214,7 +295,7 @@ impl DeviceSenders {
 impl Drop for DeviceSenders {
     fn drop(&mut self) {
         if !self.threads.is_empty() {
-            self.shared.set(Stage::Abort);
+            self.shared.set(Stage::Done);
             self.join();
         }
     }
@@ -231,40 +312,49 @@ fn device_err<'a>(
     }
 }
 
-/// A device thread: PRE_COPY until the switchover, then STOP_COPY, then wait for the
-/// outcome. A failure is reported and the devices are given back to RUNNING.
-fn run(mut group: Vec<Dev>, shared: &Shared, report: &impl Fn(DeviceEvent) -> bool) {
-    let r = precopy(&mut group, shared, report).and_then(|stage| match stage {
-        Stage::StopCopy => stop_copy(&mut group, shared, report),
+/// A device thread: PRE_COPY until the switchover, then STOP_COPY, then it waits for the
+/// outcome (the owner of [`DeviceSenders`] runs the devices again if it aborts). A failure
+/// is reported and fails the migration.
+fn run(
+    mut group: Vec<Dev>,
+    shared: &Shared,
+    window: &Window,
+    report: &impl Fn(DeviceEvent) -> bool,
+) {
+    let out = Out {
+        shared,
+        window,
+        report,
+    };
+    let r = precopy(&mut group, &out).and_then(|stage| match stage {
+        Stage::StopCopy => stop_copy(&mut group, &out),
         s => Ok(s),
     });
-    let end = match r {
-        Ok(s) => s,
-        Err(e) => {
+    if let Err(e) = r {
+        // Once the migration ends, a failure is no news.
+        if !shared.ending() {
             report(DeviceEvent::Failed(e));
-            // Waits for the event loop's verdict: it aborts.
-            let mut s = *shared.stage();
-            while s != Stage::Abort && s != Stage::Done {
-                s = shared.wait_change(s, Duration::from_millis(100));
-            }
-            s
         }
-    };
-    if end == Stage::Abort {
-        for d in &group {
-            if let Err(e) = d.dev.set_state(DeviceState::Running) {
-                tracing::error!("device '{}': could not run again: {e}", d.dev.name());
-            }
+        let mut s = *shared.stage();
+        while !matches!(s, Stage::Abort | Stage::Done) {
+            s = shared.wait_change(s, Duration::from_millis(100));
         }
     }
 }
 
+/// Where a device thread's chunks and reports go.
+struct Out<'a, R> {
+    shared: &'a Shared,
+    window: &'a Window,
+    report: &'a R,
+}
+
 /// Streams what the devices have while the guest runs; returns the stage that ended it.
-fn precopy(
+fn precopy<R: Fn(DeviceEvent) -> bool>(
     group: &mut [Dev],
-    shared: &Shared,
-    report: &impl Fn(DeviceEvent) -> bool,
+    out: &Out<'_, R>,
 ) -> Result<Stage, MigrateError> {
+    let shared = out.shared;
     let mut buf = Vec::with_capacity(CHUNK);
     // A device with nothing to send is asked less and less often (a big VM has many idle
     // vCPUs); a stage change wakes the thread at once anyway.
@@ -272,7 +362,7 @@ fn precopy(
     loop {
         let mut sent = false;
         for d in group.iter_mut() {
-            sent |= precopy_one(d, &mut buf, shared, report)?;
+            sent |= precopy_one(d, &mut buf, out)?;
         }
         let stage = *shared.stage();
         if stage != Stage::PreCopy {
@@ -291,11 +381,10 @@ fn precopy(
 
 /// One read of a PRE_COPY device; the chunk that ends its initial bytes (or an empty one,
 /// for a device without any) carries [`DEVICE_INITIAL_END`]. Returns whether it sent.
-fn precopy_one(
+fn precopy_one<R: Fn(DeviceEvent) -> bool>(
     d: &mut Dev,
     buf: &mut Vec<u8>,
-    shared: &Shared,
-    report: &impl Fn(DeviceEvent) -> bool,
+    out: &Out<'_, R>,
 ) -> Result<bool, MigrateError> {
     buf.clear();
     let n = d
@@ -308,17 +397,17 @@ fn precopy_one(
     }
     let flags = if initial_end { DEVICE_INITIAL_END } else { 0 };
     d.initial_sent |= initial_end;
-    send_chunks(d, buf, flags, shared, report)?;
+    send_chunks(d, buf, flags, out)?;
     Ok(n > 0)
 }
 
 /// Enters STOP_COPY on every device of the group and streams each to its end, one after
 /// another (a group is one device, or all of them when serial).
-fn stop_copy(
+fn stop_copy<R: Fn(DeviceEvent) -> bool>(
     group: &mut [Dev],
-    shared: &Shared,
-    report: &impl Fn(DeviceEvent) -> bool,
+    out: &Out<'_, R>,
 ) -> Result<Stage, MigrateError> {
+    let shared = out.shared;
     let t = Instant::now();
     for d in group.iter() {
         d.dev
@@ -328,6 +417,9 @@ fn stop_copy(
     let mut buf = Vec::with_capacity(CHUNK);
     for d in group.iter_mut() {
         loop {
+            if shared.ending() {
+                return Err(gone(d.dev.name()));
+            }
             buf.clear();
             let n = d
                 .dev
@@ -336,10 +428,10 @@ fn stop_copy(
             if n == 0 {
                 break;
             }
-            send_chunks(d, &buf, 0, shared, report)?;
+            send_chunks(d, &buf, 0, out)?;
         }
-        send_chunks(d, &[], DEVICE_END, shared, report)?;
-        report(DeviceEvent::Ended {
+        send_chunks(d, &[], DEVICE_END, out)?;
+        (out.report)(DeviceEvent::Ended {
             device: d.index,
             save: t.elapsed(),
         });
@@ -353,12 +445,11 @@ fn stop_copy(
 
 /// Sends `data` as one or more chunks (a device may return more than a frame holds); the
 /// flags go on the last.
-fn send_chunks(
+fn send_chunks<R: Fn(DeviceEvent) -> bool>(
     d: &mut Dev,
     data: &[u8],
     flags: u8,
-    shared: &Shared,
-    report: &impl Fn(DeviceEvent) -> bool,
+    out: &Out<'_, R>,
 ) -> Result<(), MigrateError> {
     let max = MAX_DEVICE_CHUNK as usize;
     let mut parts: Vec<&[u8]> = data.chunks(max).collect();
@@ -374,34 +465,46 @@ fn send_chunks(
             data: part.to_vec(),
         };
         d.seq = d.seq.wrapping_add(1);
-        deliver(&d.route, chunk, shared, report, d.dev.name())?;
+        deliver(&d.route, chunk, out, d.dev.name())?;
     }
     Ok(())
 }
 
-/// Queues a chunk on its route; gives up when the migration aborts or the channel is gone.
-fn deliver(
-    route: &Route,
-    mut chunk: DeviceChunk,
-    shared: &Shared,
-    report: &impl Fn(DeviceEvent) -> bool,
-    name: &str,
-) -> Result<(), MigrateError> {
-    let gone = || MigrateError::DeviceStream {
+/// A stream cut short because the migration ended.
+fn gone(name: &str) -> MigrateError {
+    MigrateError::DeviceStream {
         device: name.to_owned(),
         problem: "has no channel any more (the migration is ending)".into(),
-    };
+    }
+}
+
+/// Queues a chunk on its route; gives up when the migration ends or the channel is gone.
+fn deliver<R: Fn(DeviceEvent) -> bool>(
+    route: &Route,
+    mut chunk: DeviceChunk,
+    out: &Out<'_, R>,
+    name: &str,
+) -> Result<(), MigrateError> {
+    let ending = || out.shared.ending();
+    if ending() {
+        return Err(gone(name));
+    }
     match route {
-        Route::Main => report(DeviceEvent::Chunk(chunk))
-            .then_some(())
-            .ok_or_else(gone),
+        Route::Main => {
+            if !out.window.take(chunk.data.len(), ending) {
+                return Err(gone(name));
+            }
+            (out.report)(DeviceEvent::Chunk(chunk))
+                .then_some(())
+                .ok_or_else(|| gone(name))
+        }
         Route::Channel(tx) => loop {
             match tx.send_timeout(chunk, QUEUE_WAIT) {
                 Ok(()) => return Ok(()),
-                Err(SendTimeoutError::Disconnected(_)) => return Err(gone()),
+                Err(SendTimeoutError::Disconnected(_)) => return Err(gone(name)),
                 Err(SendTimeoutError::Timeout(c)) => {
-                    if *shared.stage() == Stage::Abort {
-                        return Err(gone());
+                    if ending() {
+                        return Err(gone(name));
                     }
                     chunk = c;
                 }

@@ -206,6 +206,7 @@ pub fn migrate(
         return SendOutcome::Failed(e);
     }
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    let device_list = vm.devices();
     let mut src = Source {
         vm,
         ram,
@@ -226,6 +227,7 @@ pub fn migrate(
         wire: Wire::default(),
         peer_sums: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         workers: Workers::default(),
+        device_list,
         devices: None,
         devices_ready: false,
         tracker: None,
@@ -315,6 +317,8 @@ struct Source {
     /// Set once checksums are agreed: the main channel's reader then requires them.
     peer_sums: Arc<std::sync::atomic::AtomicBool>,
     workers: Workers,
+    /// Every device and vCPU, read once: the Setup's list and the streams follow its order.
+    device_list: Vec<Arc<dyn crate::device::MigrationDevice>>,
     /// The device streams, from precopy on.
     devices: Option<DeviceSenders>,
     /// The destination has loaded every device's initial bytes (switchover-ack).
@@ -453,7 +457,12 @@ impl Source {
     /// Whether the destination has acknowledged its memory preparation (or needs none)
     /// and the devices' initial bytes.
     fn destination_ready(&self) -> bool {
-        (!self.need_prepared || self.prepared.is_some()) && self.devices_ready
+        self.prepared_ok() && self.devices_ready
+    }
+
+    /// Whether the destination has acknowledged its memory preparation (or needs none).
+    fn prepared_ok(&self) -> bool {
+        !self.need_prepared || self.prepared.is_some()
     }
 
     /// Gives the guest back to this side after a failure: stop tracking and throttling, and

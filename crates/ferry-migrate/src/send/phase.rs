@@ -470,7 +470,7 @@ impl Source {
         let setup = Message::Setup(Setup {
             vm: self.vm.description(),
             timeouts: self.params.timeouts(),
-            devices: devices::describe(&self.vm.devices()),
+            devices: devices::describe(&self.device_list),
             parallel_devices: self.params.parallel_devices,
         });
         self.send(&setup, phase, deadline)
@@ -496,7 +496,7 @@ impl Source {
     /// Moves every device to PRE_COPY and starts streaming them on `routes`.
     fn start_devices(&mut self, routes: &[Route]) -> Result<(), MigrateError> {
         let tx = self.events_tx.clone();
-        let list = self.vm.devices();
+        let list = self.device_list.clone();
         self.stats.devices = u32::try_from(list.len()).unwrap_or(u32::MAX);
         self.stats.parallel_devices = self.params.parallel_devices;
         let senders = DeviceSenders::start(list, routes, self.params.parallel_devices, move |e| {
@@ -515,6 +515,7 @@ impl Source {
     ) -> Result<Option<std::time::Duration>, MigrateError> {
         match ev {
             DeviceEvent::Chunk(c) => {
+                let n = c.data.len();
                 let msg = Message::DeviceData {
                     device: c.device,
                     seq: c.seq,
@@ -522,8 +523,11 @@ impl Source {
                     data: c.data,
                 };
                 let deadline = Instant::now() + self.params.switchover_timeout;
-                self.send(&msg, phase, deadline)?;
-                Ok(None)
+                let sent = self.send(&msg, phase, deadline);
+                if let Some(d) = &self.devices {
+                    d.window.give(n);
+                }
+                sent.map(|()| None)
             }
             DeviceEvent::Ended { device, save } => {
                 tracing::debug!(device, ms = ms(save), "a device's stop-copy stream is out");
@@ -602,6 +606,8 @@ pub(super) struct Precopy {
     discard_deadline: Option<Instant>,
     /// `migrate-start-postcopy` arrived: switch at the end of the pass in flight.
     postcopy_asked: bool,
+    /// A postcopy without precopy: the destination has discarded its memory.
+    discarded: bool,
     outstanding: usize,
     totals: PassTotals,
     conv: Convergence,
@@ -725,6 +731,7 @@ impl Precopy {
             sent_any: false,
             discard_deadline: None,
             postcopy_asked: false,
+            discarded: false,
         };
         p.rtt.ping(src)?;
         if src.params.postcopy == PostcopyMode::Now {
@@ -841,10 +848,10 @@ impl Precopy {
                 self.limits.rtt = self.rtt.pong(nonce);
             }
             Event::Peer(Ok(Message::Discarded { discard_us }))
-                if self.discard_deadline.is_some() =>
+                if self.discard_deadline.is_some() && !self.discarded =>
             {
                 tracing::info!(discard_us, "destination memory discarded for postcopy");
-                return self.switch_to_postcopy(src, "now");
+                self.discarded = true;
             }
             Event::Command(req) if req.command == Command::StartPostcopy => {
                 return self.start_postcopy(req, src);
@@ -871,7 +878,28 @@ impl Precopy {
             }
             ev => early_event(ev, src, "precopy")?,
         }
+        // A postcopy without precopy switches once the memory is discarded there and every
+        // device's initial bytes are loaded (switchover-ack).
+        if self.discarded && src.devices_ready {
+            return self.switch_to_postcopy(src, "now");
+        }
+        if let Some(e) = self.ack_overdue(src) {
+            return Err(e);
+        }
         Ok(Step::Next(Phase::Precopy(self)))
+    }
+
+    /// Converged, memory prepared there, but the devices' initial bytes still not loaded
+    /// after the progress timeout: the destination is not going to say so.
+    fn ack_overdue(&self, src: &Source) -> Option<MigrateError> {
+        let waiting = self.converged_at?;
+        let stuck = src.prepared_ok() && !src.devices_ready;
+        (stuck && waiting.elapsed() >= src.params.progress_timeout).then_some(
+            MigrateError::Timeout {
+                what: Waited::DevicesReady,
+                after: src.params.progress_timeout,
+            },
+        )
     }
 
     /// Every channel finished the pass: sync the dirty log and ask the policy.
@@ -1149,7 +1177,6 @@ impl Switchover {
         }
         src.send(&Message::Go, "switchover", self.deadline)?;
         tracing::info!("hand-over committed: Go sent");
-        src.finish_devices();
         // Dirty logging and throttling end when the migration does (stopping the log costs
         // milliseconds of CPU, which would delay reading Running).
         let go_at = Instant::now();
@@ -1276,6 +1303,7 @@ impl Source {
     /// The destination runs the guest: fill in the statistics and close.
     fn complete(&mut self, a: &AwaitRunning, resume_us: u64, late: bool) -> Step {
         let running = Instant::now();
+        self.finish_devices();
         let t = a.t;
         let d = &mut self.stats.downtime;
         d.final_sync_ms = ms(t.synced - t.paused);
@@ -1388,6 +1416,10 @@ impl Unconfirmed {
         let link = state.link();
         match req.command {
             Command::Resume { force: true } => {
+                // Its devices run again first, as in any take-back.
+                if let Some(d) = src.devices.take() {
+                    d.abort();
+                }
                 if let Err(e) = src.vm.resume() {
                     req.refuse("unconfirmed", &format!("the VM could not resume: {e}"));
                     return Step::Next(Phase::Unconfirmed(self));

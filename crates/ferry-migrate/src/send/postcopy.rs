@@ -36,6 +36,10 @@ use crate::CHUNK_PAGES;
 /// `Loaded`.
 pub(super) struct PostcopySwitch {
     deadline: Instant,
+    /// Devices still streaming their stop-copy state: `Go` waits for them all (a `Loaded`
+    /// read before the last device thread said it ended is kept until it does).
+    devices_left: usize,
+    early_loaded: Option<u64>,
     pass: u32,
     missing: Arc<DirtySnapshot>,
     stats: PostcopySendStats,
@@ -60,7 +64,7 @@ impl PostcopySwitch {
         missing.merge(&pre.snap)?;
         let pass = if pre.sent_any { pre.pass + 1 } else { 0 };
         // The device streams go on the data channels, ahead of the postcopy pass.
-        src.stop_copy_devices();
+        let devices_left = src.stop_copy_devices();
         if pre.sent_any {
             // Without a pass sent, the destination discarded all its memory before the pause.
             let stale = stale_runs(src, &missing);
@@ -82,6 +86,8 @@ impl PostcopySwitch {
         };
         Ok(PostcopySwitch {
             deadline,
+            devices_left,
+            early_loaded: None,
             pass,
             missing: Arc::new(missing),
             stats,
@@ -93,9 +99,19 @@ impl PostcopySwitch {
         self.deadline
     }
 
-    pub(super) fn on(self: Box<Self>, ev: Event, src: &mut Source) -> Result<Step, MigrateError> {
+    pub(super) fn on(
+        mut self: Box<Self>,
+        ev: Event,
+        src: &mut Source,
+    ) -> Result<Step, MigrateError> {
         match ev {
-            Event::Peer(Ok(Message::Loaded { load_us })) => self.commit(src, load_us),
+            Event::Peer(Ok(Message::Loaded { load_us })) if self.devices_left == 0 => {
+                self.commit(src, load_us)
+            }
+            Event::Peer(Ok(Message::Loaded { load_us })) if self.early_loaded.is_none() => {
+                self.early_loaded = Some(load_us);
+                Ok(Step::Next(Phase::PostcopySwitch(self)))
+            }
             Event::Peer(Ok(
                 Message::Ack { .. } | Message::Prepared { .. } | Message::Pong { .. },
             )) => Ok(Step::Next(Phase::PostcopySwitch(self))),
@@ -104,9 +120,16 @@ impl PostcopySwitch {
                 Err(src.prefer_peer_reason(e))
             }
             Event::Device(ev) => {
-                src.on_device(ev, "postcopy-switch")
+                let ended = src
+                    .on_device(ev, "postcopy-switch")
                     .inspect_err(|_| src.take_back())?;
-                Ok(Step::Next(Phase::PostcopySwitch(self)))
+                if ended.is_some() {
+                    self.devices_left = self.devices_left.saturating_sub(1);
+                }
+                match self.early_loaded {
+                    Some(load_us) if self.devices_left == 0 => self.commit(src, load_us),
+                    _ => Ok(Step::Next(Phase::PostcopySwitch(self))),
+                }
             }
             Event::Tick if Instant::now() >= self.deadline => Err(MigrateError::Timeout {
                 what: Waited::Loaded,
@@ -129,7 +152,6 @@ impl PostcopySwitch {
         }
         src.send(&Message::Go, "postcopy-switch", self.deadline)?;
         let go_at = Instant::now();
-        src.finish_devices();
         tracing::info!(
             load_us,
             "postcopy committed: Go sent; pushing the missing pages"
@@ -348,6 +370,8 @@ impl PostcopyActive {
         match ev {
             Event::Peer(Ok(Message::Running { resume_us })) if self.running.is_none() => {
                 self.running = Some(Instant::now());
+                // The guest is the destination's now: the devices here stay stopped.
+                src.finish_devices();
                 src.progress.set_status(Status::Postcopy);
                 tracing::info!(resume_us, "the guest runs on the destination (postcopy)");
             }

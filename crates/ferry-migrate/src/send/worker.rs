@@ -303,7 +303,7 @@ impl WorkerCtx {
                     Err(_) => return,
                 },
                 recv(dev_rx) -> chunk => match chunk {
-                    Ok(c) => self.send_device_chunk(&mut stream, bufs, c, "precopy").map(|()| None),
+                    Ok(c) => self.send_device_chunk(&mut stream, bufs, c, "device-state").map(|()| None),
                     Err(_) => {
                         devices_open = false;
                         Ok(None)
