@@ -1564,7 +1564,10 @@ fn test_devices_load_side_by_side_and_keep_checking_themselves() {
     let dir = tempfile::tempdir().unwrap();
     let uri = format!("unix:{}", dir.path().join("mig.sock").display());
     // Started without --device: it creates the source's devices from their description.
-    let mut dst = destination(dir.path(), "destination", &uri, MEM, 2, &[]);
+    let dst_digest = dir.path().join("dst.digest");
+    let src_digest = dir.path().join("src.digest");
+    let digest_arg = [s("--digest-file"), dst_digest.display().to_string()];
+    let mut dst = destination(dir.path(), "destination", &uri, MEM, 2, &digest_arg);
     let loads = [20u64, 40, 60];
     let specs: Vec<String> = loads
         .iter()
@@ -1576,8 +1579,18 @@ fn test_devices_load_side_by_side_and_keep_checking_themselves() {
     let before: Vec<u64> = testdevs(&src).iter().map(|d| d.1).collect();
     assert!(before.iter().all(|s| *s > 0), "devices step: {before:?}");
 
-    let out = migrate_json(&src, &uri, &["--switchover-timeout", "5000"]);
+    let out = migrate_json(
+        &src,
+        &uri,
+        &[
+            "--switchover-timeout",
+            "60000",
+            "--digest-file",
+            src_digest.to_str().unwrap(),
+        ],
+    );
     let stats = completed_stats(&out, &src, &dst);
+    assert_same_memory(&src_digest, &dst_digest);
     // 2 vCPUs, the platform, 3 test devices.
     assert_eq!(stats["devices"], 6, "{stats}");
     assert_eq!(stats["parallel_devices"], true);
