@@ -3,8 +3,10 @@
 //! destination writes, in these states:
 //!
 //! ```text
-//! source:       RUNNING -> PRE_COPY -> STOP_COPY -> STOP        (any of them -> RUNNING: abort)
-//! destination:  STOP -> RESUMING -> STOP (the stream is loaded) -> RUNNING
+//! source:       RUNNING -> PRE_COPY -> STOP_COPY   (stays there once the destination runs
+//!                                                   the guest; -> RUNNING whenever the guest
+//!                                                   comes back: abort, refused Go, forced resume)
+//! destination:  RESUMING -> STOP (the stream is loaded) -> RUNNING (just before the guest)
 //! ```
 //!
 //! In PRE_COPY the guest runs and the device streams what it can ahead of time: first its
