@@ -1712,3 +1712,38 @@ fn a_local_hand_over_streams_device_state_over_the_socket() {
     assert!(steps > before, "{steps} after {before}");
     assert_carries_on_then_quit(&mut dst, &[]);
 }
+
+#[test]
+fn postcopy_loads_every_device_before_the_guest_runs_there() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = tcp_uri();
+    let mut dst = destination(dir.path(), "destination", &uri, MEM, 2, &[]);
+    let src = source_with_devices(
+        dir.path(),
+        2,
+        "ws=8M tdev=2",
+        &["testdev,mem=2M,load-ms=30", "testdev,mem=1M,precopy=0"],
+    );
+    let before = testdevs(&src);
+    let out = migrate_json(&src, &uri, &["--postcopy", "--channels", "2"]);
+    let stats = completed_stats(&out, &src, &dst);
+    assert!(
+        stats["postcopy"]["pages_missing"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    assert_eq!(stats["devices"], 5, "{stats}");
+    assert!(
+        stats["downtime"]["dest_load_ms"].as_f64().unwrap() >= 30.0,
+        "{stats}"
+    );
+    dst.wait_progress(3);
+    assert!(dst.fails().is_empty(), "{:?}", dst.fails());
+    let after = testdevs(&dst);
+    assert_eq!(after.len(), 2);
+    for (i, (name, steps, fails, state)) in after.iter().enumerate() {
+        assert_eq!((*fails, state.as_str()), (0, "RUNNING"), "{name}");
+        assert!(*steps > before[i].1, "{name} carried on");
+    }
+    assert_carries_on_then_quit(&mut dst, &["\"postcopy\":{"]);
+}

@@ -152,6 +152,8 @@ impl PostcopySwitch {
         }
         src.send(&Message::Go, "postcopy-switch", self.deadline)?;
         let go_at = Instant::now();
+        // The destination's own time for discarding, registering and loading the devices.
+        src.stats.downtime.dest_load_ms = load_us as f64 / 1000.0;
         tracing::info!(
             load_us,
             "postcopy committed: Go sent; pushing the missing pages"
