@@ -13,7 +13,8 @@
 //! "initial bytes", which the destination must have loaded before the source may pause the
 //! guest (switchover-ack), then whatever it dirties. In STOP_COPY (guest paused) it streams
 //! the rest and ends. The engine moves every device's stream over the data channels side
-//! by side, and loads each on its own thread.
+//! by side, and loads each on its own thread (small devices, like vCPUs, share as many
+//! threads as there are CPUs: [`thread_groups`]).
 
 use std::time::Duration;
 
@@ -82,23 +83,24 @@ pub trait MigrationDevice: Send + Sync {
     /// Destination, in RESUMING: the next bytes of the stream, in order. Fails on a
     /// stream the device cannot take (corrupt, truncated, of another device).
     fn write(&self, data: &[u8]) -> Result<(), VmError>;
+    /// Whether saving and loading it is a little CPU work (a vCPU's registers): such
+    /// devices share as many threads as there are CPUs. Any other device (a stream to
+    /// wait for, a load that waits on firmware) gets a thread of its own on each side.
+    fn small(&self) -> bool {
+        false
+    }
 }
 
-/// A device whose load costs at least this much waits on something (firmware) rather than
-/// computing: it gets a thread of its own, so such devices overlap however many there are.
-pub const OWN_THREAD_COST: Duration = Duration::from_millis(1);
-
-/// Which devices share a save or load thread, as lists of indexes into `costs` (each
-/// device's [`MigrationDevice::load_cost`]). Serial: one thread for all, in order.
-/// Parallel: every device of [`OWN_THREAD_COST`] or more alone, the cheap ones (vCPUs,
-/// whose save and load are CPU work) dealt over at most `cpus` threads (more threads than
-/// CPUs only add switching).
-pub fn thread_groups(costs: &[Duration], parallel: bool, cpus: usize) -> Vec<Vec<usize>> {
+/// Which devices share a save or load thread, as lists of indexes into `small` (each
+/// device's [`MigrationDevice::small`]). Serial: one thread for all, in order. Parallel:
+/// every device alone, except the small ones (vCPUs, whose save and load are CPU work),
+/// dealt over at most `cpus` threads (more threads than CPUs only add switching).
+pub fn thread_groups(small: &[bool], parallel: bool, cpus: usize) -> Vec<Vec<usize>> {
     if !parallel {
-        return vec![(0..costs.len()).collect()];
+        return vec![(0..small.len()).collect()];
     }
-    let (own, cheap): (Vec<usize>, Vec<usize>) =
-        (0..costs.len()).partition(|&i| costs.get(i).is_some_and(|c| *c >= OWN_THREAD_COST));
+    let (cheap, own): (Vec<usize>, Vec<usize>) =
+        (0..small.len()).partition(|&i| small.get(i).copied().unwrap_or(false));
     let pool = cpus.clamp(1, cheap.len().max(1));
     let mut shared: Vec<Vec<usize>> = vec![Vec::new(); pool];
     for (k, i) in cheap.into_iter().enumerate() {
@@ -112,7 +114,17 @@ pub fn thread_groups(costs: &[Duration], parallel: bool, cpus: usize) -> Vec<Vec
         .collect()
 }
 
-/// The CPUs this process may use (the pool size for cheap devices).
+/// What loading costs when `groups` load side by side: the slowest thread, each thread
+/// paying for its devices one after another.
+pub fn load_estimate(groups: &[Vec<usize>], costs: &[Duration]) -> Duration {
+    groups
+        .iter()
+        .map(|g| g.iter().filter_map(|&i| costs.get(i)).sum::<Duration>())
+        .max()
+        .unwrap_or_default()
+}
+
+/// The CPUs this process may use (the pool size for small devices).
 pub(crate) fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -122,36 +134,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn waiting_devices_get_their_own_thread_and_vcpus_share_one_per_cpu() {
-        let us = Duration::from_micros;
-        let ms = Duration::from_millis;
-        // Four vCPUs, a firmware device, two more vCPUs, a platform part.
-        let costs = [
-            us(200),
-            us(200),
-            us(200),
-            us(200),
-            ms(20),
-            us(200),
-            us(200),
-            us(200),
-        ];
-        let g = thread_groups(&costs, true, 2);
+    fn devices_get_their_own_thread_and_small_ones_share_one_per_cpu() {
+        // Four vCPUs, a device with a stream, two more vCPUs, the platform.
+        let small = [true, true, true, true, false, true, true, true];
+        let g = thread_groups(&small, true, 2);
         assert_eq!(g, vec![vec![4], vec![0, 2, 5, 7], vec![1, 3, 6]]);
         // Serial: everything on one thread, in order.
         assert_eq!(
-            thread_groups(&costs, false, 2),
+            thread_groups(&small, false, 2),
             vec![(0..8).collect::<Vec<_>>()]
         );
-        // Fewer cheap devices than CPUs: no empty thread.
+        // Fewer small devices than CPUs: no empty thread.
         assert_eq!(
-            thread_groups(&[us(1), ms(5)], true, 8),
+            thread_groups(&[true, false], true, 8),
             vec![vec![1], vec![0]]
         );
         assert!(thread_groups(&[], true, 4).is_empty());
         assert_eq!(
-            thread_groups(&[ms(2), ms(3)], true, 1),
+            thread_groups(&[false, false], true, 1),
             vec![vec![0], vec![1]]
+        );
+    }
+
+    #[test]
+    fn the_load_estimate_is_the_slowest_thread() {
+        let ms = Duration::from_millis;
+        let costs = [ms(1), ms(1), ms(1), ms(20)];
+        let small = [true, true, true, false];
+        // vCPUs 0 and 2 on one thread (2 ms), 1 on another, the device alone (20 ms).
+        assert_eq!(
+            load_estimate(&thread_groups(&small, true, 2), &costs),
+            ms(20)
+        );
+        let costs = [ms(15), ms(1), ms(15), ms(20)];
+        assert_eq!(
+            load_estimate(&thread_groups(&small, true, 2), &costs),
+            ms(30)
+        );
+        assert_eq!(
+            load_estimate(&thread_groups(&small, false, 2), &costs),
+            ms(51)
         );
     }
 }

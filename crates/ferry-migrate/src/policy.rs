@@ -26,18 +26,8 @@ pub struct Limits {
     /// Round trip to the destination (`Ping`/`Pong` during precopy).
     pub rtt: Duration,
     /// What loading the devices costs the destination inside the downtime
-    /// ([`devices_load`]).
+    /// ([`crate::device::load_estimate`]).
     pub device_load: Duration,
-}
-
-/// The downtime's device load part: the slowest device when each loads on its own thread,
-/// the sum when they load one after another.
-pub fn devices_load(costs: impl Iterator<Item = Duration>, parallel: bool) -> Duration {
-    if parallel {
-        costs.max().unwrap_or_default()
-    } else {
-        costs.sum()
-    }
 }
 
 /// What one pass measured.
@@ -370,25 +360,6 @@ mod tests {
         };
         let e = c.estimate(&l, 20 * MB, Duration::from_millis(2));
         assert!((e.as_secs_f64() - 0.055).abs() < 1e-6, "{e:?}");
-    }
-
-    #[test]
-    fn devices_load_side_by_side_cost_the_slowest_and_in_a_row_the_sum() {
-        let t = |ms: &[u64]| {
-            ms.iter()
-                .map(|m| Duration::from_millis(*m))
-                .collect::<Vec<_>>()
-        };
-        let costs = t(&[10, 40, 20]);
-        assert_eq!(
-            devices_load(costs.iter().copied(), true),
-            Duration::from_millis(40)
-        );
-        assert_eq!(
-            devices_load(costs.iter().copied(), false),
-            Duration::from_millis(70)
-        );
-        assert_eq!(devices_load(t(&[]).into_iter(), true), Duration::ZERO);
     }
 
     #[test]

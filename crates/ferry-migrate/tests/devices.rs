@@ -197,3 +197,25 @@ fn the_source_pauses_only_after_the_destination_loaded_every_initial_byte() {
         initial_at - paused
     );
 }
+
+#[test]
+fn a_destination_that_never_loads_the_initial_bytes_is_given_up_on() {
+    let dst = Dest::start(MIB);
+    let src = FakeSource::start(MIB, 4, Duration::from_millis(1));
+    // Longer than the progress timeout of the test parameters (1.5 s).
+    let slow = FakeDevice::slow_initial("nic0", vec![7; 4096], Duration::from_secs(3), || vec![1]);
+    src.add_device(slow.clone());
+    let e = failed(Migration::start(&src, &dst.uri, params()).finish());
+    assert!(
+        matches!(
+            e,
+            MigrateError::Timeout {
+                what: ferry_migrate::error::Waited::DevicesReady,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_source_owns(&src, &dst.target);
+    assert_eq!(slow.state(), Some(DeviceState::Running));
+}

@@ -194,6 +194,9 @@ impl MigrationDevice for VcpuPart {
     fn write(&self, data: &[u8]) -> Result<(), VmError> {
         lock(&self.blob).write(&self.name, data)
     }
+    fn small(&self) -> bool {
+        true
+    }
 }
 
 /// What is VM-wide: irqchips, PIT, clock and the emulated UART and DMA device. Loaded (decoded and
@@ -245,6 +248,9 @@ impl MigrationDevice for PlatformPart {
     }
     fn write(&self, data: &[u8]) -> Result<(), VmError> {
         lock(&self.blob).write(PLATFORM_DEVICE, data)
+    }
+    fn small(&self) -> bool {
+        true
     }
 }
 

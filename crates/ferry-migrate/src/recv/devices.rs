@@ -1,6 +1,7 @@
-//! The destination's device loaders: each device (vCPUs included) takes its stream on its
-//! own thread (or, when the source asked for serial loading, all on one), so devices whose
-//! chunks arrive side by side also load side by side and the downtime pays for the slowest.
+//! The destination's device loaders: each device takes its stream on its own thread (small
+//! ones, like vCPUs, share as many threads as there are CPUs; when the source asked for
+//! serial loading, all share one), so devices whose chunks arrive side by side also load
+//! side by side and the downtime pays for the slowest.
 //! A chunk is checked against its device's sequence before the device sees it; the device
 //! checks its own bytes.
 
@@ -104,8 +105,8 @@ impl DeviceLoad {
             })
             .collect();
         let n = list.len();
-        let costs: Vec<Duration> = list.iter().map(|l| l.dev.load_cost()).collect();
-        let plan = crate::device::thread_groups(&costs, parallel, crate::device::cpus());
+        let small: Vec<bool> = list.iter().map(|l| l.dev.small()).collect();
+        let plan = crate::device::thread_groups(&small, parallel, crate::device::cpus());
         let mut slots: Vec<Option<Loading>> = list.into_iter().map(Some).collect();
         let groups: Vec<Vec<Loading>> = plan
             .into_iter()

@@ -803,7 +803,9 @@ impl Receiving {
         att.device_list = devices.clone();
         // Answer first: the source takes this exchange as its round-trip time, so it must
         // not include starting threads (whose stacks wait for the memory preparation's
-        // hold on the address space). Pages wait in the socket buffers meanwhile.
+        // hold on the address space); only the devices are had before it, since a refusal
+        // must name them (a test device created here is part of that). Pages wait in the
+        // socket buffers meanwhile.
         let deadline = control_deadline(&att);
         if let Err(e) = att.send(&Message::SetupAccepted, "handshake", deadline) {
             return Err((att, e));
@@ -1043,7 +1045,13 @@ impl Receiving {
                 flags,
                 data,
             }) if !matches!(self.local, Local::No) => match &self.att.devices {
-                Some(d) => d.hub.deliver(Channel::Main, device, seq, flags, data),
+                Some(d) => {
+                    self.att
+                        .activity
+                        .bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    d.hub.deliver(Channel::Main, device, seq, flags, data)
+                }
                 None => Err(MigrateError::UnknownDevice {
                     channel: Channel::Main,
                     index: device,
@@ -1395,9 +1403,11 @@ impl Destination {
 fn run_guest(rx: &mut Destination, mut att: Box<Attempt>, load: Duration, late: bool) -> Step {
     let t = Instant::now();
     if let Err(e) = run_devices(&att) {
+        stop_devices(&att);
         return rx.discard(*att, e, "awaiting-go");
     }
     if let Err(source) = rx.target.resume() {
+        stop_devices(&att);
         let e = MigrateError::Vm {
             op: "running the guest",
             source,
@@ -1437,6 +1447,16 @@ fn run_devices(att: &Attempt) -> Result<(), MigrateError> {
             })?;
     }
     Ok(())
+}
+
+/// The guest will not run here after all: its devices stop again (best effort; the
+/// source, told so, runs its own).
+fn stop_devices(att: &Attempt) {
+    for d in &att.device_list {
+        if let Err(e) = d.set_state(crate::device::DeviceState::Stop) {
+            tracing::debug!("device '{}' could not stop again: {e}", d.name());
+        }
+    }
 }
 
 /// Loaded, but no `Go` in time: the guest stays paused here with its complete state.

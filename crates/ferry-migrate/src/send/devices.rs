@@ -1,6 +1,7 @@
-//! The source's device streams: every device (vCPUs included) is read on its own thread
-//! (or, serial, all on one), and its chunks go out on one data channel, tagged with the
-//! device and a sequence number, between page batches. In PRE_COPY a device sends its
+//! The source's device streams: every device is read on its own thread (small ones, like
+//! vCPUs, share as many threads as there are CPUs; serial, all share one), and its chunks
+//! go out on one data channel, tagged with the device and a sequence number, between page
+//! batches. In PRE_COPY a device sends its
 //! initial bytes, then what it dirties; at the switchover all devices enter STOP_COPY at
 //! once and stream the rest side by side, so the downtime pays for the slowest, not the
 //! sum.
@@ -39,7 +40,10 @@ pub(crate) struct DeviceChunk {
 pub(crate) enum DeviceEvent {
     /// A chunk for the main channel (a local hand-over has no data channel).
     Chunk(DeviceChunk),
-    /// The device's stop-copy stream has been handed to its channel, in `save` time.
+    /// The device's initial bytes have all been handed to its channel.
+    InitialSent,
+    /// The device's stop-copy stream has been handed to its channel, `save` after the
+    /// group's switchover began (in a shared thread, the devices before it included).
     Ended { device: u16, save: Duration },
     /// A device failed.
     Failed(MigrateError),
@@ -144,7 +148,7 @@ struct Dev {
     initial_sent: bool,
 }
 
-/// Every device's sender thread. Dropped without [`DeviceSenders::abort`], the devices
+/// The device sender threads. Dropped without [`DeviceSenders::abort`], the devices
 /// stay as they are (stopped after a switchover): running them again is a decision only an
 /// abort makes.
 pub(crate) struct DeviceSenders {
@@ -219,8 +223,7 @@ impl DeviceSenders {
                 initial_sent: false,
             });
         }
-        let costs: Vec<Duration> = list.iter().map(|d| d.dev.load_cost()).collect();
-        let plan = crate::device::thread_groups(&costs, self.parallel, crate::device::cpus());
+        let plan = self.groups();
         let mut slots: Vec<Option<Dev>> = list.into_iter().map(Some).collect();
         let groups: Vec<Vec<Dev>> = plan
             .into_iter()
@@ -261,10 +264,16 @@ impl DeviceSenders {
             .fold(0u64, u64::saturating_add)
     }
 
-    /// What loading the devices costs a destination: the slowest when they load side by
-    /// side, the sum when one after another.
+    /// Which devices share a thread (the destination groups them the same way).
+    fn groups(&self) -> Vec<Vec<usize>> {
+        let small: Vec<bool> = self.devices.iter().map(|d| d.small()).collect();
+        crate::device::thread_groups(&small, self.parallel, crate::device::cpus())
+    }
+
+    /// What loading the devices costs a destination: its slowest loader thread.
     pub(crate) fn load_cost(&self) -> Duration {
-        crate::policy::devices_load(self.devices.iter().map(|d| d.load_cost()), self.parallel)
+        let costs: Vec<Duration> = self.devices.iter().map(|d| d.load_cost()).collect();
+        crate::device::load_estimate(&self.groups(), &costs)
     }
 
     /// The destination runs the guest: the threads end and the devices stay stopped.
@@ -386,6 +395,9 @@ fn precopy_one<R: Fn(DeviceEvent) -> bool>(
     buf: &mut Vec<u8>,
     out: &Out<'_, R>,
 ) -> Result<bool, MigrateError> {
+    if out.shared.ending() {
+        return Ok(false);
+    }
     buf.clear();
     let n = d
         .dev
@@ -398,11 +410,14 @@ fn precopy_one<R: Fn(DeviceEvent) -> bool>(
     let flags = if initial_end { DEVICE_INITIAL_END } else { 0 };
     d.initial_sent |= initial_end;
     send_chunks(d, buf, flags, out)?;
+    if initial_end {
+        (out.report)(DeviceEvent::InitialSent);
+    }
     Ok(n > 0)
 }
 
 /// Enters STOP_COPY on every device of the group and streams each to its end, one after
-/// another (a group is one device, or all of them when serial).
+/// another (a group is one device, small devices sharing a thread, or all when serial).
 fn stop_copy<R: Fn(DeviceEvent) -> bool>(
     group: &mut [Dev],
     out: &Out<'_, R>,

@@ -74,7 +74,8 @@ pub struct SendParams {
     pub checksums: bool,
     /// Whether and when to switch to postcopy.
     pub postcopy: PostcopyMode,
-    /// Save and load device (and vCPU) state side by side, one thread per device; else
+    /// Save and load device (and vCPU) state side by side, a thread per device (small
+    /// ones, like vCPUs, sharing one per CPU); else
     /// one device after another on one thread (the shape of QEMU before 10.0).
     pub parallel_devices: bool,
 }
@@ -230,6 +231,8 @@ pub fn migrate(
         device_list,
         devices: None,
         devices_ready: false,
+        initial_pending: 0,
+        initial_sent_at: None,
         tracker: None,
         paused_by_us: false,
         need_prepared: false,
@@ -323,6 +326,10 @@ struct Source {
     devices: Option<DeviceSenders>,
     /// The destination has loaded every device's initial bytes (switchover-ack).
     devices_ready: bool,
+    /// Devices whose initial bytes are not all handed to their channel yet, and when the
+    /// last were: the destination has the progress timeout from then to say `DevicesReady`.
+    initial_pending: usize,
+    initial_sent_at: Option<Instant>,
     tracker: Option<Arc<DirtyTracker>>,
     paused_by_us: bool,
     need_prepared: bool,
@@ -457,12 +464,19 @@ impl Source {
     /// Whether the destination has acknowledged its memory preparation (or needs none)
     /// and the devices' initial bytes.
     fn destination_ready(&self) -> bool {
-        self.prepared_ok() && self.devices_ready
+        (!self.need_prepared || self.prepared.is_some()) && self.devices_ready
     }
 
-    /// Whether the destination has acknowledged its memory preparation (or needs none).
-    fn prepared_ok(&self) -> bool {
-        !self.need_prepared || self.prepared.is_some()
+    /// The destination had every device's initial bytes a progress timeout ago and still
+    /// has not said it loaded them: it is not going to.
+    fn devices_ready_overdue(&self) -> Option<MigrateError> {
+        let sent = self.initial_sent_at?;
+        (!self.devices_ready && sent.elapsed() >= self.params.progress_timeout).then_some(
+            MigrateError::Timeout {
+                what: crate::error::Waited::DevicesReady,
+                after: self.params.progress_timeout,
+            },
+        )
     }
 
     /// Gives the guest back to this side after a failure: stop tracking and throttling, and

@@ -87,7 +87,7 @@ impl Phase {
             Phase::Connecting(p) => Some(p.deadline),
             Phase::Handshake(p) => Some(p.deadline),
             Phase::Setup(p) => Some(p.deadline),
-            Phase::Adopting(p) => Some(p.deadline),
+            Phase::Adopting(p) => (!p.adopted).then_some(p.deadline),
             Phase::Precopy(p) => p.next_pass_at.or(p.discard_deadline),
             Phase::Switchover(p) => Some(p.deadline),
             Phase::AwaitRunning(p) => Some(p.deadline),
@@ -497,6 +497,10 @@ impl Source {
     fn start_devices(&mut self, routes: &[Route]) -> Result<(), MigrateError> {
         let tx = self.events_tx.clone();
         let list = self.device_list.clone();
+        self.initial_pending = list.len();
+        if list.is_empty() {
+            self.initial_sent_at = Some(Instant::now());
+        }
         self.stats.devices = u32::try_from(list.len()).unwrap_or(u32::MAX);
         self.stats.parallel_devices = self.params.parallel_devices;
         let senders = DeviceSenders::start(list, routes, self.params.parallel_devices, move |e| {
@@ -527,7 +531,17 @@ impl Source {
                 if let Some(d) = &self.devices {
                     d.window.give(n);
                 }
+                self.progress
+                    .device_bytes
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 sent.map(|()| None)
+            }
+            DeviceEvent::InitialSent => {
+                self.initial_pending = self.initial_pending.saturating_sub(1);
+                if self.initial_pending == 0 {
+                    self.initial_sent_at = Some(Instant::now());
+                }
+                Ok(None)
             }
             DeviceEvent::Ended { device, save } => {
                 tracing::debug!(device, ms = ms(save), "a device's stop-copy stream is out");
@@ -577,13 +591,16 @@ impl Adopting {
             }
             // Its memory preparation was stopped for the hand-over.
             Event::Peer(Ok(Message::Prepared { .. } | Message::Ack { .. })) => {}
-            Event::Tick if Instant::now() >= self.deadline => {
+            Event::Tick if !self.adopted && Instant::now() >= self.deadline => {
                 return Err(MigrateError::Timeout {
                     what: Waited::Adopted,
                     after: src.params.progress_timeout,
                 })
             }
             ev => early_event(ev, src, "adopting")?,
+        }
+        if let Some(e) = src.devices_ready_overdue() {
+            return Err(e);
         }
         // The memory is mapped there and every device's initial bytes loaded: switch.
         if self.adopted && src.devices_ready {
@@ -852,6 +869,8 @@ impl Precopy {
             {
                 tracing::info!(discard_us, "destination memory discarded for postcopy");
                 self.discarded = true;
+                // From here on only the devices may be waited for (their own deadline).
+                self.discard_deadline = None;
             }
             Event::Command(req) if req.command == Command::StartPostcopy => {
                 return self.start_postcopy(req, src);
@@ -883,23 +902,10 @@ impl Precopy {
         if self.discarded && src.devices_ready {
             return self.switch_to_postcopy(src, "now");
         }
-        if let Some(e) = self.ack_overdue(src) {
+        if let Some(e) = src.devices_ready_overdue() {
             return Err(e);
         }
         Ok(Step::Next(Phase::Precopy(self)))
-    }
-
-    /// Converged, memory prepared there, but the devices' initial bytes still not loaded
-    /// after the progress timeout: the destination is not going to say so.
-    fn ack_overdue(&self, src: &Source) -> Option<MigrateError> {
-        let waiting = self.converged_at?;
-        let stuck = src.prepared_ok() && !src.devices_ready;
-        (stuck && waiting.elapsed() >= src.params.progress_timeout).then_some(
-            MigrateError::Timeout {
-                what: Waited::DevicesReady,
-                after: src.params.progress_timeout,
-            },
-        )
     }
 
     /// Every channel finished the pass: sync the dirty log and ask the policy.
@@ -1421,6 +1427,10 @@ impl Unconfirmed {
                     d.abort();
                 }
                 if let Err(e) = src.vm.resume() {
+                    // The guest stays paused: so do its devices (best effort).
+                    for d in &src.device_list {
+                        let _ = d.set_state(crate::device::DeviceState::StopCopy);
+                    }
                     req.refuse("unconfirmed", &format!("the VM could not resume: {e}"));
                     return Step::Next(Phase::Unconfirmed(self));
                 }
