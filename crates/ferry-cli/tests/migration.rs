@@ -1520,6 +1520,16 @@ fn update_exec_needs_shared_memory() {
 /// A source with test devices (`--device` specs), its guest writing and checking their
 /// memory through MMIO (`tdev=`).
 fn source_with_devices(dir: &Path, vcpus: u32, append: &str, devices: &[&str]) -> Proc {
+    named_source_with_devices("source", dir, vcpus, append, devices)
+}
+
+fn named_source_with_devices(
+    name: &'static str,
+    dir: &Path,
+    vcpus: u32,
+    append: &str,
+    devices: &[&str],
+) -> Proc {
     let img = ferry_guest::write_image(ImageKind::Elf, dir).unwrap();
     let mut args = vec![
         s("--kernel"),
@@ -1535,7 +1545,7 @@ fn source_with_devices(dir: &Path, vcpus: u32, append: &str, devices: &[&str]) -
         args.push(s("--device"));
         args.push(s(d));
     }
-    let p = spawn("source", dir, &args);
+    let p = spawn(name, dir, &args);
     p.wait_ready();
     p.wait_progress(1);
     p
@@ -1746,4 +1756,44 @@ fn postcopy_loads_every_device_before_the_guest_runs_there() {
         assert!(*steps > before[i].1, "{name} carried on");
     }
     assert_carries_on_then_quit(&mut dst, &["\"postcopy\":{"]);
+}
+
+#[test]
+fn devices_a_cancelled_attempt_created_give_way_to_the_next_source() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = tcp_uri();
+    let mut dst = destination(dir.path(), "destination", &uri, MEM, 1, &[]);
+    // The first source's devices are created on the destination, then it cancels.
+    let mut first = named_source_with_devices(
+        "first",
+        dir.path(),
+        1,
+        "ws=4M tdev=2",
+        &["testdev,mem=4M", "testdev,mem=1M"],
+    );
+    let api = first.api.clone();
+    let u = uri.clone();
+    let mig = std::thread::spawn(move || remote(&api, &["migrate", &u, "--max-bandwidth", "8M"]));
+    first.wait_for("bytes to flow", Duration::from_secs(30), |p| {
+        p.info()["migration"]["bytes"].as_u64().unwrap_or(0) > 2 << 20
+    });
+    assert!(remote(&first.api, &["migrate-cancel"]).status.success());
+    assert!(!mig.join().unwrap().status.success());
+    assert_source_unharmed(&mut first);
+    assert_destination_listening(&mut dst, &["cancelled"]);
+    assert_eq!(testdevs(&dst).len(), 2, "created by the first attempt");
+    // Another source, with one device of another size: it is taken as it is.
+    let second =
+        named_source_with_devices("second", dir.path(), 1, "ws=4M tdev=1", &["testdev,mem=8M"]);
+    let out = migrate_json(&second, &uri, &[]);
+    let stats = completed_stats(&out, &second, &dst);
+    assert_eq!(stats["devices"], 3, "{stats}");
+    dst.wait_progress(2);
+    assert!(dst.fails().is_empty(), "{:?}", dst.fails());
+    let devs = testdevs(&dst);
+    assert_eq!(devs.len(), 1, "{devs:?}");
+    assert_eq!((devs[0].2, devs[0].3.as_str()), (0, "RUNNING"));
+    assert_eq!(dst.info()["devices"][0]["config"], "mem=8388608,load-ms=0");
+    assert_carries_on_then_quit(&mut dst, &[]);
 }

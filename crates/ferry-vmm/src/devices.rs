@@ -100,6 +100,9 @@ pub struct Devices {
     ram: Arc<GuestRam>,
     /// Test devices with their own memory, by index (stand-ins for VFIO devices).
     testdevs: RwLock<Vec<Arc<TestDev>>>,
+    /// Indexes of the test devices created from an incoming migration's description
+    /// rather than configured: a later attempt may replace or drop them.
+    adopted: Mutex<Vec<usize>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -125,7 +128,35 @@ impl Devices {
             dma: Mutex::new(DmaState::default()),
             ram,
             testdevs: RwLock::new(Vec::new()),
+            adopted: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Creates test device `index` as an incoming migration describes it, in place of one
+    /// an earlier attempt created.
+    pub fn adopt_testdev(
+        &self,
+        index: usize,
+        config: TestDevConfig,
+    ) -> Result<Arc<TestDev>, TestDevError> {
+        self.drop_adopted(|i| i == index);
+        let dev = self.add_testdev(index, config)?;
+        lock(&self.adopted).push(index);
+        Ok(dev)
+    }
+
+    /// Removes the test devices an earlier incoming attempt created that `unwanted` picks
+    /// (the guest never ran with them).
+    pub fn drop_adopted(&self, unwanted: impl Fn(usize) -> bool) {
+        let mut adopted = lock(&self.adopted);
+        let mut list = self.testdevs.write().unwrap_or_else(|e| e.into_inner());
+        list.retain(|d| !(adopted.contains(&d.index()) && unwanted(d.index())));
+        adopted.retain(|i| !unwanted(*i));
+    }
+
+    /// Whether test device `index` came from an incoming migration's description.
+    pub fn is_adopted(&self, index: usize) -> bool {
+        lock(&self.adopted).contains(&index)
     }
 
     /// Adds test device `index` and starts it; an index in use is refused.

@@ -316,8 +316,14 @@ impl Migratable {
         mine: &[Arc<dyn MigrationDevice>],
         w: &DeviceInfo,
     ) -> Result<Arc<dyn MigrationDevice>, VmError> {
+        let index = w
+            .name
+            .strip_prefix("testdev")
+            .and_then(|i| i.parse::<usize>().ok());
+        let adopted = index.is_some_and(|i| self.vm.devices().is_adopted(i));
         if let Some(d) = mine.iter().find(|d| d.name() == w.name) {
-            if d.config() != w.config {
+            // One an earlier attempt created from another source's description is replaced.
+            if d.config() != w.config && !adopted {
                 let show = |c: &[u8]| match TestDevConfig::decode(c) {
                     Ok(c) => c.to_string(),
                     Err(_) => format!("{} bytes", c.len()),
@@ -328,16 +334,18 @@ impl Migratable {
                     there: show(&w.config),
                 }));
             }
-            return Ok(d.clone());
+            if d.config() == w.config {
+                return Ok(d.clone());
+            }
         }
-        let index = w
-            .name
-            .strip_prefix("testdev")
-            .and_then(|i| i.parse::<usize>().ok())
-            .ok_or_else(|| vm_err(PartError::Unknown(w.name.clone())))?;
+        let index = index.ok_or_else(|| vm_err(PartError::Unknown(w.name.clone())))?;
         let config = TestDevConfig::decode(&w.config)
             .map_err(|e| vm_err(PartError::Config(w.name.clone(), e.to_string())))?;
-        let dev = self.vm.add_testdev(index, config).map_err(vm_err)?;
+        let dev = self
+            .vm
+            .devices()
+            .adopt_testdev(index, config)
+            .map_err(vm_err)?;
         Ok(dev)
     }
 }
@@ -405,6 +413,10 @@ impl MigrationTarget for Migratable {
     }
 
     fn devices(&self, wanted: &[DeviceInfo]) -> Result<Vec<Arc<dyn MigrationDevice>>, VmError> {
+        // Test devices an earlier attempt created and this source lacks go away.
+        self.vm
+            .devices()
+            .drop_adopted(|i| !wanted.iter().any(|w| w.name == format!("testdev{i}")));
         let mine = self.parts();
         if let Some(extra) = mine
             .iter()
