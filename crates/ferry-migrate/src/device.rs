@@ -114,6 +114,18 @@ pub fn thread_groups(small: &[bool], parallel: bool, cpus: usize) -> Vec<Vec<usi
         .collect()
 }
 
+/// `items` dealt into the groups of `plan` (indexes into `items`, each used once).
+pub(crate) fn deal<T>(items: Vec<T>, plan: Vec<Vec<usize>>) -> Vec<Vec<T>> {
+    let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
+    plan.into_iter()
+        .map(|g| {
+            g.into_iter()
+                .filter_map(|i| slots.get_mut(i)?.take())
+                .collect()
+        })
+        .collect()
+}
+
 /// What loading costs when `groups` load side by side: the slowest thread, each thread
 /// paying for its devices one after another.
 pub fn load_estimate(groups: &[Vec<usize>], costs: &[Duration]) -> Duration {

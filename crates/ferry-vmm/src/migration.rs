@@ -18,8 +18,9 @@ use crate::vm::{vcpu_cpuid, Vm};
 
 /// Name of the VM-wide part (irqchips, PIT, clock, UART, DMA device).
 pub const PLATFORM_DEVICE: &str = "platform";
-/// What one vCPU's state is expected to take on the wire, before it is saved.
-const VCPU_STATE_ESTIMATE: u64 = 16 << 10;
+/// What a vCPU's (or the platform's) state is expected to take on the wire, before it is
+/// saved.
+const PART_STATE_ESTIMATE: u64 = 16 << 10;
 /// What loading one vCPU (or the platform) costs a destination, as reported for the
 /// downtime estimate.
 const SMALL_LOAD_COST: Duration = Duration::from_micros(200);
@@ -145,15 +146,31 @@ impl Blob {
     }
 }
 
-/// One vCPU as a device: its registers, saved on its own thread at the switchover.
-struct VcpuPart {
-    vm: Arc<Vm>,
-    index: usize,
+/// What a small part saves at STOP_COPY and loads at STOP, whole.
+trait Whole: Send + Sync {
+    fn save(&self) -> Result<Vec<u8>, VmError>;
+    fn load(&self, bytes: &[u8]) -> Result<(), VmError>;
+}
+
+/// A part of the machine small enough to save and load whole (a vCPU, the platform): its
+/// stream is its state saved at STOP_COPY, its load is at STOP.
+struct SmallPart<W> {
     name: String,
+    whole: W,
     blob: Mutex<Blob>,
 }
 
-impl MigrationDevice for VcpuPart {
+impl<W: Whole> SmallPart<W> {
+    fn new(name: String, whole: W) -> Arc<Self> {
+        Arc::new(SmallPart {
+            name,
+            whole,
+            blob: Mutex::new(Blob::default()),
+        })
+    }
+}
+
+impl<W: Whole> MigrationDevice for SmallPart<W> {
     fn name(&self) -> &str {
         &self.name
     }
@@ -164,14 +181,12 @@ impl MigrationDevice for VcpuPart {
         let mut b = lock(&self.blob);
         match to {
             DeviceState::StopCopy => {
-                let s = self.vm.save_vcpu(self.index).map_err(vm_err)?;
-                b.saved = encode_part(&VCPU_MAGIC, &s).map_err(vm_err)?;
+                b.saved = self.whole.save()?;
                 b.read = 0;
             }
             DeviceState::Stop => {
                 let bytes = b.take(&self.name)?;
-                let s = decode_part(&VCPU_MAGIC, &bytes).map_err(vm_err)?;
-                self.vm.restore_vcpu(self.index, &s).map_err(vm_err)?;
+                self.whole.load(&bytes)?;
             }
             DeviceState::Running | DeviceState::PreCopy | DeviceState::Resuming => {
                 *b = Blob::default();
@@ -186,7 +201,7 @@ impl MigrationDevice for VcpuPart {
         PrecopyInfo::default()
     }
     fn stop_copy_size(&self) -> u64 {
-        VCPU_STATE_ESTIMATE
+        PART_STATE_ESTIMATE
     }
     fn load_cost(&self) -> Duration {
         SMALL_LOAD_COST
@@ -199,66 +214,48 @@ impl MigrationDevice for VcpuPart {
     }
 }
 
-/// What is VM-wide: irqchips, PIT, clock and the emulated UART and DMA device. Loaded (decoded and
-/// checked) at STOP, applied by `finish_load` after every vCPU.
-struct PlatformPart {
+/// One vCPU: its registers, saved and restored on their own.
+struct Vcpu {
     vm: Arc<Vm>,
-    blob: Mutex<Blob>,
+    index: usize,
+}
+
+impl Whole for Vcpu {
+    fn save(&self) -> Result<Vec<u8>, VmError> {
+        let s = self.vm.save_vcpu(self.index).map_err(vm_err)?;
+        encode_part(&VCPU_MAGIC, &s).map_err(vm_err)
+    }
+    fn load(&self, bytes: &[u8]) -> Result<(), VmError> {
+        let s = decode_part(&VCPU_MAGIC, bytes).map_err(vm_err)?;
+        self.vm.restore_vcpu(self.index, &s).map_err(vm_err)
+    }
+}
+
+/// What is VM-wide: irqchips, PIT, clock and the emulated UART and DMA device. Loaded
+/// (decoded and checked) at STOP, applied by `finish_load` after every vCPU.
+struct Platform {
+    vm: Arc<Vm>,
     loaded: Mutex<Option<PlatformState>>,
 }
 
-impl MigrationDevice for PlatformPart {
-    fn name(&self) -> &str {
-        PLATFORM_DEVICE
+impl Whole for Platform {
+    fn save(&self) -> Result<Vec<u8>, VmError> {
+        let s = self.vm.save_platform().map_err(vm_err)?;
+        encode_part(&PLATFORM_MAGIC, &s).map_err(vm_err)
     }
-    fn config(&self) -> Vec<u8> {
-        Vec::new()
-    }
-    fn set_state(&self, to: DeviceState) -> Result<(), VmError> {
-        let mut b = lock(&self.blob);
-        match to {
-            DeviceState::StopCopy => {
-                let s = self.vm.save_platform().map_err(vm_err)?;
-                b.saved = encode_part(&PLATFORM_MAGIC, &s).map_err(vm_err)?;
-                b.read = 0;
-            }
-            DeviceState::Stop => {
-                let bytes = b.take(PLATFORM_DEVICE)?;
-                let s: PlatformState = decode_part(&PLATFORM_MAGIC, &bytes).map_err(vm_err)?;
-                self.vm.check_layout(&s.memory).map_err(vm_err)?;
-                *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
-            }
-            DeviceState::Running | DeviceState::PreCopy | DeviceState::Resuming => {
-                *b = Blob::default();
-            }
-        }
+    fn load(&self, bytes: &[u8]) -> Result<(), VmError> {
+        let s: PlatformState = decode_part(&PLATFORM_MAGIC, bytes).map_err(vm_err)?;
+        self.vm.check_layout(&s.memory).map_err(vm_err)?;
+        *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
         Ok(())
-    }
-    fn read(&self, out: &mut Vec<u8>, max: usize) -> Result<usize, VmError> {
-        Ok(lock(&self.blob).read(out, max))
-    }
-    fn precopy_info(&self) -> PrecopyInfo {
-        PrecopyInfo::default()
-    }
-    fn stop_copy_size(&self) -> u64 {
-        VCPU_STATE_ESTIMATE
-    }
-    fn load_cost(&self) -> Duration {
-        SMALL_LOAD_COST
-    }
-    fn write(&self, data: &[u8]) -> Result<(), VmError> {
-        lock(&self.blob).write(PLATFORM_DEVICE, data)
-    }
-    fn small(&self) -> bool {
-        true
     }
 }
 
 /// A [`Vm`] as a migration source or target: the same parts serve both.
 pub struct Migratable {
     vm: Arc<Vm>,
-    vcpus: Vec<Arc<VcpuPart>>,
-    platform: Arc<PlatformPart>,
+    vcpus: Vec<Arc<SmallPart<Vcpu>>>,
+    platform: Arc<SmallPart<Platform>>,
 }
 
 impl Migratable {
@@ -266,19 +263,18 @@ impl Migratable {
     pub fn new(vm: Arc<Vm>) -> Migratable {
         let vcpus = (0..vm.config().vcpus as usize)
             .map(|index| {
-                Arc::new(VcpuPart {
+                let whole = Vcpu {
                     vm: vm.clone(),
                     index,
-                    name: format!("vcpu{index}"),
-                    blob: Mutex::new(Blob::default()),
-                })
+                };
+                SmallPart::new(format!("vcpu{index}"), whole)
             })
             .collect();
-        let platform = Arc::new(PlatformPart {
+        let whole = Platform {
             vm: vm.clone(),
-            blob: Mutex::new(Blob::default()),
             loaded: Mutex::new(None),
-        });
+        };
+        let platform = SmallPart::new(PLATFORM_DEVICE.to_owned(), whole);
         Migratable {
             vm,
             vcpus,
@@ -430,6 +426,7 @@ impl MigrationTarget for Migratable {
     fn finish_load(&self) -> Result<(), VmError> {
         let p = self
             .platform
+            .whole
             .loaded
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -107,15 +107,7 @@ impl DeviceLoad {
         let n = list.len();
         let small: Vec<bool> = list.iter().map(|l| l.dev.small()).collect();
         let plan = crate::device::thread_groups(&small, parallel, crate::device::cpus());
-        let mut slots: Vec<Option<Loading>> = list.into_iter().map(Some).collect();
-        let groups: Vec<Vec<Loading>> = plan
-            .into_iter()
-            .map(|g| {
-                g.into_iter()
-                    .filter_map(|i| slots.get_mut(i)?.take())
-                    .collect()
-            })
-            .collect();
+        let groups = crate::device::deal(list, plan);
         let mut queues: Vec<Option<(Sender<Chunk>, Sender<Chunk>)>> = vec![None; n];
         let mut threads = Vec::with_capacity(groups.len());
         for (g, group) in groups.into_iter().enumerate() {

@@ -223,16 +223,7 @@ impl DeviceSenders {
                 initial_sent: false,
             });
         }
-        let plan = self.groups();
-        let mut slots: Vec<Option<Dev>> = list.into_iter().map(Some).collect();
-        let groups: Vec<Vec<Dev>> = plan
-            .into_iter()
-            .map(|g| {
-                g.into_iter()
-                    .filter_map(|i| slots.get_mut(i)?.take())
-                    .collect()
-            })
-            .collect();
+        let groups = crate::device::deal(list, self.groups());
         for (n, group) in groups.into_iter().enumerate() {
             let shared = self.shared.clone();
             let report = report.clone();
