@@ -962,14 +962,13 @@ mod tests {
         release(m.addr() + 4 * p, 4 * p).expect("release");
         let res = mincore(m.addr(), m.len()).expect("mincore");
         assert_eq!(res.iter().filter(|r| !**r).count(), 4);
-        // Outside the mapping: refused.
+        // Running past the mapping's end: refused. (The page right after it may belong to
+        // another test's mapping, so only a range that straddles the end is certain to fail;
+        // unregistering on drop is checked where the address stays mapped.)
         assert!(matches!(
-            release(m.addr() + 16 * p, p),
+            release(m.addr() + 15 * p, 2 * p),
             Err(MmError::NotVolatile { .. })
         ));
-        let addr = m.addr();
-        drop(m);
-        assert!(!is_volatile(addr, p));
     }
 
     #[test]
