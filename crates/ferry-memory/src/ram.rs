@@ -685,25 +685,42 @@ impl GuestRam {
         out
     }
 
-    /// Hashes the pages at `gpas` into `out`, copying through a small buffer (the copy
-    /// stays in cache and keeps the read volatile-safe).
+    /// Hashes the pages at `gpas` into `out` (0 for a page that is not RAM).
     fn digest_pages(&self, gpas: &[u64], out: &mut [u64]) {
-        let mut buf = [0u8; PAGE_SIZE as usize];
+        let mut one = Vec::with_capacity(1);
         for (gpa, d) in gpas.iter().zip(out.iter_mut()) {
-            *d = match self.slice(*gpa, PAGE_SIZE as usize) {
-                Ok(s) if s.copy_to(&mut buf[..]) == buf.len() => page_digest(&buf),
-                _ => 0,
+            one.clear();
+            *d = match self.page_sums(*gpa, 1, &mut one) {
+                Ok(()) => one.first().copied().unwrap_or(0),
+                Err(_) => 0,
             };
         }
+    }
+
+    /// Appends the digest ([`page_digest`]) of each of the `pages` pages at `gpa` (inside
+    /// one region) to `out`, hashed where they lie in guest memory. A page written
+    /// meanwhile (a running guest) gets a digest of no particular instant.
+    pub fn page_sums(&self, gpa: u64, pages: u64, out: &mut Vec<u64>) -> Result<(), MemoryError> {
+        let out_of_range = || MemoryError::OutOfRange {
+            gpa,
+            len: pages.saturating_mul(PAGE_SIZE),
+        };
+        let len = pages.checked_mul(PAGE_SIZE).ok_or_else(out_of_range)?;
+        let addr = self.host_addr(gpa, len).ok_or_else(out_of_range)?;
+        let n = usize::try_from(len).map_err(|_| out_of_range())?;
+        mm::hash_volatile_pages(addr, n, PAGE_SIZE as usize, out).map_err(|e| MemoryError::Host {
+            what: format!("hashing {pages} pages of guest memory at {gpa:#x}"),
+            source: e.into(),
+        })
     }
 }
 
 /// Most threads [`GuestRam::page_digests`] uses.
 pub const DIGEST_THREADS: usize = 4;
 
-/// The digest of one page's bytes, as [`GuestRam::page_digests`] computes it.
+/// The digest of one page's bytes, as [`GuestRam::page_digests`] computes it: xxh3-64.
 pub fn page_digest(page: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(page)
+    twox_hash::XxHash3_64::oneshot(page)
 }
 
 #[cfg(test)]
@@ -759,6 +776,28 @@ mod tests {
             .filter(|i| before[*i] != after[*i])
             .collect();
         assert_eq!(diff, vec![3]);
+    }
+
+    #[test]
+    fn page_sums_in_place_match_the_digest_of_the_bytes() {
+        let ram = GuestRam::new(MemoryConfig {
+            size: 8 << 20,
+            backend: Backend::Anonymous,
+            thp: false,
+        })
+        .unwrap();
+        let data: Vec<u8> = (0..3 * 4096u32).map(|i| (i * 7 + i / 4096) as u8).collect();
+        ram.mem()
+            .write_slice(&data, GuestAddress(5 * 4096))
+            .unwrap();
+        let mut sums = Vec::new();
+        ram.page_sums(5 * 4096, 3, &mut sums).unwrap();
+        let want: Vec<u64> = data.chunks(4096).map(page_digest).collect();
+        assert_eq!(sums, want);
+        assert_eq!(ram.page_digests()[5..8], want[..]);
+        // Past the end of RAM: refused, nothing appended.
+        assert!(ram.page_sums((8 << 20) - 4096, 2, &mut sums).is_err());
+        assert_eq!(sums.len(), 3);
     }
 
     #[test]

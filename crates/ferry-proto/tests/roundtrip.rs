@@ -307,3 +307,17 @@ fn large_device_body_grows_scratch_exactly() {
     );
     assert!(scratch.is_empty());
 }
+
+/// Page checksums are xxh3-64 whichever implementation computes them: frames use
+/// xxhash-rust, pages the runtime-dispatched one, and an older peer hashed pages with the
+/// former.
+#[test]
+fn page_sums_are_xxh3_64() {
+    let page: Vec<u8> = (0..4096u32).map(|i| (i ^ (i >> 5)) as u8).collect();
+    for bytes in [&page[..], &[0u8; 4096][..], &page[..100]] {
+        assert_eq!(
+            ferry_proto::page_sum(bytes),
+            xxhash_rust::xxh3::xxh3_64(bytes)
+        );
+    }
+}

@@ -373,6 +373,52 @@ pub fn release(addr: usize, len: usize) -> Result<(), MmError> {
     Ok(())
 }
 
+/// Appends the xxh3-64 of every `page`-byte piece of `addr..addr+len`, which must lie in
+/// one registration of volatile memory (guest RAM), to `out`. The bytes are hashed where
+/// they are: copying a page out of guest memory first costs more than hashing it.
+///
+/// Another thread (a running vCPU, a channel placing a page) may write the bytes
+/// meanwhile; then a piece's hash is that of no particular instant, and callers must take a
+/// mismatch to mean "changed" (the page is sent or checked again), never as a fact about a
+/// past state.
+pub fn hash_volatile_pages(
+    addr: usize,
+    len: usize,
+    page: usize,
+    out: &mut Vec<u64>,
+) -> Result<(), MmError> {
+    check_range("hash", addr, len, 1)?;
+    if page == 0 || !len.is_multiple_of(page) {
+        return Err(MmError::InvalidRange {
+            call: "hash",
+            addr,
+            len,
+        });
+    }
+    // The read lock keeps the mapping in place while we read (unregistering waits for it).
+    let reg = registry_read();
+    if !matches!(reg.range(..=addr).next_back(), Some((_, v)) if addr + len <= v.end) {
+        return Err(MmError::NotVolatile {
+            call: "hash",
+            addr,
+            len,
+        });
+    }
+    out.reserve(len / page);
+    for start in (addr..addr + len).step_by(page) {
+        // SAFETY: `start..start+page` lies inside a registered volatile mapping, which stays
+        // mapped while we hold the read lock, so the pointer is valid for `page` bytes. The
+        // bytes may change under us (a guest writing its memory): xxh3's loads and control
+        // flow depend only on the length, never on the data, so a change can only change
+        // the value returned, as it would in vm-memory's own memcpy out of guest memory.
+        // The slice does not outlive this statement.
+        let bytes = unsafe { std::slice::from_raw_parts(start as *const u8, page) };
+        out.push(twox_hash::XxHash3_64::oneshot(bytes));
+    }
+    drop(reg);
+    Ok(())
+}
+
 /// Drops this process's page-table entries for a range of a *shared* registered mapping
 /// (`MADV_DONTNEED`): the data stays in the file, and the next access maps it again. Tearing
 /// down a large populated mapping costs time proportional to what is mapped; doing this
@@ -969,6 +1015,32 @@ mod tests {
             release(m.addr() + 15 * p, 2 * p),
             Err(MmError::NotVolatile { .. })
         ));
+    }
+
+    #[test]
+    fn hashes_registered_pages_in_place() {
+        let p = page_size();
+        let m = Mmap::anonymous(4 * p, MapOptions::default()).expect("mmap");
+        populate_write(m.addr(), m.len()).expect("populate");
+        let mut out = Vec::new();
+        hash_volatile_pages(m.addr(), 4 * p, p, &mut out).expect("hash");
+        let zeros = vec![0u8; p];
+        assert_eq!(out, vec![twox_hash::XxHash3_64::oneshot(&zeros); 4]);
+        assert!(matches!(
+            hash_volatile_pages(m.addr(), 3 * p + 1, p, &mut out),
+            Err(MmError::InvalidRange { .. })
+        ));
+        assert!(matches!(
+            hash_volatile_pages(m.addr() + 3 * p, 2 * p, p, &mut out),
+            Err(MmError::NotVolatile { .. })
+        ));
+        let mut plain = vec![7u8; 2 * p];
+        let before = out.len();
+        assert!(matches!(
+            hash_volatile_pages(plain.as_mut_ptr() as usize, p, p, &mut out),
+            Err(MmError::NotVolatile { .. })
+        ));
+        assert_eq!(out.len(), before, "nothing appended on a refusal");
     }
 
     #[test]

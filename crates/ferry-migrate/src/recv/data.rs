@@ -16,7 +16,7 @@ use vm_memory::Bytes;
 use super::devices::DeviceHub;
 use super::postcopy::{place_checked, receive_pages, Arrival, Space};
 use super::Event;
-use crate::channel::{Unpacker, Wire};
+use crate::channel::{sum_guest_pages, Unpacker, Wire};
 use crate::error::{Channel, MigrateError};
 use crate::progress::Progress;
 
@@ -449,18 +449,16 @@ impl DataRx {
     /// page suspect (the source guest may have written it while it was sent, and then it
     /// comes again), a match clears an earlier suspicion.
     fn check_placed(&self, runs: &[PageRun], sums: &[u64], at: u64) -> Result<(), MigrateError> {
-        let mut page = [0u8; PAGE_SIZE as usize];
         let gpas = runs
             .iter()
             .flat_map(|r| (0..u64::from(r.pages)).map(move |p| r.gpa + p * PAGE_SIZE));
-        // Hashed without the lock (every channel hashes its own pages); the lock only
-        // updates the list.
+        // Hashed in place and without the lock (every channel hashes its own pages); the
+        // lock only updates the list.
+        let mut found = Vec::with_capacity(sums.len());
+        sum_guest_pages(&self.ram, runs, &mut found)?;
         let mut verdicts = Vec::with_capacity(sums.len());
-        for (i, (gpa, sum)) in gpas.zip(sums).enumerate() {
-            self.ram
-                .slice(gpa, PAGE_SIZE as usize)?
-                .copy_to(&mut page[..]);
-            let intact = page_sum(&page) == *sum;
+        for (i, ((gpa, sum), got)) in gpas.zip(sums).zip(&found).enumerate() {
+            let intact = got == sum;
             if !intact {
                 let offset = at + i as u64 * PAGE_SIZE;
                 tracing::debug!(
