@@ -192,6 +192,12 @@ enum RemoteCommand {
     /// Switch the running migration to postcopy (at the end of the pass in flight); it must
     /// have been started with --postcopy-on-request or --postcopy-after-precopy.
     MigrateStartPostcopy,
+    /// On the destination of a postcopy that broke off: listen on URI as well, for the
+    /// source's reconnection (`migrate URI --resume` on the source).
+    MigrateRecover {
+        /// tcp:HOST:PORT or unix:PATH (a path that does not exist yet).
+        uri: Uri,
+    },
     /// Live update in place: the VM's process execs a new ferry binary, which takes the VM
     /// over (same PID, memory mapped again, not copied). Needs --memory-backend memfd or
     /// hugetlb.
@@ -267,6 +273,11 @@ struct MigrateArgs {
     /// Print the final statistics as one JSON line.
     #[arg(long)]
     json: bool,
+    /// A postcopy that broke off reconnects to URI (where the destination listens after
+    /// its `migrate-recover URI`), at once; returns when the source has taken it. The
+    /// running migration keeps its other settings.
+    #[arg(long, conflicts_with_all = ["postcopy", "postcopy_after_precopy", "postcopy_on_request", "local", "json"])]
+    resume: bool,
 }
 
 /// The API's `postcopy` value for the postcopy flags.
@@ -464,6 +475,20 @@ fn remote(args: RemoteArgs) -> Result<ExitCode> {
                 &json!({"command": "snapshot", "path": path}),
                 |_| {},
             )?)
+        }
+        RemoteCommand::MigrateRecover { uri } => {
+            say(client::request(
+                sock,
+                &json!({"command": "migrate-recover", "uri": uri.to_string()}),
+                |_| {},
+            )?);
+        }
+        RemoteCommand::Migrate(m) if m.resume => {
+            say(client::request(
+                sock,
+                &json!({"command": "migrate", "uri": m.uri.to_string(), "resume": true}),
+                |_| {},
+            )?);
         }
         RemoteCommand::Migrate(m) => {
             let postcopy = postcopy_mode(&m);

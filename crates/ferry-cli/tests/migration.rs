@@ -741,6 +741,99 @@ fn postcopy_survives_a_link_cut() {
     assert!(dst.wait_exit(Duration::from_secs(10)).is_some());
 }
 
+/// The link dies in the middle of postcopy and never comes back (the proxy cuts every later
+/// connection too): the destination listens on a new address (`migrate-recover`), the
+/// source is pointed there (`migrate --resume`), and postcopy completes with the guest's
+/// own checks intact.
+#[test]
+fn postcopy_cut_for_good_is_recovered_at_a_new_address() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = tcp_uri();
+    let mut dst = destination(dir.path(), "destination", &uri, MEM, 1, &[]);
+    let mut src = source(dir.path(), 1);
+    let (via, was_cut) = cut_proxy(uri.trim_start_matches("tcp:").to_string(), 40 << 20, false);
+    let api = src.api.clone();
+    let mig = std::thread::spawn(move || {
+        remote(
+            &api,
+            &["migrate", &via, "--json", "--channels", "2", "--postcopy"],
+        )
+    });
+    let paused = |side: &'static str| move |p: &Proc| p.info()[side]["status"] == "postcopy-paused";
+    let wait = Duration::from_secs(30);
+    src.wait_for("postcopy to break off", wait, paused("migration"));
+    dst.wait_for("postcopy to break off", wait, paused("incoming"));
+    assert!(was_cut.load(Ordering::SeqCst));
+    let new = tcp_uri();
+    let out = remote(&dst.api, &["migrate-recover", &new]);
+    assert!(out.status.success(), "{out:?}");
+    let out = remote(&src.api, &["migrate", &new, "--resume"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("reconnecting to tcp:"),
+        "{out:?}"
+    );
+    let out = mig.join().unwrap();
+    let stats = completed_stats(&out, &src, &dst);
+    assert_eq!(stats["postcopy"]["reconnects"], 1, "{stats}");
+    assert!(src
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    dst.wait_progress(3);
+    assert!(
+        dst.fails().is_empty(),
+        "destination guest: {:?}",
+        dst.fails()
+    );
+    assert_eq!(dst.info()["state"], "running");
+    assert!(remote(&dst.api, &["quit"]).status.success());
+    assert!(dst.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+/// The destination's word that every page arrived (`PostcopyDone`) is lost on the way: the
+/// destination, which runs the guest, keeps its listener and says it again when the source
+/// reconnects, so the source ends its migration instead of reconnecting forever.
+#[test]
+fn a_lost_postcopy_done_is_said_again() {
+    use ferry_testkit::proxy::{Action, Dir, Fault, Proxy, Trigger};
+    use ferry_transport::Uri;
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = tcp_uri();
+    let mut dst = destination(dir.path(), "destination", &uri, MEM, 1, &[]);
+    let mut src = source(dir.path(), 1);
+    let lost = Fault {
+        when: Trigger::Frame {
+            dir: Dir::ToSource,
+            kind: ferry_proto::MessageKind::PostcopyDone,
+            nth: 1,
+        },
+        action: Action::Drop,
+    };
+    let listen = Uri::Tcp("127.0.0.1:0".into());
+    let px = Proxy::start(&listen, uri.parse().unwrap(), vec![lost]).unwrap();
+    let via = px.uri().to_string();
+    let out = migrate_json(&src, &via, &["--channels", "2", "--postcopy"]);
+    let stats = completed_stats(&out, &src, &dst);
+    assert!(
+        stats["postcopy"]["reconnects"].as_u64() >= Some(1),
+        "{stats}"
+    );
+    assert!(src
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    dst.wait_progress(3);
+    assert!(
+        dst.fails().is_empty(),
+        "destination guest: {:?}",
+        dst.fails()
+    );
+    assert_eq!(dst.info()["state"], "running");
+    assert!(remote(&dst.api, &["quit"]).status.success());
+    assert!(dst.wait_exit(Duration::from_secs(10)).is_some());
+}
+
 #[test]
 fn migrates_over_tcp_one_channel_one_vcpu() {
     migrate_case("tcp", 1, 1);

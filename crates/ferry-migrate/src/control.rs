@@ -6,9 +6,10 @@
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use ferry_transport::Uri;
 
 /// What an operator asks of a VM while a migration owns it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// `migrate-cancel`: abort the migration; the source keeps the guest.
     Cancel,
@@ -30,11 +31,23 @@ pub enum Command {
     /// `migrate-start-postcopy`: switch a running precopy to postcopy now (at the end of the
     /// pass in flight).
     StartPostcopy,
+    /// `migrate URI --resume` (source): a postcopy that broke off reconnects to `uri` from
+    /// now on, at once (QEMU's `migrate -r`).
+    Reconnect {
+        /// Where the destination listens now (see [`Command::Recover`]).
+        uri: Uri,
+    },
+    /// `migrate-recover URI` (destination): listen on `uri` as well, for the source of a
+    /// postcopy that broke off (QEMU's `migrate-recover`).
+    Recover {
+        /// The new address.
+        uri: Uri,
+    },
 }
 
 impl Command {
     /// The API's name for the command.
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             Command::Cancel => "migrate-cancel",
             Command::Quit { .. } => "quit",
@@ -42,6 +55,8 @@ impl Command {
             Command::Pause => "pause",
             Command::Snapshot => "snapshot",
             Command::StartPostcopy => "migrate-start-postcopy",
+            Command::Reconnect { .. } => "migrate --resume",
+            Command::Recover { .. } => "migrate-recover",
         }
     }
 }

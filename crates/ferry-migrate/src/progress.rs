@@ -392,4 +392,6 @@ pub struct PostcopySendStats {
     pub latency_p99_us: u64,
     /// Fault latency, longest, µs.
     pub latency_max_us: u64,
+    /// Times the link broke after `Go` and this side reconnected.
+    pub reconnects: u32,
 }

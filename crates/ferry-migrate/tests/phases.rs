@@ -396,7 +396,7 @@ fn commands_are_decided_by_the_phase() {
         Command::Pause,
         Command::Snapshot,
     ] {
-        let r = m.command(c).unwrap_err();
+        let r = m.command(c.clone()).unwrap_err();
         assert!(r.contains("refused in migration phase precopy"), "{r}");
         let r = dst.command(c).unwrap_err();
         assert!(r.contains("refused in migration phase receiving"), "{r}");

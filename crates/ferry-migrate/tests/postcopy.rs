@@ -16,6 +16,7 @@ use ferry_migrate::recv::{PrepareMode, RecvOutcome};
 use ferry_migrate::send::{PostcopyMode, SendParams};
 use ferry_migrate::{MigrateError, MigrationTarget, Status};
 use ferry_testkit::fake::{FakeSource, FakeTarget};
+use ferry_transport::Uri;
 use vm_memory::{Bytes, GuestAddress};
 
 fn postcopy(mode: PostcopyMode) -> SendParams {
@@ -178,6 +179,30 @@ fn migrate_start_postcopy_is_refused_without_postcopy() {
     m.wait_status(Status::Active, Duration::from_secs(5));
     let e = m.command(Command::StartPostcopy).unwrap_err();
     assert!(e.contains("without postcopy"), "{e}");
+    // Recovery commands have nothing to act on, and each side names the other's.
+    let elsewhere = Uri::Unix(std::env::temp_dir().join("ferry-never-bound.sock"));
+    let e = m
+        .command(Command::Reconnect {
+            uri: elsewhere.clone(),
+        })
+        .unwrap_err();
+    assert!(e.contains("no postcopy to resume"), "{e}");
+    let e = m
+        .command(Command::Recover {
+            uri: elsewhere.clone(),
+        })
+        .unwrap_err();
+    assert!(e.contains("destination's command"), "{e}");
+    let e = dst
+        .command(Command::Recover {
+            uri: elsewhere.clone(),
+        })
+        .unwrap_err();
+    assert!(e.contains("no postcopy here to recover"), "{e}");
+    let e = dst
+        .command(Command::Reconnect { uri: elsewhere })
+        .unwrap_err();
+    assert!(e.contains("source's command"), "{e}");
     m.command(Command::Cancel).unwrap();
     failed(m.finish());
     assert_source_owns(&src, &dst.target);
@@ -347,10 +372,86 @@ fn a_link_cut_mid_postcopy_is_recovered_on_a_new_connection() {
     });
 }
 
+/// The link is cut in the middle of postcopy and never comes back: the destination listens
+/// on a new address (`migrate-recover`), the source is pointed there (`migrate --resume`),
+/// and postcopy goes on over the new connection to its end.
+#[test]
+fn a_link_cut_mid_postcopy_is_recovered_at_a_new_address() {
+    use ferry_testkit::proxy::Action;
+    let dir = tempfile::tempdir().unwrap();
+    let new = Uri::Unix(dir.path().join("recover.sock"));
+    postcopy_through_a_broken_link(Action::Cut, |_, m, dst| {
+        dst.wait_status(Status::PostcopyPaused, Duration::from_secs(5));
+        // An address in use (here: the first listener's socket file) is refused.
+        let e = dst
+            .command(Command::Recover {
+                uri: dst.uri.clone(),
+            })
+            .unwrap_err();
+        assert!(e.contains("exists"), "{e}");
+        let said = dst.command(Command::Recover { uri: new.clone() }).unwrap();
+        assert!(said.contains("--resume"), "{said}");
+        let said = m.command(Command::Reconnect { uri: new.clone() }).unwrap();
+        assert!(said.contains("reconnecting to unix:"), "{said}");
+        // The proxy stays cut: every page that still comes, comes the new way.
+    });
+}
+
 /// A link that goes silent in the middle of postcopy (no reset, nothing arrives) is found
 /// out by the source's pings within the progress timeout, and recovered when it comes back.
 #[test]
 fn a_silent_link_mid_postcopy_is_detected_and_recovered() {
     use ferry_testkit::proxy::Action;
     postcopy_through_a_broken_link(Action::Freeze, |px, _, _| px.thaw());
+}
+
+/// The destination's `PostcopyDone` is lost on the way: the destination has every page and
+/// runs the guest, the source (which did not hear it) holds its pages and reconnects. The
+/// destination keeps its listener and tells it again, so the source ends too, instead of
+/// reconnecting forever.
+#[test]
+fn a_lost_postcopy_done_is_said_again_to_the_reconnecting_source() {
+    use ferry_migrate::control;
+    use ferry_migrate::recv::{answer_late_resumes, receive};
+    use ferry_proto::MessageKind;
+    use ferry_testkit::proxy::{Action, Dir, Fault, Proxy, Trigger};
+    use ferry_transport::Listener;
+    let dir = tempfile::tempdir().unwrap();
+    let uri = Uri::Unix(dir.path().join("incoming.sock"));
+    let listener = Listener::bind(&uri).unwrap();
+    let target = FakeTarget::new(MIB);
+    let (_commander, commands) = control::channel();
+    let (t, rp) = (target.clone(), recv_params());
+    let dest = std::thread::spawn(move || {
+        let out = receive(
+            t,
+            &listener,
+            &rp,
+            ferry_migrate::Progress::new(),
+            None,
+            commands,
+        );
+        let Ok(RecvOutcome::Running(mut stats)) = out else {
+            panic!("expected the guest running here, got {out:?}")
+        };
+        let ended = stats.postcopy_ended.take().expect("a postcopy ended here");
+        answer_late_resumes(listener, ended, &rp).unwrap()
+    });
+    let lost = Fault {
+        when: Trigger::Frame {
+            dir: Dir::ToSource,
+            kind: MessageKind::PostcopyDone,
+            nth: 1,
+        },
+        action: Action::Drop,
+    };
+    let px = Proxy::start(&Uri::Unix(dir.path().join("px.sock")), uri, vec![lost]).unwrap();
+    let src = busy_source();
+    let m = Migration::start(&src, &px.uri(), postcopy(PostcopyMode::Now));
+    let late = dest.join().unwrap();
+    let stats = completed(m.finish());
+    let p = stats.postcopy.unwrap();
+    assert!(p.reconnects >= 1, "the source reconnected: {p:?}");
+    assert_handed_over(&src, &target);
+    drop(late);
 }

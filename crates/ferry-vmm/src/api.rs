@@ -35,7 +35,7 @@ use ferry_migrate::control::Command;
 use ferry_migrate::send::{PostcopyMode, SendParams};
 use ferry_migrate::Progress;
 use ferry_transport::Uri;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::owner::{client_answer, MigrationResult, OwnerError, Role};
@@ -50,6 +50,8 @@ pub const COMMANDS: &[&str] = &[
     "quit",
     "migrate",
     "migrate-cancel",
+    "migrate-start-postcopy",
+    "migrate-recover",
     "update",
 ];
 
@@ -140,12 +142,15 @@ enum Request {
     Migrate(Box<MigrateRequest>),
     MigrateCancel,
     MigrateStartPostcopy,
+    MigrateRecover {
+        uri: String,
+    },
     Update {
         exec: PathBuf,
     },
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct MigrateRequest {
     uri: String,
@@ -170,6 +175,8 @@ struct MigrateRequest {
     postcopy: Option<String>,
     /// Save and load device state one device after another (default false: side by side).
     serial_devices: Option<bool>,
+    /// Point a broken postcopy's reconnections at `uri` (no other field may be given).
+    resume: Option<bool>,
 }
 
 /// The running API server; removes its socket when dropped (if it is still its own).
@@ -446,6 +453,11 @@ fn handle(req: Request, vmm: &Arc<Vmm>, writer: &Arc<Mutex<UnixStream>>) -> Resu
     match req {
         Request::Info => Ok(info(vmm)),
         Request::Migrate(m) => migrate(*m, vmm, writer),
+        Request::MigrateRecover { uri } => {
+            let uri = parse_uri(&uri)?;
+            vmm.command(Command::Recover { uri }, Box::new(|_| Ok(Value::Null)))
+                .map_err(|e| e.to_string())
+        }
         Request::Update { exec } => Err(update(&exec, vmm, writer)),
         other => run_command(other, vmm).map_err(|e| e.to_string()),
     }
@@ -483,7 +495,10 @@ fn run_command(req: Request, vmm: &Arc<Vmm>) -> Result<Value, OwnerError> {
         ),
         Request::MigrateCancel => vmm.command(Command::Cancel, Box::new(|_| done())),
         Request::MigrateStartPostcopy => vmm.command(Command::StartPostcopy, Box::new(|_| done())),
-        Request::Info | Request::Migrate(_) | Request::Update { .. } => Ok(Value::Null),
+        Request::Info
+        | Request::Migrate(_)
+        | Request::MigrateRecover { .. }
+        | Request::Update { .. } => Ok(Value::Null),
     }
 }
 
@@ -499,12 +514,47 @@ fn update(exe: &Path, vmm: &Arc<Vmm>, writer: &Mutex<UnixStream>) -> String {
     vmm.update_exec(exe, reply).to_string()
 }
 
+fn parse_uri(uri: &str) -> Result<Uri, String> {
+    uri.parse()
+        .map_err(|e: ferry_transport::TransportError| e.to_string())
+}
+
+/// `migrate` with `resume`: a broken postcopy reconnects to `m.uri` from now on.
+fn migrate_resume(m: &MigrateRequest, vmm: &Arc<Vmm>) -> Result<Value, String> {
+    let uri = parse_uri(&m.uri)?;
+    resume_only(m)?;
+    vmm.command(Command::Reconnect { uri }, Box::new(|_| Ok(Value::Null)))
+        .map_err(|e| e.to_string())
+}
+
+/// Refuses a `migrate` with `resume` that sets anything but the URI.
+fn resume_only(m: &MigrateRequest) -> Result<(), String> {
+    let fields = serde_json::to_value(m).map_err(|e| e.to_string())?;
+    let set: Vec<&str> = fields
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter(|(k, v)| *k != "uri" && *k != "resume" && !v.is_null())
+                .map(|(k, _)| k.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    if set.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "migrate with resume takes only uri (the running migration keeps its other \
+         settings), not {}",
+        set.join(", ")
+    ))
+}
+
 /// Starts a migration and follows it to its answer.
 fn migrate(m: MigrateRequest, vmm: &Arc<Vmm>, writer: &Mutex<UnixStream>) -> Result<Value, String> {
-    let uri: Uri = m
-        .uri
-        .parse()
-        .map_err(|e: ferry_transport::TransportError| e.to_string())?;
+    if m.resume == Some(true) {
+        return migrate_resume(&m, vmm);
+    }
+    let uri = parse_uri(&m.uri)?;
     let d = SendParams::default();
     let ms = |v: Option<u64>, def: Duration| v.map(Duration::from_millis).unwrap_or(def);
     let tls = match &m.tls_dir {
@@ -606,5 +656,20 @@ mod tests {
         assert!(matches!(r, Request::Quit { force: false }));
         let bad = serde_json::from_str::<Request>(r#"{"command":"migrate","uri":"x","bogus":1}"#);
         assert!(bad.unwrap_err().to_string().contains("bogus"));
+    }
+
+    #[test]
+    fn resume_and_recover_requests() {
+        let r: Request =
+            serde_json::from_str(r#"{"command":"migrate-recover","uri":"tcp:h:2"}"#).unwrap();
+        assert!(matches!(r, Request::MigrateRecover { uri } if uri == "tcp:h:2"));
+        let parse = |s: &str| match serde_json::from_str::<Request>(s).unwrap() {
+            Request::Migrate(m) => m,
+            _ => panic!("not a migrate request"),
+        };
+        let m = parse(r#"{"command":"migrate","uri":"tcp:h:2","resume":true}"#);
+        assert_eq!(resume_only(&m), Ok(()));
+        let m = parse(r#"{"command":"migrate","uri":"tcp:h:2","resume":true,"channels":8}"#);
+        assert!(resume_only(&m).unwrap_err().contains("not channels"));
     }
 }

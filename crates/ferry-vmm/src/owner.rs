@@ -145,17 +145,19 @@ impl Vmm {
         }
         match &*role {
             Role::Owner => match cmd {
-                Command::Cancel | Command::StartPostcopy => Err(OwnerError::NoMigration),
+                Command::Cancel
+                | Command::StartPostcopy
+                | Command::Reconnect { .. }
+                | Command::Recover { .. } => Err(OwnerError::NoMigration),
                 _ => as_owner(&self.vm),
             },
             Role::Outgoing(e) | Role::Incoming(e) => {
                 let c = e.commander.clone();
                 drop(role);
+                let command = cmd.name();
                 match c.send(cmd, ENGINE_ANSWER) {
                     Ok(done) => Ok(json!({ "message": done })),
-                    Err(CommandError::Ended) => Err(OwnerError::EndedMeanwhile {
-                        command: cmd.name(),
-                    }),
+                    Err(CommandError::Ended) => Err(OwnerError::EndedMeanwhile { command }),
                     Err(e) => Err(OwnerError::Engine(e)),
                 }
             }

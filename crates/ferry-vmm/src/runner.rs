@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_memory::ram::MemoryConfig;
-use ferry_migrate::recv::{receive, start_prepare, ReceiveParams, ReceiveStats, RecvOutcome};
+use ferry_migrate::recv::{
+    answer_late_resumes, receive, start_prepare, ReceiveParams, ReceiveStats, RecvOutcome,
+};
 use ferry_migrate::{control, MigrateError, Progress};
 use ferry_transport::{Listener, Uri};
 
@@ -273,7 +275,16 @@ fn build_vm(cfg: &RunConfig, serial: SerialSink) -> Result<Built, RunError> {
     }
 }
 
-/// Receives the guest; `None` when it runs here now, the run's end otherwise.
+/// How receiving the guest ended.
+enum Received {
+    /// The guest runs here; after a postcopy, the listener answers its source's late
+    /// reconnections while this lives.
+    Running(Option<ferry_migrate::recv::LateAnswers>),
+    /// The run is over.
+    Ended(Result<Outcome, RunError>),
+}
+
+/// Receives the guest.
 fn receive_guest(
     vmm: &Vmm,
     listener: Listener,
@@ -281,29 +292,35 @@ fn receive_guest(
     prepared: Option<ferry_memory::prepare::PrepareHandle>,
     commands: crossbeam_channel::Receiver<control::Request>,
     on_incoming: impl FnOnce(&ReceiveStats),
-) -> Option<Result<Outcome, RunError>> {
+) -> Received {
     let progress = match vmm.role() {
         Role::Incoming(e) => e.progress,
         _ => Progress::new(),
     };
     let target = Arc::new(Migratable::new(vmm.vm.clone()));
     let r = receive(target, &listener, params, progress, prepared, commands);
-    drop(listener);
     match r {
-        Ok(RecvOutcome::Running(stats)) => {
+        Ok(RecvOutcome::Running(mut stats)) => {
             vmm.set_role(Role::Owner);
+            let late = stats.postcopy_ended.take().and_then(|ended| {
+                answer_late_resumes(listener, ended, params)
+                    .map_err(|e| tracing::warn!("after postcopy: {e}"))
+                    .ok()
+            });
             on_incoming(&stats);
-            None
+            Received::Running(late)
         }
         Ok(RecvOutcome::Quit) => {
+            drop(listener);
             vmm.set_role(Role::Quitting);
             vmm.close_api(API_DRAIN);
             vmm.vm.shutdown();
-            Some(Ok(Outcome::Quit))
+            Received::Ended(Ok(Outcome::Quit))
         }
         Err(e) => {
+            drop(listener);
             vmm.vm.shutdown();
-            Some(Err(RunError::Incoming(e)))
+            Received::Ended(Err(RunError::Incoming(e)))
         }
     }
 }
@@ -404,15 +421,16 @@ pub fn run(cfg: RunConfig, on_incoming: impl FnOnce(&ReceiveStats)) -> Result<Ou
         None => Ok(None),
     };
     let _api;
+    let mut _late = None;
     match cfg.boot {
         Boot::Incoming { ref params, .. } => {
             _api = serve(&vmm)?;
             let Some(listener) = listener else {
                 return Err(RunError::Setup("no listener for --incoming".into()));
             };
-            let end = receive_guest(&vmm, listener, params, prepared, commands, on_incoming);
-            if let Some(end) = end {
-                return end;
+            match receive_guest(&vmm, listener, params, prepared, commands, on_incoming) {
+                Received::Running(late) => _late = late,
+                Received::Ended(end) => return end,
             }
         }
         Boot::Takeover(inh) => {

@@ -10,10 +10,13 @@
 mod accept;
 mod data;
 mod devices;
+mod late;
 mod phase;
 mod postcopy;
 mod prepare;
+mod recover;
 
+pub use late::{answer_late_resumes, LateAnswers, PostcopyEnded};
 pub use postcopy::{PostcopyStats, ThreadFaults, MAX_FAULT_QUEUES};
 
 use std::path::PathBuf;
@@ -122,6 +125,10 @@ pub struct ReceiveStats {
     pub confirmed_late: bool,
     /// Postcopy, when the migration switched to it.
     pub postcopy: Option<Box<PostcopyStats>>,
+    /// After a postcopy: what to tell its source if it reconnects late (it missed the end;
+    /// see [`answer_late_resumes`]).
+    #[serde(skip)]
+    pub postcopy_ended: Option<Box<PostcopyEnded>>,
 }
 
 /// How receiving ended.
@@ -179,6 +186,7 @@ pub fn receive(
         canceller,
         stopped_early: false,
         fatal: None,
+        recover: None,
     };
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
@@ -249,6 +257,8 @@ struct Destination {
     stopped_early: bool,
     /// What makes receiving impossible from now on (memory that could not be given back).
     fatal: Option<MigrateError>,
+    /// A second listener, for a broken postcopy's source (`migrate-recover`).
+    recover: Option<recover::ExtraListener>,
 }
 
 impl Destination {

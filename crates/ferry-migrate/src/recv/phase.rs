@@ -391,8 +391,14 @@ impl Destination {
                 ));
                 Err((att, MigrateError::Aborted(crate::error::AbortCause::Quit)))
             }
-            Command::StartPostcopy => {
-                req.refuse(phase, "only the source switches a migration to postcopy");
+            Command::StartPostcopy | Command::Reconnect { .. } => {
+                req.refuse(phase, SOURCE_ONLY);
+                Ok(att)
+            }
+            Command::Recover { .. } => {
+                // A postcopy source that sent `Go` reconnects if the link breaks.
+                let postcopy = att.faults.is_some();
+                self.recover(req, phase, postcopy);
                 Ok(att)
             }
             Command::Resume { .. } | Command::Pause | Command::Snapshot => {
@@ -500,6 +506,7 @@ impl Destination {
             digest_ms: self.digest_time.as_secs_f64() * 1000.0,
             resume_ms: 0.0,
             postcopy: None,
+            postcopy_ended: None,
             attempts: self.attempts,
             stray_connections: self.strays(),
             confirmed_late: false,
@@ -555,6 +562,10 @@ impl Listening {
         Step::Next(Phase::Listening(self))
     }
 }
+
+/// Why a destination refuses the source's commands.
+pub(super) const SOURCE_ONLY: &str =
+    "that is the source's command ('migrate-start-postcopy', 'migrate URI --resume')";
 
 /// A main channel greeted; waiting for its data channels and its Setup.
 pub(super) struct Handshake {
@@ -1549,12 +1560,19 @@ impl Unconfirmed {
                 ));
                 Step::End(RecvOutcome::Quit)
             }
+            Command::Recover { .. } => {
+                // `Go` lost with the link: the source reconnects as after any break.
+                let postcopy = self.att.faults.is_some();
+                rx.recover(req, "unconfirmed", postcopy);
+                Step::Next(Phase::Unconfirmed(self))
+            }
             Command::Resume { force: false }
             | Command::Quit { force: false }
             | Command::Cancel
             | Command::Pause
             | Command::Snapshot
-            | Command::StartPostcopy => {
+            | Command::StartPostcopy
+            | Command::Reconnect { .. } => {
                 state.refuse(req);
                 Step::Next(Phase::Unconfirmed(self))
             }

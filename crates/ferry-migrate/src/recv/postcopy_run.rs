@@ -276,6 +276,7 @@ impl PostcopyRunning {
                     self.att.end();
                     return Step::End(RecvOutcome::Quit);
                 }
+                Command::Recover { .. } => rx.recover(req, self.name(), true),
                 _ => req.refuse(
                     self.name(),
                     "postcopy: the guest runs here while its last pages arrive; the migration \
@@ -448,7 +449,8 @@ impl PostcopyRunning {
         }
     }
 
-    fn tell_done(&mut self, stats: &super::super::PostcopyStats) {
+    /// Sends `PostcopyDone`; returns it (a source that missed it gets it again).
+    fn tell_done(&mut self, stats: &super::super::PostcopyStats) -> Message {
         let done = Message::PostcopyDone {
             faults: stats.faults,
             requested: stats.requested_pages,
@@ -462,6 +464,7 @@ impl PostcopyRunning {
         {
             tracing::warn!("telling the source that postcopy is complete: {e}");
         }
+        done
     }
 
     /// Every page is here: tell the source, stop the fault machinery, and report.
@@ -473,7 +476,7 @@ impl PostcopyRunning {
             .as_ref()
             .map(Faults::stats)
             .unwrap_or_default();
-        self.tell_done(&so_far);
+        let done = self.tell_done(&so_far);
         let stats = self.att.faults.take().map(Faults::stop).unwrap_or_default();
         tracing::info!(
             faults = stats.faults,
@@ -487,6 +490,12 @@ impl PostcopyRunning {
         out.resume_ms = self.resume.as_secs_f64() * 1e3;
         out.confirmed_late = self.late;
         out.postcopy = Some(Box::new(stats));
+        out.postcopy_ended = Some(Box::new(super::super::late::PostcopyEnded {
+            session: self.att.hello.session,
+            agreed: self.att.agreed,
+            sums: self.att.wire.sums,
+            done,
+        }));
         self.att.end();
         rx.progress.set_status(Status::Completed);
         rx.progress.set_phase("running");

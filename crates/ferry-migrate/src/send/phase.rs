@@ -285,8 +285,25 @@ fn precommit_command(req: Request, phase: &'static str) -> Result<(), MigrateErr
             );
             Ok(())
         }
+        Command::Reconnect { .. } => {
+            req.refuse(phase, NO_BROKEN_POSTCOPY);
+            Ok(())
+        }
+        Command::Recover { .. } => {
+            req.refuse(phase, DESTINATION_ONLY);
+            Ok(())
+        }
     }
 }
+
+/// Why `migrate --resume` is refused where postcopy has not begun.
+pub(super) const NO_BROKEN_POSTCOPY: &str =
+    "there is no postcopy to resume: 'migrate URI --resume' points a postcopy that broke off \
+     at the destination's new address";
+
+/// Why a source refuses the destination's commands.
+pub(super) const DESTINATION_ONLY: &str =
+    "that is the destination's command ('migrate-recover URI' runs there)";
 
 /// Events every phase before the commit treats alike.
 pub(super) fn early_event(
@@ -1455,7 +1472,9 @@ impl Unconfirmed {
             | Command::Cancel
             | Command::Pause
             | Command::Snapshot
-            | Command::StartPostcopy => {
+            | Command::StartPostcopy
+            | Command::Reconnect { .. }
+            | Command::Recover { .. } => {
                 state.refuse(req);
                 Step::Next(Phase::Unconfirmed(self))
             }

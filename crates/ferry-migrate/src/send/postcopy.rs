@@ -293,6 +293,7 @@ impl Source {
             p.latency_max_us = max_us;
         }
         p.pages_requested = self.progress.pages_requested.load(Ordering::Relaxed);
+        p.reconnects = a.reconnects;
         let running = a.running.unwrap_or(a.go_at);
         p.postcopy_ms = ms(running.elapsed());
         self.stats.downtime_ms = ms(running.saturating_duration_since(a.paused));
@@ -441,6 +442,14 @@ impl PostcopyActive {
                 src.close();
                 return Step::End(Box::new(SendOutcome::Quit));
             }
+            Event::Command(req) if matches!(req.command, Command::Reconnect { .. }) => {
+                // The destination may have seen the link break before this side does.
+                let to = redirect(src, &req.command);
+                req.answer(Ok(format!(
+                    "postcopy still runs over the old link; if it breaks, this side reconnects \
+                     to {to}"
+                )));
+            }
             Event::Command(req) => req.refuse(
                 "postcopy",
                 "the guest runs on the destination and this side serves the pages it still \
@@ -454,6 +463,16 @@ impl PostcopyActive {
         }
         Step::Next(Phase::Postcopy(self))
     }
+}
+
+/// Points a postcopy's reconnections at the address of a `Reconnect` command; returns it.
+fn redirect(src: &mut Source, cmd: &Command) -> String {
+    let Command::Reconnect { uri } = cmd else {
+        return String::new();
+    };
+    tracing::info!(%uri, "postcopy: reconnections go to a new address");
+    src.uri = Some(uri.clone());
+    uri.to_string()
 }
 
 /// Postcopy broke off after `Go`: the guest is the destination's, but pages it lacks are
@@ -539,7 +558,7 @@ impl PostcopyPaused {
         Step::Next(Phase::PostcopyPaused(self))
     }
 
-    fn command(self: Box<Self>, req: Request, src: &mut Source) -> Step {
+    fn command(mut self: Box<Self>, req: Request, src: &mut Source) -> Step {
         match req.command {
             Command::Quit { force: true } => {
                 req.answer(Ok(
@@ -548,12 +567,26 @@ impl PostcopyPaused {
                 src.close();
                 Step::End(Box::new(SendOutcome::Quit))
             }
+            Command::Reconnect { .. } => {
+                let to = redirect(src, &req.command);
+                let when = if self.retry_at.is_some() {
+                    self.retry_at = Some(Instant::now());
+                    "now".to_string()
+                } else {
+                    // A try is under way (bounded by the handshake timeout); the next goes
+                    // to the new address.
+                    "as soon as the try under way ends".to_string()
+                };
+                req.answer(Ok(format!("reconnecting to {to} {when}")));
+                Step::Next(Phase::PostcopyPaused(self))
+            }
             _ => {
                 req.refuse(
                     "postcopy-paused",
                     "postcopy broke off after the destination took the guest: this side holds \
-                     pages it lacks and cannot run the guest itself; only 'quit --force' \
-                     (losing those pages) ends it",
+                     pages it lacks and cannot run the guest itself; it reconnects by itself \
+                     ('migrate URI --resume' points it at a new address), and only \
+                     'quit --force' (losing those pages) ends it",
                 );
                 Step::Next(Phase::PostcopyPaused(self))
             }
