@@ -144,6 +144,13 @@ pub fn describe_stats(s: &Value) -> String {
             f(&pc["latency_max_us"]),
             f(&pc["postcopy_ms"])
         );
+        if f(&pc["reconnects"]) > 0.0 {
+            out += &format!(
+                "  the link broke and was reconnected {} time(s); {} pages the destination held already were not sent again\n",
+                f(&pc["reconnects"]),
+                f(&pc["pages_not_resent"])
+            );
+        }
     }
     let p = &s["prepare"];
     if p["reported"] == Value::Bool(true) {
@@ -180,5 +187,10 @@ mod tests {
         assert!(text.contains("postcopy (now"), "{text}");
         assert!(text.contains("262144 pages missing"), "{text}");
         assert!(text.contains("latency median 61 us"), "{text}");
+        assert!(!text.contains("reconnected"), "{text}");
+        s["postcopy"]["reconnects"] = json!(2);
+        s["postcopy"]["pages_not_resent"] = json!(5000);
+        let text = describe_stats(&s);
+        assert!(text.contains("reconnected 2 time(s); 5000 pages"), "{text}");
     }
 }

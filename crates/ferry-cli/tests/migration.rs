@@ -777,6 +777,11 @@ fn postcopy_cut_for_good_is_recovered_at_a_new_address() {
     let out = mig.join().unwrap();
     let stats = completed_stats(&out, &src, &dst);
     assert_eq!(stats["postcopy"]["reconnects"], 1, "{stats}");
+    // What arrived before the cut (about 40 MiB) is not pushed again.
+    assert!(
+        stats["postcopy"]["pages_not_resent"].as_u64() > Some(1000),
+        "{stats}"
+    );
     assert!(src
         .wait_exit(Duration::from_secs(10))
         .is_some_and(|s| s.success()));

@@ -188,6 +188,44 @@ impl DirtySnapshot {
         out
     }
 
+    /// Bitmap words over every region in order, each region padded to whole words: the
+    /// length of a bitmap that [`DirtySnapshot::without`] takes.
+    pub fn padded_words(&self) -> usize {
+        self.regions
+            .iter()
+            .map(|r| r.pages.div_ceil(64) as usize)
+            .sum()
+    }
+
+    /// This snapshot without the pages set in `present`, a bitmap over every region in
+    /// order, each padded to whole words ([`DirtySnapshot::padded_words`] long; missing
+    /// words count as zero).
+    pub fn without(&self, present: &[u64]) -> DirtySnapshot {
+        let mut at = 0usize;
+        let regions = self
+            .regions
+            .iter()
+            .map(|r| {
+                let n = r.pages.div_ceil(64) as usize;
+                let mask = |words: &[u64]| -> Vec<u64> {
+                    words
+                        .iter()
+                        .enumerate()
+                        .map(|(i, w)| w & !present.get(at + i).copied().unwrap_or(0))
+                        .collect()
+                };
+                let out = RegionDirty {
+                    all: mask(&r.all),
+                    kvm: mask(&r.kvm),
+                    ..r.clone()
+                };
+                at += n;
+                out
+            })
+            .collect();
+        DirtySnapshot { regions }
+    }
+
     /// The dirty pages of a chunk, as page numbers within its region.
     pub fn chunk_pages(&self, chunk: &DirtyChunk) -> impl Iterator<Item = u64> + '_ {
         let r = self.regions.get(chunk.region);
@@ -315,6 +353,36 @@ mod tests {
     use crate::ram::{Backend, MemoryConfig};
     use std::sync::Mutex;
     use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn without_removes_present_pages_over_padded_regions() {
+        // Two regions of 100 and 64 pages: the first is padded to 128 bits.
+        let region = |index, gpa, pages: u64, all: Vec<u64>| RegionDirty {
+            index,
+            gpa,
+            pages,
+            kvm: all.clone(),
+            all,
+        };
+        let snap = DirtySnapshot {
+            regions: vec![
+                region(0, 0, 100, vec![u64::MAX, (1 << 36) - 1]),
+                region(1, 1 << 30, 64, vec![0b1111]),
+            ],
+        };
+        assert_eq!(snap.padded_words(), 3);
+        assert_eq!(snap.dirty_pages(), 104);
+        // Present: pages 0-63 of region 0, page 99 of it, and pages 1 and 2 of region 1.
+        let present = [u64::MAX, 1 << 35, 0b0110];
+        let rest = snap.without(&present);
+        assert_eq!(rest.regions[0].all, vec![0, (1 << 35) - 1]);
+        assert_eq!(rest.regions[0].kvm, rest.regions[0].all);
+        assert_eq!(rest.regions[1].all, vec![0b1001]);
+        assert_eq!(rest.dirty_pages(), 35 + 2);
+        assert_eq!(rest.regions[1].gpa, 1 << 30);
+        // A short bitmap removes nothing past its end.
+        assert_eq!(snap.without(&[u64::MAX]).dirty_pages(), 40);
+    }
 
     /// A fake KVM log: tests set bits; clears are recorded.
     struct FakeLog {

@@ -394,4 +394,7 @@ pub struct PostcopySendStats {
     pub latency_max_us: u64,
     /// Times the link broke after `Go` and this side reconnected.
     pub reconnects: u32,
+    /// Pages not pushed again after a reconnection because the destination said it held
+    /// them (summed over reconnections).
+    pub pages_not_resent: u64,
 }

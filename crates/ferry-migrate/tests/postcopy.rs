@@ -352,7 +352,11 @@ fn postcopy_through_a_broken_link(
         "the guest read every page"
     );
     assert_handed_over(&src, &target);
-    assert!(stats.postcopy.is_some());
+    let p = stats.postcopy.unwrap();
+    assert!(p.reconnects >= 1, "{p:?}");
+    // Pages placed before the break are not pushed again.
+    assert!(p.pages_not_resent > 0, "{p:?}");
+    assert!(p.pages_not_resent < p.pages_missing, "{p:?}");
 }
 
 /// The link is cut in the middle of postcopy (the guest runs on the destination, pages are

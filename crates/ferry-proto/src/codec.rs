@@ -9,8 +9,8 @@ use crate::message::{
 use crate::{
     ChannelRole, Codec, CpuFeature, DeviceInfo, Hello, MemRegion, Message, MessageKind, PageRun,
     ProtoError, Setup, Timeouts, VmDescription, FLAG_SUMMED, FRAME_HEADER_LEN, MAGIC,
-    MAX_BATCH_PAGES, MAX_CPU_FEATURES, MAX_DEVICES, MAX_DEVICE_CHUNK, MAX_REGIONS, MAX_RUNS,
-    MAX_STRING,
+    MAX_BATCH_PAGES, MAX_CPU_FEATURES, MAX_DEVICES, MAX_DEVICE_CHUNK, MAX_PLACED_WORDS,
+    MAX_REGIONS, MAX_RUNS, MAX_STRING,
 };
 
 /// A decoded and checked frame header.
@@ -133,6 +133,7 @@ pub fn decode_body(kind: MessageKind, body: &[u8]) -> Result<Message, ProtoError
             seq: r.u32("PageRequest seq")?,
             runs: read_runs(&mut r, "PageRequest run count", "PageRequest run")?,
         },
+        MessageKind::Placed => read_placed(&mut r)?,
         MessageKind::PostcopyDone => Message::PostcopyDone {
             faults: r.u64("PostcopyDone faults")?,
             requested: r.u64("PostcopyDone requested")?,
@@ -380,6 +381,20 @@ fn read_local_memory(r: &mut Reader<'_>) -> Result<Message, ProtoError> {
     })
 }
 
+fn read_placed(r: &mut Reader<'_>) -> Result<Message, ProtoError> {
+    let first_page = r.u64("Placed first_page")?;
+    let last = r.flag("Placed last")?;
+    let count = r.count("Placed word count", MAX_PLACED_WORDS, 8)?;
+    let words = (0..count)
+        .map(|_| r.u64("Placed word"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Message::Placed {
+        first_page,
+        last,
+        words,
+    })
+}
+
 /// Name of a kind's body, for truncation errors (must be `'static`).
 fn body_what(kind: MessageKind) -> &'static str {
     match kind {
@@ -410,6 +425,7 @@ fn body_what(kind: MessageKind) -> &'static str {
         MessageKind::Postcopy => "Postcopy frame body",
         MessageKind::PageRequest => "PageRequest frame body",
         MessageKind::PostcopyDone => "PostcopyDone frame body",
+        MessageKind::Placed => "Placed frame body",
     }
 }
 

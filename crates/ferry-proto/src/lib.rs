@@ -62,7 +62,7 @@ pub use message::{
 /// First bytes of every [`Hello`] body: identifies a Ferry migration stream.
 pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 /// Protocol version spoken by this crate.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// Frame header flag: the body is followed by the frame's xxh3-64 checksum.
 pub const FLAG_SUMMED: u16 = 1;
 /// Guest page size; page runs and memory regions are in units of it.
@@ -87,6 +87,8 @@ pub const MAX_DEVICES: u32 = 4096;
 pub const MAX_DEVICE_CHUNK: u32 = 1 << 20;
 /// Body limit of every frame kind other than [`Message::DeviceData`].
 pub const MAX_CONTROL_LEN: u32 = 1 << 20;
+/// Most bitmap words in one [`Message::Placed`] (1 Mi pages, 4 GiB of guest memory).
+pub const MAX_PLACED_WORDS: u32 = 1 << 14;
 
 /// Capability bits exchanged in [`Hello`] and [`Message::Welcome`]; both
 /// sides use the intersection of what they offered.

@@ -5,7 +5,7 @@ use std::fmt;
 use crate::codec::{self, len64};
 use crate::{
     ProtoError, MAX_BATCH_PAGES, MAX_CONTROL_LEN, MAX_CPU_FEATURES, MAX_DEVICES, MAX_DEVICE_CHUNK,
-    MAX_REGIONS, MAX_RUNS, MAX_STRING, PAGE_SIZE,
+    MAX_PLACED_WORDS, MAX_REGIONS, MAX_RUNS, MAX_STRING, PAGE_SIZE,
 };
 
 /// What a channel carries; sent in its [`Hello`].
@@ -199,11 +199,13 @@ pub enum MessageKind {
     PostcopyDone,
     /// [`Message::DevicesReady`].
     DevicesReady,
+    /// [`Message::Placed`].
+    Placed,
 }
 
 impl MessageKind {
     /// Every kind, in wire order.
-    pub const ALL: [MessageKind; 27] = [
+    pub const ALL: [MessageKind; 28] = [
         MessageKind::Hello,
         MessageKind::Welcome,
         MessageKind::Setup,
@@ -231,6 +233,7 @@ impl MessageKind {
         MessageKind::PageRequest,
         MessageKind::PostcopyDone,
         MessageKind::DevicesReady,
+        MessageKind::Placed,
     ];
 
     /// The kind's name, as in "unexpected Pages in state Setup".
@@ -263,6 +266,7 @@ impl MessageKind {
             MessageKind::PageRequest => "PageRequest",
             MessageKind::PostcopyDone => "PostcopyDone",
             MessageKind::DevicesReady => "DevicesReady",
+            MessageKind::Placed => "Placed",
         }
     }
 
@@ -468,6 +472,19 @@ pub enum Message {
     /// Destination to source, main channel: every device has loaded its initial bytes; the
     /// source may pause the guest (QEMU's `switchover-ack`).
     DevicesReady,
+    /// Destination to source, main channel, right after the `Welcome` of a postcopy that
+    /// reconnects: which pages it holds already, as a bitmap over the guest's pages (bit
+    /// `i` of `words[j]` is page `first_page + 64 * j + i`, counting the regions in order,
+    /// each padded to a multiple of 64 pages), in frames of at most [`MAX_PLACED_WORDS`]
+    /// words; the last has `last` set. The source then pushes only the pages still missing.
+    Placed {
+        /// The first page the words cover (a multiple of 64).
+        first_page: u64,
+        /// This frame ends the bitmap.
+        last: bool,
+        /// One bit per page, set where the page is present.
+        words: Vec<u64>,
+    },
     /// Destination to source: every page is here; the source may let go of the guest.
     PostcopyDone {
         /// Page faults the destination's guest took on missing pages.
@@ -597,6 +614,7 @@ impl Message {
             Message::Postcopy { .. } => MessageKind::Postcopy,
             Message::PageRequest { .. } => MessageKind::PageRequest,
             Message::PostcopyDone { .. } => MessageKind::PostcopyDone,
+            Message::Placed { .. } => MessageKind::Placed,
         }
     }
 
@@ -697,6 +715,16 @@ impl Message {
             Message::Discarded { discard_us } => codec::put_u64(out, *discard_us),
             Message::Postcopy { pass } => codec::put_u32(out, *pass),
             Message::PageRequest { seq, runs } => codec::put_runs(out, *seq, runs),
+            Message::Placed {
+                first_page,
+                last,
+                words,
+            } => {
+                codec::put_u64(out, *first_page);
+                codec::put_u8(out, u8::from(*last));
+                codec::put_u32(out, u32::try_from(words.len()).unwrap_or(u32::MAX));
+                words.iter().for_each(|w| codec::put_u64(out, *w));
+            }
             Message::PostcopyDone {
                 faults,
                 requested,
@@ -769,6 +797,10 @@ impl Message {
                 check_runs("PageRequest runs", "PageRequest run", runs)?;
                 check_batch_pages(total_pages(runs))
             }
+            Message::Placed { first_page, .. } if first_page % 64 != 0 => Err(invalid(
+                "Placed first_page",
+                format!("{first_page} is not a multiple of 64"),
+            )),
             Message::LocalMemory { offsets, .. } => {
                 if offsets.is_empty() {
                     return Err(invalid(
@@ -835,6 +867,9 @@ impl Message {
             Message::LocalMemory { offsets, .. } => {
                 check_count("LocalMemory offset count", offsets.len(), MAX_REGIONS)?
             }
+            Message::Placed { words, .. } => {
+                check_count("Placed word count", words.len(), MAX_PLACED_WORDS)?
+            }
             _ => {}
         }
         let kind = self.kind();
@@ -892,6 +927,9 @@ impl Message {
             Message::PageRequest { runs, .. } => runs_body_len(runs),
             Message::Discarded { .. } => 8,
             Message::PostcopyDone { .. } => 5 * 8,
+            Message::Placed { words, .. } => {
+                (8u64 + 1 + 4).saturating_add(len64(words.len()).saturating_mul(8))
+            }
             Message::Postcopy { .. } => 4,
         }
     }

@@ -70,7 +70,7 @@ fn hello_bad_role_and_main_index() {
 
 #[test]
 fn unknown_kind() {
-    for kind in [0u16, 28, 0x7fff, u16::MAX] {
+    for kind in [0u16, 29, 0x7fff, u16::MAX] {
         let e = err(&frame(kind, 0, 0, &[]));
         assert!(matches!(e, ProtoError::UnknownKind(k) if k == kind), "{e}");
         assert!(e.to_string().contains(&kind.to_string()));
@@ -718,4 +718,39 @@ fn local_memory_rules() {
             "{m:?}"
         );
     }
+}
+
+#[test]
+fn placed_bitmaps_are_checked_before_allocating() {
+    let body = |first: u64, last: u8, count: u32, words: usize| {
+        let mut b = Vec::new();
+        b.extend_from_slice(&first.to_le_bytes());
+        b.push(last);
+        b.extend_from_slice(&count.to_le_bytes());
+        b.extend(std::iter::repeat_n(0xFFu8, words * 8));
+        b
+    };
+    let ok = decode_body(K::Placed, &body(128, 1, 2, 2)).unwrap();
+    assert!(
+        matches!(ok, Message::Placed { first_page: 128, last: true, ref words } if words.len() == 2)
+    );
+    // A count beyond the limit, or beyond the bytes there: refused before reading words.
+    let e = decode_body(K::Placed, &body(0, 0, MAX_PLACED_WORDS + 1, 0)).unwrap_err();
+    assert!(matches!(e, ProtoError::TooMany { .. }), "{e}");
+    let e = decode_body(K::Placed, &body(0, 0, 1000, 1)).unwrap_err();
+    assert!(matches!(e, ProtoError::Truncated { .. }), "{e}");
+    // A first page that does not start a word, a flag that is not 0 or 1.
+    let e = decode_body(K::Placed, &body(65, 0, 1, 1)).unwrap_err();
+    assert!(e.to_string().contains("multiple of 64"), "{e}");
+    let e = decode_body(K::Placed, &body(0, 2, 1, 1)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ProtoError::Invalid {
+                what: "Placed last",
+                ..
+            }
+        ),
+        "{e}"
+    );
 }

@@ -177,7 +177,7 @@ fn kind_table() {
         assert_eq!(k.max_body_len(), max);
     }
     assert_eq!(MessageKind::from_u16(0), None);
-    assert_eq!(MessageKind::from_u16(28), None);
+    assert_eq!(MessageKind::from_u16(29), None);
     assert_eq!(MessageKind::from_u16(u16::MAX), None);
     let names: Vec<&str> = samples().iter().map(Message::name).collect();
     assert!(names.contains(&"Hello") && names.contains(&"Pages") && names.contains(&"Go"));

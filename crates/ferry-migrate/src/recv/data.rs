@@ -172,6 +172,14 @@ impl PageBits {
         })
     }
 
+    /// Every word, region after region (each padded to whole words).
+    pub(crate) fn words(&self) -> Vec<u64> {
+        self.regions
+            .iter()
+            .flat_map(|(_, words)| words.iter().map(|w| w.load(Ordering::Relaxed)))
+            .collect()
+    }
+
     pub(crate) fn set(&self, gpa: u64) {
         if let Some((w, bit)) = self.locate(gpa) {
             w.fetch_or(bit, Ordering::Relaxed);

@@ -405,6 +405,12 @@ fn spawn_urgent_receiver(ctx: &Ctx, reader: Stream) -> Result<JoinHandle<()>, Mi
 }
 
 impl Faults {
+    /// Which pages are placed, one bit per page over the regions in order (each padded to
+    /// whole words): what a reconnecting source need not push again.
+    pub(crate) fn placed_words(&self) -> Vec<u64> {
+        self.ctx.space.placed.words()
+    }
+
     /// Starts a handler per range of `space` and the urgent receiver on `urgent`.
     pub(crate) fn start(
         space: Arc<Space>,

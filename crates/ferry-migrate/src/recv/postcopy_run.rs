@@ -27,7 +27,7 @@ use super::{
 use crate::control::Command;
 use crate::error::MigrateError;
 use crate::progress::Status;
-use ferry_proto::{caps, ChannelRole, VERSION};
+use ferry_proto::{caps, ChannelRole, MAX_PLACED_WORDS, VERSION};
 use ferry_transport::Stream;
 
 /// Makes `runs` missing here (their pages come in postcopy).
@@ -184,6 +184,27 @@ pub(super) fn enter(
     Step::Next(Phase::Postcopy(Box::new(p)))
 }
 
+/// Tells a reconnecting source which pages are here already, in `Placed` frames.
+fn send_placed(
+    main: &mut Stream,
+    words: &[u64],
+    sums: bool,
+    deadline: Instant,
+) -> std::io::Result<()> {
+    let per = MAX_PLACED_WORDS as usize;
+    let frames = words.len().div_ceil(per).max(1);
+    for i in 0..frames {
+        let part = words.get(i * per..((i + 1) * per).min(words.len()));
+        let msg = Message::Placed {
+            first_page: (i * per * 64) as u64,
+            last: i + 1 == frames,
+            words: part.unwrap_or_default().to_vec(),
+        };
+        super::send_by(main, &msg, sums, deadline)?;
+    }
+    Ok(())
+}
+
 /// The guest runs here; pages it lacks still arrive.
 pub(crate) struct PostcopyRunning {
     att: Box<Attempt>,
@@ -333,7 +354,18 @@ impl PostcopyRunning {
             capabilities: self.att.agreed,
         };
         let deadline = Instant::now() + ERROR_SEND_TIMEOUT;
-        if let Err(e) = super::send_by(&mut main, &welcome, self.att.wire.sums, deadline) {
+        let placed = self
+            .att
+            .faults
+            .as_ref()
+            .map(Faults::placed_words)
+            .unwrap_or_default();
+        let sums = self.att.wire.sums;
+        // The bitmap is 32 KiB per GiB of guest memory: it gets the handshake's time.
+        let bitmap_by = Instant::now() + rx.params.handshake_timeout;
+        let greeted = super::send_by(&mut main, &welcome, sums, deadline)
+            .and_then(|_| send_placed(&mut main, &placed, sums, bitmap_by));
+        if let Err(e) = greeted {
             tracing::warn!("greeting the reconnecting source: {e}");
             return;
         }

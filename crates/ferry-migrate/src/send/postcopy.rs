@@ -172,6 +172,7 @@ impl PostcopySwitch {
             pass: self.pass,
             missing: self.missing,
             reconnects: 0,
+            placed: None,
             last_heard: go_at,
             next_ping: go_at + PING_EVERY,
             nonce: 0,
@@ -226,9 +227,9 @@ impl Source {
         self.main = None;
     }
 
-    /// Takes the reconnected channels: the pages the destination lacked at the switch go
-    /// out again as a new pass (it skips those it has), and page requests are answered on
-    /// the new urgent channel. Returns the new pass.
+    /// Takes the reconnected channels: page requests are answered on the new urgent channel
+    /// at once, and the pages the destination still lacks go out as a new pass once it has
+    /// said which it holds ([`Message::Placed`]). Returns the new pass.
     fn rejoin(&mut self, conn: super::Connection, a: &PostcopyActive) -> Result<u32, MigrateError> {
         self.attach(conn)?;
         let pass = a.pass + 1;
@@ -251,7 +252,7 @@ impl Source {
             &self.events_tx,
             Event::Worker,
         )?;
-        worker::dispatch(&self.workers, &self.ram, pass, "postcopy", &a.missing);
+        // The push starts once the destination has said which pages it holds.
         Ok(pass)
     }
 
@@ -324,6 +325,9 @@ pub(super) struct PostcopyActive {
     missing: Arc<DirtySnapshot>,
     /// Reconnections so far: after one, no `Error` can mean "the guest did not run there".
     reconnects: u32,
+    /// After a reconnection: the destination's bitmap of the pages it holds, as it arrives,
+    /// and by when it must be complete. The push of the new pass waits for it.
+    placed: Option<(Vec<u64>, Instant)>,
     /// The destination's last word, and the next `Ping` (a silent link is a broken one).
     last_heard: Instant,
     next_ping: Instant,
@@ -336,10 +340,52 @@ const PING_EVERY: Duration = Duration::from_millis(500);
 
 impl PostcopyActive {
     pub(super) fn deadline(&self) -> Option<Instant> {
-        Some(match self.quiet_deadline {
-            Some(q) => q.min(self.next_ping),
-            None => self.next_ping,
-        })
+        let due = [self.quiet_deadline, self.placed.as_ref().map(|p| p.1)];
+        Some(due.into_iter().flatten().fold(self.next_ping, Instant::min))
+    }
+
+    /// Adds a frame of the destination's bitmap; with the last, pushes what it still lacks.
+    fn take_placed(
+        &mut self,
+        src: &mut Source,
+        first_page: u64,
+        last: bool,
+        words: Vec<u64>,
+    ) -> Result<(), String> {
+        let total = self.missing.padded_words();
+        let Some((have, _)) = self.placed.as_mut() else {
+            return Ok(());
+        };
+        if first_page != have.len() as u64 * 64 || have.len() + words.len() > total {
+            return Err(format!(
+                "the destination's bitmap of present pages is out of order or too long \
+                 (a frame from page {first_page}, {} words, after {} of {total})",
+                words.len(),
+                have.len()
+            ));
+        }
+        have.extend(words);
+        if !last {
+            return Ok(());
+        }
+        if have.len() != total {
+            return Err(format!(
+                "the destination's bitmap of present pages ended after {} of {total} words",
+                have.len()
+            ));
+        }
+        let before = self.missing.dirty_pages();
+        let rest = self.missing.without(have);
+        tracing::info!(
+            missing_at_switch = before,
+            still_missing = rest.dirty_pages(),
+            "postcopy reconnected: pushing only what the destination still lacks"
+        );
+        self.stats.pages_not_resent += before - rest.dirty_pages();
+        self.missing = Arc::new(rest);
+        self.placed = None;
+        worker::dispatch(&src.workers, &src.ram, self.pass, "postcopy", &self.missing);
+        Ok(())
     }
 
     fn keep_alive_due(&self) -> bool {
@@ -396,6 +442,15 @@ impl PostcopyActive {
                 | Message::Pong { .. }
                 | Message::Welcome { .. },
             )) => {}
+            Event::Peer(Ok(Message::Placed {
+                first_page,
+                last,
+                words,
+            })) if self.placed.is_some() => {
+                if let Err(why) = self.take_placed(src, first_page, last, words) {
+                    return PostcopyPaused::enter(self, src, why);
+                }
+            }
             Event::Peer(Ok(m)) => {
                 let why = format!("the destination sent {} during postcopy", m.name());
                 return PostcopyPaused::enter(self, src, why);
@@ -425,6 +480,12 @@ impl PostcopyActive {
                 if let Some(why) = self.keep_alive(src) {
                     return PostcopyPaused::enter(self, src, why);
                 }
+            }
+            Event::Tick if self.placed.as_ref().is_some_and(|p| Instant::now() >= p.1) => {
+                let why = "after reconnecting, the destination did not say in time which \
+                           pages it holds"
+                    .to_string();
+                return PostcopyPaused::enter(self, src, why);
             }
             Event::Tick if self.quiet_deadline.is_some_and(|d| Instant::now() >= d) => {
                 let why = format!(
@@ -533,6 +594,7 @@ impl PostcopyPaused {
                     a.outstanding = src.workers.len();
                     a.quiet_deadline = None;
                     a.reconnects += 1;
+                    a.placed = Some((Vec::new(), Instant::now() + src.params.progress_timeout));
                     a.last_heard = Instant::now();
                     a.next_ping = Instant::now() + PING_EVERY;
                     src.progress.set_status(Status::Postcopy);

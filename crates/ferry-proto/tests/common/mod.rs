@@ -50,6 +50,16 @@ pub fn samples() -> Vec<Message> {
                 pages: MAX_BATCH_PAGES,
             }],
         },
+        Message::Placed {
+            first_page: 0,
+            last: false,
+            words: vec![u64::MAX; MAX_PLACED_WORDS as usize],
+        },
+        Message::Placed {
+            first_page: 64 << 20,
+            last: true,
+            words: vec![],
+        },
         Message::PostcopyDone {
             faults: 80,
             requested: 77,
