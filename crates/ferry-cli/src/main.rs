@@ -276,7 +276,12 @@ struct MigrateArgs {
     /// A postcopy that broke off reconnects to URI (where the destination listens after
     /// its `migrate-recover URI`), at once; returns when the source has taken it. The
     /// running migration keeps its other settings.
-    #[arg(long, conflicts_with_all = ["postcopy", "postcopy_after_precopy", "postcopy_on_request", "local", "json"])]
+    #[arg(long, conflicts_with_all = [
+        "postcopy", "postcopy_after_precopy", "postcopy_on_request", "local", "json",
+        "channels", "downtime_limit", "max_bandwidth", "no_auto_converge", "digest_file",
+        "handshake_timeout", "progress_timeout", "switchover_timeout", "tls_dir",
+        "tls_hostname", "compress", "no_checksums", "serial_devices",
+    ])]
     resume: bool,
 }
 

@@ -409,38 +409,47 @@ fn a_silent_link_mid_postcopy_is_detected_and_recovered() {
     postcopy_through_a_broken_link(Action::Freeze, |px, _, _| px.thaw());
 }
 
-/// The destination's `PostcopyDone` is lost on the way: the destination has every page and
-/// runs the guest, the source (which did not hear it) holds its pages and reconnects. The
-/// destination keeps its listener and tells it again, so the source ends too, instead of
-/// reconnecting forever.
-#[test]
-fn a_lost_postcopy_done_is_said_again_to_the_reconnecting_source() {
+/// A destination that hands its listener, once its postcopy has ended, to
+/// [`answer_late_resumes`], as the VMM does; `receive` runs on its own thread.
+struct LateDest {
+    uri: Uri,
+    target: Arc<FakeTarget>,
+    progress: Arc<ferry_migrate::Progress>,
+    commander: ferry_migrate::control::Commander,
+    join: JoinHandle<ferry_migrate::recv::LateAnswers>,
+}
+
+fn late_dest(dir: &std::path::Path) -> LateDest {
     use ferry_migrate::control;
     use ferry_migrate::recv::{answer_late_resumes, receive};
-    use ferry_proto::MessageKind;
-    use ferry_testkit::proxy::{Action, Dir, Fault, Proxy, Trigger};
     use ferry_transport::Listener;
-    let dir = tempfile::tempdir().unwrap();
-    let uri = Uri::Unix(dir.path().join("incoming.sock"));
+    let uri = Uri::Unix(dir.join("incoming.sock"));
     let listener = Listener::bind(&uri).unwrap();
     let target = FakeTarget::new(MIB);
-    let (_commander, commands) = control::channel();
-    let (t, rp) = (target.clone(), recv_params());
-    let dest = std::thread::spawn(move || {
-        let out = receive(
-            t,
-            &listener,
-            &rp,
-            ferry_migrate::Progress::new(),
-            None,
-            commands,
-        );
+    let (commander, commands) = control::channel();
+    let progress = ferry_migrate::Progress::new();
+    let (t, p, rp) = (target.clone(), progress.clone(), recv_params());
+    let join = std::thread::spawn(move || {
+        let out = receive(t, &listener, &rp, p, None, commands);
         let Ok(RecvOutcome::Running(mut stats)) = out else {
             panic!("expected the guest running here, got {out:?}")
         };
         let ended = stats.postcopy_ended.take().expect("a postcopy ended here");
         answer_late_resumes(listener, ended, &rp).unwrap()
     });
+    LateDest {
+        uri,
+        target,
+        progress,
+        commander,
+        join,
+    }
+}
+
+/// A proxy from a new socket in `dir` to `to` that drops the first `PostcopyDone`.
+fn losing_done(dir: &std::path::Path, name: &str, to: Uri) -> ferry_testkit::proxy::Proxy {
+    use ferry_proto::MessageKind;
+    use ferry_testkit::proxy::{Action, Dir, Fault, Proxy, Trigger};
     let lost = Fault {
         when: Trigger::Frame {
             dir: Dir::ToSource,
@@ -449,13 +458,85 @@ fn a_lost_postcopy_done_is_said_again_to_the_reconnecting_source() {
         },
         action: Action::Drop,
     };
-    let px = Proxy::start(&Uri::Unix(dir.path().join("px.sock")), uri, vec![lost]).unwrap();
+    Proxy::start(&Uri::Unix(dir.join(name)), to, vec![lost]).unwrap()
+}
+
+/// The destination's `PostcopyDone` is lost on the way: the destination has every page and
+/// runs the guest, the source (which did not hear it) holds its pages and reconnects. The
+/// destination keeps its listener and tells it again, so the source ends too, instead of
+/// reconnecting forever.
+#[test]
+fn a_lost_postcopy_done_is_said_again_to_the_reconnecting_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = late_dest(dir.path());
+    let px = losing_done(dir.path(), "px.sock", d.uri.clone());
     let src = busy_source();
     let m = Migration::start(&src, &px.uri(), postcopy(PostcopyMode::Now));
-    let late = dest.join().unwrap();
+    let late = d.join.join().unwrap();
     let stats = completed(m.finish());
     let p = stats.postcopy.unwrap();
     assert!(p.reconnects >= 1, "the source reconnected: {p:?}");
-    assert_handed_over(&src, &target);
+    assert_handed_over(&src, &d.target);
+    drop(late);
+}
+
+/// The same after the source was moved to a new address (`migrate-recover`, `migrate
+/// --resume`): the new address answers the late reconnection too.
+#[test]
+fn a_lost_postcopy_done_after_a_move_is_said_again_at_the_new_address() {
+    use ferry_proto::MessageKind;
+    use ferry_testkit::proxy::{Action, Dir, Fault, Proxy, Trigger};
+    let dir = tempfile::tempdir().unwrap();
+    let d = late_dest(dir.path());
+    // The first link is cut for good at the 8th pushed frame.
+    let cut = Fault {
+        when: Trigger::Frame {
+            dir: Dir::ToDestination,
+            kind: MessageKind::Pages,
+            nth: 8,
+        },
+        action: Action::Cut,
+    };
+    let first = Proxy::start(
+        &Uri::Unix(dir.path().join("a.sock")),
+        d.uri.clone(),
+        vec![cut],
+    );
+    let first = first.unwrap();
+    let src = busy_source();
+    let params = SendParams {
+        max_bandwidth: Some(16 << 20),
+        ..postcopy(PostcopyMode::Now)
+    };
+    let m = Migration::start(&src, &first.uri(), params);
+    m.wait_status(Status::PostcopyPaused, Duration::from_secs(10));
+    wait_status(
+        &d.progress,
+        Status::PostcopyPaused,
+        Duration::from_secs(5),
+        "destination",
+    );
+    let new = Uri::Unix(dir.path().join("recover.sock"));
+    let recover = |uri: &Uri| {
+        d.commander
+            .send(
+                Command::Recover { uri: uri.clone() },
+                Duration::from_secs(5),
+            )
+            .map_err(|e| e.to_string())
+    };
+    recover(&new).unwrap();
+    // Asked again for the same address: already done.
+    assert!(recover(&new).unwrap().contains("already listening"));
+    let second = losing_done(dir.path(), "b.sock", new);
+    m.command(Command::Reconnect { uri: second.uri() }).unwrap();
+    let late = d.join.join().unwrap();
+    let stats = completed(m.finish());
+    let p = stats.postcopy.unwrap();
+    assert!(
+        p.reconnects >= 2,
+        "reconnected after the cut and after the lost word: {p:?}"
+    );
+    assert_handed_over(&src, &d.target);
     drop(late);
 }

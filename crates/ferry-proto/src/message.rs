@@ -797,7 +797,7 @@ impl Message {
                 check_runs("PageRequest runs", "PageRequest run", runs)?;
                 check_batch_pages(total_pages(runs))
             }
-            Message::Placed { first_page, .. } if first_page % 64 != 0 => Err(invalid(
+            Message::Placed { first_page, .. } if !first_page.is_multiple_of(64) => Err(invalid(
                 "Placed first_page",
                 format!("{first_page} is not a multiple of 64"),
             )),

@@ -5,9 +5,11 @@
 //! Commands: `info`, `pause`, `resume {force?}`, `snapshot {path}`, `quit {force?}`,
 //! `migrate {uri, channels?, downtime_limit_ms?, max_bandwidth?, auto_converge?,
 //! digest_file?, handshake_timeout_ms?, progress_timeout_ms?, switchover_timeout_ms?,
-//! local?}`,
-//! `migrate-cancel`, `update {exec}` (this process execs a new binary that takes the VM
-//! over and answers on this connection).
+//! local?, tls_dir?, tls_hostname?, compress?, checksums?, postcopy?, serial_devices?}`,
+//! `migrate {uri, resume: true}` (a broken postcopy reconnects to `uri`),
+//! `migrate-cancel`, `migrate-start-postcopy`, `migrate-recover {uri}` (a postcopy
+//! destination listens on `uri` as well), `update {exec}` (this process execs a new binary
+//! that takes the VM over and answers on this connection).
 //!
 //! While a migration runs, `pause`, `resume`, `snapshot`, `quit` and `migrate-cancel` are
 //! decided by the migration's phase ([`crate::owner`]): refused, or turned into a clean

@@ -4,7 +4,7 @@
 //! and answers that source's reconnection with the same word, so the source can end too.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,9 @@ use crate::wire::send_by;
 /// What a finished postcopy tells a source that reconnects late.
 #[derive(Debug, Clone)]
 pub struct PostcopyEnded {
+    /// The listener `migrate-recover` added, if any: the source may have been pointed
+    /// there.
+    pub(crate) extra: Arc<Mutex<Option<Listener>>>,
     pub(crate) session: u64,
     /// Capabilities agreed with that source (its `Welcome` again).
     pub(crate) agreed: u64,
@@ -50,8 +53,9 @@ const HOLD: Duration = Duration::from_secs(30);
 /// How long one answer may take to write.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Keeps `listener` open after a postcopy that ended: the source's reconnections (same
-/// session, `RESUME`) get `Welcome` and `PostcopyDone`; anything else is refused.
+/// Keeps `listener` (and the one `migrate-recover` added, if any) open after a postcopy
+/// that ended: the source's reconnections (same session, `RESUME`) get `Welcome` and
+/// `PostcopyDone`; anything else is refused.
 pub fn answer_late_resumes(
     listener: Listener,
     ended: Box<PostcopyEnded>,
@@ -59,24 +63,31 @@ pub fn answer_late_resumes(
 ) -> Result<LateAnswers, MigrateError> {
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::bounded::<Greeted>(16);
-    let (tls, timeout) = (params.tls.clone(), params.handshake_timeout);
-    let flag = stop.clone();
-    let acceptor = std::thread::Builder::new()
-        .name("mig-late-accept".into())
-        .spawn(move || {
-            let strays = AtomicU64::new(0);
-            accept::run(&listener, tls.as_ref(), timeout, &flag, &strays, &tx, |g| g);
-        })
-        .map_err(MigrateError::io("starting the late-answer acceptor"))?;
+    let extra = ended.extra.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let mut answers = LateAnswers {
+        stop: stop.clone(),
+        threads: Vec::new(),
+    };
+    for l in std::iter::once(listener).chain(extra) {
+        let (tls, timeout) = (params.tls.clone(), params.handshake_timeout);
+        let (flag, tx) = (stop.clone(), tx.clone());
+        let acceptor = std::thread::Builder::new()
+            .name("mig-late-accept".into())
+            .spawn(move || {
+                let strays = AtomicU64::new(0);
+                accept::run(&l, tls.as_ref(), timeout, &flag, &strays, &tx, |g| g);
+            })
+            .map_err(MigrateError::io("starting the late-answer acceptor"))?;
+        answers.threads.push(acceptor);
+    }
+    drop(tx);
     let flag = stop.clone();
     let answerer = std::thread::Builder::new()
         .name("mig-late-answer".into())
         .spawn(move || answer_loop(&rx, &ended, &flag))
         .map_err(MigrateError::io("starting the late-answer thread"))?;
-    Ok(LateAnswers {
-        stop,
-        threads: vec![acceptor, answerer],
-    })
+    answers.threads.push(answerer);
+    Ok(answers)
 }
 
 fn answer_loop(

@@ -362,6 +362,8 @@ impl Destination {
         if let Err(d) = self.ram.disown() {
             self.fatal = Some(MigrateError::Disown(d));
         }
+        // A listener added for this attempt's postcopy serves no other.
+        self.recover = None;
         att.tell_error(&e, phase);
         att.end();
         self.progress.set_error(&e);
@@ -543,6 +545,10 @@ impl Listening {
                     return Step::End(RecvOutcome::Quit);
                 }
                 Command::Cancel => req.refuse("listening", "no incoming migration is running"),
+                Command::Recover { .. } => rx.recover(req, "listening", false),
+                Command::Reconnect { .. } | Command::StartPostcopy => {
+                    req.refuse("listening", SOURCE_ONLY)
+                }
                 _ => req.refuse(
                     "listening",
                     "there is no guest here yet: this VM waits for an incoming migration",

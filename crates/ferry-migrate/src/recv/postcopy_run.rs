@@ -298,6 +298,7 @@ impl PostcopyRunning {
                     return Step::End(RecvOutcome::Quit);
                 }
                 Command::Recover { .. } => rx.recover(req, self.name(), true),
+                Command::Reconnect { .. } => req.refuse(self.name(), super::SOURCE_ONLY),
                 _ => req.refuse(
                     self.name(),
                     "postcopy: the guest runs here while its last pages arrive; the migration \
@@ -522,7 +523,9 @@ impl PostcopyRunning {
         out.resume_ms = self.resume.as_secs_f64() * 1e3;
         out.confirmed_late = self.late;
         out.postcopy = Some(Box::new(stats));
+        let extra = rx.recover.take().and_then(|l| l.stop());
         out.postcopy_ended = Some(Box::new(super::super::late::PostcopyEnded {
+            extra: std::sync::Arc::new(std::sync::Mutex::new(extra)),
             session: self.att.hello.session,
             agreed: self.att.agreed,
             sums: self.att.wire.sums,

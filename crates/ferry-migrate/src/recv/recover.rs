@@ -15,8 +15,19 @@ use crate::control::{Command, Request};
 
 /// A second listener and the thread that greets its connections; stops when dropped.
 pub(super) struct ExtraListener {
+    uri: Uri,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    /// Gives the listener back when it stops.
+    thread: Option<JoinHandle<Listener>>,
+}
+
+impl ExtraListener {
+    /// Stops greeting; the listener itself stays bound (a finished postcopy answers late
+    /// reconnections on it).
+    pub(super) fn stop(mut self) -> Option<Listener> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok())
+    }
 }
 
 impl Drop for ExtraListener {
@@ -50,12 +61,16 @@ impl Destination {
         if !allowed {
             req.refuse(
                 phase,
-                "there is no postcopy here to recover: 'migrate-recover' serves a postcopy whose \
-                 guest already runs here",
+                "there is no postcopy here to recover: 'migrate-recover' serves a postcopy once \
+                 its switch has begun",
             );
             return;
         }
         let uri = uri.clone();
+        if self.recover.as_ref().is_some_and(|l| l.uri == uri) {
+            req.answer(Ok(format!("already listening on {uri} as well")));
+            return;
+        }
         match self.listen_also(&uri) {
             Ok(()) => {
                 tracing::info!(%uri, "migrate-recover: listening for the source here as well");
@@ -75,7 +90,7 @@ impl Destination {
             return Err(why);
         }
         let listener = Listener::bind(uri).map_err(|e| e.to_string())?;
-        // The old one goes first, so a client sees one listener or the other.
+        // Bound: the earlier extra listener, if any, can go.
         self.recover = None;
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, strays) = (self.events_tx.clone(), self.strays.clone());
@@ -94,9 +109,11 @@ impl Destination {
                     &tx,
                     Event::Greeted,
                 );
+                listener
             })
             .map_err(|e| format!("starting its acceptor thread: {e}"))?;
         self.recover = Some(ExtraListener {
+            uri: uri.clone(),
             stop,
             thread: Some(thread),
         });

@@ -503,6 +503,9 @@ impl PostcopyActive {
                 src.close();
                 return Step::End(Box::new(SendOutcome::Quit));
             }
+            Event::Command(req) if matches!(req.command, Command::Recover { .. }) => {
+                req.refuse("postcopy", super::phase::DESTINATION_ONLY)
+            }
             Event::Command(req) if matches!(req.command, Command::Reconnect { .. }) => {
                 // The destination may have seen the link break before this side does.
                 let to = redirect(src, &req.command);
@@ -640,6 +643,10 @@ impl PostcopyPaused {
                     "as soon as the try under way ends".to_string()
                 };
                 req.answer(Ok(format!("reconnecting to {to} {when}")));
+                Step::Next(Phase::PostcopyPaused(self))
+            }
+            Command::Recover { .. } => {
+                req.refuse("postcopy-paused", super::phase::DESTINATION_ONLY);
                 Step::Next(Phase::PostcopyPaused(self))
             }
             _ => {
