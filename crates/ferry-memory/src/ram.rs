@@ -708,7 +708,7 @@ impl GuestRam {
         let len = pages.checked_mul(PAGE_SIZE).ok_or_else(out_of_range)?;
         let addr = self.host_addr(gpa, len).ok_or_else(out_of_range)?;
         let n = usize::try_from(len).map_err(|_| out_of_range())?;
-        mm::hash_volatile_pages(addr, n, PAGE_SIZE as usize, out).map_err(|e| MemoryError::Host {
+        mm::hash_volatile_pages(addr, n, out).map_err(|e| MemoryError::Host {
             what: format!("hashing {pages} pages of guest memory at {gpa:#x}"),
             source: e.into(),
         })

@@ -9,5 +9,6 @@ pub mod iov;
 pub mod kick;
 pub mod kvm;
 pub mod mm;
+pub mod pagehash;
 pub mod sched;
 pub mod uffd;

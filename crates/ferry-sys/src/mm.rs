@@ -373,28 +373,18 @@ pub fn release(addr: usize, len: usize) -> Result<(), MmError> {
     Ok(())
 }
 
-/// Appends the xxh3-64 of every `page`-byte piece of `addr..addr+len`, which must lie in
-/// one registration of volatile memory (guest RAM), to `out`. The bytes are hashed where
-/// they are: copying a page out of guest memory first costs more than hashing it.
+/// Appends the xxh3-64 of every 4 KiB page of `addr..addr+len`, which must lie in one
+/// registration of volatile memory (guest RAM), to `out`. The pages are hashed where they
+/// are ([`crate::pagehash`]): copying a page out of guest memory first costs more than
+/// hashing it.
 ///
 /// Another thread (a running vCPU, a channel placing a page) may write the bytes
-/// meanwhile; then a piece's hash is that of no particular instant, and callers must take a
+/// meanwhile; then a page's hash is that of no particular instant, and callers must take a
 /// mismatch to mean "changed" (the page is sent or checked again), never as a fact about a
 /// past state.
-pub fn hash_volatile_pages(
-    addr: usize,
-    len: usize,
-    page: usize,
-    out: &mut Vec<u64>,
-) -> Result<(), MmError> {
-    check_range("hash", addr, len, 1)?;
-    if page == 0 || !len.is_multiple_of(page) {
-        return Err(MmError::InvalidRange {
-            call: "hash",
-            addr,
-            len,
-        });
-    }
+pub fn hash_volatile_pages(addr: usize, len: usize, out: &mut Vec<u64>) -> Result<(), MmError> {
+    use crate::pagehash::{page_xxh3, PAGE};
+    check_range("hash", addr, len, PAGE)?;
     // The read lock keeps the mapping in place while we read (unregistering waits for it).
     let reg = registry_read();
     if !matches!(reg.range(..=addr).next_back(), Some((_, v)) if addr + len <= v.end) {
@@ -404,16 +394,14 @@ pub fn hash_volatile_pages(
             len,
         });
     }
-    out.reserve(len / page);
-    for start in (addr..addr + len).step_by(page) {
-        // SAFETY: `start..start+page` lies inside a registered volatile mapping, which stays
-        // mapped while we hold the read lock, so the pointer is valid for `page` bytes. The
-        // bytes may change under us (a guest writing its memory): xxh3's loads and control
-        // flow depend only on the length, never on the data, so a change can only change
-        // the value returned, as it would in vm-memory's own memcpy out of guest memory.
-        // The slice does not outlive this statement.
-        let bytes = unsafe { std::slice::from_raw_parts(start as *const u8, page) };
-        out.push(twox_hash::XxHash3_64::oneshot(bytes));
+    out.reserve(len / PAGE);
+    for start in (addr..addr + len).step_by(PAGE) {
+        // SAFETY: `start..start+PAGE` lies inside a registered volatile mapping, which stays
+        // mapped while we hold the read lock (a concurrent `release` may empty the page,
+        // never unmap it), so the pointer is valid for PAGE bytes. `page_xxh3` reads it
+        // through raw pointers only, so bytes changing meanwhile break no Rust reference's
+        // promise; they only change the value.
+        out.push(unsafe { page_xxh3(start as *const u8) });
     }
     drop(reg);
     Ok(())
@@ -1023,21 +1011,23 @@ mod tests {
         let m = Mmap::anonymous(4 * p, MapOptions::default()).expect("mmap");
         populate_write(m.addr(), m.len()).expect("populate");
         let mut out = Vec::new();
-        hash_volatile_pages(m.addr(), 4 * p, p, &mut out).expect("hash");
+        hash_volatile_pages(m.addr(), 4 * p, &mut out).expect("hash");
         let zeros = vec![0u8; p];
         assert_eq!(out, vec![twox_hash::XxHash3_64::oneshot(&zeros); 4]);
         assert!(matches!(
-            hash_volatile_pages(m.addr(), 3 * p + 1, p, &mut out),
-            Err(MmError::InvalidRange { .. })
+            hash_volatile_pages(m.addr(), 3 * p + 1, &mut out),
+            Err(MmError::Misaligned { .. })
         ));
         assert!(matches!(
-            hash_volatile_pages(m.addr() + 3 * p, 2 * p, p, &mut out),
+            hash_volatile_pages(m.addr() + 3 * p, 2 * p, &mut out),
             Err(MmError::NotVolatile { .. })
         ));
-        let mut plain = vec![7u8; 2 * p];
+        // Memory that is not registered (a heap buffer): refused.
+        let plain = vec![7u8; 2 * p];
+        let aligned = (plain.as_ptr() as usize).next_multiple_of(p);
         let before = out.len();
         assert!(matches!(
-            hash_volatile_pages(plain.as_mut_ptr() as usize, p, p, &mut out),
+            hash_volatile_pages(aligned, p, &mut out),
             Err(MmError::NotVolatile { .. })
         ));
         assert_eq!(out.len(), before, "nothing appended on a refusal");
