@@ -142,7 +142,8 @@ impl Activity {
 /// One bit per guest page: which destination pages hold data (so a zero run only has to
 /// clear those), and in postcopy which pages are placed and which were asked for.
 pub(crate) struct PageBits {
-    regions: Vec<(u64, Vec<AtomicU64>)>,
+    /// Per region: its first address, its pages, and a bit per page (padded to whole words).
+    regions: Vec<(u64, u64, Vec<AtomicU64>)>,
 }
 
 impl PageBits {
@@ -154,6 +155,7 @@ impl PageBits {
                 .map(|r| {
                     (
                         r.gpa,
+                        r.pages(),
                         (0..r.pages().div_ceil(64))
                             .map(|_| AtomicU64::new(0))
                             .collect(),
@@ -164,8 +166,11 @@ impl PageBits {
     }
 
     fn locate(&self, gpa: u64) -> Option<(&AtomicU64, u64)> {
-        self.regions.iter().find_map(|(base, words)| {
+        self.regions.iter().find_map(|(base, pages, words)| {
             let page = gpa.checked_sub(*base)? / PAGE_SIZE;
+            if page >= *pages {
+                return None;
+            }
             words
                 .get((page / 64) as usize)
                 .map(|w| (w, 1u64 << (page % 64)))
@@ -176,7 +181,7 @@ impl PageBits {
     pub(crate) fn words(&self) -> Vec<u64> {
         self.regions
             .iter()
-            .flat_map(|(_, words)| words.iter().map(|w| w.load(Ordering::Relaxed)))
+            .flat_map(|(_, _, words)| words.iter().map(|w| w.load(Ordering::Relaxed)))
             .collect()
     }
 
