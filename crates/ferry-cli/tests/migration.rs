@@ -1576,6 +1576,36 @@ fn update_exec_hands_the_vm_to_a_new_binary_in_the_same_process() {
         .is_some_and(|s| s.success()));
 }
 
+/// `update --exec` of a guest in hugetlb memory: the new binary maps the same huge pages
+/// (over a placeholder it reserves itself, 2 MiB aligned) and the guest carries on.
+#[test]
+fn update_exec_of_hugetlb_memory() {
+    let _g = serial_guard();
+    let _pages = HugePages::reserve(64);
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = shared_vm("vm", dir.path(), "hugetlb", &[]);
+    let pid = vm.child.id();
+    for _ in 0..2 {
+        let before = *vm.sweeps().last().unwrap();
+        let out = remote(&vm.api, &["update", "--exec", FERRY]);
+        assert!(
+            out.status.success(),
+            "update failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            vm.stderr()
+        );
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["pid"], pid, "{r}");
+        assert_guest_carries_on(&vm, before);
+        assert_eq!(vm.info()["memory_backend"], "hugetlb");
+        assert_huge("vm", pid, "hugetlb");
+    }
+    assert!(remote(&vm.api, &["quit"]).status.success());
+    assert!(vm
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+}
+
 #[test]
 fn a_failing_new_binary_leaves_the_vm_running() {
     let _g = serial_guard();

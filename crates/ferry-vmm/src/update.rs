@@ -48,12 +48,6 @@ pub enum UpdateError {
         /// The backend.
         backend: &'static str,
     },
-    /// Hugetlb memory is not handed over in place yet.
-    #[error(
-        "update --exec supports memfd guest memory; this VM's is hugetlb (use migrate \
-         --local to a new process instead)"
-    )]
-    Hugetlb,
     /// Test device memory lives in this process and is not passed on.
     #[error(
         "update --exec does not carry test device memory ({devices}); hand the VM over \
@@ -268,11 +262,6 @@ impl Vmm {
                 backend: backend.name(),
             };
         };
-        if backend == ferry_memory::ram::Backend::Hugetlb {
-            // The new binary maps the file over memory it allocates itself, which would
-            // have to be 2 MiB aligned; not done yet.
-            return UpdateError::Hugetlb;
-        }
         let devs = self.vm.devices().testdevs();
         if !devs.is_empty() {
             use ferry_migrate::MigrationDevice;
