@@ -36,7 +36,8 @@ pub enum Compression {
     /// measured cost per byte (hashing for raw pages; copy, hashing and compression for the
     /// others) plus the wire time of what it sends (`policy::cheapest`). The ways not taken are
     /// measured again now and then, less often the longer the choice stands (from every
-    /// [`FIRST_PROBE_GAP`] batches to every [`MAX_PROBE_GAP`]).
+    /// [`FIRST_PROBE_GAP`] batches to every [`MAX_PROBE_GAP`]) and the costlier they are
+    /// (a way k times the best's cost waits k times longer, up to 16).
     Auto,
 }
 
@@ -342,6 +343,18 @@ impl Default for Auto {
     }
 }
 
+/// Most a probe's gap is stretched for a way far costlier than the best.
+const MAX_PROBE_PENALTY: u64 = 16;
+
+/// How many times longer to wait before probing a way that costs `cost` per byte while the
+/// best costs `best`: their ratio, from 1 to [`MAX_PROBE_PENALTY`].
+fn probe_penalty(cost: f64, best: f64) -> u64 {
+    if !(cost.is_finite() && best.is_finite()) || best <= 0.0 {
+        return 1;
+    }
+    (cost / best).clamp(1.0, MAX_PROBE_PENALTY as f64) as u64
+}
+
 /// Weight of a new sample in the running averages.
 const ALPHA: f64 = 0.25;
 
@@ -376,12 +389,17 @@ impl Auto {
             return codec_of(i);
         }
         let ways = self.arms.map(|a| a.way);
-        let best = cheapest(&ways, self.wire());
+        let wire = self.wire();
+        let cost = |w: &Way| w.cost_ns_per_byte + w.ratio * wire;
+        let best = cheapest(&ways, wire);
+        let best_cost = cost(&ways[best]);
         if best != self.best {
-            // The way just given up is tried again soon; the others keep their pace.
+            // The way just given up is tried again soon (unless it costs far more); the
+            // others keep their pace.
             let old = &mut self.arms[self.best];
             old.gap = FIRST_PROBE_GAP;
-            old.next_probe = self.batches + FIRST_PROBE_GAP;
+            old.next_probe =
+                self.batches + FIRST_PROBE_GAP * probe_penalty(cost(&old.way), best_cost);
             self.best = best;
         }
         let batches = self.batches;
@@ -392,7 +410,11 @@ impl Auto {
             .find(|(i, a)| *i != best && batches >= a.next_probe);
         match probe {
             Some((i, a)) => {
-                a.next_probe = batches + a.gap;
+                // A way that costs k times the best waits k times longer (at most
+                // MAX_PROBE_PENALTY): a raw batch on a slow link costs as much as dozens of
+                // compressed ones, so probing it as often would cost more than it can find.
+                let penalty = probe_penalty(cost(&a.way), best_cost);
+                a.next_probe = batches + a.gap * penalty;
                 a.gap = (a.gap * 2).clamp(FIRST_PROBE_GAP, MAX_PROBE_GAP);
                 codec_of(i)
             }
@@ -578,10 +600,22 @@ mod tests {
         // 1 Gbit/s: 8 ns per byte on the wire; zstd's ratio wins.
         let c = run_auto(&mut a, 1000, 8.0);
         assert!(c[ZSTD] >= 980, "slow link: {c:?}");
-        assert!(c[RAW] >= 1 && c[RAW] <= 10, "raw probed rarely: {c:?}");
+        // Raw costs far more than zstd here: after its first trial, probed at most once
+        // in 1000 batches.
+        assert!(c[RAW] >= 1 && c[RAW] <= 2, "raw probed rarely: {c:?}");
         // The link becomes fast (0.1 ns per byte): raw wins within a few probes.
         let c = run_auto(&mut a, 2000, 0.1);
         assert!(c[RAW] >= 1900, "fast link: {c:?}");
+    }
+
+    #[test]
+    fn costlier_ways_are_probed_less_often() {
+        assert_eq!(probe_penalty(1.0, 1.0), 1);
+        assert_eq!(probe_penalty(0.5, 1.0), 1);
+        assert_eq!(probe_penalty(3.5, 1.0), 3);
+        assert_eq!(probe_penalty(100.0, 1.0), MAX_PROBE_PENALTY);
+        assert_eq!(probe_penalty(1.0, 0.0), 1);
+        assert_eq!(probe_penalty(f64::NAN, 1.0), 1);
     }
 
     #[test]
