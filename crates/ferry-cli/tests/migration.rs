@@ -707,6 +707,23 @@ fn cut_proxy(target: String, limit: u64, once: bool) -> (String, Arc<AtomicBool>
     (uri, was_cut)
 }
 
+/// After a postcopy: the source exited cleanly, the destination runs the guest, whose own
+/// checks stay clean, and quits when asked.
+fn assert_postcopy_ended_well(src: &mut Proc, dst: &mut Proc) {
+    assert!(src
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    dst.wait_progress(3);
+    assert!(
+        dst.fails().is_empty(),
+        "destination guest: {:?}",
+        dst.fails()
+    );
+    assert_eq!(dst.info()["state"], "running");
+    assert!(remote(&dst.api, &["quit"]).status.success());
+    assert!(dst.wait_exit(Duration::from_secs(10)).is_some());
+}
+
 /// The link dies in the middle of postcopy, after the guest moved: the source keeps the
 /// pages, the destination keeps the guest, the source reconnects, and postcopy completes
 /// with the guest's own checks intact.
@@ -726,19 +743,8 @@ fn postcopy_survives_a_link_cut() {
         "{}",
         src.stderr()
     );
-    assert!(src
-        .wait_exit(Duration::from_secs(10))
-        .is_some_and(|s| s.success()));
-    dst.wait_progress(3);
-    assert!(
-        dst.fails().is_empty(),
-        "destination guest: {:?}",
-        dst.fails()
-    );
-    assert_eq!(dst.info()["state"], "running");
+    assert_postcopy_ended_well(&mut src, &mut dst);
     assert!(dst.stderr().contains("incoming migration complete"));
-    assert!(remote(&dst.api, &["quit"]).status.success());
-    assert!(dst.wait_exit(Duration::from_secs(10)).is_some());
 }
 
 /// The link dies in the middle of postcopy and never comes back (the proxy cuts every later
@@ -782,18 +788,7 @@ fn postcopy_cut_for_good_is_recovered_at_a_new_address() {
         stats["postcopy"]["pages_not_resent"].as_u64() > Some(1000),
         "{stats}"
     );
-    assert!(src
-        .wait_exit(Duration::from_secs(10))
-        .is_some_and(|s| s.success()));
-    dst.wait_progress(3);
-    assert!(
-        dst.fails().is_empty(),
-        "destination guest: {:?}",
-        dst.fails()
-    );
-    assert_eq!(dst.info()["state"], "running");
-    assert!(remote(&dst.api, &["quit"]).status.success());
-    assert!(dst.wait_exit(Duration::from_secs(10)).is_some());
+    assert_postcopy_ended_well(&mut src, &mut dst);
 }
 
 /// The destination's word that every page arrived (`PostcopyDone`) is lost on the way: the
@@ -825,18 +820,7 @@ fn a_lost_postcopy_done_is_said_again() {
         stats["postcopy"]["reconnects"].as_u64() >= Some(1),
         "{stats}"
     );
-    assert!(src
-        .wait_exit(Duration::from_secs(10))
-        .is_some_and(|s| s.success()));
-    dst.wait_progress(3);
-    assert!(
-        dst.fails().is_empty(),
-        "destination guest: {:?}",
-        dst.fails()
-    );
-    assert_eq!(dst.info()["state"], "running");
-    assert!(remote(&dst.api, &["quit"]).status.success());
-    assert!(dst.wait_exit(Duration::from_secs(10)).is_some());
+    assert_postcopy_ended_well(&mut src, &mut dst);
 }
 
 #[test]
