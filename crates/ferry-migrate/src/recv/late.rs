@@ -50,6 +50,8 @@ impl Drop for LateAnswers {
 /// How long the channels of an answered source are held open: it reads the answer only
 /// once it has opened them all.
 const HOLD: Duration = Duration::from_secs(30);
+/// Most connections held open at once (the oldest goes first): two sources' worth.
+const MAX_HELD: usize = 2 * (super::MAX_CHANNELS as usize + 2);
 /// How long one answer may take to write.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -104,6 +106,10 @@ fn answer_loop(
             Err(RecvTimeoutError::Disconnected) => return,
         };
         if let Some(s) = answer(g, ended) {
+            // A source opens a main, an urgent and at most MAX_CHANNELS data channels.
+            if held.len() >= MAX_HELD {
+                held.remove(0);
+            }
             held.push((s, Instant::now()));
         }
     }
