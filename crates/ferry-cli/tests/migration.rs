@@ -1532,11 +1532,9 @@ fn assert_guest_carries_on(p: &Proc, before: u64) {
     assert_eq!(p.info()["state"], "running");
 }
 
-#[test]
-fn update_exec_hands_the_vm_to_a_new_binary_in_the_same_process() {
-    let _g = serial_guard();
-    let dir = tempfile::tempdir().unwrap();
-    let mut vm = updatable(dir.path(), &[]);
+/// Updates `vm` in place twice with this build: same PID each time, the guest carrying on
+/// with its memory still on `backend`; then quits it.
+fn update_twice_then_quit(mut vm: Proc, backend: &str) {
     let pid = vm.child.id();
     for _ in 0..2 {
         let before = *vm.sweeps().last().unwrap();
@@ -1551,13 +1549,23 @@ fn update_exec_hands_the_vm_to_a_new_binary_in_the_same_process() {
         assert_eq!(r["pid"], pid, "{r}");
         assert!(r["downtime_ms"].as_f64().unwrap() > 0.0, "{r}");
         assert_guest_carries_on(&vm, before);
-        assert_eq!(vm.info()["memory_backend"], "memfd");
+        assert_eq!(vm.info()["memory_backend"], backend);
+        if backend == "hugetlb" {
+            assert_huge("vm", pid, "hugetlb");
+        }
     }
     assert!(vm.wait_exit(Duration::from_millis(100)).is_none());
     assert!(remote(&vm.api, &["quit"]).status.success());
     assert!(vm
         .wait_exit(Duration::from_secs(10))
         .is_some_and(|s| s.success()));
+}
+
+#[test]
+fn update_exec_hands_the_vm_to_a_new_binary_in_the_same_process() {
+    let _g = serial_guard();
+    let dir = tempfile::tempdir().unwrap();
+    update_twice_then_quit(updatable(dir.path(), &[]), "memfd");
 }
 
 /// `update --exec` of a guest in hugetlb memory: the new binary maps the same huge pages
@@ -1567,27 +1575,7 @@ fn update_exec_of_hugetlb_memory() {
     let _g = serial_guard();
     let _pages = HugePages::reserve(64);
     let dir = tempfile::tempdir().unwrap();
-    let mut vm = shared_vm("vm", dir.path(), "hugetlb", &[]);
-    let pid = vm.child.id();
-    for _ in 0..2 {
-        let before = *vm.sweeps().last().unwrap();
-        let out = remote(&vm.api, &["update", "--exec", FERRY]);
-        assert!(
-            out.status.success(),
-            "update failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            vm.stderr()
-        );
-        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(r["pid"], pid, "{r}");
-        assert_guest_carries_on(&vm, before);
-        assert_eq!(vm.info()["memory_backend"], "hugetlb");
-        assert_huge("vm", pid, "hugetlb");
-    }
-    assert!(remote(&vm.api, &["quit"]).status.success());
-    assert!(vm
-        .wait_exit(Duration::from_secs(10))
-        .is_some_and(|s| s.success()));
+    update_twice_then_quit(shared_vm("vm", dir.path(), "hugetlb", &[]), "hugetlb");
 }
 
 #[test]
