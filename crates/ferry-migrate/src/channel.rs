@@ -17,7 +17,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use ferry_memory::ram::{GuestRam, PAGE_SIZE};
-use ferry_proto::{caps, page_sum, Codec, PageRun};
+use ferry_proto::{caps, page_sum, Codec, PageRun, MAX_BATCH_PAGES};
 
 use crate::error::MigrateError;
 use crate::policy::{cheapest, Way};
@@ -37,7 +37,9 @@ pub enum Compression {
     /// others) plus the wire time of what it sends (`policy::cheapest`). The ways not taken are
     /// measured again now and then, less often the longer the choice stands (from every
     /// [`FIRST_PROBE_GAP`] batches to every [`MAX_PROBE_GAP`]) and the costlier they are
-    /// (a way k times the best's cost waits k times longer, up to 16).
+    /// (a way k times the best's cost waits k times longer, up to 16). Raw is not probed
+    /// while the best costs less than raw's floor (hashing and the cheapest raw write).
+    /// Costs are the channel thread's CPU time.
     Auto,
 }
 
@@ -176,21 +178,64 @@ pub(crate) fn sum_pages(bytes: &[u8], out: &mut Vec<u64>) {
     out.extend(bytes.chunks(PAGE_SIZE as usize).map(page_sum));
 }
 
+/// Bytes of the largest batch of data pages.
+pub(crate) const MAX_BATCH_BYTES: usize = MAX_BATCH_PAGES as usize * PAGE_SIZE as usize;
+
+/// A zeroed buffer of `len` bytes whose pages are already faulted in, so the first batch
+/// through it does not pay for that (and `auto` does not charge it to its codec).
+pub(crate) fn prefaulted(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    // A zeroed allocation is mapped lazily; writing one byte per page faults it in (the
+    // value is hidden from the optimiser, which would otherwise drop a store of zero).
+    for b in v.iter_mut().step_by(PAGE_SIZE as usize) {
+        *b = std::hint::black_box(0);
+    }
+    v
+}
+
 /// Copies the pages of `runs` out of guest memory into `buf` (replacing its contents).
 pub(crate) fn copy_guest_pages(
     ram: &GuestRam,
     runs: &[PageRun],
     buf: &mut Vec<u8>,
 ) -> Result<(), MigrateError> {
-    buf.clear();
-    for r in runs {
-        let len = (u64::from(r.pages) * PAGE_SIZE) as usize;
+    let lens = || {
+        runs.iter()
+            .map(|r| (u64::from(r.pages) * PAGE_SIZE) as usize)
+    };
+    // Kept at its length between batches, so only growth is zero-filled, not every batch.
+    buf.resize(lens().sum(), 0);
+    let mut at = 0;
+    for (r, len) in runs.iter().zip(lens()) {
         let s = ram.slice(r.gpa, len)?;
-        let at = buf.len();
-        buf.resize(at + len, 0);
-        s.copy_to(buf.get_mut(at..).unwrap_or_default());
+        s.copy_to(buf.get_mut(at..at + len).unwrap_or_default());
+        at += len;
     }
     Ok(())
+}
+
+/// CPU time this thread spent since it was started: what `auto` charges a way for its
+/// work. Wall time would also count the time the thread waited for a CPU, which on a busy
+/// host is often many times the work itself and would make one unlucky sample rule a way
+/// out for thousands of batches.
+pub(crate) struct CpuTimer(Duration);
+
+fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
+
+impl CpuTimer {
+    pub(crate) fn start() -> CpuTimer {
+        CpuTimer(thread_cpu_time())
+    }
+
+    pub(crate) fn elapsed(&self) -> Duration {
+        thread_cpu_time().saturating_sub(self.0)
+    }
 }
 
 /// A channel's compressors, their buffer and (for `auto`) its measurements.
@@ -216,7 +261,10 @@ impl Packer {
         Ok(Some(Packer {
             compression,
             zstd,
-            out: Vec::new(),
+            out: prefaulted(
+                zstd::zstd_safe::compress_bound(MAX_BATCH_BYTES)
+                    .max(lz4_flex::block::get_maximum_output_size(MAX_BATCH_BYTES)),
+            ),
             auto: (compression == Compression::Auto).then(Auto::default),
         }))
     }
@@ -303,9 +351,22 @@ const ZSTD: usize = 2;
 #[derive(Debug, Default, Clone, Copy)]
 struct Arm {
     way: Way,
-    measured: bool,
+    /// Samples taken so far.
+    samples: u32,
     next_probe: u64,
     gap: u64,
+}
+
+/// Samples a codec takes before its estimate stands: its first batch pays for warming up
+/// (zstd's tables, the output buffer's first use) at several times its cost, and one such
+/// sample would keep it out for hundreds of batches.
+const CODEC_WARMUP: u32 = 2;
+
+impl Arm {
+    /// Whether way `i` has been measured enough to be compared.
+    fn warm(&self, i: usize) -> bool {
+        self.samples >= if i == RAW { 1 } else { CODEC_WARMUP }
+    }
 }
 
 /// `auto`'s running estimates on one channel (exponential averages).
@@ -318,6 +379,9 @@ struct Auto {
     /// The send queue draining while not empty, ns per byte: the link (or the peer) itself.
     /// A raw write into an empty buffer costs no time now but that much later.
     link_ns_per_byte: Option<f64>,
+    /// The cheapest raw write seen, ns per byte: the copy into the kernel with room in the
+    /// socket's buffer, which no link, however fast, takes away.
+    min_write_ns_per_byte: Option<f64>,
     batches: u64,
     best: usize,
 }
@@ -337,6 +401,7 @@ impl Default for Auto {
             arms,
             write_ns_per_byte: 0.0,
             link_ns_per_byte: None,
+            min_write_ns_per_byte: None,
             batches: 0,
             best: RAW,
         }
@@ -381,11 +446,17 @@ impl Auto {
             .map_or(self.write_ns_per_byte, |l| l.max(self.write_ns_per_byte))
     }
 
+    /// The least a raw byte can cost, whatever the link: hashing it and copying it into
+    /// the socket. Raw is not worth a probe while the best way costs less than this.
+    fn raw_floor(&self) -> f64 {
+        self.arms[RAW].way.cost_ns_per_byte + self.min_write_ns_per_byte.unwrap_or(0.0)
+    }
+
     /// Measures every way once, then takes the cheapest, trying each other way again after
     /// a gap that doubles while the choice stands (the link or the data may change).
     fn choose(&mut self) -> Option<Codec> {
         self.batches += 1;
-        if let Some(i) = (0..self.arms.len()).find(|i| !self.arms[*i].measured) {
+        if let Some(i) = (0..self.arms.len()).find(|i| !self.arms[*i].warm(*i)) {
             return codec_of(i);
         }
         let ways = self.arms.map(|a| a.way);
@@ -403,11 +474,10 @@ impl Auto {
             self.best = best;
         }
         let batches = self.batches;
-        let probe = self
-            .arms
-            .iter_mut()
-            .enumerate()
-            .find(|(i, a)| *i != best && batches >= a.next_probe);
+        let raw_floor = self.raw_floor();
+        let probe = self.arms.iter_mut().enumerate().find(|(i, a)| {
+            *i != best && batches >= a.next_probe && (*i != RAW || raw_floor < best_cost)
+        });
         match probe {
             Some((i, a)) => {
                 // A way that costs k times the best waits k times longer (at most
@@ -441,10 +511,11 @@ impl Auto {
             ratio: (packed as f64 / raw).min(1.0),
         };
         let arm = &mut self.arms[i];
-        let first = !arm.measured;
+        // A codec's first batch pays for warming its tables up: the second replaces it.
+        let first = arm.samples < CODEC_WARMUP;
         arm.way.cost_ns_per_byte = blend(arm.way.cost_ns_per_byte, sample.cost_ns_per_byte, first);
         arm.way.ratio = blend(arm.way.ratio, sample.ratio, first);
-        arm.measured = true;
+        arm.samples += 1;
         self.follow_up(i, sample, self.wire());
     }
 
@@ -452,12 +523,13 @@ impl Auto {
         let bytes = bytes.max(1) as f64;
         let per = took.as_nanos() as f64 / bytes;
         let raw = &mut self.arms[RAW];
-        let first = !raw.measured;
+        let first = raw.samples == 0;
         self.write_ns_per_byte = blend(self.write_ns_per_byte, per, first);
+        self.min_write_ns_per_byte = Some(self.min_write_ns_per_byte.map_or(per, |m| m.min(per)));
         // Raw pages are not free either: they are hashed before they go.
         let cost = prepared.as_nanos() as f64 / bytes;
         raw.way.cost_ns_per_byte = blend(raw.way.cost_ns_per_byte, cost, first);
-        raw.measured = true;
+        raw.samples += 1;
     }
 
     fn drained(&mut self, took: Duration, bytes: u64) {
@@ -606,6 +678,29 @@ mod tests {
         // The link becomes fast (0.1 ns per byte): raw wins within a few probes.
         let c = run_auto(&mut a, 2000, 0.1);
         assert!(c[RAW] >= 1900, "fast link: {c:?}");
+    }
+
+    #[test]
+    fn raw_is_not_probed_when_even_a_free_link_would_not_make_it_cheapest() {
+        let mut a = Auto::default();
+        let mib = 1 << 20;
+        let mut raw = 0;
+        for _ in 0..5000 {
+            match a.choose() {
+                None => {
+                    raw += 1;
+                    // Hashing and copying a raw MiB into the socket: 0.43 ns per byte,
+                    // the link taking it as fast as it comes.
+                    let (hash, copy) = (Duration::from_micros(150), Duration::from_micros(300));
+                    a.wrote_raw(hash, copy, mib);
+                    a.drained(copy, mib as u64);
+                }
+                Some(c) => a.compressed(c, Duration::from_micros(200), mib, mib / 100),
+            }
+        }
+        // LZ4 at 0.19 ns per byte beats raw's floor: raw's first trial is its only one.
+        assert_eq!(raw, 1);
+        assert_eq!(a.best, LZ4);
     }
 
     #[test]

@@ -18,7 +18,10 @@ use ferry_proto::{
 use ferry_sys::iov;
 use ferry_transport::Stream;
 
-use crate::channel::{copy_guest_pages, sum_guest_pages, sum_pages, Packer, Wire};
+use crate::channel::{
+    copy_guest_pages, prefaulted, sum_guest_pages, sum_pages, CpuTimer, Packer, Wire,
+    MAX_BATCH_BYTES,
+};
 use crate::error::{Channel, MigrateError};
 use crate::limit::RateLimiter;
 use crate::progress::Progress;
@@ -278,7 +281,10 @@ impl WorkerCtx {
         let mut bufs = Bufs {
             header: Vec::with_capacity(16 + 20 * MAX_RUNS as usize),
             sums: Vec::with_capacity(MAX_BATCH_PAGES as usize),
-            batch: Vec::new(),
+            batch: match packer {
+                Some(_) => prefaulted(MAX_BATCH_BYTES),
+                None => Vec::new(),
+            },
             packer,
             written: 0,
             queue: None,
@@ -404,7 +410,7 @@ impl WorkerCtx {
         }
         self.progress.batches_raw.fetch_add(1, Ordering::Relaxed);
         let sum = self.wire.sums;
-        let t = std::time::Instant::now();
+        let t = CpuTimer::start();
         bufs.sums.clear();
         if sum {
             sum_guest_pages(&self.ram, runs, &mut bufs.sums)?;
@@ -442,7 +448,7 @@ impl WorkerCtx {
         runs: &[PageRun],
         codec: Codec,
     ) -> Result<Option<u64>, MigrateError> {
-        let t = std::time::Instant::now();
+        let t = CpuTimer::start();
         copy_guest_pages(&self.ram, runs, &mut bufs.batch)?;
         bufs.sums.clear();
         if self.wire.sums {
