@@ -328,7 +328,7 @@ impl Packer {
         }
     }
 
-    /// Whether [`Packer::drained`] samples are wanted (`auto` only).
+    /// Whether costs and [`Packer::drained`] samples are wanted (`auto` only).
     pub(crate) fn measures_link(&self) -> bool {
         self.auto.is_some()
     }

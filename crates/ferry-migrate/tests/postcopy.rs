@@ -123,6 +123,30 @@ fn postcopy_on_shared_destination_memory() {
     migrate_touched(&busy_source(), dst, postcopy(PostcopyMode::Now));
 }
 
+/// The urgent channel goes through mutual TLS like the others: with the background push
+/// held to 4 MiB/s, the guest's reads fault and are answered over it.
+#[test]
+fn postcopy_over_mutual_tls_answers_faults_on_the_urgent_channel() {
+    let certs = ferry_testkit::certs::Certs::make();
+    let tls = |dir: std::path::PathBuf| Some(ferry_transport::TlsConfig::load(&dir, None).unwrap());
+    let dst = Dest::with(
+        FakeTarget::new(MIB),
+        ferry_migrate::recv::ReceiveParams {
+            tls: tls(certs.destination()),
+            ..recv_params()
+        },
+    );
+    let p = SendParams {
+        tls: tls(certs.source()),
+        max_bandwidth: Some(4 << 20),
+        ..postcopy(PostcopyMode::Now)
+    };
+    let (stats, rstats) = migrate_touched(&busy_source(), dst, p);
+    assert!(stats.tls, "{stats:?}");
+    let r = rstats.postcopy.expect("destination postcopy statistics");
+    assert!(r.requested_pages > 0, "faults answered over TLS: {r:?}");
+}
+
 /// A postcopy after a precopy that cannot converge: a working set rewritten without pause
 /// against a 1 ms limit.
 fn after_stuck_precopy() -> ferry_migrate::MigrationStats {

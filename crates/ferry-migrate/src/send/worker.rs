@@ -27,6 +27,15 @@ use crate::limit::RateLimiter;
 use crate::progress::Progress;
 use crate::CHUNK_PAGES;
 
+/// Starts timing a batch's CPU cost if `auto` wants it (a thread's CPU time is a system
+/// call, not a vDSO read).
+fn cost_timer(bufs: &Bufs) -> Option<CpuTimer> {
+    bufs.packer
+        .as_ref()
+        .is_some_and(Packer::measures_link)
+        .then(CpuTimer::start)
+}
+
 /// One pass's share of one channel.
 pub(crate) struct WorkItem {
     pub(crate) pass: u32,
@@ -410,12 +419,12 @@ impl WorkerCtx {
         }
         self.progress.batches_raw.fetch_add(1, Ordering::Relaxed);
         let sum = self.wire.sums;
-        let t = CpuTimer::start();
+        let timer = cost_timer(bufs);
         bufs.sums.clear();
         if sum {
             sum_guest_pages(&self.ram, runs, &mut bufs.sums)?;
         }
-        let prepared = t.elapsed();
+        let prepared = timer.map(|t| t.elapsed()).unwrap_or_default();
         let mut slices = Vec::with_capacity(runs.len());
         let mut pages = 0u64;
         for r in runs {
@@ -448,7 +457,7 @@ impl WorkerCtx {
         runs: &[PageRun],
         codec: Codec,
     ) -> Result<Option<u64>, MigrateError> {
-        let t = CpuTimer::start();
+        let timer = cost_timer(bufs);
         copy_guest_pages(&self.ram, runs, &mut bufs.batch)?;
         bufs.sums.clear();
         if self.wire.sums {
@@ -460,7 +469,8 @@ impl WorkerCtx {
         let raw = bufs.batch.len();
         let shrunk = packer.compress(codec, &bufs.batch)?;
         // What the copy and the compression cost, whether or not the batch shrank.
-        packer.compressed(codec, t.elapsed(), raw, shrunk.unwrap_or(raw));
+        let took = timer.map(|t| t.elapsed()).unwrap_or_default();
+        packer.compressed(codec, took, raw, shrunk.unwrap_or(raw));
         let Some(len) = shrunk else {
             return Ok(None);
         };
