@@ -1,5 +1,6 @@
-//! The engine's latency-bound threads: event loops, control-channel readers, the acceptor,
-//! postcopy's fault handlers and urgent-page server. They sleep most of the time and must
+//! The engine's latency-bound threads: event loops, control-channel readers, the acceptor
+//! and the connector, the threads of small devices (vCPUs, the platform), postcopy's fault
+//! handlers and urgent-page server. They sleep most of the time and must
 //! get a CPU at once when a message or fault arrives, even while vCPU threads keep every
 //! CPU busy (the common case on a small host). Under the kernel's default time slice a
 //! waking thread can wait out a busy vCPU's slice, which was measured here at 1-4 ms of
@@ -20,6 +21,39 @@ pub(crate) fn control_thread() {
         }
         Ok(_) => {}
         Err(e) => tracing::debug!("no short time slice for a control thread: {e}"),
+    }
+}
+
+/// Starts a latency-bound thread from a control thread. The new thread holds the short
+/// slice from its first instant: a thread that set it only once running would first wait
+/// for a CPU under the default slice, up to a busy vCPU's turn (measured at 1-4 ms before
+/// a local hand-over's connection or first device load began).
+pub(crate) fn spawn<T: Send + 'static>(
+    name: String,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<T>> {
+    let inherited = ferry_sys::sched::set_thread_slice_inherited(CONTROL_SLICE).is_ok();
+    let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        control_thread();
+        f()
+    });
+    if inherited {
+        // Back to reset-on-fork for the caller's other threads (bulk workers).
+        control_thread();
+    }
+    spawned
+}
+
+/// Starts a thread: through [`spawn`] if it is latency-bound, else with the default slice.
+pub(crate) fn spawn_if<T: Send + 'static>(
+    latency_bound: bool,
+    name: String,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<T>> {
+    if latency_bound {
+        spawn(name, f)
+    } else {
+        std::thread::Builder::new().name(name).spawn(f)
     }
 }
 

@@ -196,6 +196,17 @@ const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
 /// the thread is not under `SCHED_OTHER` / `SCHED_BATCH` (left alone), or when `slice` is
 /// zero (the kernel's default).
 pub fn set_thread_slice(slice: Duration) -> Result<Duration, SchedError> {
+    set_slice(slice, true)
+}
+
+/// [`set_thread_slice`] without reset-on-fork: the threads this one creates from now on
+/// start with the same slice (for a control thread starting another one, which would
+/// otherwise wait for its first CPU under the default slice).
+pub fn set_thread_slice_inherited(slice: Duration) -> Result<Duration, SchedError> {
+    set_slice(slice, false)
+}
+
+fn set_slice(slice: Duration, reset_on_fork: bool) -> Result<Duration, SchedError> {
     let mut attr = sched_getattr()?;
     if attr.policy != libc::SCHED_OTHER as u32 && attr.policy != libc::SCHED_BATCH as u32 {
         return Ok(Duration::ZERO);
@@ -203,8 +214,10 @@ pub fn set_thread_slice(slice: Duration) -> Result<Duration, SchedError> {
     attr.size = SCHED_ATTR_SIZE_VER0;
     attr.flags = if slice.is_zero() {
         attr.flags & SCHED_FLAG_RESET_ON_FORK
-    } else {
+    } else if reset_on_fork {
         SCHED_FLAG_RESET_ON_FORK
+    } else {
+        0
     };
     attr.runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
     // SAFETY: `attr` is a readable SCHED_ATTR_SIZE_VER0-byte struct of the kernel's layout,
@@ -272,6 +285,34 @@ mod tests {
             assert_eq!(child, before, "the child inherited the short slice");
             set_thread_slice(Duration::ZERO).expect("reset");
             assert_eq!(sched_getattr().expect("getattr").runtime, before);
+        })
+        .join()
+        .expect("thread");
+    }
+
+    #[test]
+    fn an_inherited_slice_reaches_the_threads_created_next() {
+        let slice = Duration::from_micros(300);
+        std::thread::spawn(move || {
+            let held = set_thread_slice_inherited(slice).expect("set slice");
+            let child = std::thread::spawn(|| sched_getattr().expect("getattr").runtime)
+                .join()
+                .expect("child");
+            if !held.is_zero() {
+                assert_eq!(child, held.as_nanos() as u64, "the child starts with the slice");
+            }
+            // Back to reset-on-fork: the next child starts with the default again.
+            let before = std::thread::spawn(|| sched_getattr().expect("getattr").runtime)
+                .join()
+                .expect("child");
+            set_thread_slice(slice).expect("set slice");
+            let after = std::thread::spawn(|| sched_getattr().expect("getattr").runtime)
+                .join()
+                .expect("child");
+            if !held.is_zero() {
+                assert_eq!(before, held.as_nanos() as u64);
+                assert_ne!(after, held.as_nanos() as u64, "reset-on-fork again");
+            }
         })
         .join()
         .expect("thread");

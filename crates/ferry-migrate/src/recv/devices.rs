@@ -121,9 +121,13 @@ impl DeviceLoad {
             let events = events.clone();
             let alive = live.clone();
             let report = move |ev| events.send(Event::Data { attempt, ev }).is_ok();
-            let spawned = std::thread::Builder::new()
-                .name(format!("mig-load{g}"))
-                .spawn(move || load(group, [&rx, &rx_main], &alive, &report));
+            // Small devices load in microseconds, inside the downtime: their thread must not
+            // wait out a busy vCPU's time slice first.
+            let latency_bound = group.iter().all(|l| l.dev.small());
+            let spawned =
+                crate::latency::spawn_if(latency_bound, format!("mig-load{g}"), move || {
+                    load(group, [&rx, &rx_main], &alive, &report)
+                });
             match spawned {
                 Ok(join) => threads.push(join),
                 Err(e) => {

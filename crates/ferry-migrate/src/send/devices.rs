@@ -228,10 +228,12 @@ impl DeviceSenders {
             let shared = self.shared.clone();
             let report = report.clone();
             let window = self.window.clone();
-            let join = std::thread::Builder::new()
-                .name(format!("mig-dev{n}"))
-                .spawn(move || run(group, &shared, &window, &report))
-                .map_err(MigrateError::io("starting a device thread"))?;
+            // Small devices save in microseconds, inside the downtime.
+            let latency_bound = group.iter().all(|d| d.dev.small());
+            let join = crate::latency::spawn_if(latency_bound, format!("mig-dev{n}"), move || {
+                run(group, &shared, &window, &report)
+            })
+            .map_err(MigrateError::io("starting a device thread"))?;
             self.threads.push(join);
         }
         Ok(())

@@ -151,13 +151,10 @@ impl Source {
             postcopy: self.params.postcopy != super::PostcopyMode::Off,
             resume,
         };
-        let spawned = std::thread::Builder::new()
-            .name("mig-connect".into())
-            .spawn(move || {
-                crate::latency::control_thread();
-                let conn = connect_all(&uri, &how);
-                let _ = tx.send(Event::Connected(conn));
-            });
+        let spawned = crate::latency::spawn("mig-connect".into(), move || {
+            let conn = connect_all(&uri, &how);
+            let _ = tx.send(Event::Connected(conn));
+        });
         if let Err(e) = spawned {
             let err = MigrateError::Io {
                 what: "starting the connecting thread".into(),
