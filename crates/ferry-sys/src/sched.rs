@@ -299,7 +299,11 @@ mod tests {
                 .join()
                 .expect("child");
             if !held.is_zero() {
-                assert_eq!(child, held.as_nanos() as u64, "the child starts with the slice");
+                assert_eq!(
+                    child,
+                    held.as_nanos() as u64,
+                    "the child starts with the slice"
+                );
             }
             // Back to reset-on-fork: the next child starts with the default again.
             let before = std::thread::spawn(|| sched_getattr().expect("getattr").runtime)
