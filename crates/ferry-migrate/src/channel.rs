@@ -38,8 +38,8 @@ pub enum Compression {
     /// measured again now and then, less often the longer the choice stands (from every
     /// [`FIRST_PROBE_GAP`] batches to every [`MAX_PROBE_GAP`]) and the costlier they are
     /// (a way k times the best's cost waits k times longer, up to 16). Raw is not probed
-    /// while the best costs less than raw's floor (hashing and the cheapest raw write).
-    /// Costs are the channel thread's CPU time.
+    /// while the best costs less than raw's floor (hashing and the cheapest raw write in
+    /// CPU time). Hashing and compression costs are the channel thread's CPU time.
     Auto,
 }
 
@@ -320,11 +320,19 @@ impl Packer {
         }
     }
 
-    /// Records how long writing `bytes` raw bytes to the socket took, and `prepared`, what
-    /// preparing them cost before (hashing them) (for `auto`).
-    pub(crate) fn wrote_raw(&mut self, prepared: Duration, took: Duration, bytes: usize) {
+    /// Records how long writing `bytes` raw bytes to the socket took (`took`, wall time)
+    /// and what it cost this thread's CPU (`copied`: the copy into the kernel, and the
+    /// encryption with TLS, without any wait for room), and `prepared`, what preparing them
+    /// cost before (hashing them) (for `auto`).
+    pub(crate) fn wrote_raw(
+        &mut self,
+        prepared: Duration,
+        took: Duration,
+        copied: Duration,
+        bytes: usize,
+    ) {
         if let Some(a) = &mut self.auto {
-            a.wrote_raw(prepared, took, bytes);
+            a.wrote_raw(prepared, took, copied, bytes);
         }
     }
 
@@ -358,8 +366,8 @@ struct Arm {
 }
 
 /// Samples a codec takes before its estimate stands: its first batch pays for warming up
-/// (zstd's tables, the output buffer's first use) at several times its cost, and one such
-/// sample would keep it out for hundreds of batches.
+/// (zstd's tables, caches) at several times its cost, and one such sample would keep it
+/// out for hundreds of batches.
 const CODEC_WARMUP: u32 = 2;
 
 impl Arm {
@@ -379,8 +387,8 @@ struct Auto {
     /// The send queue draining while not empty, ns per byte: the link (or the peer) itself.
     /// A raw write into an empty buffer costs no time now but that much later.
     link_ns_per_byte: Option<f64>,
-    /// The cheapest raw write seen, ns per byte: the copy into the kernel with room in the
-    /// socket's buffer, which no link, however fast, takes away.
+    /// The cheapest raw write seen in CPU time, ns per byte: the copy into the kernel (and
+    /// the encryption, with TLS), which no link, however fast, takes away.
     min_write_ns_per_byte: Option<f64>,
     batches: u64,
     best: usize,
@@ -515,21 +523,25 @@ impl Auto {
         let first = arm.samples < CODEC_WARMUP;
         arm.way.cost_ns_per_byte = blend(arm.way.cost_ns_per_byte, sample.cost_ns_per_byte, first);
         arm.way.ratio = blend(arm.way.ratio, sample.ratio, first);
-        arm.samples += 1;
+        arm.samples = arm.samples.saturating_add(1);
         self.follow_up(i, sample, self.wire());
     }
 
-    fn wrote_raw(&mut self, prepared: Duration, took: Duration, bytes: usize) {
+    fn wrote_raw(&mut self, prepared: Duration, took: Duration, copied: Duration, bytes: usize) {
         let bytes = bytes.max(1) as f64;
         let per = took.as_nanos() as f64 / bytes;
         let raw = &mut self.arms[RAW];
         let first = raw.samples == 0;
         self.write_ns_per_byte = blend(self.write_ns_per_byte, per, first);
-        self.min_write_ns_per_byte = Some(self.min_write_ns_per_byte.map_or(per, |m| m.min(per)));
+        // CPU time, not wall time: a write that waited for room in the socket (a fresh
+        // connection's small window, say) would put the floor at the link's speed and keep
+        // raw from ever being probed again.
+        let copy = copied.as_nanos() as f64 / bytes;
+        self.min_write_ns_per_byte = Some(self.min_write_ns_per_byte.map_or(copy, |m| m.min(copy)));
         // Raw pages are not free either: they are hashed before they go.
         let cost = prepared.as_nanos() as f64 / bytes;
         raw.way.cost_ns_per_byte = blend(raw.way.cost_ns_per_byte, cost, first);
-        raw.samples += 1;
+        raw.samples = raw.samples.saturating_add(1);
     }
 
     fn drained(&mut self, took: Duration, bytes: u64) {
@@ -647,7 +659,8 @@ mod tests {
                     counts[RAW] += 1;
                     // The write itself is quick (the socket buffer takes it); the queue
                     // then drains at the link's rate.
-                    a.wrote_raw(Duration::from_micros(20), Duration::from_micros(50), mib);
+                    let (hash, copy) = (Duration::from_micros(20), Duration::from_micros(50));
+                    a.wrote_raw(hash, copy, copy, mib);
                     a.drained(
                         Duration::from_nanos((wire_ns * mib as f64) as u64),
                         mib as u64,
@@ -692,7 +705,7 @@ mod tests {
                     // Hashing and copying a raw MiB into the socket: 0.43 ns per byte,
                     // the link taking it as fast as it comes.
                     let (hash, copy) = (Duration::from_micros(150), Duration::from_micros(300));
-                    a.wrote_raw(hash, copy, mib);
+                    a.wrote_raw(hash, copy, copy, mib);
                     a.drained(copy, mib as u64);
                 }
                 Some(c) => a.compressed(c, Duration::from_micros(200), mib, mib / 100),
@@ -701,6 +714,62 @@ mod tests {
         // LZ4 at 0.19 ns per byte beats raw's floor: raw's first trial is its only one.
         assert_eq!(raw, 1);
         assert_eq!(a.best, LZ4);
+    }
+
+    /// A fresh connection's first raw write waits for room (wall time at the link's
+    /// speed) while its copy costs little CPU: the floor is the copy, so raw is tried again.
+    #[test]
+    fn a_first_raw_write_that_waited_for_room_does_not_shut_raw_out() {
+        let mut a = Auto::default();
+        let mib = 1 << 20;
+        let mut raw = 0;
+        for _ in 0..2000 {
+            match a.choose() {
+                None => {
+                    raw += 1;
+                    let waited = if raw == 1 { 8000 } else { 50 };
+                    let copy = Duration::from_micros(50);
+                    a.wrote_raw(
+                        Duration::from_micros(20),
+                        Duration::from_micros(waited),
+                        copy,
+                        mib,
+                    );
+                    a.drained(copy, mib as u64);
+                }
+                Some(c) => a.compressed(c, Duration::from_micros(200), mib, mib / 20),
+            }
+        }
+        assert!(raw >= 2, "raw probed again after a slow first write: {raw}");
+    }
+
+    /// A codec's first batch, slowed by warming up, does not decide: the second replaces it.
+    #[test]
+    fn a_codecs_warm_up_batch_does_not_decide() {
+        let mut a = Auto::default();
+        let mib = 1 << 20;
+        let mut lz4 = 0;
+        let mut seen = 0;
+        for _ in 0..200 {
+            match a.choose() {
+                None => {
+                    let (hash, copy) = (Duration::from_micros(100), Duration::from_micros(300));
+                    a.wrote_raw(hash, copy, copy, mib);
+                }
+                Some(Codec::Lz4) => {
+                    lz4 += 1;
+                    seen += 1;
+                    // 6 ns per byte on its first batch, 0.19 after.
+                    let took = if seen == 1 { 6000 } else { 200 };
+                    a.compressed(Codec::Lz4, Duration::from_micros(took), mib, mib / 100);
+                }
+                Some(Codec::Zstd) => {
+                    a.compressed(Codec::Zstd, Duration::from_micros(300), mib, mib / 400)
+                }
+            }
+        }
+        assert_eq!(a.best, LZ4);
+        assert!(lz4 >= 180, "LZ4 carries the batches: {lz4}");
     }
 
     #[test]

@@ -24,7 +24,8 @@ pub(crate) fn control_thread() {
     }
 }
 
-/// Starts a latency-bound thread from a control thread. The new thread holds the short
+/// Starts a latency-bound thread from a control thread (the caller is left one: short
+/// slice, reset-on-fork). The new thread holds the short
 /// slice from its first instant: a thread that set it only once running would first wait
 /// for a CPU under the default slice, up to a busy vCPU's turn (measured at 1-4 ms before
 /// a local hand-over's connection or first device load began).
@@ -32,15 +33,14 @@ pub(crate) fn spawn<T: Send + 'static>(
     name: String,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<T>> {
-    let inherited = ferry_sys::sched::set_thread_slice_inherited(CONTROL_SLICE).is_ok();
+    let _ = ferry_sys::sched::set_thread_slice_inherited(CONTROL_SLICE);
     let spawned = std::thread::Builder::new().name(name).spawn(move || {
         control_thread();
         f()
     });
-    if inherited {
-        // Back to reset-on-fork for the caller's other threads (bulk workers).
-        control_thread();
-    }
+    // Back to reset-on-fork for the caller's other threads (bulk workers), whatever the
+    // call above reported: it may have failed after the kernel took the new flags.
+    control_thread();
     spawned
 }
 

@@ -439,11 +439,12 @@ impl WorkerCtx {
         let bytes = bufs.header.len() as u64 + pages * PAGE_SIZE;
         self.take_bandwidth(bytes)?;
         let t = std::time::Instant::now();
+        let cpu = cost_timer(bufs);
         stream
             .write_pages(&bufs.header, &slices)
             .map_err(self.send_err(item.phase))?;
-        if let Some(p) = &mut bufs.packer {
-            p.wrote_raw(prepared, t.elapsed(), bytes as usize);
+        if let (Some(p), Some(cpu)) = (&mut bufs.packer, cpu) {
+            p.wrote_raw(prepared, t.elapsed(), cpu.elapsed(), bytes as usize);
         }
         Ok(bytes)
     }
