@@ -336,6 +336,17 @@ impl Packer {
         }
     }
 
+    /// The most pages the next batch should hold: a small batch for `auto`'s first raw
+    /// measurement (it only needs the cost of hashing and copying; a whole raw batch on a
+    /// slow link would hold the channel for its link time, 8 ms per MiB at 1 Gbit/s),
+    /// else [`MAX_BATCH_PAGES`].
+    pub(crate) fn batch_pages(&self) -> u32 {
+        match &self.auto {
+            Some(a) if !a.arms[RAW].warm(RAW) => FIRST_RAW_PAGES,
+            _ => MAX_BATCH_PAGES,
+        }
+    }
+
     /// Whether costs and [`Packer::drained`] samples are wanted (`auto` only).
     pub(crate) fn measures_link(&self) -> bool {
         self.auto.is_some()
@@ -349,6 +360,9 @@ impl Packer {
         }
     }
 }
+
+/// Pages in `auto`'s first raw batch on a channel (64 KiB).
+const FIRST_RAW_PAGES: u32 = 16;
 
 /// Indices of `auto`'s ways.
 const RAW: usize = 0;
@@ -770,6 +784,18 @@ mod tests {
         }
         assert_eq!(a.best, LZ4);
         assert!(lz4 >= 180, "LZ4 carries the batches: {lz4}");
+    }
+
+    #[test]
+    fn autos_first_raw_measurement_is_a_small_batch() {
+        let mut p = Packer::new(Compression::Auto).unwrap().unwrap();
+        assert_eq!(p.batch_pages(), FIRST_RAW_PAGES);
+        assert_eq!(p.choose(), None, "raw is measured first");
+        let us = Duration::from_micros;
+        p.wrote_raw(us(5), us(10), us(10), FIRST_RAW_PAGES as usize * 4096);
+        assert_eq!(p.batch_pages(), MAX_BATCH_PAGES);
+        let lz4 = Packer::new(Compression::Lz4).unwrap().unwrap();
+        assert_eq!(lz4.batch_pages(), MAX_BATCH_PAGES);
     }
 
     #[test]

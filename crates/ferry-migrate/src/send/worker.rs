@@ -599,7 +599,11 @@ impl WorkerCtx {
                     }
                     totals.zero_pages += 1;
                 } else {
-                    if data_pages == MAX_BATCH_PAGES || !push_page(&mut data, gpa) {
+                    let limit = bufs
+                        .packer
+                        .as_ref()
+                        .map_or(MAX_BATCH_PAGES, Packer::batch_pages);
+                    if data_pages >= limit || !push_page(&mut data, gpa) {
                         self.flush_data(stream, bufs, item, &mut data, &mut totals)?;
                         data_pages = 0;
                         push_page(&mut data, gpa);
