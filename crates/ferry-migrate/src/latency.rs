@@ -27,7 +27,7 @@ pub(crate) fn control_thread() {
 /// Starts a latency-bound thread from a control thread (the caller is left one: short
 /// slice, reset-on-fork). The new thread holds the short
 /// slice from its first instant: a thread that set it only once running would first wait
-/// for a CPU under the default slice, up to a busy vCPU's turn (measured at 1-4 ms before
+/// for a CPU under the default slice, up to a busy vCPU's turn (measured at 2-7 ms before
 /// a local hand-over's connection or first device load began).
 pub(crate) fn spawn<T: Send + 'static>(
     name: String,
