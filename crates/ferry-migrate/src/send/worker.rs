@@ -36,6 +36,13 @@ fn cost_timer(bufs: &Bufs) -> Option<CpuTimer> {
         .then(CpuTimer::start)
 }
 
+/// The most data pages the next batch holds.
+fn batch_limit(bufs: &Bufs) -> u32 {
+    bufs.packer
+        .as_ref()
+        .map_or(MAX_BATCH_PAGES, Packer::batch_pages)
+}
+
 /// One pass's share of one channel.
 pub(crate) struct WorkItem {
     pub(crate) pass: u32,
@@ -577,6 +584,8 @@ impl WorkerCtx {
         let mut data: Vec<PageRun> = Vec::with_capacity(64);
         let mut zero: Vec<PageRun> = Vec::with_capacity(64);
         let mut data_pages = 0u32;
+        // Only a flush changes it (`auto`'s first raw batch is smaller).
+        let mut limit = batch_limit(bufs);
         let regions = self.ram.regions();
         let mut order = ChunkOrder {
             left: item.chunks.iter().collect(),
@@ -599,12 +608,9 @@ impl WorkerCtx {
                     }
                     totals.zero_pages += 1;
                 } else {
-                    let limit = bufs
-                        .packer
-                        .as_ref()
-                        .map_or(MAX_BATCH_PAGES, Packer::batch_pages);
                     if data_pages >= limit || !push_page(&mut data, gpa) {
                         self.flush_data(stream, bufs, item, &mut data, &mut totals)?;
+                        limit = batch_limit(bufs);
                         data_pages = 0;
                         push_page(&mut data, gpa);
                     }
