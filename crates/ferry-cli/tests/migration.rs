@@ -561,6 +561,17 @@ fn a_flipped_byte_in_the_page_stream_fails_plain_and_tls_migrations() {
 /// migration is switched to postcopy by `migrate-start-postcopy` while precopy runs.
 /// Returns the source's statistics.
 fn postcopy_case(vcpus: u32, mig_extra: &[&str], dst_extra: &[String], start: bool) -> Value {
+    postcopy_case_saying(vcpus, mig_extra, dst_extra, start, &[])
+}
+
+/// [`postcopy_case`], and the destination's completion line says each of `dst_says`.
+fn postcopy_case_saying(
+    vcpus: u32,
+    mig_extra: &[&str],
+    dst_extra: &[String],
+    start: bool,
+    dst_says: &[&str],
+) -> Value {
     let _g = serial_guard();
     let dir = tempfile::tempdir().unwrap();
     let uri = tcp_uri();
@@ -602,7 +613,9 @@ fn postcopy_case(vcpus: u32, mig_extra: &[&str], dst_extra: &[String], start: bo
         dst.sweeps().iter().all(|s| *s >= before),
         "sweeps went back"
     );
-    assert_carries_on_then_quit(&mut dst, &["\"postcopy\":{"]);
+    let mut says = vec!["\"postcopy\":{"];
+    says.extend_from_slice(dst_says);
+    assert_carries_on_then_quit(&mut dst, &says);
     stats
 }
 
@@ -621,7 +634,8 @@ fn postcopy_moves_a_running_guest_two_vcpus_into_shared_memory() {
         s("--fault-queues"),
         s("4"),
     ];
-    let stats = postcopy_case(2, &["--postcopy"], &dst, false);
+    // memfd memory keeps its (prepared) pages: they are written into the file and mapped.
+    let stats = postcopy_case_saying(2, &["--postcopy"], &dst, false, &["\"placement\":\"file\""]);
     assert_eq!(stats["postcopy"]["trigger"], "now", "{stats}");
 }
 

@@ -622,6 +622,20 @@ impl GuestRam {
         })
     }
 
+    /// Drops this process's page tables over `len` bytes of shared guest memory at `gpa`
+    /// (inside one region): the file keeps the pages, and the next access maps them again,
+    /// which is what a userfaultfd registered for MINOR faults reports.
+    pub fn hide(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        let addr = self
+            .host_addr(gpa, len)
+            .ok_or(MemoryError::OutOfRange { gpa, len })?;
+        let n = usize::try_from(len).map_err(|_| MemoryError::OutOfRange { gpa, len })?;
+        mm::drop_page_tables(addr, n).map_err(|e| MemoryError::Host {
+            what: format!("dropping the page tables over {len:#x} bytes at {gpa:#x}"),
+            source: e.into(),
+        })
+    }
+
     /// `len` bytes of guest memory at `gpa`, which must lie inside one region.
     pub fn slice(&self, gpa: u64, len: usize) -> Result<GuestSlice<'_>, MemoryError> {
         self.mem

@@ -14,7 +14,7 @@ use ferry_memory::ram::PAGE_SIZE;
 use ferry_migrate::control::Command;
 use ferry_migrate::recv::{PrepareMode, RecvOutcome};
 use ferry_migrate::send::{PostcopyMode, SendParams};
-use ferry_migrate::{MigrateError, MigrationTarget, Status};
+use ferry_migrate::{MigrateError, MigrationSource, MigrationTarget, Status};
 use ferry_testkit::fake::{FakeSource, FakeTarget};
 use ferry_transport::Uri;
 use vm_memory::{Bytes, GuestAddress};
@@ -27,26 +27,35 @@ fn postcopy(mode: PostcopyMode) -> SendParams {
 }
 
 /// Reads every page of the target's memory once it runs, in a scattered order, as a guest
-/// would touch it; returns how many pages it read.
-fn toucher(dst: &Arc<FakeTarget>, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
+/// would touch it, and compares what it read with the paused source's copy; returns how
+/// many pages it read and how many of them differed.
+fn toucher(
+    src: &Arc<FakeSource>,
+    dst: &Arc<FakeTarget>,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<(u64, u64)> {
     let dst = dst.clone();
+    let src_ram = src.ram();
     std::thread::spawn(move || {
         while !dst.running() {
             if stop.load(Ordering::Relaxed) {
-                return 0;
+                return (0, 0);
             }
             std::thread::sleep(Duration::from_micros(200));
         }
         let ram = dst.ram();
         let pages = ram.size() / PAGE_SIZE;
-        let mut read = 0;
-        // A stride coprime with the page count visits every page once.
+        let (mut read, mut wrong) = (0, 0);
+        // A stride coprime with the page count visits every page once. The source is paused
+        // from before the destination runs, so its copy is the one every read must see.
         for i in 0..pages {
-            let p = (i * 97) % pages;
-            let _: u64 = ram.mem().read_obj(GuestAddress(p * PAGE_SIZE)).unwrap();
+            let at = GuestAddress((i * 97) % pages * PAGE_SIZE);
+            let got: [u64; 2] = ram.mem().read_obj(at).unwrap();
+            let want: [u64; 2] = src_ram.mem().read_obj(at).unwrap();
             read += 1;
+            wrong += u64::from(got != want);
         }
-        read
+        (read, wrong)
     })
 }
 
@@ -68,17 +77,15 @@ fn migrate_touched(
     ferry_migrate::recv::ReceiveStats,
 ) {
     let stop = Arc::new(AtomicBool::new(false));
-    let guest = toucher(&dst.target, stop.clone());
+    let guest = toucher(src, &dst.target, stop.clone());
     let m = Migration::start(src, &dst.uri, params);
     let stats = completed(m.finish());
     let target = dst.target.clone();
     let rstats = received(dst.finish());
     stop.store(true, Ordering::Relaxed);
-    assert_eq!(
-        guest.join().unwrap(),
-        MIB * 256,
-        "the guest read every page"
-    );
+    let (read, wrong) = guest.join().unwrap();
+    assert_eq!(read, MIB * 256, "the guest read every page");
+    assert_eq!(wrong, 0, "pages the guest read differed from the source's");
     assert_handed_over(src, &target);
     (stats, rstats)
 }
@@ -123,6 +130,26 @@ fn postcopy_on_shared_destination_memory() {
     migrate_touched(&busy_source(), dst, postcopy(PostcopyMode::Now));
 }
 
+/// A prepared memfd destination keeps its file's pages through postcopy: the guest mapping
+/// only loses its page tables, and pages are written into the file and mapped (MINOR
+/// faults). The guest still reads every page as the source had it, never the zeros (or
+/// stale bytes) the file held.
+#[test]
+fn postcopy_keeps_a_prepared_shared_destinations_file_pages() {
+    let dst = Dest::with(
+        FakeTarget::new_shared(MIB),
+        ferry_migrate::recv::ReceiveParams {
+            prepare: PrepareMode::Populate,
+            ..recv_params()
+        },
+    );
+    let (_, rstats) = migrate_touched(&busy_source(), dst, postcopy(PostcopyMode::Now));
+    let r = rstats.postcopy.expect("destination postcopy statistics");
+    if ferry_sys::uffd::Uffd::minor_shmem_supported() {
+        assert_eq!(r.placement, "file", "{r:?}");
+    }
+}
+
 /// The urgent channel goes through mutual TLS like the others: with the background push
 /// held to 4 MiB/s, the guest's reads fault and are answered over it.
 #[test]
@@ -151,12 +178,35 @@ fn postcopy_over_mutual_tls_answers_faults_on_the_urgent_channel() {
 /// A postcopy after a precopy that cannot converge: a working set rewritten without pause
 /// against a 1 ms limit.
 fn after_stuck_precopy() -> ferry_migrate::MigrationStats {
+    after_stuck_precopy_into(Dest::start(MIB)).0
+}
+
+fn after_stuck_precopy_into(
+    dst: Dest,
+) -> (
+    ferry_migrate::MigrationStats,
+    ferry_migrate::recv::ReceiveStats,
+) {
     let src = FakeSource::start(MIB, 2048, Duration::ZERO);
     let params = SendParams {
         downtime_limit: Duration::from_millis(1),
         ..postcopy(PostcopyMode::AfterPrecopy)
     };
-    migrate_touched(&src, Dest::start(MIB), params).0
+    migrate_touched(&src, dst, params)
+}
+
+/// On memfd memory the pages precopy wrote and the guest dirtied since stay in the file,
+/// stale, when postcopy starts: the guest must read the source's last copy of each.
+#[test]
+fn postcopy_after_precopy_into_shared_memory_never_shows_a_stale_page() {
+    let (stats, rstats) =
+        after_stuck_precopy_into(Dest::with(FakeTarget::new_shared(MIB), recv_params()));
+    let p = stats.postcopy.expect("postcopy statistics");
+    assert!(p.precopy_passes >= 1 && p.pages_missing > 0, "{p:?}");
+    let r = rstats.postcopy.expect("destination postcopy statistics");
+    if ferry_sys::uffd::Uffd::minor_shmem_supported() {
+        assert_eq!(r.placement, "file", "{r:?}");
+    }
 }
 
 #[test]
@@ -357,7 +407,7 @@ fn postcopy_through_a_broken_link(
     };
     let px = proxy(&dst, vec![fault]);
     let stop = Arc::new(AtomicBool::new(false));
-    let guest = toucher(&dst.target, stop.clone());
+    let guest = toucher(&src, &dst.target, stop.clone());
     let params = SendParams {
         // A bandwidth cap keeps the push in flight long enough to be broken.
         max_bandwidth: Some(16 << 20),
@@ -371,11 +421,9 @@ fn postcopy_through_a_broken_link(
     let target = dst.target.clone();
     received(dst.finish());
     stop.store(true, Ordering::Relaxed);
-    assert_eq!(
-        guest.join().unwrap(),
-        MIB * 256,
-        "the guest read every page"
-    );
+    let (read, wrong) = guest.join().unwrap();
+    assert_eq!(read, MIB * 256, "the guest read every page");
+    assert_eq!(wrong, 0, "pages the guest read differed from the source's");
     assert_handed_over(&src, &target);
     let p = stats.postcopy.unwrap();
     assert!(p.reconnects >= 1, "{p:?}");

@@ -1,5 +1,6 @@
 //! userfaultfd: page faults on registered memory delivered to a handler, and the ioctls that
-//! resolve them by placing a page atomically (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`) or waking
+//! resolve them by placing a page atomically (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`), by mapping
+//! a page its file already holds (`UFFDIO_CONTINUE`, for MINOR faults on shmem) or by waking
 //! the waiters (`UFFDIO_WAKE`).
 //!
 //! Placing a page writes memory behind Rust's back, so it is only allowed into registered
@@ -21,13 +22,17 @@ const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
 const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
 const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
 const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+const UFFDIO_CONTINUE: libc::c_ulong = 0xc020_aa07;
 const REGISTER_MODE_MISSING: u64 = 1;
+const REGISTER_MODE_MINOR: u64 = 4;
 const EVENT_PAGEFAULT: u8 = 0x12;
 const PAGEFAULT_FLAG_WRITE: u64 = 1;
 /// Fault messages carry the faulting thread's id.
 const FEATURE_THREAD_ID: u64 = 1 << 8;
 /// MISSING faults on shmem (memfd) mappings.
 const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+/// MINOR faults on shmem: the file holds the page but this mapping does not map it.
+const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 const MSG_LEN: usize = 32;
 
 #[repr(C)]
@@ -67,6 +72,14 @@ struct ZeroArg {
     zeropage: i64,
 }
 
+/// `uffdio_continue`: the same layout as [`ZeroArg`], with `mapped` last.
+#[repr(C)]
+struct ContinueArg {
+    range: Range,
+    mode: u64,
+    mapped: i64,
+}
+
 /// Errors of the userfaultfd wrappers.
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
@@ -98,6 +111,8 @@ pub enum UffdError {
 
 /// `_UFFDIO_WAKE`, `_UFFDIO_COPY` and `_UFFDIO_ZEROPAGE` in a registration's ioctl mask.
 const NEEDED_IOCTLS: u64 = 1 << 0x02 | 1 << 0x03 | 1 << 0x04;
+/// The same plus `_UFFDIO_CONTINUE`, for a registration that also takes MINOR faults.
+const NEEDED_MINOR_IOCTLS: u64 = NEEDED_IOCTLS | 1 << 0x07;
 
 fn os(call: &'static str) -> UffdError {
     UffdError::Os {
@@ -140,6 +155,22 @@ impl Uffd {
     /// Opens a userfaultfd for kernel- and user-mode faults, with thread ids and shmem
     /// support.
     pub fn new() -> Result<Uffd, UffdError> {
+        Uffd::open(FEATURE_THREAD_ID | FEATURE_MISSING_SHMEM)
+    }
+
+    /// Like [`Uffd::new`], and able to take MINOR faults on shmem (memfd) memory
+    /// ([`Uffd::register_missing_minor`]); fails on kernels without them (before 5.14).
+    pub fn with_minor() -> Result<Uffd, UffdError> {
+        Uffd::open(FEATURE_THREAD_ID | FEATURE_MISSING_SHMEM | FEATURE_MINOR_SHMEM)
+    }
+
+    /// Whether this kernel offers MINOR faults on shmem (asked once, then remembered).
+    pub fn minor_shmem_supported() -> bool {
+        static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *SUPPORTED.get_or_init(|| Uffd::with_minor().is_ok())
+    }
+
+    fn open(features: u64) -> Result<Uffd, UffdError> {
         // SAFETY: userfaultfd(2) takes flags only and returns a new descriptor or -1.
         let raw =
             unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
@@ -150,7 +181,7 @@ impl Uffd {
         let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
         let mut api = ApiArg {
             api: UFFD_API,
-            features: FEATURE_THREAD_ID | FEATURE_MISSING_SHMEM,
+            features,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_API reads and writes a properly sized ApiArg that outlives the call.
@@ -164,10 +195,27 @@ impl Uffd {
     /// Registers `[addr, addr + len)` for MISSING faults: from now on a thread touching a
     /// page there that is not present waits until the page is placed or woken.
     pub fn register_missing(&self, addr: usize, len: usize) -> Result<(), UffdError> {
+        self.register(addr, len, REGISTER_MODE_MISSING, NEEDED_IOCTLS)
+    }
+
+    /// Registers a range of shared (memfd) memory for MISSING and MINOR faults: a thread
+    /// waits on a page its file lacks, and also on one the file holds but this mapping does
+    /// not map yet (its page tables were dropped). The handler writes such a page through
+    /// the file, then maps it with [`Uffd::continue_pages`]. Needs [`Uffd::with_minor`].
+    pub fn register_missing_minor(&self, addr: usize, len: usize) -> Result<(), UffdError> {
+        self.register(
+            addr,
+            len,
+            REGISTER_MODE_MISSING | REGISTER_MODE_MINOR,
+            NEEDED_MINOR_IOCTLS,
+        )
+    }
+
+    fn register(&self, addr: usize, len: usize, mode: u64, needed: u64) -> Result<(), UffdError> {
         check_volatile("UFFDIO_REGISTER", addr, len)?;
         let mut arg = RegisterArg {
             range: range(addr, len),
-            mode: REGISTER_MODE_MISSING,
+            mode,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_REGISTER reads and writes a RegisterArg that outlives the call;
@@ -182,11 +230,11 @@ impl Uffd {
         if rc != 0 {
             return Err(os("ioctl(UFFDIO_REGISTER)"));
         }
-        if arg.ioctls & NEEDED_IOCTLS != NEEDED_IOCTLS {
+        if arg.ioctls & needed != needed {
             let _ = self.unregister(addr, len);
             return Err(UffdError::Unsupported {
                 ioctls: arg.ioctls,
-                needed: NEEDED_IOCTLS,
+                needed,
             });
         }
         Ok(())
@@ -303,6 +351,57 @@ impl Uffd {
                 _ => {
                     return Err(UffdError::Os {
                         call: "ioctl(UFFDIO_ZEROPAGE)",
+                        source: err,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Maps the pages the file already holds over `[addr, addr + len)` (a range registered
+    /// with [`Uffd::register_missing_minor`]) and wakes whoever waits there; like
+    /// [`Uffd::copy`] for a page this mapping maps already.
+    pub fn continue_pages(&self, addr: usize, len: usize) -> Result<Placed, UffdError> {
+        check_volatile("UFFDIO_CONTINUE", addr, len)?;
+        let mut arg = ContinueArg {
+            range: range(addr, len),
+            mode: 0,
+            mapped: 0,
+        };
+        let mut before = 0u64;
+        loop {
+            // SAFETY: the range lies in registered volatile memory (checked above); mapping
+            // the file's pages there shows what the file holds, as any access would.
+            let rc = unsafe {
+                libc::ioctl(
+                    self.fd.as_raw_fd(),
+                    UFFDIO_CONTINUE,
+                    &mut arg as *mut ContinueArg,
+                )
+            };
+            if rc == 0 {
+                return Ok(Placed::All);
+            }
+            let err = io::Error::last_os_error();
+            let done = arg.mapped.max(0) as u64;
+            match err.raw_os_error() {
+                Some(libc::EEXIST) => {
+                    return Ok(Placed::Exists {
+                        done: before + done,
+                    })
+                }
+                Some(libc::EAGAIN) | Some(libc::EINTR) => {
+                    before += done;
+                    arg.range.start += done;
+                    arg.range.len -= done.min(arg.range.len);
+                    arg.mapped = 0;
+                    if arg.range.len == 0 {
+                        return Ok(Placed::All);
+                    }
+                }
+                _ => {
+                    return Err(UffdError::Os {
+                        call: "ioctl(UFFDIO_CONTINUE)",
                         source: err,
                     })
                 }
@@ -497,6 +596,53 @@ mod tests {
     #[test]
     fn shared_fault_copy_exists() {
         fault_copy_exists(true);
+    }
+
+    /// MINOR faults: a page the file holds but the mapping does not map makes the toucher
+    /// wait; the handler writes the page through the file and maps it with CONTINUE, which
+    /// wakes the toucher and shows the new contents. A hole in the file is a MISSING fault
+    /// that the same two steps resolve; a mapped page is reported present.
+    #[test]
+    fn minor_faults_on_memfd_are_resolved_through_the_file() {
+        use std::os::unix::fs::FileExt;
+        if !Uffd::minor_shmem_supported() {
+            eprintln!("skipped: this kernel has no MINOR faults on shmem");
+            return;
+        }
+        let p = mm::page_size();
+        let f = std::fs::File::from(mm::memfd_create("ferry-test", Default::default()).unwrap());
+        f.set_len(4 * p as u64).unwrap();
+        let m = Mmap::from_fd(std::os::fd::AsFd::as_fd(&f), 0, 4 * p, true).unwrap();
+        let base = m.addr();
+        f.write_all_at(&vec![1u8; 2 * p], 0).unwrap();
+        crate::mm::populate_write(base, 2 * p).unwrap();
+        mm::drop_page_tables(base, 2 * p).unwrap();
+        let u = Uffd::with_minor().unwrap();
+        u.register_missing_minor(base, 4 * p).unwrap();
+        let mut faults = Vec::new();
+        for page in [1usize, 3] {
+            let toucher = std::thread::spawn(move || read_u8(base + page * p + 9));
+            faults.clear();
+            while faults.is_empty() {
+                u.read_faults(&mut faults, 8, Duration::from_secs(5))
+                    .unwrap();
+            }
+            assert_eq!(faults[0].addr as usize & !(p - 1), base + page * p);
+            f.write_all_at(&vec![5u8; p], (page * p) as u64).unwrap();
+            assert_eq!(u.continue_pages(base + page * p, p).unwrap(), Placed::All);
+            assert_eq!(toucher.join().unwrap(), 5, "page {page}");
+        }
+        assert_eq!(
+            u.continue_pages(base, p).unwrap(),
+            Placed::All,
+            "page 0 is held by the file, so it maps"
+        );
+        assert_eq!(read_u8(base), 1);
+        assert_eq!(
+            u.continue_pages(base + p, p).unwrap(),
+            Placed::Exists { done: 0 }
+        );
+        u.unregister(base, 4 * p).unwrap();
     }
 
     #[test]

@@ -8,16 +8,24 @@
 //! never overwrites a present page, so whichever copy of a page comes first wins and a page
 //! the running guest has written is never replaced. Pages several vCPUs fault on are asked
 //! for once; a fault on a page placed meanwhile is only woken.
+//!
+//! On memfd memory the file keeps its pages (prepared before the switch): postcopy only
+//! drops the guest mapping's page tables, registers for MINOR faults as well, and places a
+//! page by writing it into the file and then mapping it (`UFFDIO_CONTINUE`). The file write
+//! would reach a page the guest maps, so each page is claimed by exactly one writer, and
+//! only pages the guest cannot map yet are ever claimed.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use ferry_memory::ram::{GuestRam, PAGE_SIZE};
+use ferry_memory::ram::{Backend, GuestRam, PAGE_SIZE};
 use ferry_proto::{
     page_sum, read_message_checked, Message, PageRun, ProtoError, MAX_BATCH_PAGES, MAX_RUNS,
 };
@@ -45,14 +53,39 @@ struct FaultRange {
     gpa: u64,
     len: u64,
     hva: usize,
+    /// Where the range starts in the memory file (memfd memory).
+    file_off: u64,
     uffd: Arc<Uffd>,
 }
+
+/// How pages are placed.
+enum Placement {
+    /// `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` into pages the mapping lacks.
+    Copy,
+    /// Written into the memory file, then mapped with `UFFDIO_CONTINUE`.
+    File {
+        file: Arc<File>,
+        /// Pages a writer has taken: only the first to claim a page writes it.
+        claimed: PageBits,
+    },
+}
+
+/// Whether postcopy keeps the pages of `ram`'s file (memfd memory on a kernel with MINOR
+/// faults on shmem): then a page is made missing by dropping the guest mapping's page
+/// tables over it ([`GuestRam::hide`]), not by freeing it from the file.
+pub(crate) fn keeps_file_pages(ram: &GuestRam) -> bool {
+    ram.config().backend == Backend::Memfd && ram.file().is_some() && Uffd::minor_shmem_supported()
+}
+
+/// Zeros written into the file for a zero page.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 /// Where every guest page stands during postcopy, and how faults went.
 pub(crate) struct Space {
     /// Keeps guest memory mapped while it is registered and placed into.
     _ram: Arc<GuestRam>,
     ranges: Vec<FaultRange>,
+    placement: Placement,
     placed: PageBits,
     requested: PageBits,
     written: Arc<PageBits>,
@@ -76,6 +109,9 @@ struct FaultStats {
 pub struct PostcopyStats {
     /// Fault queues (userfaultfds with a handler thread each).
     pub queues: usize,
+    /// How pages were placed: `copy` (`UFFDIO_COPY`) or `file` (written into the memory
+    /// file, then mapped with `UFFDIO_CONTINUE`).
+    pub placement: &'static str,
     /// Faults the guest (or the VMM on its behalf) took on missing pages.
     pub faults: u64,
     /// Pages asked for on the urgent channel.
@@ -109,16 +145,21 @@ fn uffd_err(what: &'static str) -> impl FnOnce(ferry_sys::uffd::UffdError) -> Mi
     move |source| MigrateError::Uffd { what, source }
 }
 
-/// Splits guest memory into about `queues` ranges (region boundaries cut too).
-fn split(ram: &GuestRam, queues: usize) -> Vec<(u64, u64, usize)> {
+/// One piece of [`split`]: guest address, length, host address, offset in the file.
+type Piece = (u64, u64, usize, u64);
+
+/// Splits guest memory into about `queues` ranges (region boundaries cut too);
+/// `file_offsets` are where the regions start in the memory file (empty: no file).
+fn split(ram: &GuestRam, queues: usize, file_offsets: &[u64]) -> Vec<Piece> {
     let queues = queues.clamp(1, MAX_FAULT_QUEUES) as u64;
     let per = ram.size().div_ceil(queues).div_ceil(RANGE_ALIGN) * RANGE_ALIGN;
     let mut out = Vec::new();
     for (r, h) in ram.regions().iter().zip(ram.host_regions()) {
+        let base = file_offsets.get(r.index).copied().unwrap_or(0);
         let mut off = 0;
         while off < r.size {
             let len = per.min(r.size - off);
-            out.push((r.gpa + off, len, h.addr + off as usize));
+            out.push((r.gpa + off, len, h.addr + off as usize, base + off));
             off += len;
         }
     }
@@ -126,22 +167,32 @@ fn split(ram: &GuestRam, queues: usize) -> Vec<(u64, u64, usize)> {
 }
 
 impl Space {
-    /// Registers guest memory for MISSING faults in about `queues` ranges.
+    /// Registers guest memory for faults in about `queues` ranges: MISSING faults, and MINOR
+    /// ones too where postcopy keeps the file's pages ([`keeps_file_pages`]).
     pub(crate) fn new(
         ram: Arc<GuestRam>,
         written: Arc<PageBits>,
         queues: usize,
     ) -> Result<Space, MigrateError> {
+        let (placement, offsets) = match ram.file().filter(|_| keeps_file_pages(&ram)) {
+            Some((file, offsets)) => (
+                Placement::File {
+                    file,
+                    claimed: PageBits::new(&ram),
+                },
+                offsets,
+            ),
+            None => (Placement::Copy, Vec::new()),
+        };
+        let minor = matches!(placement, Placement::File { .. });
         let mut ranges = Vec::new();
-        for (gpa, len, hva) in split(&ram, queues) {
-            let uffd = Uffd::new().map_err(uffd_err("opening a userfaultfd"))?;
-            uffd.register_missing(hva, len as usize)
-                .map_err(uffd_err("registering guest memory for missing-page faults"))?;
+        for (gpa, len, hva, file_off) in split(&ram, queues, &offsets) {
             ranges.push(FaultRange {
                 gpa,
                 len,
                 hva,
-                uffd: Arc::new(uffd),
+                file_off,
+                uffd: Arc::new(register(hva, len as usize, minor)?),
             });
         }
         Ok(Space {
@@ -149,6 +200,7 @@ impl Space {
             requested: PageBits::new(&ram),
             _ram: ram,
             ranges,
+            placement,
             written,
             waiting: Mutex::new(HashMap::new()),
             stats: Mutex::new(FaultStats::default()),
@@ -173,16 +225,22 @@ impl Space {
         data: &[u8],
         pushed: bool,
     ) -> Result<(), MigrateError> {
-        self.each_piece(channel, gpa, data.len() as u64, |r, at, off, len| {
-            let src = data
-                .get(off as usize..(off + len) as usize)
-                .unwrap_or_default();
-            r.uffd
-                .copy(at, src)
-                .map_err(uffd_err("placing a page (UFFDIO_COPY)"))
-        })?;
+        let len = data.len() as u64;
+        match &self.placement {
+            Placement::Copy => self.each_piece(channel, gpa, len, |r, at, off, len| {
+                let src = data
+                    .get(off as usize..(off + len) as usize)
+                    .unwrap_or_default();
+                r.uffd
+                    .copy(at, src)
+                    .map_err(uffd_err("placing a page (UFFDIO_COPY)"))
+            })?,
+            Placement::File { file, claimed } => {
+                self.place_in_file(file, claimed, channel, gpa, len, Some(data))?
+            }
+        }
         if pushed {
-            let pages = data.len() as u64 / PAGE_SIZE;
+            let pages = len / PAGE_SIZE;
             self.pushed_pages.fetch_add(pages, Ordering::Relaxed);
         }
         Ok(())
@@ -196,14 +254,109 @@ impl Space {
         pages: u64,
         pushed: bool,
     ) -> Result<(), MigrateError> {
-        self.each_piece(channel, gpa, pages * PAGE_SIZE, |r, at, _, len| {
-            r.uffd
-                .zero(at, len as usize)
-                .map_err(uffd_err("placing a zero page (UFFDIO_ZEROPAGE)"))
-        })?;
+        let len = pages * PAGE_SIZE;
+        match &self.placement {
+            Placement::Copy => self.each_piece(channel, gpa, len, |r, at, _, len| {
+                r.uffd
+                    .zero(at, len as usize)
+                    .map_err(uffd_err("placing a zero page (UFFDIO_ZEROPAGE)"))
+            })?,
+            Placement::File { file, claimed } => {
+                self.place_in_file(file, claimed, channel, gpa, len, None)?
+            }
+        }
         if pushed {
             self.pushed_pages.fetch_add(pages, Ordering::Relaxed);
         }
+        Ok(())
+    }
+
+    /// Places `len` bytes at `gpa` through the memory file: `data`, or zeros if `None`.
+    /// Only pages this call claims are written, and each is mapped right after; a page
+    /// someone else claimed is theirs to place (and is placed, or about to be).
+    fn place_in_file(
+        &self,
+        file: &File,
+        claimed: &PageBits,
+        channel: Channel,
+        gpa: u64,
+        len: u64,
+        data: Option<&[u8]>,
+    ) -> Result<(), MigrateError> {
+        let outside = || MigrateError::OutsideRam {
+            channel,
+            gpa,
+            pages: u32::try_from(len / PAGE_SIZE).unwrap_or(u32::MAX),
+        };
+        let mut off = 0;
+        while off < len {
+            let g = gpa + off;
+            let r = self.range_of(g).ok_or_else(outside)?;
+            let end = off + (len - off).min(r.gpa + r.len - g);
+            // Runs of pages claimed here, each written and mapped as one.
+            let mut run: Option<u64> = None;
+            for p in (off..end).step_by(PAGE_SIZE as usize) {
+                let mine = !claimed.test_and_set(gpa + p);
+                match (mine, run) {
+                    (true, None) => run = Some(p),
+                    (false, Some(from)) => {
+                        self.write_and_map(file, r, gpa, from, p, data)?;
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(from) = run {
+                self.write_and_map(file, r, gpa, from, end, data)?;
+            }
+            off = end;
+        }
+        Ok(())
+    }
+
+    /// Writes bytes `[from, to)` of what is placed at `gpa` (zeros if `data` is `None`)
+    /// into the file under range `r`, then maps them into the guest and marks them placed.
+    fn write_and_map(
+        &self,
+        file: &File,
+        r: &FaultRange,
+        gpa: u64,
+        from: u64,
+        to: u64,
+        data: Option<&[u8]>,
+    ) -> Result<(), MigrateError> {
+        let at = gpa + from - r.gpa;
+        let file_at = r.file_off + at;
+        let write_err = MigrateError::io("writing a page into the guest memory file");
+        match data {
+            Some(d) => {
+                let bytes = d.get(from as usize..to as usize).unwrap_or_default();
+                file.write_all_at(bytes, file_at).map_err(write_err)?;
+            }
+            None => {
+                let mut done = 0;
+                while done < to - from {
+                    let n = (to - from - done).min(ZEROS.len() as u64);
+                    file.write_all_at(&ZEROS[..n as usize], file_at + done)
+                        .map_err(MigrateError::io(
+                            "writing a zero page into the guest memory file",
+                        ))?;
+                    done += n;
+                }
+            }
+        }
+        let placed = r
+            .uffd
+            .continue_pages(r.hva + at as usize, (to - from) as usize)
+            .map_err(uffd_err("mapping a page (UFFDIO_CONTINUE)"))?;
+        if let Placed::Exists { done } = placed {
+            // Never expected: only pages the guest cannot map are ever sent or claimed.
+            tracing::error!(
+                gpa = gpa + from + done,
+                "postcopy: a page claimed for placement was mapped already"
+            );
+        }
+        self.mark(gpa + from, to - from);
         Ok(())
     }
 
@@ -289,8 +442,10 @@ impl Space {
             let gpa = r.gpa + off as u64;
             self.faults.fetch_add(1, Ordering::Relaxed);
             if self.placed.get(gpa) {
-                // Placed between the fault and now: only the wake-up is missing.
-                let _ = r.uffd.wake(hva, PAGE_SIZE as usize);
+                // Placed between the fault and now: only the wake-up is missing. (Or, with
+                // the file's pages kept, a placed page whose mapping the kernel dropped since,
+                // e.g. to swap it: map it again.)
+                self.remap_or_wake(r, hva);
                 continue;
             }
             lock(&self.waiting).entry(gpa).or_insert((now, f.tid));
@@ -299,6 +454,19 @@ impl Space {
             }
             push_run(runs, gpa);
         }
+    }
+
+    /// Wakes the waiters on a placed page at `hva`, mapping it first where the file holds
+    /// it (a MINOR fault on it would otherwise come back at once).
+    fn remap_or_wake(&self, r: &FaultRange, hva: usize) {
+        if matches!(self.placement, Placement::File { .. }) {
+            match r.uffd.continue_pages(hva, PAGE_SIZE as usize) {
+                Ok(Placed::All) => return,
+                Ok(Placed::Exists { .. }) => {}
+                Err(e) => tracing::warn!("postcopy: mapping a placed page again: {e}"),
+            }
+        }
+        let _ = r.uffd.wake(hva, PAGE_SIZE as usize);
     }
 
     /// What postcopy did so far.
@@ -312,6 +480,10 @@ impl Space {
         };
         PostcopyStats {
             queues: self.ranges.len(),
+            placement: match self.placement {
+                Placement::Copy => "copy",
+                Placement::File { .. } => "file",
+            },
             faults: self.faults.load(Ordering::Relaxed),
             requested_pages: self.requested_pages.load(Ordering::Relaxed),
             pushed_pages: self.pushed_pages.load(Ordering::Relaxed),
@@ -339,6 +511,22 @@ impl Space {
             }
         }
     }
+}
+
+/// A userfaultfd with `[hva, hva + len)` registered: for MISSING faults, and MINOR ones too
+/// if `minor`.
+fn register(hva: usize, len: usize, minor: bool) -> Result<Uffd, MigrateError> {
+    if minor {
+        let uffd = Uffd::with_minor().map_err(uffd_err("opening a userfaultfd"))?;
+        uffd.register_missing_minor(hva, len).map_err(uffd_err(
+            "registering guest memory for missing and minor faults",
+        ))?;
+        return Ok(uffd);
+    }
+    let uffd = Uffd::new().map_err(uffd_err("opening a userfaultfd"))?;
+    uffd.register_missing(hva, len)
+        .map_err(uffd_err("registering guest memory for missing-page faults"))?;
+    Ok(uffd)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -733,21 +921,43 @@ mod tests {
     fn split_covers_memory_in_aligned_ranges() {
         let r = ram(64, Backend::Anonymous);
         for q in [1, 2, 3, 8, 100] {
-            let parts = split(&r, q);
+            let parts = split(&r, q, &[0]);
             let total: u64 = parts.iter().map(|p| p.1).sum();
             assert_eq!(total, r.size());
             assert!(parts.len() >= q.min(MAX_FAULT_QUEUES).min(32));
-            for (gpa, len, hva) in &parts {
+            for (gpa, len, hva, file_off) in &parts {
                 assert_eq!(r.host_addr(*gpa, *len), Some(*hva));
+                assert_eq!(
+                    file_off, gpa,
+                    "one region at 0: the file offset is the address"
+                );
             }
         }
+    }
+
+    /// Makes all of `r` missing as postcopy does; where the file keeps its pages, they hold
+    /// stale bytes (0xEE) first, which must never show.
+    fn make_missing(r: &GuestRam) {
+        if keeps_file_pages(r) {
+            let stale = vec![0xEEu8; r.size() as usize];
+            vm_memory::Bytes::write_slice(r.mem(), &stale, vm_memory::GuestAddress(0)).unwrap();
+            r.hide(0, r.size()).unwrap();
+        } else {
+            r.discard(0, r.size()).unwrap();
+        }
+    }
+
+    fn byte(r: &GuestRam, g: u64) -> u8 {
+        let mut b = [0u8; 1];
+        vm_memory::Bytes::read_slice(r.mem(), &mut b, vm_memory::GuestAddress(g)).unwrap();
+        b[0]
     }
 
     /// Placement never overwrites a present page, in any backend, and marks what it placed.
     fn place_skips_present(backend: Backend) {
         let r = ram(8, backend);
         let written = Arc::new(PageBits::new(&r));
-        r.discard(0, 8 << 20).unwrap();
+        make_missing(&r);
         let space = Space::new(r.clone(), written, 2).unwrap();
         let one = vec![1u8; PAGE_SIZE as usize];
         space.place(Channel::Urgent, 0x3000, &one, false).unwrap();
@@ -757,11 +967,7 @@ mod tests {
         space.place(Channel::Data(0), gpa, &two, true).unwrap();
         let three = vec![3u8; 3 * PAGE_SIZE as usize];
         space.place(Channel::Data(0), 0x2000, &three, true).unwrap();
-        let byte = |g: u64| {
-            let mut b = [0u8; 1];
-            vm_memory::Bytes::read_slice(r.mem(), &mut b, vm_memory::GuestAddress(g)).unwrap();
-            b[0]
-        };
+        let byte = |g: u64| byte(&r, g);
         assert_eq!(byte(0x2000), 3);
         assert_eq!(byte(0x3000), 1, "a present page was overwritten");
         assert_eq!(byte(0x4000), 3);
@@ -787,10 +993,86 @@ mod tests {
         place_skips_present(Backend::Memfd);
     }
 
+    /// memfd memory keeps its file's pages: a vCPU-like thread touching a hidden page waits
+    /// and then reads what was placed, never the stale bytes the file held; a page it wrote
+    /// after placement is not overwritten by a later copy; a placed page whose mapping was
+    /// dropped since is mapped again on its next fault, not asked for.
+    #[test]
+    fn memfd_placement_keeps_the_file_and_never_shows_stale_bytes() {
+        let r = ram(4, Backend::Memfd);
+        if !keeps_file_pages(&r) {
+            eprintln!("skipped: no MINOR faults on shmem here");
+            return;
+        }
+        make_missing(&r);
+        let space = Arc::new(Space::new(r.clone(), Arc::new(PageBits::new(&r)), 1).unwrap());
+        assert_eq!(space.stats(Instant::now()).placement, "file");
+        let toucher = {
+            let r = r.clone();
+            std::thread::spawn(move || byte(&r, 0x5000 + 7))
+        };
+        let range = &space.ranges[0];
+        let mut faults = Vec::new();
+        while faults.is_empty() {
+            range
+                .uffd
+                .read_faults(&mut faults, 8, Duration::from_secs(5))
+                .unwrap();
+        }
+        let mut runs = Vec::new();
+        space.triage(range, &faults, &mut runs);
+        assert_eq!(
+            runs,
+            vec![PageRun {
+                gpa: 0x5000,
+                pages: 1
+            }]
+        );
+        space
+            .place(Channel::Urgent, 0x5000, &[4u8; PAGE_SIZE as usize], false)
+            .unwrap();
+        assert_eq!(toucher.join().unwrap(), 4);
+        // The guest writes the page; the push's copy of it comes later and is dropped.
+        vm_memory::Bytes::write_slice(r.mem(), &[9u8], vm_memory::GuestAddress(0x5000)).unwrap();
+        space
+            .place(
+                Channel::Data(0),
+                0x4000,
+                &[6u8; 2 * PAGE_SIZE as usize],
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            (byte(&r, 0x4000), byte(&r, 0x5000), byte(&r, 0x5001)),
+            (6, 9, 4)
+        );
+        space.place_zero(Channel::Data(0), 0x6000, 1, true).unwrap();
+        assert_eq!(byte(&r, 0x6000), 0, "a zero page over stale bytes");
+        // The kernel drops the mapping of a placed page (as reclaim would): its next fault
+        // maps it again from the file.
+        r.hide(0x4000, PAGE_SIZE).unwrap();
+        let toucher = {
+            let r = r.clone();
+            std::thread::spawn(move || byte(&r, 0x4000))
+        };
+        faults.clear();
+        while faults.is_empty() {
+            range
+                .uffd
+                .read_faults(&mut faults, 8, Duration::from_secs(5))
+                .unwrap();
+        }
+        runs.clear();
+        space.triage(range, &faults, &mut runs);
+        assert!(runs.is_empty(), "a placed page is never asked for again");
+        assert_eq!(toucher.join().unwrap(), 6);
+        space.unregister();
+    }
+
     #[test]
     fn corrupt_page_is_never_placed() {
         let r = ram(4, Backend::Anonymous);
-        r.discard(0, 4 << 20).unwrap();
+        make_missing(&r);
         let space = Space::new(r.clone(), Arc::new(PageBits::new(&r)), 1).unwrap();
         let data = vec![5u8; 2 * PAGE_SIZE as usize];
         let runs = [PageRun {

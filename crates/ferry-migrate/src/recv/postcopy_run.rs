@@ -18,7 +18,7 @@ use ferry_memory::ram::PAGE_SIZE;
 use ferry_proto::{Message, PageRun, ProtoError};
 
 use super::super::accept::Greeted;
-use super::super::postcopy::{Faults, Space};
+use super::super::postcopy::{keeps_file_pages, Faults, Space};
 use super::super::{Destination, Event, RecvOutcome};
 use super::{
     attempt_reader, control_deadline, progress_timeout, read_error, spawn_receiver, Attempt,
@@ -30,10 +30,17 @@ use crate::progress::Status;
 use ferry_proto::{caps, ChannelRole, MAX_PLACED_WORDS, VERSION};
 use ferry_transport::Stream;
 
-/// Makes `runs` missing here (their pages come in postcopy).
+/// Makes `runs` missing here (their pages come in postcopy). Where postcopy keeps the
+/// file's pages, only the guest mapping loses them: the file's pages stay allocated.
 fn apply_discards(rx: &Destination, att: &Attempt, runs: &[PageRun]) -> Result<(), MigrateError> {
+    let keep = keeps_file_pages(&rx.ram);
     for r in runs {
-        rx.ram.discard(r.gpa, u64::from(r.pages) * PAGE_SIZE)?;
+        let len = u64::from(r.pages) * PAGE_SIZE;
+        if keep {
+            rx.ram.hide(r.gpa, len)?;
+        } else {
+            rx.ram.discard(r.gpa, len)?;
+        }
     }
     // A page that arrived corrupted and is discarded now comes again in postcopy.
     att.activity.forget_suspects(runs);
