@@ -145,6 +145,14 @@ struct PostcopyArgs {
     /// Ferry's data channels.
     #[arg(long, default_value_t = 2)]
     channels: u32,
+    /// Systems to run: qemu, qemu-preempt, ferry (anonymous destination memory),
+    /// ferry-memfd (memfd destination memory: MINOR faults, prepared pages kept).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "qemu,qemu-preempt,ferry,ferry-memfd"
+    )]
+    systems: Vec<String>,
     /// The ferry binary (default: `ferry` next to this program).
     #[arg(long, value_name = "PATH")]
     ferry: Option<PathBuf>,
@@ -588,6 +596,7 @@ fn postcopy_bench(a: PostcopyArgs) -> Result<()> {
         ferry: locate_ferry(a.ferry)?,
         qemu: a.qemu,
         image,
+        systems: a.systems,
     };
     let report = postcopy::run(&plan)?;
     emit(&report.text(), a.json.then(|| report.to_json()));

@@ -40,10 +40,16 @@ pub struct Plan {
     pub qemu: PathBuf,
     /// The workload image.
     pub image: PathBuf,
+    /// Which of [`SYSTEMS`] to run.
+    pub systems: Vec<String>,
 }
 
-/// The systems, in the order they run.
-const SYSTEMS: [&str; 3] = ["qemu", "qemu-preempt", "ferry"];
+/// The systems, in the order they run: QEMU, QEMU with postcopy-preempt, Ferry into
+/// anonymous destination memory, Ferry into memfd destination memory (MINOR faults, the
+/// file's prepared pages kept).
+pub const SYSTEMS: [&str; 4] = ["qemu", "qemu-preempt", "ferry", "ferry-memfd"];
+/// Ferry's systems (the rows compared with QEMU's).
+const FERRY_SYSTEMS: [&str; 2] = ["ferry", "ferry-memfd"];
 
 /// One timed run.
 #[derive(Debug, Clone, Serialize)]
@@ -140,13 +146,16 @@ fn qemu_run(plan: &Plan, vcpus: u32, preempt: bool) -> Result<Run> {
     })
 }
 
-fn ferry_run(plan: &Plan, vcpus: u32) -> Result<Run> {
+fn ferry_run(plan: &Plan, vcpus: u32, memfd: bool) -> Result<Run> {
     let mut c = FerryConfig::new(&plan.ferry, &plan.image);
     c.mem_mib = plan.mem_mib;
     c.cpus = vcpus;
     c.append = append(plan, vcpus);
     c.channels = plan.channels;
     c.migrate_args = vec!["--postcopy".into()];
+    if memfd {
+        c.dest_args = vec!["--memory-backend".into(), "memfd".into()];
+    }
     let r = ferry::run_migration(&c)?;
     let p = r.problems();
     if !p.is_empty() {
@@ -163,7 +172,7 @@ fn ferry_run(plan: &Plan, vcpus: u32) -> Result<Run> {
         .unwrap_or(f64::NAN);
     Ok(Run {
         vcpus,
-        system: "ferry",
+        system: if memfd { "ferry-memfd" } else { "ferry" },
         total_ms: r.total_ms,
         first_pass_ms: r.first_pass_ms,
         first_sweep_slowdown: r.sweeps.first_dest_ms / r.sweeps.source_ms,
@@ -222,22 +231,36 @@ pub fn measure_floor() -> Result<Floor> {
     })
 }
 
-/// Runs the plan: per vCPU count, the three systems alternating `reps` times.
+/// The plan's systems, in [`SYSTEMS`] order.
+fn self_systems(plan: &Plan) -> impl Iterator<Item = &'static str> + '_ {
+    SYSTEMS
+        .into_iter()
+        .filter(|s| plan.systems.iter().any(|p| p == s))
+}
+
+/// Runs the plan: per vCPU count, the systems alternating `reps` times.
 pub fn run(plan: &Plan) -> Result<Report> {
-    if plan.reps == 0 || plan.vcpus.is_empty() {
-        bail!("nothing to run: reps and vcpus must be at least 1");
+    if plan.reps == 0 || plan.vcpus.is_empty() || plan.systems.is_empty() {
+        bail!("nothing to run: reps, vcpus and systems must be at least 1");
+    }
+    if let Some(s) = plan.systems.iter().find(|s| !SYSTEMS.contains(&s.as_str())) {
+        bail!(
+            "unknown system {s:?}: the systems are {}",
+            SYSTEMS.join(", ")
+        );
     }
     let started = utc_now();
     let before = measure_floor()?;
     let mut runs = Vec::new();
     for &vcpus in &plan.vcpus {
         for rep in 1..=plan.reps {
-            for system in SYSTEMS {
+            for system in self_systems(plan) {
                 let t = Instant::now();
                 let r = match system {
                     "qemu" => qemu_run(plan, vcpus, false),
                     "qemu-preempt" => qemu_run(plan, vcpus, true),
-                    _ => ferry_run(plan, vcpus),
+                    "ferry-memfd" => ferry_run(plan, vcpus, true),
+                    _ => ferry_run(plan, vcpus, false),
                 }
                 .with_context(|| format!("{system} {vcpus} vCPU(s) (rep {rep}) failed"))?;
                 eprintln!(
@@ -315,7 +338,7 @@ impl Report {
             |r| r.blocked_ms,
         ];
         for &v in &self.plan.vcpus {
-            for system in SYSTEMS {
+            for system in self_systems(&self.plan) {
                 let mut cells = vec![v.to_string(), system.to_string()];
                 cells.extend(
                     cols.iter()
@@ -328,18 +351,22 @@ impl Report {
             out,
             "\nFerry / QEMU (medians; target at most 0.5 for total and first pass):"
         );
+        let ran = |s: &str| self.plan.systems.iter().any(|p| p == s);
         for &v in &self.plan.vcpus {
-            for q in ["qemu", "qemu-preempt"] {
-                let ratio = |f: fn(&Run) -> f64| {
-                    self.column(v, "ferry", f).median / self.column(v, q, f).median
-                };
-                let _ = writeln!(
-                    out,
-                    "  {v} vCPU vs {q:<12}: total {:.2}x, first pass {:.2}x, longest silence {:.2}x",
-                    ratio(cols[0]),
-                    ratio(cols[1]),
-                    ratio(cols[3])
-                );
+            for fs in FERRY_SYSTEMS.into_iter().filter(|s| ran(s)) {
+                for q in ["qemu", "qemu-preempt"].into_iter().filter(|s| ran(s)) {
+                    let ratio = |f: fn(&Run) -> f64| {
+                        self.column(v, fs, f).median / self.column(v, q, f).median
+                    };
+                    let _ = writeln!(
+                        out,
+                        "  {v} vCPU {fs:<11} vs {q:<12}: total {:.2}x, first pass {:.2}x, \
+                         longest silence {:.2}x",
+                        ratio(cols[0]),
+                        ratio(cols[1]),
+                        ratio(cols[3])
+                    );
+                }
             }
         }
         let f = self.floor;
@@ -353,12 +380,14 @@ impl Report {
             2.0 * f.total_us()
         );
         for &v in &self.plan.vcpus {
-            let p50 = self.column(v, "ferry", cols[5]).median;
-            let _ = writeln!(
-                out,
-                "  {v} vCPU: Ferry median fault latency {p50:.0} us = {:.2}x the floor",
-                p50 / f.total_us()
-            );
+            for fs in FERRY_SYSTEMS.into_iter().filter(|s| ran(s)) {
+                let p50 = self.column(v, fs, cols[5]).median;
+                let _ = writeln!(
+                    out,
+                    "  {v} vCPU {fs:<11}: median fault latency {p50:.0} us = {:.2}x the floor",
+                    p50 / f.total_us()
+                );
+            }
         }
         out
     }

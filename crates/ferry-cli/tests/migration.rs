@@ -628,13 +628,18 @@ fn postcopy_moves_a_running_guest_one_vcpu() {
 
 #[test]
 fn postcopy_moves_a_running_guest_two_vcpus_into_shared_memory() {
+    // The preparation at full speed, so that it has filled the file before `migrate`
+    // (at nice 19 two busy vCPUs can hold it off for seconds, and then postcopy frees the
+    // pages and uses UFFDIO_COPY instead).
     let dst = [
         s("--memory-backend"),
         s("memfd"),
         s("--fault-queues"),
         s("4"),
+        s("--prepare-nice"),
+        s("0"),
     ];
-    // memfd memory keeps its (prepared) pages: they are written into the file and mapped.
+    // memfd memory keeps its prepared pages: they are written into the file and mapped.
     let stats = postcopy_case_saying(2, &["--postcopy"], &dst, false, &["\"placement\":\"file\""]);
     assert_eq!(stats["postcopy"]["trigger"], "now", "{stats}");
 }

@@ -622,6 +622,47 @@ impl GuestRam {
         })
     }
 
+    /// A second mapping of the file behind guest RAM, at the same guest addresses (`None`
+    /// for anonymous memory). Writing through it fills the file's pages without mapping
+    /// them into the guest mapping, and without the file's inode lock a `pwrite` takes.
+    /// Its writes are not dirty-tracked.
+    pub fn file_alias(&self) -> Result<Option<GuestMemoryMmap>, MemoryError> {
+        let Some((file, offsets)) = self.file() else {
+            return Ok(None);
+        };
+        let mut regions = Vec::new();
+        for r in &self.regions {
+            let len = usize::try_from(r.size).map_err(|_| {
+                MemoryError::Config(format!("region of {} bytes too large", r.size))
+            })?;
+            let off = offsets.get(r.index).copied().unwrap_or(0);
+            let region = MmapRegionBuilder::new(len)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_SHARED)
+                .with_file_offset(FileOffset::from_arc(file.clone(), off))
+                .with_hugetlbfs(self.config().backend == Backend::Hugetlb)
+                .build()
+                .map_err(|e| MemoryError::Mmap {
+                    index: r.index,
+                    detail: format!("mapping the guest memory file again: {e}"),
+                })?;
+            regions.push(
+                GuestRegionMmap::new(region, GuestAddress(r.gpa)).ok_or_else(|| {
+                    MemoryError::Mmap {
+                        index: r.index,
+                        detail: "region wraps the guest address space".into(),
+                    }
+                })?,
+            );
+        }
+        GuestMemoryMmap::from_regions(regions)
+            .map(Some)
+            .map_err(|e| MemoryError::Mmap {
+                index: 0,
+                detail: e.to_string(),
+            })
+    }
+
     /// Drops this process's page tables over `len` bytes of shared guest memory at `gpa`
     /// (inside one region): the file keeps the pages, and the next access maps them again,
     /// which is what a userfaultfd registered for MINOR faults reports.

@@ -363,6 +363,12 @@ pub enum MigrateError {
         /// The downtime limit.
         limit: Duration,
     },
+    /// Postcopy was to place pages through the memory file, but guest memory has none (an
+    /// engine bug: only memfd memory is placed that way).
+    #[error(
+        "postcopy was to write pages into the guest memory file, but guest memory has no file"
+    )]
+    NoMemoryFile,
     /// Dirty tracking was gone while precopy needed it (an engine bug).
     #[error("dirty tracking stopped while the migration still needed it")]
     NotTracking,

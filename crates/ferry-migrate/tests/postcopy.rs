@@ -199,8 +199,12 @@ fn after_stuck_precopy_into(
 /// stale, when postcopy starts: the guest must read the source's last copy of each.
 #[test]
 fn postcopy_after_precopy_into_shared_memory_never_shows_a_stale_page() {
+    let prepared = ferry_migrate::recv::ReceiveParams {
+        prepare: PrepareMode::Populate,
+        ..recv_params()
+    };
     let (stats, rstats) =
-        after_stuck_precopy_into(Dest::with(FakeTarget::new_shared(MIB), recv_params()));
+        after_stuck_precopy_into(Dest::with(FakeTarget::new_shared(MIB), prepared));
     let p = stats.postcopy.expect("postcopy statistics");
     assert!(p.precopy_passes >= 1 && p.pages_missing > 0, "{p:?}");
     let r = rstats.postcopy.expect("destination postcopy statistics");

@@ -332,6 +332,19 @@ impl Destination {
         }
     }
 
+    /// Whether postcopy keeps the memory file's pages rather than freeing the missing ones:
+    /// memfd memory that the preparation filled (and did not take back when stopped
+    /// early), on a kernel with MINOR faults on shmem. Pages are then written into the file
+    /// and mapped, and the preparation's work is kept; otherwise the missing pages would be
+    /// holes, which the file write would have to allocate, and `UFFDIO_COPY` does that
+    /// cheaper. The answer does not change once a migration has begun.
+    fn keeps_file_pages(&self) -> bool {
+        self.params.prepare != PrepareMode::None
+            && self.prepared.is_some()
+            && !self.stopped_early
+            && postcopy::file_placement_possible(&self.ram)
+    }
+
     /// Whether this destination can take a postcopy migration: its memory must be 4 KiB
     /// pages that can be discarded (not hugetlb, not locked).
     fn postcopy_possible(&self) -> bool {

@@ -16,9 +16,7 @@
 //! only pages the guest cannot map yet are ever claimed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -32,6 +30,7 @@ use ferry_proto::{
 use ferry_sys::uffd::{Fault, Placed, Uffd};
 use ferry_transport::Stream;
 use serde::Serialize;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::data::{DataEvent, PageBits};
 use super::Event;
@@ -53,8 +52,6 @@ struct FaultRange {
     gpa: u64,
     len: u64,
     hva: usize,
-    /// Where the range starts in the memory file (memfd memory).
-    file_off: u64,
     uffd: Arc<Uffd>,
 }
 
@@ -62,18 +59,20 @@ struct FaultRange {
 enum Placement {
     /// `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` into pages the mapping lacks.
     Copy,
-    /// Written into the memory file, then mapped with `UFFDIO_CONTINUE`.
+    /// Written into the memory file (through a second mapping of it), then mapped with
+    /// `UFFDIO_CONTINUE`.
     File {
-        file: Arc<File>,
+        alias: GuestMemoryMmap,
         /// Pages a writer has taken: only the first to claim a page writes it.
         claimed: PageBits,
     },
 }
 
-/// Whether postcopy keeps the pages of `ram`'s file (memfd memory on a kernel with MINOR
+/// Whether postcopy can keep the pages of `ram`'s file (memfd memory on a kernel with MINOR
 /// faults on shmem): then a page is made missing by dropping the guest mapping's page
-/// tables over it ([`GuestRam::hide`]), not by freeing it from the file.
-pub(crate) fn keeps_file_pages(ram: &GuestRam) -> bool {
+/// tables over it ([`GuestRam::hide`]), not by freeing it from the file, and placed by
+/// [`Placement::File`]. The destination does so when its preparation filled the file.
+pub(crate) fn file_placement_possible(ram: &GuestRam) -> bool {
     ram.config().backend == Backend::Memfd && ram.file().is_some() && Uffd::minor_shmem_supported()
 }
 
@@ -145,21 +144,16 @@ fn uffd_err(what: &'static str) -> impl FnOnce(ferry_sys::uffd::UffdError) -> Mi
     move |source| MigrateError::Uffd { what, source }
 }
 
-/// One piece of [`split`]: guest address, length, host address, offset in the file.
-type Piece = (u64, u64, usize, u64);
-
-/// Splits guest memory into about `queues` ranges (region boundaries cut too);
-/// `file_offsets` are where the regions start in the memory file (empty: no file).
-fn split(ram: &GuestRam, queues: usize, file_offsets: &[u64]) -> Vec<Piece> {
+/// Splits guest memory into about `queues` ranges (region boundaries cut too).
+fn split(ram: &GuestRam, queues: usize) -> Vec<(u64, u64, usize)> {
     let queues = queues.clamp(1, MAX_FAULT_QUEUES) as u64;
     let per = ram.size().div_ceil(queues).div_ceil(RANGE_ALIGN) * RANGE_ALIGN;
     let mut out = Vec::new();
     for (r, h) in ram.regions().iter().zip(ram.host_regions()) {
-        let base = file_offsets.get(r.index).copied().unwrap_or(0);
         let mut off = 0;
         while off < r.size {
             let len = per.min(r.size - off);
-            out.push((r.gpa + off, len, h.addr + off as usize, base + off));
+            out.push((r.gpa + off, len, h.addr + off as usize));
             off += len;
         }
     }
@@ -168,30 +162,28 @@ fn split(ram: &GuestRam, queues: usize, file_offsets: &[u64]) -> Vec<Piece> {
 
 impl Space {
     /// Registers guest memory for faults in about `queues` ranges: MISSING faults, and MINOR
-    /// ones too where postcopy keeps the file's pages ([`keeps_file_pages`]).
+    /// ones too with `keep_file` (the missing pages were hidden, not freed; see
+    /// [`file_placement_possible`]).
     pub(crate) fn new(
         ram: Arc<GuestRam>,
         written: Arc<PageBits>,
         queues: usize,
+        keep_file: bool,
     ) -> Result<Space, MigrateError> {
-        let (placement, offsets) = match ram.file().filter(|_| keeps_file_pages(&ram)) {
-            Some((file, offsets)) => (
-                Placement::File {
-                    file,
-                    claimed: PageBits::new(&ram),
-                },
-                offsets,
-            ),
-            None => (Placement::Copy, Vec::new()),
+        let placement = match keep_file {
+            true => Placement::File {
+                alias: ram.file_alias()?.ok_or(MigrateError::NoMemoryFile)?,
+                claimed: PageBits::new(&ram),
+            },
+            false => Placement::Copy,
         };
         let minor = matches!(placement, Placement::File { .. });
         let mut ranges = Vec::new();
-        for (gpa, len, hva, file_off) in split(&ram, queues, &offsets) {
+        for (gpa, len, hva) in split(&ram, queues) {
             ranges.push(FaultRange {
                 gpa,
                 len,
                 hva,
-                file_off,
                 uffd: Arc::new(register(hva, len as usize, minor)?),
             });
         }
@@ -235,8 +227,8 @@ impl Space {
                     .copy(at, src)
                     .map_err(uffd_err("placing a page (UFFDIO_COPY)"))
             })?,
-            Placement::File { file, claimed } => {
-                self.place_in_file(file, claimed, channel, gpa, len, Some(data))?
+            Placement::File { alias, claimed } => {
+                self.place_in_file(alias, claimed, channel, gpa, len, Some(data))?
             }
         }
         if pushed {
@@ -261,8 +253,8 @@ impl Space {
                     .zero(at, len as usize)
                     .map_err(uffd_err("placing a zero page (UFFDIO_ZEROPAGE)"))
             })?,
-            Placement::File { file, claimed } => {
-                self.place_in_file(file, claimed, channel, gpa, len, None)?
+            Placement::File { alias, claimed } => {
+                self.place_in_file(alias, claimed, channel, gpa, len, None)?
             }
         }
         if pushed {
@@ -276,7 +268,7 @@ impl Space {
     /// someone else claimed is theirs to place (and is placed, or about to be).
     fn place_in_file(
         &self,
-        file: &File,
+        alias: &GuestMemoryMmap,
         claimed: &PageBits,
         channel: Channel,
         gpa: u64,
@@ -300,51 +292,61 @@ impl Space {
                 match (mine, run) {
                     (true, None) => run = Some(p),
                     (false, Some(from)) => {
-                        self.write_and_map(file, r, gpa, from, p, data)?;
+                        self.write_and_map(alias, r, channel, gpa, from..p, data)?;
                         run = None;
                     }
                     _ => {}
                 }
             }
             if let Some(from) = run {
-                self.write_and_map(file, r, gpa, from, end, data)?;
+                self.write_and_map(alias, r, channel, gpa, from..end, data)?;
             }
             off = end;
         }
         Ok(())
     }
 
-    /// Writes bytes `[from, to)` of what is placed at `gpa` (zeros if `data` is `None`)
-    /// into the file under range `r`, then maps them into the guest and marks them placed.
+    /// Writes bytes `span` of what is placed at `gpa` (zeros if `data` is `None`) into the
+    /// file through `alias`, then maps them into the guest under range `r` and marks them
+    /// placed.
     fn write_and_map(
         &self,
-        file: &File,
+        alias: &GuestMemoryMmap,
         r: &FaultRange,
+        channel: Channel,
         gpa: u64,
-        from: u64,
-        to: u64,
+        span: std::ops::Range<u64>,
         data: Option<&[u8]>,
     ) -> Result<(), MigrateError> {
-        let at = gpa + from - r.gpa;
-        let file_at = r.file_off + at;
-        let write_err = MigrateError::io("writing a page into the guest memory file");
+        let (from, to) = (span.start, span.end);
+        let outside = || MigrateError::OutsideRam {
+            channel,
+            gpa: gpa + from,
+            pages: ((to - from) / PAGE_SIZE) as u32,
+        };
+        // Mapping the run's file pages in one call is cheaper than a fault per page.
+        if let Ok(addr) = alias.get_host_address(GuestAddress(gpa + from)) {
+            let _ = ferry_sys::mm::populate_write(addr as usize, (to - from) as usize);
+        }
         match data {
             Some(d) => {
                 let bytes = d.get(from as usize..to as usize).unwrap_or_default();
-                file.write_all_at(bytes, file_at).map_err(write_err)?;
+                alias
+                    .write_slice(bytes, GuestAddress(gpa + from))
+                    .map_err(|_| outside())?;
             }
             None => {
                 let mut done = 0;
                 while done < to - from {
                     let n = (to - from - done).min(ZEROS.len() as u64);
-                    file.write_all_at(&ZEROS[..n as usize], file_at + done)
-                        .map_err(MigrateError::io(
-                            "writing a zero page into the guest memory file",
-                        ))?;
+                    alias
+                        .write_slice(&ZEROS[..n as usize], GuestAddress(gpa + from + done))
+                        .map_err(|_| outside())?;
                     done += n;
                 }
             }
         }
+        let at = gpa + from - r.gpa;
         let placed = r
             .uffd
             .continue_pages(r.hva + at as usize, (to - from) as usize)
@@ -921,30 +923,28 @@ mod tests {
     fn split_covers_memory_in_aligned_ranges() {
         let r = ram(64, Backend::Anonymous);
         for q in [1, 2, 3, 8, 100] {
-            let parts = split(&r, q, &[0]);
+            let parts = split(&r, q);
             let total: u64 = parts.iter().map(|p| p.1).sum();
             assert_eq!(total, r.size());
             assert!(parts.len() >= q.min(MAX_FAULT_QUEUES).min(32));
-            for (gpa, len, hva, file_off) in &parts {
+            for (gpa, len, hva) in &parts {
                 assert_eq!(r.host_addr(*gpa, *len), Some(*hva));
-                assert_eq!(
-                    file_off, gpa,
-                    "one region at 0: the file offset is the address"
-                );
             }
         }
     }
 
     /// Makes all of `r` missing as postcopy does; where the file keeps its pages, they hold
     /// stale bytes (0xEE) first, which must never show.
-    fn make_missing(r: &GuestRam) {
-        if keeps_file_pages(r) {
+    fn make_missing(r: &GuestRam) -> bool {
+        let keep = file_placement_possible(r);
+        if keep {
             let stale = vec![0xEEu8; r.size() as usize];
             vm_memory::Bytes::write_slice(r.mem(), &stale, vm_memory::GuestAddress(0)).unwrap();
             r.hide(0, r.size()).unwrap();
         } else {
             r.discard(0, r.size()).unwrap();
         }
+        keep
     }
 
     fn byte(r: &GuestRam, g: u64) -> u8 {
@@ -957,8 +957,8 @@ mod tests {
     fn place_skips_present(backend: Backend) {
         let r = ram(8, backend);
         let written = Arc::new(PageBits::new(&r));
-        make_missing(&r);
-        let space = Space::new(r.clone(), written, 2).unwrap();
+        let keep = make_missing(&r);
+        let space = Space::new(r.clone(), written, 2, keep).unwrap();
         let one = vec![1u8; PAGE_SIZE as usize];
         space.place(Channel::Urgent, 0x3000, &one, false).unwrap();
         // A run across the present page and a range boundary (4 MiB).
@@ -1000,12 +1000,11 @@ mod tests {
     #[test]
     fn memfd_placement_keeps_the_file_and_never_shows_stale_bytes() {
         let r = ram(4, Backend::Memfd);
-        if !keeps_file_pages(&r) {
+        if !make_missing(&r) {
             eprintln!("skipped: no MINOR faults on shmem here");
             return;
         }
-        make_missing(&r);
-        let space = Arc::new(Space::new(r.clone(), Arc::new(PageBits::new(&r)), 1).unwrap());
+        let space = Arc::new(Space::new(r.clone(), Arc::new(PageBits::new(&r)), 1, true).unwrap());
         assert_eq!(space.stats(Instant::now()).placement, "file");
         let toucher = {
             let r = r.clone();
@@ -1072,8 +1071,8 @@ mod tests {
     #[test]
     fn corrupt_page_is_never_placed() {
         let r = ram(4, Backend::Anonymous);
-        make_missing(&r);
-        let space = Space::new(r.clone(), Arc::new(PageBits::new(&r)), 1).unwrap();
+        let keep = make_missing(&r);
+        let space = Space::new(r.clone(), Arc::new(PageBits::new(&r)), 1, keep).unwrap();
         let data = vec![5u8; 2 * PAGE_SIZE as usize];
         let runs = [PageRun {
             gpa: 0x1000,

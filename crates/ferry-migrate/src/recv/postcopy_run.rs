@@ -18,7 +18,7 @@ use ferry_memory::ram::PAGE_SIZE;
 use ferry_proto::{Message, PageRun, ProtoError};
 
 use super::super::accept::Greeted;
-use super::super::postcopy::{keeps_file_pages, Faults, Space};
+use super::super::postcopy::{Faults, Space};
 use super::super::{Destination, Event, RecvOutcome};
 use super::{
     attempt_reader, control_deadline, progress_timeout, read_error, spawn_receiver, Attempt,
@@ -33,7 +33,7 @@ use ferry_transport::Stream;
 /// Makes `runs` missing here (their pages come in postcopy). Where postcopy keeps the
 /// file's pages, only the guest mapping loses them: the file's pages stay allocated.
 fn apply_discards(rx: &Destination, att: &Attempt, runs: &[PageRun]) -> Result<(), MigrateError> {
-    let keep = keeps_file_pages(&rx.ram);
+    let keep = rx.keeps_file_pages();
     for r in runs {
         let len = u64::from(r.pages) * PAGE_SIZE;
         if keep {
@@ -122,7 +122,12 @@ fn start_faults(rx: &Destination, att: &mut Attempt, pass: u32) -> Result<(), Mi
         .params
         .fault_queues
         .unwrap_or(rx.target.description().vcpus as usize);
-    let space = Arc::new(Space::new(rx.ram.clone(), rx.written.clone(), queues)?);
+    let space = Arc::new(Space::new(
+        rx.ram.clone(),
+        rx.written.clone(),
+        queues,
+        rx.keeps_file_pages(),
+    )?);
     let urgent = att
         .urgent
         .as_ref()
