@@ -8,6 +8,10 @@
 //!   readers on one wait queue");
 //! - `per-range`: one userfaultfd and one handler per vCPU's range (Ferry's default, one
 //!   fault queue per vCPU);
+//! - `per-range-file`: the same over memfd memory that was prepared (populated) and then
+//!   hidden from the mapping, as a prepared memfd destination is in postcopy: MINOR faults,
+//!   each resolved by writing the page into the file through a second mapping and mapping
+//!   it with `UFFDIO_CONTINUE`, so no page is allocated in the fault path;
 //! - `vcpu-local`: no handler: the touching thread places its page itself before reading it
 //!   (a model of vCPU-local resolution: what a SIGBUS-mode miss, reported to the vCPU
 //!   thread as a KVM exit, costs besides that exit).
@@ -32,7 +36,13 @@ use crate::bench::utc_now;
 use crate::stats::{median, table_row, Summary};
 
 /// The fault-resolution layouts.
-pub const MODES: [&str; 4] = ["shared-1", "shared-n", "per-range", "vcpu-local"];
+pub const MODES: [&str; 5] = [
+    "shared-1",
+    "shared-n",
+    "per-range",
+    "per-range-file",
+    "vcpu-local",
+];
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -60,26 +70,46 @@ pub struct Run {
     pub p99_us: f64,
 }
 
-fn ram(bytes: u64) -> Result<Arc<GuestRam>> {
+fn ram(bytes: u64, backend: Backend) -> Result<Arc<GuestRam>> {
     Ok(Arc::new(GuestRam::new(MemoryConfig {
         size: bytes,
-        backend: Backend::Anonymous,
+        backend,
         thp: false,
     })?))
+}
+
+/// How a handler resolves a fault.
+enum Resolve {
+    /// `UFFDIO_COPY` of the page (allocating it).
+    Copy,
+    /// Written into the (prepared) file through `alias`, then `UFFDIO_CONTINUE`; `base` is
+    /// the host address of guest address 0.
+    File {
+        alias: Arc<vm_memory::GuestMemoryMmap>,
+        base: usize,
+    },
 }
 
 /// The page every fault is resolved with.
 static PAGE: [u8; PAGE_SIZE as usize] = [0x5a; PAGE_SIZE as usize];
 
 /// A handler: reads faults from `uffd` and places the page, until `stop`.
-fn handler(uffd: &Uffd, stop: &AtomicBool) -> Result<()> {
+fn handler(uffd: &Uffd, how: &Resolve, stop: &AtomicBool) -> Result<()> {
     let mut faults = Vec::with_capacity(64);
     while !stop.load(Ordering::Relaxed) {
         faults.clear();
         uffd.read_faults(&mut faults, 64, Duration::from_millis(20))?;
         for f in &faults {
             let page = (f.addr as usize) & !(PAGE_SIZE as usize - 1);
-            match uffd.copy(page, &PAGE)? {
+            let placed = match how {
+                Resolve::Copy => uffd.copy(page, &PAGE)?,
+                Resolve::File { alias, base } => {
+                    let gpa = (page - base) as u64;
+                    alias.write_slice(&PAGE, GuestAddress(gpa))?;
+                    uffd.continue_pages(page, PAGE_SIZE as usize)?
+                }
+            };
+            match placed {
                 Placed::All => {}
                 // Another handler of the same uffd was first: only the wake-up is missing.
                 Placed::Exists { .. } => uffd.wake(page, PAGE_SIZE as usize)?,
@@ -114,18 +144,46 @@ fn toucher(ram: &GuestRam, gpa: u64, len: u64, local: Option<&Uffd>) -> Result<V
 /// One run of `mode` with `n` vCPU threads.
 fn run_one(mode: &'static str, n: usize, mib: u64) -> Result<Run> {
     let per = mib << 20;
-    let ram = ram(per * n as u64)?;
+    let file = mode == "per-range-file";
+    let backend = if file {
+        Backend::Memfd
+    } else {
+        Backend::Anonymous
+    };
+    let ram = ram(per * n as u64, backend)?;
     let host = ram
         .host_regions()
         .first()
         .copied()
         .ok_or_else(|| anyhow!("no memory"))?;
+    let how = Arc::new(if file {
+        // Prepared as a memfd destination is: every page in the file, none mapped.
+        ferry_sys::mm::populate_write(host.addr, host.len)?;
+        ram.hide(0, ram.size())?;
+        let alias = ram
+            .file_alias()?
+            .ok_or_else(|| anyhow!("memfd memory without a file"))?;
+        Resolve::File {
+            alias: Arc::new(alias),
+            base: host.addr,
+        }
+    } else {
+        Resolve::Copy
+    });
     // One uffd over everything, or one per vCPU slice.
     let uffds: Vec<Arc<Uffd>> = match mode {
-        "per-range" | "vcpu-local" => (0..n)
+        "per-range" | "per-range-file" | "vcpu-local" => (0..n)
             .map(|i| {
-                let u = Uffd::new()?;
-                u.register_missing(host.addr + i * per as usize, per as usize)?;
+                let (addr, len) = (host.addr + i * per as usize, per as usize);
+                let u = if file {
+                    let u = Uffd::with_minor()?;
+                    u.register_missing_minor(addr, len)?;
+                    u
+                } else {
+                    let u = Uffd::new()?;
+                    u.register_missing(addr, len)?;
+                    u
+                };
                 Ok(Arc::new(u))
             })
             .collect::<Result<_>>()?,
@@ -137,14 +195,14 @@ fn run_one(mode: &'static str, n: usize, mib: u64) -> Result<Run> {
     };
     let handlers = match mode {
         "shared-1" => 1,
-        "shared-n" | "per-range" => n,
+        "shared-n" | "per-range" | "per-range-file" => n,
         _ => 0,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let mut hs = Vec::new();
     for i in 0..handlers {
-        let (u, stop) = (uffds[i % uffds.len()].clone(), stop.clone());
-        hs.push(std::thread::spawn(move || handler(&u, &stop)));
+        let (u, stop, how) = (uffds[i % uffds.len()].clone(), stop.clone(), how.clone());
+        hs.push(std::thread::spawn(move || handler(&u, &how, &stop)));
     }
     let t = Instant::now();
     let lats: Vec<Result<Vec<f64>>> = std::thread::scope(|s| {
@@ -194,7 +252,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
                 let r = run_one(mode, n, plan.mib_per_vcpu)
                     .with_context(|| format!("{mode} with {n} vCPUs (rep {rep})"))?;
                 eprintln!(
-                    "{n} vCPU rep {rep}/{}: {mode:<10} {:>9.0} pages/s, p50 {:>6.1} us, p99 {:>7.1} us",
+                    "{n} vCPU rep {rep}/{}: {mode:<14} {:>9.0} pages/s, p50 {:>6.1} us, p99 {:>7.1} us",
                     plan.reps, r.pages_per_s, r.p50_us, r.p99_us
                 );
                 runs.push(r);
@@ -230,12 +288,13 @@ impl Report {
         let _ = writeln!(
             out,
             "ferry-bench demand-paging ({} UTC): N host threads each read {} MiB of missing \
-             memory once; faults resolved by placing a local page (UFFDIO_COPY), {} rep(s); \
+             memory once; faults resolved by placing a local page (UFFDIO_COPY; per-range-file: \
+             written into the prepared memfd and mapped with UFFDIO_CONTINUE), {} rep(s); \
              median (min-max)",
             self.started, self.plan.mib_per_vcpu, self.plan.reps
         );
         let header = ["vCPUs", "mode", "pages/s", "fault p50 us", "fault p99 us"];
-        let widths = [5, 10, 26, 18, 20];
+        let widths = [5, 14, 26, 18, 20];
         let _ = writeln!(out, "{}", table_row(&header.map(String::from), &widths));
         for &n in &self.plan.vcpus {
             for mode in MODES {
