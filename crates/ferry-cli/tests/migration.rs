@@ -645,6 +645,16 @@ fn postcopy_moves_a_running_guest_two_vcpus_into_shared_memory() {
 }
 
 #[test]
+fn postcopy_moves_a_running_guest_into_hugetlb_memory() {
+    // 128 MiB of 2 MiB pages on the destination; each is mapped whole once complete.
+    let _pages = HugePages::reserve(64);
+    let dst = [s("--memory-backend"), s("hugetlb")];
+    let says = ["\"placement\":\"file-2m\""];
+    let stats = postcopy_case_saying(1, &["--postcopy"], &dst, false, &says);
+    assert_eq!(stats["postcopy"]["trigger"], "now", "{stats}");
+}
+
+#[test]
 fn postcopy_after_a_precopy_that_cannot_converge_on_a_capped_link() {
     // 100 MB/s cannot carry the hot set within 50 ms: postcopy instead of throttling, and
     // the requested pages pass the cap.

@@ -622,6 +622,15 @@ impl GuestRam {
         })
     }
 
+    /// The size of the pages the memory's host mapping is made of: 2 MiB for hugetlb, the
+    /// base page otherwise (what [`GuestRam::hide`] and a mapping work in).
+    pub fn file_page_size(&self) -> u64 {
+        match self.config().backend {
+            Backend::Hugetlb => HUGE_PAGE_SIZE,
+            _ => PAGE_SIZE,
+        }
+    }
+
     /// A second mapping of the file behind guest RAM, at the same guest addresses (`None`
     /// for anonymous memory). Writing through it fills the file's pages without mapping
     /// them into the guest mapping, and without the file's inode lock a `pwrite` takes.

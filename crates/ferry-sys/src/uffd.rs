@@ -33,6 +33,8 @@ const FEATURE_THREAD_ID: u64 = 1 << 8;
 const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 /// MINOR faults on shmem: the file holds the page but this mapping does not map it.
 const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
+/// MINOR faults on hugetlbfs (hugetlb memfd) mappings.
+const FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
 const MSG_LEN: usize = 32;
 
 #[repr(C)]
@@ -111,8 +113,10 @@ pub enum UffdError {
 
 /// `_UFFDIO_WAKE`, `_UFFDIO_COPY` and `_UFFDIO_ZEROPAGE` in a registration's ioctl mask.
 const NEEDED_IOCTLS: u64 = 1 << 0x02 | 1 << 0x03 | 1 << 0x04;
-/// The same plus `_UFFDIO_CONTINUE`, for a registration that also takes MINOR faults.
-const NEEDED_MINOR_IOCTLS: u64 = NEEDED_IOCTLS | 1 << 0x07;
+/// `_UFFDIO_WAKE` and `_UFFDIO_CONTINUE`: what a registration that also takes MINOR faults
+/// is resolved with (pages are written through the file and then mapped; hugetlbfs has no
+/// `UFFDIO_ZEROPAGE`).
+const NEEDED_MINOR_IOCTLS: u64 = 1 << 0x02 | 1 << 0x07;
 
 fn os(call: &'static str) -> UffdError {
     UffdError::Os {
@@ -158,14 +162,21 @@ impl Uffd {
         Uffd::open(FEATURE_THREAD_ID | FEATURE_MISSING_SHMEM)
     }
 
-    /// Like [`Uffd::new`], and able to take MINOR faults on shmem (memfd) memory
-    /// ([`Uffd::register_missing_minor`]); fails on kernels without them (before 5.14).
+    /// Like [`Uffd::new`], and able to take MINOR faults on shmem (memfd) and hugetlbfs
+    /// (hugetlb memfd) memory ([`Uffd::register_missing_minor`]); fails on kernels without
+    /// them (before 5.14).
     pub fn with_minor() -> Result<Uffd, UffdError> {
-        Uffd::open(FEATURE_THREAD_ID | FEATURE_MISSING_SHMEM | FEATURE_MINOR_SHMEM)
+        Uffd::open(
+            FEATURE_THREAD_ID
+                | FEATURE_MISSING_SHMEM
+                | FEATURE_MINOR_SHMEM
+                | FEATURE_MINOR_HUGETLBFS,
+        )
     }
 
-    /// Whether this kernel offers MINOR faults on shmem (asked once, then remembered).
-    pub fn minor_shmem_supported() -> bool {
+    /// Whether this kernel offers MINOR faults on shmem and hugetlbfs (asked once, then
+    /// remembered).
+    pub fn minor_faults_supported() -> bool {
         static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *SUPPORTED.get_or_init(|| Uffd::with_minor().is_ok())
     }
@@ -198,10 +209,11 @@ impl Uffd {
         self.register(addr, len, REGISTER_MODE_MISSING, NEEDED_IOCTLS)
     }
 
-    /// Registers a range of shared (memfd) memory for MISSING and MINOR faults: a thread
-    /// waits on a page its file lacks, and also on one the file holds but this mapping does
-    /// not map yet (its page tables were dropped). The handler writes such a page through
-    /// the file, then maps it with [`Uffd::continue_pages`]. Needs [`Uffd::with_minor`].
+    /// Registers a range of shared (memfd or hugetlb memfd) memory for MISSING and MINOR
+    /// faults: a thread waits on a page its file lacks, and also on one the file holds but
+    /// this mapping does not map yet (its page tables were dropped). The handler writes such
+    /// a page through the file, then maps it with [`Uffd::continue_pages`] (on hugetlb, whole
+    /// huge pages only). Needs [`Uffd::with_minor`].
     pub fn register_missing_minor(&self, addr: usize, len: usize) -> Result<(), UffdError> {
         self.register(
             addr,
@@ -605,7 +617,7 @@ mod tests {
     #[test]
     fn minor_faults_on_memfd_are_resolved_through_the_file() {
         use std::os::unix::fs::FileExt;
-        if !Uffd::minor_shmem_supported() {
+        if !Uffd::minor_faults_supported() {
             eprintln!("skipped: this kernel has no MINOR faults on shmem");
             return;
         }

@@ -330,6 +330,11 @@ impl FakeTarget {
         FakeTarget::on(ram_of(mib, Backend::Memfd))
     }
 
+    /// As [`FakeTarget::new`], on hugetlb memory (needs `mib / 2` free 2 MiB huge pages).
+    pub fn new_hugetlb(mib: u64) -> Arc<FakeTarget> {
+        FakeTarget::on(ram_of(mib, Backend::Hugetlb))
+    }
+
     fn on(ram: Arc<GuestRam>) -> Arc<FakeTarget> {
         Arc::new(FakeTarget {
             ram,

@@ -165,6 +165,17 @@ impl PageBits {
         }
     }
 
+    /// Every page's bit set.
+    pub(crate) fn full(ram: &GuestRam) -> Self {
+        let bits = PageBits::new(ram);
+        for (_, _, words) in &bits.regions {
+            for w in words {
+                w.store(u64::MAX, Ordering::Relaxed);
+            }
+        }
+        bits
+    }
+
     fn locate(&self, gpa: u64) -> Option<(&AtomicU64, u64)> {
         self.regions.iter().find_map(|(base, pages, words)| {
             let page = gpa.checked_sub(*base)? / PAGE_SIZE;

@@ -338,18 +338,22 @@ impl Destination {
     /// and mapped, and the preparation's work is kept; otherwise the missing pages would be
     /// holes, which the file write would have to allocate, and `UFFDIO_COPY` does that
     /// cheaper. The answer does not change once a migration has begun.
+    /// hugetlb memory is always placed through its file (its pages are 2 MiB, which
+    /// `UFFDIO_COPY` of 4 KiB pages cannot fill).
     fn keeps_file_pages(&self) -> bool {
-        self.params.prepare != PrepareMode::None
+        let hugetlb = self.ram.config().backend == ferry_memory::ram::Backend::Hugetlb;
+        let filled = self.params.prepare != PrepareMode::None
             && self.prepared.is_some()
-            && !self.stopped_early
-            && postcopy::file_placement_possible(&self.ram)
+            && !self.stopped_early;
+        (hugetlb || filled) && postcopy::file_placement_possible(&self.ram)
     }
 
-    /// Whether this destination can take a postcopy migration: its memory must be 4 KiB
-    /// pages that can be discarded (not hugetlb, not locked).
+    /// Whether this destination can take a postcopy migration: its memory must be pages it
+    /// can make missing (not locked), and hugetlb memory needs MINOR faults on hugetlbfs.
     fn postcopy_possible(&self) -> bool {
-        self.ram.config().backend != ferry_memory::ram::Backend::Hugetlb
-            && self.params.prepare != PrepareMode::Lock
+        let hugetlb = self.ram.config().backend == ferry_memory::ram::Backend::Hugetlb;
+        self.params.prepare != PrepareMode::Lock
+            && (!hugetlb || postcopy::file_placement_possible(&self.ram))
     }
 
     fn strays(&self) -> u64 {

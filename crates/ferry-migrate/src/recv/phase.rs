@@ -162,6 +162,8 @@ pub(super) struct Attempt {
     devices: Option<DeviceLoad>,
     /// The same devices, in the Setup's order (run once the guest runs here).
     device_list: Vec<Arc<dyn crate::device::MigrationDevice>>,
+    /// Postcopy: the pages made missing here so far (their contents come from the source).
+    made_missing: Vec<ferry_proto::PageRun>,
 }
 
 /// Refuses a migration announcing a channel count this destination does not take.
@@ -224,6 +226,7 @@ impl Attempt {
             early_rejoin: Vec::new(),
             devices: None,
             device_list: Vec::new(),
+            made_missing: Vec::new(),
             // Until the source's Setup says otherwise.
             timeouts: Timeouts {
                 progress_ms: 30_000,

@@ -17,13 +17,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use ferry_memory::ram::{Backend, GuestRam, PAGE_SIZE};
+use ferry_memory::ram::{Backend, GuestRam, HUGE_PAGE_SIZE, PAGE_SIZE};
 use ferry_proto::{
     page_sum, read_message_checked, Message, PageRun, ProtoError, MAX_BATCH_PAGES, MAX_RUNS,
 };
@@ -63,17 +63,68 @@ enum Placement {
     /// `UFFDIO_CONTINUE`.
     File {
         alias: GuestMemoryMmap,
-        /// Pages a writer has taken: only the first to claim a page writes it.
+        /// Pages a writer has taken: only the first to claim a page writes it. On hugetlb
+        /// memory, pages that were not made missing count as taken from the start.
         claimed: PageBits,
+        /// hugetlb memory, which is mapped a whole huge page at a time.
+        huge: Option<HugeCounts>,
     },
 }
 
-/// Whether postcopy can keep the pages of `ram`'s file (memfd memory on a kernel with MINOR
-/// faults on shmem): then a page is made missing by dropping the guest mapping's page
-/// tables over it ([`GuestRam::hide`]), not by freeing it from the file, and placed by
-/// [`Placement::File`]. The destination does so when its preparation filled the file.
+/// 4 KiB pieces of a huge page.
+const PIECES: u32 = (HUGE_PAGE_SIZE / PAGE_SIZE) as u32;
+
+/// Per huge page of hugetlb memory, how many of its 4 KiB pieces the file holds right: a
+/// huge page can only be mapped whole, so it is mapped once all of them are.
+struct HugeCounts {
+    /// Per region: its first address and a counter per huge page.
+    regions: Vec<(u64, Vec<AtomicU32>)>,
+}
+
+impl HugeCounts {
+    /// Every huge page complete.
+    fn new(ram: &GuestRam) -> HugeCounts {
+        let regions = ram
+            .regions()
+            .iter()
+            .map(|r| {
+                let n = r.size.div_ceil(HUGE_PAGE_SIZE);
+                (r.gpa, (0..n).map(|_| AtomicU32::new(PIECES)).collect())
+            })
+            .collect();
+        HugeCounts { regions }
+    }
+
+    fn counter(&self, gpa: u64) -> Option<&AtomicU32> {
+        self.regions.iter().find_map(|(base, counts)| {
+            let i = gpa.checked_sub(*base)? / HUGE_PAGE_SIZE;
+            counts.get(usize::try_from(i).ok()?)
+        })
+    }
+
+    /// One piece of the huge page at `gpa` must come from the source.
+    fn lose(&self, gpa: u64) {
+        if let Some(c) = self.counter(gpa) {
+            c.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `n` more pieces of the huge page at `gpa` are in the file; whether it is complete.
+    fn add(&self, gpa: u64, n: u32) -> bool {
+        self.counter(gpa)
+            .is_some_and(|c| c.fetch_add(n, Ordering::AcqRel) + n == PIECES)
+    }
+}
+
+/// Whether postcopy can keep the pages of `ram`'s file (memfd or hugetlb memory on a kernel
+/// with MINOR faults there): then a page is made missing by dropping the guest mapping's
+/// page tables over it ([`GuestRam::hide`]), not by freeing it from the file, and placed by
+/// [`Placement::File`]. The destination does so for memfd memory its preparation filled,
+/// and always for hugetlb memory.
 pub(crate) fn file_placement_possible(ram: &GuestRam) -> bool {
-    ram.config().backend == Backend::Memfd && ram.file().is_some() && Uffd::minor_shmem_supported()
+    matches!(ram.config().backend, Backend::Memfd | Backend::Hugetlb)
+        && ram.file().is_some()
+        && Uffd::minor_faults_supported()
 }
 
 /// Zeros written into the file for a zero page.
@@ -144,6 +195,34 @@ fn uffd_err(what: &'static str) -> impl FnOnce(ferry_sys::uffd::UffdError) -> Mi
     move |source| MigrateError::Uffd { what, source }
 }
 
+/// Placement through the memory file, after `hidden` were made missing.
+fn file_placement(ram: &GuestRam, hidden: &[PageRun]) -> Result<Placement, MigrateError> {
+    let alias = ram.file_alias()?.ok_or(MigrateError::NoMemoryFile)?;
+    if ram.file_page_size() == PAGE_SIZE {
+        return Ok(Placement::File {
+            alias,
+            claimed: PageBits::new(ram),
+            huge: None,
+        });
+    }
+    // A huge page is hidden whole: its pieces that were not made missing are right in the
+    // file already, and must never be written over.
+    let (claimed, counts) = (PageBits::full(ram), HugeCounts::new(ram));
+    for r in hidden {
+        for p in 0..u64::from(r.pages) {
+            let g = r.gpa + p * PAGE_SIZE;
+            if claimed.take(g) {
+                counts.lose(g);
+            }
+        }
+    }
+    Ok(Placement::File {
+        alias,
+        claimed,
+        huge: Some(counts),
+    })
+}
+
 /// Splits guest memory into about `queues` ranges (region boundaries cut too).
 fn split(ram: &GuestRam, queues: usize) -> Vec<(u64, u64, usize)> {
     let queues = queues.clamp(1, MAX_FAULT_QUEUES) as u64;
@@ -162,20 +241,17 @@ fn split(ram: &GuestRam, queues: usize) -> Vec<(u64, u64, usize)> {
 
 impl Space {
     /// Registers guest memory for faults in about `queues` ranges: MISSING faults, and MINOR
-    /// ones too with `keep_file` (the missing pages were hidden, not freed; see
-    /// [`file_placement_possible`]).
+    /// ones too with `hidden`, the pages made missing by hiding them rather than freeing
+    /// them (see [`file_placement_possible`]).
     pub(crate) fn new(
         ram: Arc<GuestRam>,
         written: Arc<PageBits>,
         queues: usize,
-        keep_file: bool,
+        hidden: Option<&[PageRun]>,
     ) -> Result<Space, MigrateError> {
-        let placement = match keep_file {
-            true => Placement::File {
-                alias: ram.file_alias()?.ok_or(MigrateError::NoMemoryFile)?,
-                claimed: PageBits::new(&ram),
-            },
-            false => Placement::Copy,
+        let placement = match hidden {
+            Some(runs) => file_placement(&ram, runs)?,
+            None => Placement::Copy,
         };
         let minor = matches!(placement, Placement::File { .. });
         let mut ranges = Vec::new();
@@ -227,9 +303,7 @@ impl Space {
                     .copy(at, src)
                     .map_err(uffd_err("placing a page (UFFDIO_COPY)"))
             })?,
-            Placement::File { alias, claimed } => {
-                self.place_in_file(alias, claimed, channel, gpa, len, Some(data))?
-            }
+            Placement::File { .. } => self.place_in_file(channel, gpa, len, Some(data))?,
         }
         if pushed {
             let pages = len / PAGE_SIZE;
@@ -253,9 +327,7 @@ impl Space {
                     .zero(at, len as usize)
                     .map_err(uffd_err("placing a zero page (UFFDIO_ZEROPAGE)"))
             })?,
-            Placement::File { alias, claimed } => {
-                self.place_in_file(alias, claimed, channel, gpa, len, None)?
-            }
+            Placement::File { .. } => self.place_in_file(channel, gpa, len, None)?,
         }
         if pushed {
             self.pushed_pages.fetch_add(pages, Ordering::Relaxed);
@@ -268,13 +340,14 @@ impl Space {
     /// someone else claimed is theirs to place (and is placed, or about to be).
     fn place_in_file(
         &self,
-        alias: &GuestMemoryMmap,
-        claimed: &PageBits,
         channel: Channel,
         gpa: u64,
         len: u64,
         data: Option<&[u8]>,
     ) -> Result<(), MigrateError> {
+        let Placement::File { claimed, .. } = &self.placement else {
+            return Err(MigrateError::NoMemoryFile);
+        };
         let outside = || MigrateError::OutsideRam {
             channel,
             gpa,
@@ -292,14 +365,14 @@ impl Space {
                 match (mine, run) {
                     (true, None) => run = Some(p),
                     (false, Some(from)) => {
-                        self.write_and_map(alias, r, channel, gpa, from..p, data)?;
+                        self.write_and_map(r, channel, gpa, from..p, data)?;
                         run = None;
                     }
                     _ => {}
                 }
             }
             if let Some(from) = run {
-                self.write_and_map(alias, r, channel, gpa, from..end, data)?;
+                self.write_and_map(r, channel, gpa, from..end, data)?;
             }
             off = end;
         }
@@ -307,26 +380,31 @@ impl Space {
     }
 
     /// Writes bytes `span` of what is placed at `gpa` (zeros if `data` is `None`) into the
-    /// file through `alias`, then maps them into the guest under range `r` and marks them
-    /// placed.
+    /// file through the second mapping, then maps them into the guest under range `r`
+    /// (on hugetlb, each huge page once it is complete) and marks them placed.
     fn write_and_map(
         &self,
-        alias: &GuestMemoryMmap,
         r: &FaultRange,
         channel: Channel,
         gpa: u64,
         span: std::ops::Range<u64>,
         data: Option<&[u8]>,
     ) -> Result<(), MigrateError> {
+        let Placement::File { alias, huge, .. } = &self.placement else {
+            return Err(MigrateError::NoMemoryFile);
+        };
         let (from, to) = (span.start, span.end);
         let outside = || MigrateError::OutsideRam {
             channel,
             gpa: gpa + from,
             pages: ((to - from) / PAGE_SIZE) as u32,
         };
-        // Mapping the run's file pages in one call is cheaper than a fault per page.
-        if let Ok(addr) = alias.get_host_address(GuestAddress(gpa + from)) {
-            let _ = ferry_sys::mm::populate_write(addr as usize, (to - from) as usize);
+        // Mapping the run's file pages in one call is cheaper than a fault per page (a
+        // huge page faults in at once).
+        if huge.is_none() {
+            if let Ok(addr) = alias.get_host_address(GuestAddress(gpa + from)) {
+                let _ = ferry_sys::mm::populate_write(addr as usize, (to - from) as usize);
+            }
         }
         match data {
             Some(d) => {
@@ -346,19 +424,38 @@ impl Space {
                 }
             }
         }
-        let at = gpa + from - r.gpa;
+        let Some(counts) = huge else {
+            return self.map_placed(r, gpa + from, to - from);
+        };
+        // Each huge page the span touched is mapped once its last piece is in.
+        let (first, last) = (gpa + from, gpa + to);
+        let mut unit = first / HUGE_PAGE_SIZE * HUGE_PAGE_SIZE;
+        while unit < last {
+            let pieces = (last.min(unit + HUGE_PAGE_SIZE) - first.max(unit)) / PAGE_SIZE;
+            if counts.add(unit, pieces as u32) {
+                self.map_placed(r, unit, HUGE_PAGE_SIZE)?;
+            }
+            unit += HUGE_PAGE_SIZE;
+        }
+        Ok(())
+    }
+
+    /// Maps `len` bytes at `gpa` (inside range `r`), whose file pages are written, into the
+    /// guest, and marks them placed.
+    fn map_placed(&self, r: &FaultRange, gpa: u64, len: u64) -> Result<(), MigrateError> {
+        let at = r.hva + (gpa - r.gpa) as usize;
         let placed = r
             .uffd
-            .continue_pages(r.hva + at as usize, (to - from) as usize)
+            .continue_pages(at, len as usize)
             .map_err(uffd_err("mapping a page (UFFDIO_CONTINUE)"))?;
         if let Placed::Exists { done } = placed {
             // Never expected: only pages the guest cannot map are ever sent or claimed.
             tracing::error!(
-                gpa = gpa + from + done,
+                gpa = gpa + done,
                 "postcopy: a page claimed for placement was mapped already"
             );
         }
-        self.mark(gpa + from, to - from);
+        self.mark(gpa, len);
         Ok(())
     }
 
@@ -433,11 +530,13 @@ impl Space {
     }
 
     /// Handles faults read from range `r`'s userfaultfd: wakes those whose page is here by
-    /// now, and returns the runs of pages nobody has asked for yet.
+    /// now, and returns the runs of pages nobody has asked for yet (on hugetlb memory, the
+    /// missing pieces of the faulting huge page).
     fn triage(&self, r: &FaultRange, faults: &[Fault], runs: &mut Vec<PageRun>) {
         let now = Instant::now();
+        let unit = self.unit();
         for f in faults {
-            let hva = (f.addr as usize) & !(PAGE_SIZE as usize - 1);
+            let hva = (f.addr as usize) & !(unit as usize - 1);
             let Some(off) = hva.checked_sub(r.hva).filter(|o| (*o as u64) < r.len) else {
                 continue;
             };
@@ -451,24 +550,75 @@ impl Space {
                 continue;
             }
             lock(&self.waiting).entry(gpa).or_insert((now, f.tid));
-            if self.requested.test_and_set(gpa) {
-                continue;
+            self.wanted(gpa, runs);
+        }
+    }
+
+    /// The size of what one fault is resolved with: a page, or a huge page on hugetlb.
+    fn unit(&self) -> u64 {
+        match self.placement {
+            Placement::File { huge: Some(_), .. } => HUGE_PAGE_SIZE,
+            _ => PAGE_SIZE,
+        }
+    }
+
+    /// Adds to `runs` what a fault on `gpa` (a page, or a huge page on hugetlb) needs that
+    /// nobody has asked for yet, and counts it as asked for.
+    fn wanted(&self, gpa: u64, runs: &mut Vec<PageRun>) {
+        let Placement::File {
+            claimed,
+            huge: Some(_),
+            ..
+        } = &self.placement
+        else {
+            if !self.requested.test_and_set(gpa) {
+                push_run(runs, gpa);
             }
-            push_run(runs, gpa);
+            return;
+        };
+        for g in (gpa..gpa + HUGE_PAGE_SIZE).step_by(PAGE_SIZE as usize) {
+            if !claimed.get(g) && !self.requested.test_and_set(g) {
+                push_run(runs, g);
+            }
+        }
+        // The huge page's first piece stands for it among the waiting faults.
+        self.requested.set(gpa);
+    }
+
+    /// What a fault on `gpa` (see [`Space::wanted`]) still lacks, asked for or not: what a
+    /// reconnected source is asked for again.
+    fn lacking(&self, gpa: u64, runs: &mut Vec<PageRun>) {
+        if self.placed.get(gpa) {
+            return;
+        }
+        match &self.placement {
+            Placement::File {
+                claimed,
+                huge: Some(_),
+                ..
+            } => {
+                for g in (gpa..gpa + HUGE_PAGE_SIZE).step_by(PAGE_SIZE as usize) {
+                    if !claimed.get(g) {
+                        push_run(runs, g);
+                    }
+                }
+            }
+            _ => push_run(runs, gpa),
         }
     }
 
     /// Wakes the waiters on a placed page at `hva`, mapping it first where the file holds
     /// it (a MINOR fault on it would otherwise come back at once).
     fn remap_or_wake(&self, r: &FaultRange, hva: usize) {
+        let len = self.unit() as usize;
         if matches!(self.placement, Placement::File { .. }) {
-            match r.uffd.continue_pages(hva, PAGE_SIZE as usize) {
+            match r.uffd.continue_pages(hva, len) {
                 Ok(Placed::All) => return,
                 Ok(Placed::Exists { .. }) => {}
                 Err(e) => tracing::warn!("postcopy: mapping a placed page again: {e}"),
             }
         }
-        let _ = r.uffd.wake(hva, PAGE_SIZE as usize);
+        let _ = r.uffd.wake(hva, len);
     }
 
     /// What postcopy did so far.
@@ -484,7 +634,8 @@ impl Space {
             queues: self.ranges.len(),
             placement: match self.placement {
                 Placement::Copy => "copy",
-                Placement::File { .. } => "file",
+                Placement::File { huge: None, .. } => "file",
+                Placement::File { huge: Some(_), .. } => "file-2m",
             },
             faults: self.faults.load(Ordering::Relaxed),
             requested_pages: self.requested_pages.load(Ordering::Relaxed),
@@ -680,8 +831,8 @@ impl Faults {
         let mut waiting: Vec<u64> = lock(&space.waiting).keys().copied().collect();
         waiting.sort_unstable();
         let mut runs = Vec::new();
-        for gpa in waiting.into_iter().filter(|g| !space.placed.get(*g)) {
-            push_run(&mut runs, gpa);
+        for gpa in waiting {
+            space.lacking(gpa, &mut runs);
         }
         runs
     }
@@ -947,6 +1098,17 @@ mod tests {
         keep
     }
 
+    /// All of `r` as page runs (what `--postcopy` makes missing).
+    fn all(r: &GuestRam) -> Vec<PageRun> {
+        r.regions()
+            .iter()
+            .map(|g| PageRun {
+                gpa: g.gpa,
+                pages: g.pages() as u32,
+            })
+            .collect()
+    }
+
     fn byte(r: &GuestRam, g: u64) -> u8 {
         let mut b = [0u8; 1];
         vm_memory::Bytes::read_slice(r.mem(), &mut b, vm_memory::GuestAddress(g)).unwrap();
@@ -958,7 +1120,7 @@ mod tests {
         let r = ram(8, backend);
         let written = Arc::new(PageBits::new(&r));
         let keep = make_missing(&r);
-        let space = Space::new(r.clone(), written, 2, keep).unwrap();
+        let space = Space::new(r.clone(), written, 2, keep.then_some(&all(&r)[..])).unwrap();
         let one = vec![1u8; PAGE_SIZE as usize];
         space.place(Channel::Urgent, 0x3000, &one, false).unwrap();
         // A run across the present page and a range boundary (4 MiB).
@@ -1004,7 +1166,9 @@ mod tests {
             eprintln!("skipped: no MINOR faults on shmem here");
             return;
         }
-        let space = Arc::new(Space::new(r.clone(), Arc::new(PageBits::new(&r)), 1, true).unwrap());
+        let space = Arc::new(
+            Space::new(r.clone(), Arc::new(PageBits::new(&r)), 1, Some(&all(&r))).unwrap(),
+        );
         assert_eq!(space.stats(Instant::now()).placement, "file");
         let toucher = {
             let r = r.clone();
@@ -1068,11 +1232,114 @@ mod tests {
         space.unregister();
     }
 
+    /// Reserves `n` more 2 MiB huge pages while alive (root only; `None` otherwise).
+    struct HugePages(u64);
+
+    impl HugePages {
+        const PATH: &'static str = "/proc/sys/vm/nr_hugepages";
+
+        fn reserve(n: u64) -> Option<HugePages> {
+            let old: u64 = std::fs::read_to_string(Self::PATH)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            std::fs::write(Self::PATH, (old + n).to_string()).ok()?;
+            let g = HugePages(old);
+            let got: u64 = std::fs::read_to_string(Self::PATH)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            (got >= old + n).then_some(g)
+        }
+    }
+
+    impl Drop for HugePages {
+        fn drop(&mut self) {
+            let _ = std::fs::write(Self::PATH, self.0.to_string());
+        }
+    }
+
+    /// hugetlb memory is mapped a whole huge page at a time: a vCPU touching a hidden huge
+    /// page waits until every piece that was made missing has arrived (the others are
+    /// right in the file and never written over), then sees all of it at once.
+    #[test]
+    fn a_huge_page_is_mapped_once_its_missing_pieces_are_in() {
+        let Some(_reserved) = HugePages::reserve(2) else {
+            eprintln!("skipped: cannot reserve huge pages (needs root)");
+            return;
+        };
+        let r = ram(4, Backend::Hugetlb);
+        if !file_placement_possible(&r) {
+            eprintln!("skipped: no MINOR faults on hugetlbfs here");
+            return;
+        }
+        let stale = vec![0xEEu8; r.size() as usize];
+        vm_memory::Bytes::write_slice(r.mem(), &stale, vm_memory::GuestAddress(0)).unwrap();
+        // After a precopy: two pages of the first huge page are stale, so it is hidden.
+        let missing = [PageRun {
+            gpa: 0x1000,
+            pages: 2,
+        }];
+        r.hide(0, HUGE_PAGE_SIZE).unwrap();
+        let space = Space::new(r.clone(), Arc::new(PageBits::new(&r)), 1, Some(&missing)).unwrap();
+        assert_eq!(space.stats(Instant::now()).placement, "file-2m");
+        assert_eq!(
+            byte(&r, HUGE_PAGE_SIZE + 5),
+            0xEE,
+            "a huge page never hidden"
+        );
+        let toucher = {
+            let r = r.clone();
+            std::thread::spawn(move || (byte(&r, 0x10_0000), byte(&r, 0x1000), byte(&r, 0x2000)))
+        };
+        let range = &space.ranges[0];
+        let mut faults = Vec::new();
+        while faults.is_empty() {
+            range
+                .uffd
+                .read_faults(&mut faults, 8, Duration::from_secs(5))
+                .unwrap();
+        }
+        let mut runs = Vec::new();
+        space.triage(range, &faults, &mut runs);
+        assert_eq!(
+            runs,
+            missing.to_vec(),
+            "only the missing pieces are asked for"
+        );
+        // A piece that was not missing is never written, whatever arrives for it.
+        space
+            .place(Channel::Data(0), 0x5000, &[9u8; PAGE_SIZE as usize], true)
+            .unwrap();
+        space
+            .place(Channel::Urgent, 0x1000, &[1u8; PAGE_SIZE as usize], false)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !toucher.is_finished(),
+            "mapped before its last piece was in"
+        );
+        assert!(!space.placed.get(0));
+        space.place_zero(Channel::Urgent, 0x2000, 1, false).unwrap();
+        assert_eq!(toucher.join().unwrap(), (0xEE, 1, 0));
+        assert_eq!((byte(&r, 0x3000), byte(&r, 0x5000)), (0xEE, 0xEE));
+        assert!(space.placed.get(0) && space.placed.get(HUGE_PAGE_SIZE - PAGE_SIZE));
+        space.unregister();
+    }
+
     #[test]
     fn corrupt_page_is_never_placed() {
         let r = ram(4, Backend::Anonymous);
         let keep = make_missing(&r);
-        let space = Space::new(r.clone(), Arc::new(PageBits::new(&r)), 1, keep).unwrap();
+        let space = Space::new(
+            r.clone(),
+            Arc::new(PageBits::new(&r)),
+            1,
+            keep.then_some(&all(&r)[..]),
+        )
+        .unwrap();
         let data = vec![5u8; 2 * PAGE_SIZE as usize];
         let runs = [PageRun {
             gpa: 0x1000,

@@ -31,17 +31,26 @@ use ferry_proto::{caps, ChannelRole, MAX_PLACED_WORDS, VERSION};
 use ferry_transport::Stream;
 
 /// Makes `runs` missing here (their pages come in postcopy). Where postcopy keeps the
-/// file's pages, only the guest mapping loses them: the file's pages stay allocated.
-fn apply_discards(rx: &Destination, att: &Attempt, runs: &[PageRun]) -> Result<(), MigrateError> {
+/// file's pages, only the guest mapping loses them (whole huge pages on hugetlb memory):
+/// the file's pages stay allocated.
+fn apply_discards(
+    rx: &Destination,
+    att: &mut Attempt,
+    runs: &[PageRun],
+) -> Result<(), MigrateError> {
     let keep = rx.keeps_file_pages();
+    let unit = rx.ram.file_page_size();
     for r in runs {
         let len = u64::from(r.pages) * PAGE_SIZE;
         if keep {
-            rx.ram.hide(r.gpa, len)?;
+            let start = r.gpa / unit * unit;
+            let end = (r.gpa + len).div_ceil(unit) * unit;
+            rx.ram.hide(start, end - start)?;
         } else {
             rx.ram.discard(r.gpa, len)?;
         }
     }
+    att.made_missing.extend_from_slice(runs);
     // A page that arrived corrupted and is discarded now comes again in postcopy.
     att.activity.forget_suspects(runs);
     Ok(())
@@ -62,7 +71,7 @@ impl Receiving {
         }
         let t = Instant::now();
         let runs = std::mem::take(&mut self.discards);
-        apply_discards(rx, &self.att, &runs)?;
+        apply_discards(rx, &mut self.att, &runs)?;
         self.discard_ack_due = false;
         let discard_us = t.elapsed().as_micros() as u64;
         tracing::info!(
@@ -90,7 +99,7 @@ pub(super) fn begin(r: Receiving, rx: &mut Destination, pass: u32) -> Attempted<
     let prepared = att
         .activity
         .seal()
-        .and_then(|()| apply_discards(rx, &att, &discards))
+        .and_then(|()| apply_discards(rx, &mut att, &discards))
         .and_then(|()| att.activity.check_suspects())
         .and_then(|()| start_faults(rx, &mut att, pass));
     if let Err(e) = prepared {
@@ -126,7 +135,7 @@ fn start_faults(rx: &Destination, att: &mut Attempt, pass: u32) -> Result<(), Mi
         rx.ram.clone(),
         rx.written.clone(),
         queues,
-        rx.keeps_file_pages(),
+        rx.keeps_file_pages().then_some(att.made_missing.as_slice()),
     )?);
     let urgent = att
         .urgent
