@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::bench::{qemu_problems, utc_now};
+use crate::dirtylog::HugeReservation;
 use crate::ferry::{self, FerryConfig};
 use crate::qemu::{self, QemuConfig};
 use crate::stats::{median, table_row, Summary};
@@ -46,10 +47,17 @@ pub struct Plan {
 
 /// The systems, in the order they run: QEMU, QEMU with postcopy-preempt, Ferry into
 /// anonymous destination memory, Ferry into memfd destination memory (MINOR faults, the
-/// file's prepared pages kept).
-pub const SYSTEMS: [&str; 4] = ["qemu", "qemu-preempt", "ferry", "ferry-memfd"];
+/// file's prepared pages kept), Ferry into hugetlb destination memory (2 MiB pages, each
+/// mapped whole; the run reserves the huge pages, which needs root).
+pub const SYSTEMS: [&str; 5] = [
+    "qemu",
+    "qemu-preempt",
+    "ferry",
+    "ferry-memfd",
+    "ferry-hugetlb",
+];
 /// Ferry's systems (the rows compared with QEMU's).
-const FERRY_SYSTEMS: [&str; 2] = ["ferry", "ferry-memfd"];
+const FERRY_SYSTEMS: [&str; 3] = ["ferry", "ferry-memfd", "ferry-hugetlb"];
 
 /// One timed run.
 #[derive(Debug, Clone, Serialize)]
@@ -146,15 +154,19 @@ fn qemu_run(plan: &Plan, vcpus: u32, preempt: bool) -> Result<Run> {
     })
 }
 
-fn ferry_run(plan: &Plan, vcpus: u32, memfd: bool) -> Result<Run> {
+fn ferry_run(plan: &Plan, vcpus: u32, backend: &'static str) -> Result<Run> {
     let mut c = FerryConfig::new(&plan.ferry, &plan.image);
     c.mem_mib = plan.mem_mib;
     c.cpus = vcpus;
     c.append = append(plan, vcpus);
     c.channels = plan.channels;
     c.migrate_args = vec!["--postcopy".into()];
-    if memfd {
-        c.dest_args = vec!["--memory-backend".into(), "memfd".into()];
+    let _reserved = match backend {
+        "hugetlb" => Some(HugeReservation::new(plan.mem_mib.div_ceil(2))?),
+        _ => None,
+    };
+    if backend != "anonymous" {
+        c.dest_args = vec!["--memory-backend".into(), backend.into()];
     }
     let r = ferry::run_migration(&c)?;
     let p = r.problems();
@@ -172,7 +184,11 @@ fn ferry_run(plan: &Plan, vcpus: u32, memfd: bool) -> Result<Run> {
         .unwrap_or(f64::NAN);
     Ok(Run {
         vcpus,
-        system: if memfd { "ferry-memfd" } else { "ferry" },
+        system: match backend {
+            "memfd" => "ferry-memfd",
+            "hugetlb" => "ferry-hugetlb",
+            _ => "ferry",
+        },
         total_ms: r.total_ms,
         first_pass_ms: r.first_pass_ms,
         first_sweep_slowdown: r.sweeps.first_dest_ms / r.sweeps.source_ms,
@@ -259,8 +275,9 @@ pub fn run(plan: &Plan) -> Result<Report> {
                 let r = match system {
                     "qemu" => qemu_run(plan, vcpus, false),
                     "qemu-preempt" => qemu_run(plan, vcpus, true),
-                    "ferry-memfd" => ferry_run(plan, vcpus, true),
-                    _ => ferry_run(plan, vcpus, false),
+                    "ferry-memfd" => ferry_run(plan, vcpus, "memfd"),
+                    "ferry-hugetlb" => ferry_run(plan, vcpus, "hugetlb"),
+                    _ => ferry_run(plan, vcpus, "anonymous"),
                 }
                 .with_context(|| format!("{system} {vcpus} vCPU(s) (rep {rep}) failed"))?;
                 eprintln!(
