@@ -146,11 +146,12 @@ struct PostcopyArgs {
     #[arg(long, default_value_t = 2)]
     channels: u32,
     /// Systems to run: qemu, qemu-preempt, ferry (anonymous destination memory),
-    /// ferry-memfd (memfd destination memory: MINOR faults, prepared pages kept).
+    /// ferry-memfd (memfd destination memory: MINOR faults, prepared pages kept),
+    /// ferry-hugetlb (hugetlb destination memory, 2 MiB pages; reserves them, needs root).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "qemu,qemu-preempt,ferry,ferry-memfd"
+        default_value = "qemu,qemu-preempt,ferry,ferry-memfd,ferry-hugetlb"
     )]
     systems: Vec<String>,
     /// The ferry binary (default: `ferry` next to this program).

@@ -644,7 +644,10 @@ impl GuestRam {
             let len = usize::try_from(r.size).map_err(|_| {
                 MemoryError::Config(format!("region of {} bytes too large", r.size))
             })?;
-            let off = offsets.get(r.index).copied().unwrap_or(0);
+            let off = offsets.get(r.index).copied().ok_or(MemoryError::Mmap {
+                index: r.index,
+                detail: "the memory file has no offset for this region".into(),
+            })?;
             let region = MmapRegionBuilder::new(len)
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(libc::MAP_SHARED)

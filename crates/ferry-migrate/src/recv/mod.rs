@@ -345,7 +345,9 @@ impl Destination {
         let filled = self.params.prepare != PrepareMode::None
             && self.prepared.is_some()
             && !self.stopped_early;
-        (hugetlb || filled) && postcopy::file_placement_possible(&self.ram)
+        (hugetlb || filled)
+            && !self.ram.is_adopted()
+            && postcopy::file_placement_possible(&self.ram)
     }
 
     /// Whether this destination can take a postcopy migration: its memory must be pages it

@@ -63,8 +63,13 @@ enum Placement {
     /// `UFFDIO_CONTINUE`.
     File {
         alias: GuestMemoryMmap,
-        /// Pages a writer has taken: only the first to claim a page writes it. On hugetlb
-        /// memory, pages that were not made missing count as taken from the start.
+        /// The pages made missing: only these are ever fetched and written. Any other page
+        /// that faults is right in the file already (its mapping was dropped by the kernel,
+        /// to swap it, or with a huge page hidden for another piece of it), and the guest
+        /// may have written it since the switch.
+        missing: PageBits,
+        /// Pages a writer has taken: only the first to claim a page writes it. Pages that
+        /// were not made missing count as taken from the start, so none is written over.
         claimed: PageBits,
         /// hugetlb memory, which is mapped a whole huge page at a time.
         huge: Option<HugeCounts>,
@@ -113,6 +118,13 @@ impl HugeCounts {
     fn add(&self, gpa: u64, n: u32) -> bool {
         self.counter(gpa)
             .is_some_and(|c| c.fetch_add(n, Ordering::AcqRel) + n == PIECES)
+    }
+
+    /// Takes back [`HugeCounts::add`] (its pieces will be written again).
+    fn take_back(&self, gpa: u64, n: u32) {
+        if let Some(c) = self.counter(gpa) {
+            c.fetch_sub(n, Ordering::AcqRel);
+        }
     }
 }
 
@@ -198,28 +210,26 @@ fn uffd_err(what: &'static str) -> impl FnOnce(ferry_sys::uffd::UffdError) -> Mi
 /// Placement through the memory file, after `hidden` were made missing.
 fn file_placement(ram: &GuestRam, hidden: &[PageRun]) -> Result<Placement, MigrateError> {
     let alias = ram.file_alias()?.ok_or(MigrateError::NoMemoryFile)?;
-    if ram.file_page_size() == PAGE_SIZE {
-        return Ok(Placement::File {
-            alias,
-            claimed: PageBits::new(ram),
-            huge: None,
-        });
-    }
-    // A huge page is hidden whole: its pieces that were not made missing are right in the
-    // file already, and must never be written over.
-    let (claimed, counts) = (PageBits::full(ram), HugeCounts::new(ram));
+    let (missing, claimed) = (PageBits::new(ram), PageBits::full(ram));
+    // On hugetlb a huge page is hidden whole: its pieces that were not made missing are
+    // right in the file already.
+    let huge = (ram.file_page_size() > PAGE_SIZE).then(|| HugeCounts::new(ram));
     for r in hidden {
         for p in 0..u64::from(r.pages) {
             let g = r.gpa + p * PAGE_SIZE;
             if claimed.take(g) {
-                counts.lose(g);
+                missing.set(g);
+                if let Some(h) = &huge {
+                    h.lose(g);
+                }
             }
         }
     }
     Ok(Placement::File {
         alias,
+        missing,
         claimed,
-        huge: Some(counts),
+        huge,
     })
 }
 
@@ -381,7 +391,9 @@ impl Space {
 
     /// Writes bytes `span` of what is placed at `gpa` (zeros if `data` is `None`) into the
     /// file through the second mapping, then maps them into the guest under range `r`
-    /// (on hugetlb, each huge page once it is complete) and marks them placed.
+    /// (on hugetlb, each huge page once it is complete) and marks them placed. The pages
+    /// are claimed by the caller; whatever fails gives back the claims of the pages not
+    /// mapped, so that their next copy is written.
     fn write_and_map(
         &self,
         r: &FaultRange,
@@ -390,72 +402,144 @@ impl Space {
         span: std::ops::Range<u64>,
         data: Option<&[u8]>,
     ) -> Result<(), MigrateError> {
-        let Placement::File { alias, huge, .. } = &self.placement else {
-            return Err(MigrateError::NoMemoryFile);
+        let first = gpa + span.start;
+        let len = span.end - span.start;
+        let bytes = match data {
+            Some(d) => Some(d.get(span.start as usize..span.end as usize).ok_or(
+                MigrateError::OutsideRam {
+                    channel,
+                    gpa: first,
+                    pages: (len / PAGE_SIZE) as u32,
+                },
+            )?),
+            None => None,
         };
-        let (from, to) = (span.start, span.end);
-        let outside = || MigrateError::OutsideRam {
-            channel,
-            gpa: gpa + from,
-            pages: ((to - from) / PAGE_SIZE) as u32,
-        };
-        // Mapping the run's file pages in one call is cheaper than a fault per page (a
-        // huge page faults in at once).
-        if huge.is_none() {
-            if let Ok(addr) = alias.get_host_address(GuestAddress(gpa + from)) {
-                let _ = ferry_sys::mm::populate_write(addr as usize, (to - from) as usize);
-            }
+        if let Err(e) = self.write_file(channel, first, len, bytes) {
+            self.unclaim(first, len);
+            return Err(e);
         }
-        match data {
-            Some(d) => {
-                let bytes = d.get(from as usize..to as usize).unwrap_or_default();
-                alias
-                    .write_slice(bytes, GuestAddress(gpa + from))
-                    .map_err(|_| outside())?;
-            }
-            None => {
-                let mut done = 0;
-                while done < to - from {
-                    let n = (to - from - done).min(ZEROS.len() as u64);
-                    alias
-                        .write_slice(&ZEROS[..n as usize], GuestAddress(gpa + from + done))
-                        .map_err(|_| outside())?;
-                    done += n;
-                }
-            }
-        }
-        let Some(counts) = huge else {
-            return self.map_placed(r, gpa + from, to - from);
+        let Placement::File {
+            huge: Some(counts), ..
+        } = &self.placement
+        else {
+            return self.map_or_unclaim(r, first, len);
         };
         // Each huge page the span touched is mapped once its last piece is in.
-        let (first, last) = (gpa + from, gpa + to);
+        let last = first + len;
         let mut unit = first / HUGE_PAGE_SIZE * HUGE_PAGE_SIZE;
         while unit < last {
-            let pieces = (last.min(unit + HUGE_PAGE_SIZE) - first.max(unit)) / PAGE_SIZE;
-            if counts.add(unit, pieces as u32) {
-                self.map_placed(r, unit, HUGE_PAGE_SIZE)?;
+            let (a, b) = (first.max(unit), last.min(unit + HUGE_PAGE_SIZE));
+            let pieces = ((b - a) / PAGE_SIZE) as u32;
+            if counts.add(unit, pieces) {
+                if let Err(e) = self.map_placed(r, unit, HUGE_PAGE_SIZE) {
+                    // This huge page's pieces, and those of the span not counted yet.
+                    counts.take_back(unit, pieces);
+                    self.unclaim(a, last - a);
+                    return Err(e);
+                }
             }
             unit += HUGE_PAGE_SIZE;
         }
         Ok(())
     }
 
+    /// Writes `len` bytes at `gpa` into the file: `bytes`, or zeros.
+    fn write_file(
+        &self,
+        channel: Channel,
+        gpa: u64,
+        len: u64,
+        bytes: Option<&[u8]>,
+    ) -> Result<(), MigrateError> {
+        let Placement::File { alias, huge, .. } = &self.placement else {
+            return Err(MigrateError::NoMemoryFile);
+        };
+        let outside = || MigrateError::OutsideRam {
+            channel,
+            gpa,
+            pages: (len / PAGE_SIZE) as u32,
+        };
+        // Mapping the run's file pages in one call is cheaper than a fault per page, and
+        // a file that cannot take them says so here instead of by SIGBUS in the copy
+        // below. (hugetlb pages are reserved for the whole file when it is mapped.)
+        if huge.is_none() {
+            let addr = alias
+                .get_host_address(GuestAddress(gpa))
+                .map_err(|_| outside())?;
+            ferry_sys::mm::populate_write(addr as usize, len as usize).map_err(|e| {
+                MigrateError::io("preparing pages of the guest memory file")(e.into())
+            })?;
+        }
+        match bytes {
+            Some(b) => alias
+                .write_slice(b, GuestAddress(gpa))
+                .map_err(|_| outside()),
+            None => {
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(ZEROS.len() as u64);
+                    alias
+                        .write_slice(&ZEROS[..n as usize], GuestAddress(gpa + done))
+                        .map_err(|_| outside())?;
+                    done += n;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Maps `len` written bytes at `gpa`; if that fails, maps what it can page by page and
+    /// gives back the claims of the rest.
+    fn map_or_unclaim(&self, r: &FaultRange, gpa: u64, len: u64) -> Result<(), MigrateError> {
+        let Err(e) = self.map_placed(r, gpa, len) else {
+            return Ok(());
+        };
+        for g in (gpa..gpa + len).step_by(PAGE_SIZE as usize) {
+            if !self.placed.get(g) && self.map_placed(r, g, PAGE_SIZE).is_err() {
+                self.unclaim(g, PAGE_SIZE);
+            }
+        }
+        Err(e)
+    }
+
+    /// Gives back the claims on `len` bytes at `gpa`.
+    fn unclaim(&self, gpa: u64, len: u64) {
+        if let Placement::File { claimed, .. } = &self.placement {
+            for g in (gpa..gpa + len).step_by(PAGE_SIZE as usize) {
+                claimed.take(g);
+            }
+        }
+    }
+
     /// Maps `len` bytes at `gpa` (inside range `r`), whose file pages are written, into the
     /// guest, and marks them placed.
     fn map_placed(&self, r: &FaultRange, gpa: u64, len: u64) -> Result<(), MigrateError> {
-        let at = r.hva + (gpa - r.gpa) as usize;
-        let placed = r
-            .uffd
-            .continue_pages(at, len as usize)
-            .map_err(uffd_err("mapping a page (UFFDIO_CONTINUE)"))?;
-        if let Placed::Exists { done } = placed {
-            // Never expected: only pages the guest cannot map are ever sent or claimed.
-            tracing::error!(
-                gpa = gpa + done,
-                "postcopy: a page claimed for placement was mapped already"
-            );
+        let unit = self.unit();
+        let mut done = 0;
+        while done < len {
+            let at = r.hva + (gpa + done - r.gpa) as usize;
+            let placed = r
+                .uffd
+                .continue_pages(at, (len - done) as usize)
+                .map_err(uffd_err("mapping a page (UFFDIO_CONTINUE)"))?;
+            match placed {
+                Placed::All => {
+                    self.mark(gpa + done, len - done);
+                    return Ok(());
+                }
+                Placed::Exists { done: d } => {
+                    // Never expected: only pages the guest could not map are ever claimed.
+                    tracing::error!(
+                        gpa = gpa + done + d,
+                        "postcopy: a page claimed for placement was mapped already"
+                    );
+                    let step = (d + unit).min(len - done);
+                    self.mark(gpa + done, step);
+                    let _ = r.uffd.wake(at, step as usize);
+                    done += step;
+                }
+            }
         }
-        self.mark(gpa, len);
         Ok(())
     }
 
@@ -542,15 +626,31 @@ impl Space {
             };
             let gpa = r.gpa + off as u64;
             self.faults.fetch_add(1, Ordering::Relaxed);
-            if self.placed.get(gpa) {
+            if self.placed.get(gpa) || !self.comes_from_source(gpa) {
                 // Placed between the fault and now: only the wake-up is missing. (Or, with
-                // the file's pages kept, a placed page whose mapping the kernel dropped since,
-                // e.g. to swap it: map it again.)
+                // the file's pages kept, a page the file holds right whose mapping is gone:
+                // map it again.)
                 self.remap_or_wake(r, hva);
                 continue;
             }
             lock(&self.waiting).entry(gpa).or_insert((now, f.tid));
             self.wanted(gpa, runs);
+        }
+    }
+
+    /// Whether a fault on `gpa` (a page, or a huge page on hugetlb) waits for the source:
+    /// with the file's pages kept, only if it was made missing (or holds a piece that was).
+    fn comes_from_source(&self, gpa: u64) -> bool {
+        match &self.placement {
+            Placement::Copy => true,
+            Placement::File {
+                missing,
+                huge: None,
+                ..
+            } => missing.get(gpa),
+            Placement::File { missing, .. } => (gpa..gpa + HUGE_PAGE_SIZE)
+                .step_by(PAGE_SIZE as usize)
+                .any(|g| missing.get(g)),
         }
     }
 
@@ -611,11 +711,26 @@ impl Space {
     /// it (a MINOR fault on it would otherwise come back at once).
     fn remap_or_wake(&self, r: &FaultRange, hva: usize) {
         let len = self.unit() as usize;
-        if matches!(self.placement, Placement::File { .. }) {
-            match r.uffd.continue_pages(hva, len) {
-                Ok(Placed::All) => return,
-                Ok(Placed::Exists { .. }) => {}
-                Err(e) => tracing::warn!("postcopy: mapping a placed page again: {e}"),
+        if let Placement::File { alias, .. } = &self.placement {
+            let mut tries = 0;
+            loop {
+                match r.uffd.continue_pages(hva, len) {
+                    Ok(Placed::All) => return,
+                    Ok(Placed::Exists { .. }) => break,
+                    // The file has no page there (a hole: memory never written, so zeros):
+                    // have one allocated, never over a page that is there, and map it.
+                    Err(_) if tries == 0 => {
+                        tries += 1;
+                        let gpa = r.gpa + (hva - r.hva) as u64;
+                        if let Ok(a) = alias.get_host_address(GuestAddress(gpa)) {
+                            let _ = ferry_sys::mm::populate_write(a as usize, len);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("postcopy: mapping a page the file holds: {e}");
+                        break;
+                    }
+                }
             }
         }
         let _ = r.uffd.wake(hva, len);
@@ -1229,6 +1344,55 @@ mod tests {
         space.triage(range, &faults, &mut runs);
         assert!(runs.is_empty(), "a placed page is never asked for again");
         assert_eq!(toucher.join().unwrap(), 6);
+        space.unregister();
+    }
+
+    /// With the file's pages kept, only pages made missing are ever fetched: a page that
+    /// was not, written by the guest since the switch and then unmapped by the kernel (as
+    /// reclaim does), is mapped again from the file with the guest's data, and one that is
+    /// a hole in the file is mapped as zeros; neither is asked for.
+    #[test]
+    fn a_page_not_made_missing_is_never_fetched_or_written_over() {
+        let r = ram(4, Backend::Memfd);
+        if !file_placement_possible(&r) {
+            eprintln!("skipped: no MINOR faults on shmem here");
+            return;
+        }
+        let stale = vec![0xEEu8; r.size() as usize];
+        vm_memory::Bytes::write_slice(r.mem(), &stale, vm_memory::GuestAddress(0)).unwrap();
+        let missing = [PageRun {
+            gpa: 0x1000,
+            pages: 1,
+        }];
+        r.hide(0x1000, PAGE_SIZE).unwrap();
+        let space = Space::new(r.clone(), Arc::new(PageBits::new(&r)), 1, Some(&missing)).unwrap();
+        // The guest writes a page it has, which the kernel then unmaps; another page
+        // becomes a hole.
+        vm_memory::Bytes::write_slice(r.mem(), &[7u8], vm_memory::GuestAddress(0x3000)).unwrap();
+        r.hide(0x3000, PAGE_SIZE).unwrap();
+        r.discard(0x6000, PAGE_SIZE).unwrap();
+        // Whatever comes for them (a stray push) is dropped.
+        space
+            .place(Channel::Data(0), 0x3000, &[9u8; PAGE_SIZE as usize], true)
+            .unwrap();
+        let range = &space.ranges[0];
+        for (gpa, want) in [(0x3000u64, 7u8), (0x6000, 0)] {
+            let toucher = {
+                let r = r.clone();
+                std::thread::spawn(move || byte(&r, gpa))
+            };
+            let mut faults = Vec::new();
+            while faults.is_empty() {
+                range
+                    .uffd
+                    .read_faults(&mut faults, 8, Duration::from_secs(5))
+                    .unwrap();
+            }
+            let mut runs = Vec::new();
+            space.triage(range, &faults, &mut runs);
+            assert!(runs.is_empty(), "{gpa:#x} was asked for");
+            assert_eq!(toucher.join().unwrap(), want, "{gpa:#x}");
+        }
         space.unregister();
     }
 
