@@ -646,6 +646,12 @@ fn postcopy_moves_a_running_guest_two_vcpus_into_shared_memory() {
 
 #[test]
 fn postcopy_moves_a_running_guest_into_hugetlb_memory() {
+    if !ferry_sys::uffd::Uffd::minor_faults_supported(true)
+        || !ferry_sys::mm::hugetlb_dont_need_supported()
+    {
+        eprintln!("skipped: this kernel cannot take postcopy into hugetlb memory");
+        return;
+    }
     // 128 MiB of 2 MiB pages on the destination; each is mapped whole once complete.
     let _pages = HugePages::reserve(64);
     let dst = [s("--memory-backend"), s("hugetlb")];
@@ -1061,29 +1067,16 @@ fn truncated_stream_fails_both_sides_cleanly() {
 }
 
 /// Reserves 2 MiB huge pages for a test and gives them back afterwards.
-struct HugePages(u64);
+struct HugePages;
 
 impl HugePages {
-    fn reserve(pages: u64) -> HugePages {
-        const P: &str = "/proc/sys/vm/nr_hugepages";
-        let old: u64 = std::fs::read_to_string(P).unwrap().trim().parse().unwrap();
-        if let Err(e) = std::fs::write(P, (old + pages).to_string()) {
-            panic!("cannot reserve {pages} huge pages in {P} ({e}); the hugetlb tests need root");
-        }
-        let got: u64 = std::fs::read_to_string(P).unwrap().trim().parse().unwrap();
-        let r = HugePages(old);
-        assert!(
-            got >= old + pages,
-            "only {} huge pages could be reserved",
-            got - old
-        );
-        r
-    }
-}
-
-impl Drop for HugePages {
-    fn drop(&mut self) {
-        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.0.to_string());
+    fn reserve(pages: u64) -> ferry_testkit::hugepages::HugePages {
+        ferry_testkit::hugepages::HugePages::reserve(pages).unwrap_or_else(|| {
+            panic!(
+                "cannot reserve {pages} huge pages in /proc/sys/vm/nr_hugepages; the hugetlb \
+                 tests need root and free memory"
+            )
+        })
     }
 }
 

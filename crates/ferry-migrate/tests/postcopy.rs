@@ -145,7 +145,7 @@ fn postcopy_keeps_a_prepared_shared_destinations_file_pages() {
     );
     let (_, rstats) = migrate_touched(&busy_source(), dst, postcopy(PostcopyMode::Now));
     let r = rstats.postcopy.expect("destination postcopy statistics");
-    if ferry_sys::uffd::Uffd::minor_faults_supported() {
+    if ferry_sys::uffd::Uffd::minor_faults_supported(false) {
         assert_eq!(r.placement, "file", "{r:?}");
     }
 }
@@ -175,46 +175,19 @@ fn postcopy_over_mutual_tls_answers_faults_on_the_urgent_channel() {
     assert!(r.requested_pages > 0, "faults answered over TLS: {r:?}");
 }
 
-/// Reserves `n` more 2 MiB huge pages while alive (root only; `None` otherwise).
-struct HugePages(u64);
-
-impl HugePages {
-    const PATH: &'static str = "/proc/sys/vm/nr_hugepages";
-
-    fn reserve(n: u64) -> Option<HugePages> {
-        let old: u64 = std::fs::read_to_string(Self::PATH)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        std::fs::write(Self::PATH, (old + n).to_string()).ok()?;
-        let g = HugePages(old);
-        let got: u64 = std::fs::read_to_string(Self::PATH)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        (got >= old + n).then_some(g)
-    }
-}
-
-impl Drop for HugePages {
-    fn drop(&mut self) {
-        let _ = std::fs::write(Self::PATH, self.0.to_string());
-    }
-}
-
 /// hugetlb destination memory takes postcopy too: each huge page is mapped whole once its
 /// missing pieces have come, and the guest reads every page as the source had it. With and
 /// without a precopy first (then some pieces of a hidden huge page are right already).
 #[test]
 fn postcopy_into_hugetlb_memory() {
-    let Some(_reserved) = HugePages::reserve(MIB / 2) else {
+    let Some(_reserved) = ferry_testkit::hugepages::HugePages::reserve(MIB / 2) else {
         eprintln!("skipped: cannot reserve huge pages (needs root)");
         return;
     };
-    if !ferry_sys::uffd::Uffd::minor_faults_supported() {
-        eprintln!("skipped: no MINOR faults on hugetlbfs here");
+    if !ferry_sys::uffd::Uffd::minor_faults_supported(true)
+        || !ferry_sys::mm::hugetlb_dont_need_supported()
+    {
+        eprintln!("skipped: no MINOR faults on hugetlbfs (or no MADV_DONTNEED there) here");
         return;
     }
     let dst = Dest::with(FakeTarget::new_hugetlb(MIB), recv_params());
@@ -260,7 +233,7 @@ fn postcopy_after_precopy_into_shared_memory_never_shows_a_stale_page() {
     let p = stats.postcopy.expect("postcopy statistics");
     assert!(p.precopy_passes >= 1 && p.pages_missing > 0, "{p:?}");
     let r = rstats.postcopy.expect("destination postcopy statistics");
-    if ferry_sys::uffd::Uffd::minor_faults_supported() {
+    if ferry_sys::uffd::Uffd::minor_faults_supported(false) {
         assert_eq!(r.placement, "file", "{r:?}");
     }
 }

@@ -703,6 +703,21 @@ impl Drop for Mmap {
 // ---------------------------------------------------------------------------------------
 // memfd and files.
 
+/// The running kernel's version, major and minor (`None` if its release string is not
+/// `MAJOR.MINOR...`).
+pub fn kernel_version() -> Option<(u32, u32)> {
+    let uname = rustix::system::uname();
+    let release = uname.release().to_str().ok()?;
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Whether `MADV_DONTNEED` works on hugetlb mappings (Linux 5.18 and later), which
+/// [`drop_page_tables`] needs there.
+pub fn hugetlb_dont_need_supported() -> bool {
+    kernel_version().is_some_and(|v| v >= (5, 18))
+}
+
 /// Options for [`memfd_create`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MemfdOptions {
@@ -1084,6 +1099,12 @@ mod tests {
             memfd_create("a\0b", MemfdOptions::default()),
             Err(MmError::InvalidName(_))
         ));
+    }
+
+    #[test]
+    fn kernel_version_is_read() {
+        let (major, _) = kernel_version().expect("a MAJOR.MINOR kernel release");
+        assert!(major >= 3);
     }
 
     #[test]

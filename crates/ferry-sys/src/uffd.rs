@@ -67,19 +67,13 @@ struct CopyArg {
     copy: i64,
 }
 
+/// `uffdio_zeropage` and `uffdio_continue`, which share a layout: a range, a mode, and the
+/// bytes done (or a negative error) written back by the kernel.
 #[repr(C)]
-struct ZeroArg {
+struct RangeArg {
     range: Range,
     mode: u64,
-    zeropage: i64,
-}
-
-/// `uffdio_continue`: the same layout as [`ZeroArg`], with `mapped` last.
-#[repr(C)]
-struct ContinueArg {
-    range: Range,
-    mode: u64,
-    mapped: i64,
+    done: i64,
 }
 
 /// Errors of the userfaultfd wrappers.
@@ -153,6 +147,9 @@ pub enum Placed {
 #[derive(Debug)]
 pub struct Uffd {
     fd: OwnedFd,
+    /// The features the handshake settled (all the kernel has, for a handshake asking for
+    /// none).
+    features: u64,
 }
 
 impl Uffd {
@@ -162,23 +159,30 @@ impl Uffd {
         Uffd::open(FEATURE_THREAD_ID | FEATURE_MISSING_SHMEM)
     }
 
-    /// Like [`Uffd::new`], and able to take MINOR faults on shmem (memfd) and hugetlbfs
-    /// (hugetlb memfd) memory ([`Uffd::register_missing_minor`]); fails on kernels without
-    /// them (before 5.14).
+    /// Like [`Uffd::new`], and able to take MINOR faults ([`Uffd::register_missing_minor`])
+    /// on shmem (memfd) memory, and on hugetlbfs (hugetlb memfd) memory where the kernel
+    /// offers them; fails on kernels without MINOR faults on shmem (before 5.14).
     pub fn with_minor() -> Result<Uffd, UffdError> {
-        Uffd::open(
-            FEATURE_THREAD_ID
-                | FEATURE_MISSING_SHMEM
-                | FEATURE_MINOR_SHMEM
-                | FEATURE_MINOR_HUGETLBFS,
-        )
+        let hugetlb = if Uffd::minor_faults_supported(true) {
+            FEATURE_MINOR_HUGETLBFS
+        } else {
+            0
+        };
+        Uffd::open(FEATURE_THREAD_ID | FEATURE_MISSING_SHMEM | FEATURE_MINOR_SHMEM | hugetlb)
     }
 
-    /// Whether this kernel offers MINOR faults on shmem and hugetlbfs (asked once, then
-    /// remembered).
-    pub fn minor_faults_supported() -> bool {
-        static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *SUPPORTED.get_or_init(|| Uffd::with_minor().is_ok())
+    /// Whether this kernel offers MINOR faults on shmem, or with `hugetlb` on hugetlbfs
+    /// (asked once, then remembered).
+    pub fn minor_faults_supported(hugetlb: bool) -> bool {
+        static FEATURES: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        // A handshake asking for no feature is answered with every feature the kernel has.
+        let features = *FEATURES.get_or_init(|| Uffd::open(0).map(|u| u.features).unwrap_or(0));
+        let want = if hugetlb {
+            FEATURE_MINOR_HUGETLBFS
+        } else {
+            FEATURE_MINOR_SHMEM
+        };
+        features & want == want
     }
 
     fn open(features: u64) -> Result<Uffd, UffdError> {
@@ -200,7 +204,10 @@ impl Uffd {
         if rc != 0 {
             return Err(os("ioctl(UFFDIO_API)"));
         }
-        Ok(Uffd { fd })
+        Ok(Uffd {
+            fd,
+            features: api.features,
+        })
     }
 
     /// Registers `[addr, addr + len)` for MISSING faults: from now on a thread touching a
@@ -323,79 +330,44 @@ impl Uffd {
 
     /// Places zero pages over `[addr, addr + len)`; like [`Uffd::copy`] for a present page.
     pub fn zero(&self, addr: usize, len: usize) -> Result<Placed, UffdError> {
-        check_volatile("UFFDIO_ZEROPAGE", addr, len)?;
-        let mut arg = ZeroArg {
-            range: range(addr, len),
-            mode: 0,
-            zeropage: 0,
-        };
-        let mut before = 0u64;
-        loop {
-            // SAFETY: the range lies in registered volatile memory (checked above); mapping
-            // zero pages there is like the guest writing zeros.
-            let rc = unsafe {
-                libc::ioctl(
-                    self.fd.as_raw_fd(),
-                    UFFDIO_ZEROPAGE,
-                    &mut arg as *mut ZeroArg,
-                )
-            };
-            if rc == 0 {
-                return Ok(Placed::All);
-            }
-            let err = io::Error::last_os_error();
-            let done = arg.zeropage.max(0) as u64;
-            match err.raw_os_error() {
-                Some(libc::EEXIST) => {
-                    return Ok(Placed::Exists {
-                        done: before + done,
-                    })
-                }
-                Some(libc::EAGAIN) | Some(libc::EINTR) => {
-                    before += done;
-                    arg.range.start += done;
-                    arg.range.len -= done.min(arg.range.len);
-                    arg.zeropage = 0;
-                    if arg.range.len == 0 {
-                        return Ok(Placed::All);
-                    }
-                }
-                _ => {
-                    return Err(UffdError::Os {
-                        call: "ioctl(UFFDIO_ZEROPAGE)",
-                        source: err,
-                    })
-                }
-            }
-        }
+        self.range_ioctl(UFFDIO_ZEROPAGE, "ioctl(UFFDIO_ZEROPAGE)", addr, len)
     }
 
     /// Maps the pages the file already holds over `[addr, addr + len)` (a range registered
     /// with [`Uffd::register_missing_minor`]) and wakes whoever waits there; like
     /// [`Uffd::copy`] for a page this mapping maps already.
     pub fn continue_pages(&self, addr: usize, len: usize) -> Result<Placed, UffdError> {
-        check_volatile("UFFDIO_CONTINUE", addr, len)?;
-        let mut arg = ContinueArg {
+        self.range_ioctl(UFFDIO_CONTINUE, "ioctl(UFFDIO_CONTINUE)", addr, len)
+    }
+
+    /// `UFFDIO_ZEROPAGE` or `UFFDIO_CONTINUE` over a range: retried from where a partial
+    /// call stopped, and [`Placed::Exists`] at a page that is present.
+    fn range_ioctl(
+        &self,
+        request: libc::c_ulong,
+        call: &'static str,
+        addr: usize,
+        len: usize,
+    ) -> Result<Placed, UffdError> {
+        check_volatile(call, addr, len)?;
+        let mut arg = RangeArg {
             range: range(addr, len),
             mode: 0,
-            mapped: 0,
+            done: 0,
         };
         let mut before = 0u64;
         loop {
-            // SAFETY: the range lies in registered volatile memory (checked above); mapping
-            // the file's pages there shows what the file holds, as any access would.
-            let rc = unsafe {
-                libc::ioctl(
-                    self.fd.as_raw_fd(),
-                    UFFDIO_CONTINUE,
-                    &mut arg as *mut ContinueArg,
-                )
-            };
+            // SAFETY: `request` is UFFDIO_ZEROPAGE or UFFDIO_CONTINUE, which read and write
+            // a RangeArg that outlives the call. The range lies in registered volatile memory
+            // (checked above), which nothing holds references into: mapping zero pages, or
+            // the file's own pages, there is like the guest writing it.
+            let rc =
+                unsafe { libc::ioctl(self.fd.as_raw_fd(), request, &mut arg as *mut RangeArg) };
             if rc == 0 {
                 return Ok(Placed::All);
             }
             let err = io::Error::last_os_error();
-            let done = arg.mapped.max(0) as u64;
+            let done = arg.done.max(0) as u64;
             match err.raw_os_error() {
                 Some(libc::EEXIST) => {
                     return Ok(Placed::Exists {
@@ -406,17 +378,12 @@ impl Uffd {
                     before += done;
                     arg.range.start += done;
                     arg.range.len -= done.min(arg.range.len);
-                    arg.mapped = 0;
+                    arg.done = 0;
                     if arg.range.len == 0 {
                         return Ok(Placed::All);
                     }
                 }
-                _ => {
-                    return Err(UffdError::Os {
-                        call: "ioctl(UFFDIO_CONTINUE)",
-                        source: err,
-                    })
-                }
+                _ => return Err(UffdError::Os { call, source: err }),
             }
         }
     }
@@ -617,7 +584,7 @@ mod tests {
     #[test]
     fn minor_faults_on_memfd_are_resolved_through_the_file() {
         use std::os::unix::fs::FileExt;
-        if !Uffd::minor_faults_supported() {
+        if !Uffd::minor_faults_supported(false) {
             eprintln!("skipped: this kernel has no MINOR faults on shmem");
             return;
         }

@@ -6,12 +6,14 @@
 //! - [`fake`]: VMs without KVM (RAM, a writing "vCPU", a counter as state) that implement
 //!   the engine's traits; [`fake_device`]: devices without hardware for them;
 //! - [`certs`]: test certificates for mutual TLS;
+//! - [`hugepages`]: 2 MiB huge pages reserved for a test;
 //! - [`serial`]: the workload guest's serial output, heartbeats timestamped;
 //! - [`matrix`]: the fault matrix against real `ferry` processes.
 
 pub mod certs;
 pub mod fake;
 pub mod fake_device;
+pub mod hugepages;
 pub mod matrix;
 pub mod proxy;
 pub mod serial;

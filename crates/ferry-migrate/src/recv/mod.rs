@@ -337,9 +337,9 @@ impl Destination {
     /// early), on a kernel with MINOR faults on shmem. Pages are then written into the file
     /// and mapped, and the preparation's work is kept; otherwise the missing pages would be
     /// holes, which the file write would have to allocate, and `UFFDIO_COPY` does that
-    /// cheaper. The answer does not change once a migration has begun.
-    /// hugetlb memory is always placed through its file (its pages are 2 MiB, which
-    /// `UFFDIO_COPY` of 4 KiB pages cannot fill).
+    /// cheaper. hugetlb memory is always placed through its file (its pages are 2 MiB,
+    /// which `UFFDIO_COPY` of 4 KiB pages cannot fill). The answer does not change once a
+    /// migration has begun.
     fn keeps_file_pages(&self) -> bool {
         let hugetlb = self.ram.config().backend == ferry_memory::ram::Backend::Hugetlb;
         let filled = self.params.prepare != PrepareMode::None
@@ -351,11 +351,11 @@ impl Destination {
     }
 
     /// Whether this destination can take a postcopy migration: its memory must be pages it
-    /// can make missing (not locked), and hugetlb memory needs MINOR faults on hugetlbfs.
+    /// can make missing (not locked), and hugetlb memory must be placed through its file
+    /// (MINOR faults on hugetlbfs, `MADV_DONTNEED` on hugetlb, memory of its own).
     fn postcopy_possible(&self) -> bool {
         let hugetlb = self.ram.config().backend == ferry_memory::ram::Backend::Hugetlb;
-        self.params.prepare != PrepareMode::Lock
-            && (!hugetlb || postcopy::file_placement_possible(&self.ram))
+        self.params.prepare != PrepareMode::Lock && (!hugetlb || self.keeps_file_pages())
     }
 
     fn strays(&self) -> u64 {

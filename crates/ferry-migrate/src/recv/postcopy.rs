@@ -9,11 +9,12 @@
 //! the running guest has written is never replaced. Pages several vCPUs fault on are asked
 //! for once; a fault on a page placed meanwhile is only woken.
 //!
-//! On memfd memory the file keeps its pages (prepared before the switch): postcopy only
+//! On prepared memfd memory and on hugetlb memory the file keeps its pages: postcopy only
 //! drops the guest mapping's page tables, registers for MINOR faults as well, and places a
-//! page by writing it into the file and then mapping it (`UFFDIO_CONTINUE`). The file write
-//! would reach a page the guest maps, so each page is claimed by exactly one writer, and
-//! only pages the guest cannot map yet are ever claimed.
+//! page by writing it into the file and then mapping it (`UFFDIO_CONTINUE`; on hugetlb a
+//! whole huge page, once all of its pieces are in). A file write would reach a page the
+//! guest maps, so only pages made missing are ever written, each by the one writer that
+//! claims it first; a fault on any other page maps it from the file.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -134,9 +135,14 @@ impl HugeCounts {
 /// [`Placement::File`]. The destination does so for memfd memory its preparation filled,
 /// and always for hugetlb memory.
 pub(crate) fn file_placement_possible(ram: &GuestRam) -> bool {
-    matches!(ram.config().backend, Backend::Memfd | Backend::Hugetlb)
-        && ram.file().is_some()
-        && Uffd::minor_faults_supported()
+    let kernel = match ram.config().backend {
+        Backend::Memfd => Uffd::minor_faults_supported(false),
+        Backend::Hugetlb => {
+            Uffd::minor_faults_supported(true) && ferry_sys::mm::hugetlb_dont_need_supported()
+        }
+        Backend::Anonymous => false,
+    };
+    kernel && ram.file().is_some()
 }
 
 /// Zeros written into the file for a zero page.
@@ -171,8 +177,9 @@ struct FaultStats {
 pub struct PostcopyStats {
     /// Fault queues (userfaultfds with a handler thread each).
     pub queues: usize,
-    /// How pages were placed: `copy` (`UFFDIO_COPY`) or `file` (written into the memory
-    /// file, then mapped with `UFFDIO_CONTINUE`).
+    /// How pages were placed: `copy` (`UFFDIO_COPY`), `file` (written into the memory
+    /// file, then mapped with `UFFDIO_CONTINUE`) or `file-2m` (the same on hugetlb memory,
+    /// a whole huge page mapped at a time).
     pub placement: &'static str,
     /// Faults the guest (or the VMM on its behalf) took on missing pages.
     pub faults: u64,
@@ -414,6 +421,11 @@ impl Space {
             )?),
             None => None,
         };
+        // Known as written before the bytes land, as precopy does: should this attempt fail,
+        // the next one's zero runs clear these pages.
+        for g in (first..first + len).step_by(PAGE_SIZE as usize) {
+            self.written.set(g);
+        }
         if let Err(e) = self.write_file(channel, first, len, bytes) {
             self.unclaim(first, len);
             return Err(e);
@@ -736,6 +748,20 @@ impl Space {
         let _ = r.uffd.wake(hva, len);
     }
 
+    /// Pages made missing that are not placed (with the file's pages kept; anonymous
+    /// placement keeps no record of what was made missing, and says 0).
+    pub(crate) fn unplaced(&self) -> u64 {
+        let Placement::File { missing, .. } = &self.placement else {
+            return 0;
+        };
+        missing
+            .words()
+            .iter()
+            .zip(self.placed.words())
+            .map(|(m, p)| u64::from((m & !p).count_ones()))
+            .sum()
+    }
+
     /// What postcopy did so far.
     pub(crate) fn stats(&self, since: Instant) -> PostcopyStats {
         let stats = lock(&self.stats);
@@ -955,6 +981,11 @@ impl Faults {
     /// The statistics so far.
     pub(crate) fn stats(&self) -> PostcopyStats {
         self.ctx.space.stats(self.started)
+    }
+
+    /// Pages made missing that are not placed yet (see [`Space::unplaced`]).
+    pub(crate) fn unplaced(&self) -> u64 {
+        self.ctx.space.unplaced()
     }
 
     /// Stops every thread and unregisters guest memory; returns the statistics.
@@ -1213,6 +1244,26 @@ mod tests {
         keep
     }
 
+    /// The next faults on `range` (waits up to 5 s for them).
+    fn next_faults(range: &FaultRange) -> Vec<Fault> {
+        let mut faults = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while faults.is_empty() && Instant::now() < deadline {
+            range
+                .uffd
+                .read_faults(&mut faults, 8, Duration::from_millis(100))
+                .unwrap();
+        }
+        assert!(!faults.is_empty(), "no fault within 5 s");
+        faults
+    }
+
+    /// A thread reading byte `gpa` of `r` (it waits there if the page is missing).
+    fn touch(r: &Arc<GuestRam>, gpa: u64) -> std::thread::JoinHandle<u8> {
+        let r = r.clone();
+        std::thread::spawn(move || byte(&r, gpa))
+    }
+
     /// All of `r` as page runs (what `--postcopy` makes missing).
     fn all(r: &GuestRam) -> Vec<PageRun> {
         r.regions()
@@ -1285,18 +1336,9 @@ mod tests {
             Space::new(r.clone(), Arc::new(PageBits::new(&r)), 1, Some(&all(&r))).unwrap(),
         );
         assert_eq!(space.stats(Instant::now()).placement, "file");
-        let toucher = {
-            let r = r.clone();
-            std::thread::spawn(move || byte(&r, 0x5000 + 7))
-        };
+        let toucher = touch(&r, 0x5000 + 7);
         let range = &space.ranges[0];
-        let mut faults = Vec::new();
-        while faults.is_empty() {
-            range
-                .uffd
-                .read_faults(&mut faults, 8, Duration::from_secs(5))
-                .unwrap();
-        }
+        let faults = next_faults(range);
         let mut runs = Vec::new();
         space.triage(range, &faults, &mut runs);
         assert_eq!(
@@ -1326,20 +1368,12 @@ mod tests {
         );
         space.place_zero(Channel::Data(0), 0x6000, 1, true).unwrap();
         assert_eq!(byte(&r, 0x6000), 0, "a zero page over stale bytes");
+        assert_eq!(space.unplaced(), r.size() / PAGE_SIZE - 3);
         // The kernel drops the mapping of a placed page (as reclaim would): its next fault
         // maps it again from the file.
         r.hide(0x4000, PAGE_SIZE).unwrap();
-        let toucher = {
-            let r = r.clone();
-            std::thread::spawn(move || byte(&r, 0x4000))
-        };
-        faults.clear();
-        while faults.is_empty() {
-            range
-                .uffd
-                .read_faults(&mut faults, 8, Duration::from_secs(5))
-                .unwrap();
-        }
+        let toucher = touch(&r, 0x4000);
+        let faults = next_faults(range);
         runs.clear();
         space.triage(range, &faults, &mut runs);
         assert!(runs.is_empty(), "a placed page is never asked for again");
@@ -1377,17 +1411,8 @@ mod tests {
             .unwrap();
         let range = &space.ranges[0];
         for (gpa, want) in [(0x3000u64, 7u8), (0x6000, 0)] {
-            let toucher = {
-                let r = r.clone();
-                std::thread::spawn(move || byte(&r, gpa))
-            };
-            let mut faults = Vec::new();
-            while faults.is_empty() {
-                range
-                    .uffd
-                    .read_faults(&mut faults, 8, Duration::from_secs(5))
-                    .unwrap();
-            }
+            let toucher = touch(&r, gpa);
+            let faults = next_faults(range);
             let mut runs = Vec::new();
             space.triage(range, &faults, &mut runs);
             assert!(runs.is_empty(), "{gpa:#x} was asked for");
@@ -1396,41 +1421,12 @@ mod tests {
         space.unregister();
     }
 
-    /// Reserves `n` more 2 MiB huge pages while alive (root only; `None` otherwise).
-    struct HugePages(u64);
-
-    impl HugePages {
-        const PATH: &'static str = "/proc/sys/vm/nr_hugepages";
-
-        fn reserve(n: u64) -> Option<HugePages> {
-            let old: u64 = std::fs::read_to_string(Self::PATH)
-                .ok()?
-                .trim()
-                .parse()
-                .ok()?;
-            std::fs::write(Self::PATH, (old + n).to_string()).ok()?;
-            let g = HugePages(old);
-            let got: u64 = std::fs::read_to_string(Self::PATH)
-                .ok()?
-                .trim()
-                .parse()
-                .ok()?;
-            (got >= old + n).then_some(g)
-        }
-    }
-
-    impl Drop for HugePages {
-        fn drop(&mut self) {
-            let _ = std::fs::write(Self::PATH, self.0.to_string());
-        }
-    }
-
     /// hugetlb memory is mapped a whole huge page at a time: a vCPU touching a hidden huge
     /// page waits until every piece that was made missing has arrived (the others are
     /// right in the file and never written over), then sees all of it at once.
     #[test]
     fn a_huge_page_is_mapped_once_its_missing_pieces_are_in() {
-        let Some(_reserved) = HugePages::reserve(2) else {
+        let Some(_reserved) = ferry_testkit::hugepages::HugePages::reserve(2) else {
             eprintln!("skipped: cannot reserve huge pages (needs root)");
             return;
         };
@@ -1459,13 +1455,7 @@ mod tests {
             std::thread::spawn(move || (byte(&r, 0x10_0000), byte(&r, 0x1000), byte(&r, 0x2000)))
         };
         let range = &space.ranges[0];
-        let mut faults = Vec::new();
-        while faults.is_empty() {
-            range
-                .uffd
-                .read_faults(&mut faults, 8, Duration::from_secs(5))
-                .unwrap();
-        }
+        let faults = next_faults(range);
         let mut runs = Vec::new();
         space.triage(range, &faults, &mut runs);
         assert_eq!(

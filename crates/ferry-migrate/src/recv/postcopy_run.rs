@@ -523,6 +523,18 @@ impl PostcopyRunning {
 
     /// Every page is here: tell the source, stop the fault machinery, and report.
     fn finish(mut self, rx: &mut Destination) -> Step {
+        // Every channel ended the pass, so every page made missing should be here. One whose
+        // placement failed on a channel replaced since (its claim given back, its error
+        // stale) would not be: the source must not let go then. Breaking the link makes it
+        // reconnect and push again every page not placed.
+        let unplaced = self.att.faults.as_ref().map_or(0, Faults::unplaced);
+        if unplaced > 0 {
+            self.broke(
+                rx,
+                format!("{unplaced} pages made missing are not placed at the end of the push"),
+            );
+            return Step::Next(Phase::Postcopy(Box::new(self)));
+        }
         // The source's word first: it may let go as soon as it has it.
         let so_far = self
             .att
