@@ -154,6 +154,10 @@ struct PostcopyArgs {
         default_value = "qemu,qemu-preempt,ferry,ferry-memfd,ferry-hugetlb"
     )]
     systems: Vec<String>,
+    /// Extra arguments for Ferry's `migrate` (after `--postcopy`), comma-separated, e.g.
+    /// `--no-checksums`.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    migrate_args: Vec<String>,
     /// The ferry binary (default: `ferry` next to this program).
     #[arg(long, value_name = "PATH")]
     ferry: Option<PathBuf>,
@@ -598,6 +602,7 @@ fn postcopy_bench(a: PostcopyArgs) -> Result<()> {
         qemu: a.qemu,
         image,
         systems: a.systems,
+        migrate_args: a.migrate_args,
     };
     let report = postcopy::run(&plan)?;
     emit(&report.text(), a.json.then(|| report.to_json()));

@@ -43,6 +43,8 @@ pub struct Plan {
     pub image: PathBuf,
     /// Which of [`SYSTEMS`] to run.
     pub systems: Vec<String>,
+    /// Extra arguments for Ferry's `migrate`.
+    pub migrate_args: Vec<String>,
 }
 
 /// The systems, in the order they run: QEMU, QEMU with postcopy-preempt, Ferry into
@@ -161,6 +163,7 @@ fn ferry_run(plan: &Plan, vcpus: u32, backend: &'static str) -> Result<Run> {
     c.append = append(plan, vcpus);
     c.channels = plan.channels;
     c.migrate_args = vec!["--postcopy".into()];
+    c.migrate_args.extend(plan.migrate_args.iter().cloned());
     let _reserved = match backend {
         "hugetlb" => Some(HugeReservation::new(plan.mem_mib.div_ceil(2))?),
         _ => None,

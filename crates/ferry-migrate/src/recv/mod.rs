@@ -342,10 +342,15 @@ impl Destination {
     /// migration has begun.
     fn keeps_file_pages(&self) -> bool {
         let hugetlb = self.ram.config().backend == ferry_memory::ram::Backend::Hugetlb;
-        let filled = self.params.prepare != PrepareMode::None
-            && self.prepared.is_some()
-            && !self.stopped_early;
-        (hugetlb || filled)
+        (hugetlb || self.prepared.is_some()) && self.keeps_file_pages_once_prepared()
+    }
+
+    /// Whether [`Destination::keeps_file_pages`] will hold once the preparation (if one
+    /// runs) has finished: worth waiting for it.
+    fn keeps_file_pages_once_prepared(&self) -> bool {
+        let hugetlb = self.ram.config().backend == ferry_memory::ram::Backend::Hugetlb;
+        let fills = self.params.prepare != PrepareMode::None && !self.stopped_early;
+        (hugetlb || fills)
             && !self.ram.is_adopted()
             && postcopy::file_placement_possible(&self.ram)
     }

@@ -78,6 +78,7 @@ impl Phase {
         match self {
             Phase::Handshake(h) => Some(h.deadline),
             Phase::AwaitGo(a) => Some(a.deadline),
+            Phase::Receiving(r) => r.prep_wait_until,
             _ => None,
         }
     }
@@ -789,6 +790,8 @@ pub(super) struct Receiving {
     /// Discards that came before the switch (a postcopy without precopy): applied once
     /// the memory preparation is over, then acknowledged with `Discarded`.
     discard_ack_due: bool,
+    /// Until when those discards wait for a preparation whose pages postcopy keeps.
+    prep_wait_until: Option<Instant>,
     /// Postcopy: the switch came, and its pages come as this pass.
     postcopy_pass: Option<u32>,
     /// How far the devices have loaded.
@@ -853,6 +856,7 @@ impl Receiving {
             local,
             discards: Vec::new(),
             discard_ack_due: false,
+            prep_wait_until: None,
             postcopy_pass: None,
             ack_prepared: att.hello.capabilities & caps::SWITCHOVER_ACK != 0,
             att,

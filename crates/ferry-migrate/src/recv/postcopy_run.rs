@@ -30,6 +30,10 @@ use crate::progress::Status;
 use ferry_proto::{caps, ChannelRole, MAX_PLACED_WORDS, VERSION};
 use ferry_transport::Stream;
 
+/// Longest time a postcopy without precopy waits for the destination's preparation of
+/// hugetlb memory to finish (well within the source's progress timeout).
+const PREPARATION_WAIT: Duration = Duration::from_secs(3);
+
 /// Makes `runs` missing here (their pages come in postcopy). Where postcopy keeps the
 /// file's pages, only the guest mapping loses them (whole huge pages on hugetlb memory):
 /// the file's pages stay allocated.
@@ -64,11 +68,24 @@ impl Receiving {
             return Ok(());
         }
         if rx.prepared.is_none() {
-            // Populating what is discarded next is wasted: stop it, and discard once it
-            // has stopped.
-            rx.stop_preparation();
+            // Populating what is discarded next is wasted: stop it, and discard once it has
+            // stopped. Except on hugetlb memory, whose prepared pages postcopy keeps and
+            // whose holes it would have to allocate and zero 2 MiB at a time in the fault
+            // path: wait for it a while (it runs at nice 0 once a migration is on), and stop
+            // it only if it takes longer. (Waiting for a memfd preparation was measured: the
+            // wait cost about what keeping its pages saved, and the switch came later.)
+            let hugetlb = rx.ram.config().backend == ferry_memory::ram::Backend::Hugetlb;
+            let until = *self
+                .prep_wait_until
+                .get_or_insert_with(|| Instant::now() + PREPARATION_WAIT);
+            let wait = hugetlb && rx.keeps_file_pages_once_prepared();
+            if !wait || Instant::now() >= until {
+                self.prep_wait_until = None;
+                rx.stop_preparation();
+            }
             return Ok(());
         }
+        self.prep_wait_until = None;
         let t = Instant::now();
         let runs = std::mem::take(&mut self.discards);
         apply_discards(rx, &mut self.att, &runs)?;
