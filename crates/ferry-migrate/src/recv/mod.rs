@@ -350,9 +350,7 @@ impl Destination {
     fn keeps_file_pages_once_prepared(&self) -> bool {
         let hugetlb = self.ram.config().backend == ferry_memory::ram::Backend::Hugetlb;
         let fills = self.params.prepare != PrepareMode::None && !self.stopped_early;
-        (hugetlb || fills)
-            && !self.ram.is_adopted()
-            && postcopy::file_placement_possible(&self.ram)
+        (hugetlb || fills) && !self.ram.is_adopted() && postcopy::file_placement_possible(&self.ram)
     }
 
     /// Whether this destination can take a postcopy migration: its memory must be pages it
