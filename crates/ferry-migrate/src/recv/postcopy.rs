@@ -472,16 +472,21 @@ impl Space {
             pages: (len / PAGE_SIZE) as u32,
         };
         // Mapping the run's file pages in one call is cheaper than a fault per page, and
-        // a file that cannot take them says so here instead of by SIGBUS in the copy
-        // below. (hugetlb pages are reserved for the whole file when it is mapped.)
-        if huge.is_none() {
-            let addr = alias
-                .get_host_address(GuestAddress(gpa))
-                .map_err(|_| outside())?;
-            ferry_sys::mm::populate_write(addr as usize, len as usize).map_err(|e| {
-                MigrateError::io("preparing pages of the guest memory file")(e.into())
-            })?;
-        }
+        // a file that cannot take them (a hole where no page is left, hugetlb included:
+        // a stopped preparation's undo gives its holes' huge pages back) says so here
+        // instead of by SIGBUS in the copy below. hugetlb in whole huge pages.
+        let (from, to) = match huge {
+            None => (gpa, gpa + len),
+            Some(_) => (
+                gpa / HUGE_PAGE_SIZE * HUGE_PAGE_SIZE,
+                (gpa + len).div_ceil(HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE,
+            ),
+        };
+        let addr = alias
+            .get_host_address(GuestAddress(from))
+            .map_err(|_| outside())?;
+        ferry_sys::mm::populate_write(addr as usize, (to - from) as usize)
+            .map_err(|e| MigrateError::io("preparing pages of the guest memory file")(e.into()))?;
         match bytes {
             Some(b) => alias
                 .write_slice(b, GuestAddress(gpa))
