@@ -1235,13 +1235,18 @@ mod tests {
         }
     }
 
+    /// Fills all of `r` with stale bytes (0xEE), which must never show where a page is placed.
+    fn fill_stale(r: &GuestRam) {
+        let stale = vec![0xEEu8; r.size() as usize];
+        vm_memory::Bytes::write_slice(r.mem(), &stale, vm_memory::GuestAddress(0)).unwrap();
+    }
+
     /// Makes all of `r` missing as postcopy does; where the file keeps its pages, they hold
     /// stale bytes (0xEE) first, which must never show.
     fn make_missing(r: &GuestRam) -> bool {
         let keep = file_placement_possible(r);
         if keep {
-            let stale = vec![0xEEu8; r.size() as usize];
-            vm_memory::Bytes::write_slice(r.mem(), &stale, vm_memory::GuestAddress(0)).unwrap();
+            fill_stale(r);
             r.hide(0, r.size()).unwrap();
         } else {
             r.discard(0, r.size()).unwrap();
@@ -1397,8 +1402,7 @@ mod tests {
             eprintln!("skipped: no MINOR faults on shmem here");
             return;
         }
-        let stale = vec![0xEEu8; r.size() as usize];
-        vm_memory::Bytes::write_slice(r.mem(), &stale, vm_memory::GuestAddress(0)).unwrap();
+        fill_stale(&r);
         let missing = [PageRun {
             gpa: 0x1000,
             pages: 1,
@@ -1440,8 +1444,7 @@ mod tests {
             eprintln!("skipped: no MINOR faults on hugetlbfs here");
             return;
         }
-        let stale = vec![0xEEu8; r.size() as usize];
-        vm_memory::Bytes::write_slice(r.mem(), &stale, vm_memory::GuestAddress(0)).unwrap();
+        fill_stale(&r);
         // After a precopy: two pages of the first huge page are stale, so it is hidden.
         let missing = [PageRun {
             gpa: 0x1000,
