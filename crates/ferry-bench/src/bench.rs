@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use crate::ferry::{self, FerryConfig, FerryResult, MemoryCheck};
 use crate::limits::{self, CpuSample};
+use crate::pin::Pinning;
 use crate::qemu::{self, QemuConfig, QemuResult};
 use crate::stats::{table_row, Summary};
 
@@ -187,6 +188,8 @@ pub struct Case {
     pub qemu: PathBuf,
     /// The workload image.
     pub image: PathBuf,
+    /// Thread placement for both systems (`--pin`).
+    pub pin: Option<Pinning>,
 }
 
 impl Case {
@@ -212,6 +215,7 @@ impl Case {
             c.auto_converge = true;
         }
         c.dest_prealloc = like_ferry;
+        c.pin = self.pin.clone();
         c.warmup = self.warmup;
         c.start_timeout = c.start_timeout.max(Duration::from_secs(180));
         c
@@ -225,6 +229,7 @@ impl Case {
         c.channels = self.channels;
         c.downtime_limit_ms = self.downtime_limit_ms;
         c.dest_args = dest_args.to_vec();
+        c.pin = self.pin.clone();
         c.warmup = self.warmup;
         c
     }
@@ -604,6 +609,9 @@ impl Report {
             self.load_before
         );
         let _ = writeln!(out, "ferry: {}", describe_binary(&c.ferry));
+        if let Some(p) = &c.pin {
+            let _ = writeln!(out, "pinned (both systems alike): {}", p.describe());
+        }
         for (key, pages, ms) in &self.verified {
             let _ = writeln!(
                 out,
@@ -937,6 +945,7 @@ impl Report {
                 "downtime_limit_ms": c.downtime_limit_ms,
                 "warmup_s": c.warmup.as_secs_f64(),
                 "reps": self.plan.reps,
+                "pin": c.pin,
             },
             "limits": self.limits,
             "rows": rows,
@@ -1083,6 +1092,7 @@ mod tests {
             ferry: "/nonexistent/ferry".into(),
             qemu: "qemu-system-x86_64".into(),
             image: "/nonexistent/image".into(),
+            pin: None,
         };
         assert_eq!(case.append(), "ws=64M hb=1 cpus=1");
         let plan = Plan {

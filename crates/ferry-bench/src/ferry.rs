@@ -24,6 +24,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::limits::CpuSample;
+use crate::pin::{self, Pinning};
 use crate::qemu::{free_port, ChildGuard, WorkDir};
 use ferry_testkit::serial::{beat_interval, longest_gap_at, Recorder};
 
@@ -83,6 +84,8 @@ pub struct FerryConfig {
     pub dest_netns: Option<String>,
     /// The destination's address, default `127.0.0.1`.
     pub dest_host: String,
+    /// Thread placement (`--pin`), applied to both processes once the source guest is up.
+    pub pin: Option<Pinning>,
 }
 
 impl FerryConfig {
@@ -109,6 +112,7 @@ impl FerryConfig {
             source_args: Vec::new(),
             dest_netns: None,
             dest_host: "127.0.0.1".to_string(),
+            pin: None,
         }
     }
 }
@@ -425,6 +429,8 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
     src.serial
         .wait_for(|l| matches!(l, GuestLine::Ready { .. }), cfg.start_timeout)
         .with_context(|| format!("src: waiting for the guest's ready line{}", src.stderr()))?;
+    let pids = [src.child.0.id(), dst.child.0.id()];
+    pin::pin_pair(cfg.pin.as_ref(), pids, cfg.cpus, pin::ferry_vcpu)?;
     let warm_from = Instant::now();
     thread::sleep(cfg.warmup);
     src.check_alive()?;
@@ -441,7 +447,6 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
         }
     }
 
-    let pids = [src.child.0.id(), dst.child.0.id()];
     let mut args = vec![
         s("migrate"),
         uri,

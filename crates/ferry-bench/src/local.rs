@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use crate::bench::{qemu_problems, utc_now};
 use crate::ferry::{self, FerryConfig, FerryResult, MemoryCheck};
+use crate::pin::Pinning;
 use crate::qemu::{self, QemuConfig, QemuResult};
 use crate::stats::{table_row, Summary};
 
@@ -35,6 +36,8 @@ pub struct Plan {
     pub qemu: PathBuf,
     /// The workload image.
     pub image: PathBuf,
+    /// Thread placement for both systems (`--pin`).
+    pub pin: Option<Pinning>,
 }
 
 /// One timed run.
@@ -79,6 +82,7 @@ fn qemu_run(plan: &Plan, gib: u64) -> Result<Run> {
     c.mem_mib = gib << 10;
     c.append = plan.append.clone();
     c.ignore_shared = true;
+    c.pin = plan.pin.clone();
     c.warmup = plan.warmup;
     c.start_timeout = Duration::from_secs(600);
     let r: QemuResult = qemu::run_migration(&c)?;
@@ -106,6 +110,7 @@ fn ferry_config(plan: &Plan, gib: u64) -> FerryConfig {
     c.mem_mib = gib << 10;
     c.append = plan.append.clone();
     c.local = true;
+    c.pin = plan.pin.clone();
     c.warmup = plan.warmup;
     c.start_timeout = Duration::from_secs(600);
     c
@@ -226,6 +231,9 @@ impl Report {
             self.plan.reps,
             self.plan.warmup.as_secs_f64()
         );
+        if let Some(p) = &self.plan.pin {
+            let _ = writeln!(out, "pinned (both systems alike): {}", p.describe());
+        }
         let header = [
             "GiB",
             "system",
@@ -323,6 +331,7 @@ impl Report {
             "sizes_gib": self.plan.sizes_gib,
             "reps": self.plan.reps,
             "append": self.plan.append,
+            "pin": self.plan.pin,
             "runs": self.runs,
             "verified": self.verified,
             "updates": self.updates,

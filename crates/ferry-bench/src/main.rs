@@ -33,6 +33,7 @@ mod ferry;
 mod limits;
 mod local;
 mod netshape;
+mod pin;
 mod postcopy;
 mod prepare;
 mod qemu;
@@ -47,6 +48,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::bench::{Case, Plan};
+use crate::pin::Pinning;
 
 #[derive(Parser)]
 #[command(
@@ -224,6 +226,10 @@ struct LocalArgs {
     /// Print every raw run as one JSON document on stdout (the tables then go to stderr).
     #[arg(long)]
     json: bool,
+    /// Pin both systems alike (as `migrate --pin`): the vCPU on the first CPU, every other
+    /// thread of both processes on the others.
+    #[arg(long)]
+    pin: bool,
 }
 
 #[derive(Args)]
@@ -285,6 +291,11 @@ struct Common {
     /// (on by default with 2 or more vCPUs, whose busy vCPUs starve nice-19 helpers).
     #[arg(long)]
     nice0: bool,
+    /// Pin both systems alike, from outside (as `taskset`, libvirt's `vcpupin` and
+    /// `emulatorpin` do): vCPU i on CPU i, every other thread of both processes on the CPUs
+    /// left. Needs more CPUs than vCPUs.
+    #[arg(long)]
+    pin: bool,
     /// The ferry binary (default: `ferry` next to this program, i.e. target/release/ferry).
     #[arg(long, value_name = "PATH")]
     ferry: Option<PathBuf>,
@@ -399,6 +410,10 @@ fn case(c: &Common, mem_mib: u64, qemu: PathBuf, image: &Path) -> Result<Case> {
         ferry: locate_ferry(c.ferry.clone())?,
         qemu,
         image: image.to_path_buf(),
+        pin: c
+            .pin
+            .then(|| Pinning::for_vcpus(c.vcpus, &ferry_sys::sched::affinity()?))
+            .transpose()?,
     })
 }
 
@@ -565,6 +580,10 @@ fn local_handover(a: LocalArgs) -> Result<()> {
         ferry: locate_ferry(a.ferry)?,
         qemu: a.qemu,
         image,
+        pin: a
+            .pin
+            .then(|| Pinning::for_vcpus(1, &ferry_sys::sched::affinity()?))
+            .transpose()?,
     };
     let report = local::run(&plan)?;
     emit(&report.text(), a.json.then(|| report.to_json()));

@@ -32,6 +32,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::limits::CpuSample;
+use crate::pin::{self, Pinning};
 use ferry_testkit::serial::{beat_interval, longest_gap_at, Recorder};
 
 /// How one QEMU migration is run. [`QemuConfig::new`] gives the defaults.
@@ -92,6 +93,8 @@ pub struct QemuConfig {
     /// The `auto-converge` capability (vCPU throttling when precopy does not converge, as
     /// Ferry does by default). Default false (QEMU's default).
     pub auto_converge: bool,
+    /// Thread placement (`--pin`), applied to both processes once the source guest is up.
+    pub pin: Option<Pinning>,
     /// TLS on every migration channel, with certificates checked both ways: a directory
     /// in QEMU's layout (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`,
     /// `client-cert.pem`, `client-key.pem`; `scripts/make-test-certs.sh OUT` writes it to
@@ -141,6 +144,7 @@ impl QemuConfig {
             poll_interval: Duration::from_millis(20),
             ignore_shared: false,
             auto_converge: false,
+            pin: None,
             tls_dir: None,
             compress: None,
             dest_netns: None,
@@ -297,11 +301,12 @@ pub fn run_migration(cfg: &QemuConfig) -> Result<QemuResult> {
     src.serial
         .wait_for(|l| matches!(l, GuestLine::Ready { .. }), cfg.start_timeout)
         .with_context(|| format!("src: waiting for the guest's ready line{}", src.stderr()))?;
+    let pids = [src.child.0.id(), dst.child.0.id()];
+    pin::pin_pair(cfg.pin.as_ref(), pids, cfg.cpus, pin::qemu_vcpu)?;
     let warm_from = Instant::now();
     thread::sleep(cfg.warmup);
     dst.check_alive()?;
 
-    let pids = [src.child.0.id(), dst.child.0.id()];
     let cpu_before = CpuSample::take(&pids)?;
     let t_migrate = Instant::now();
     src_qmp
@@ -622,6 +627,10 @@ impl QemuProc {
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
         if cfg.nodefaults {
             cmd.arg("-nodefaults");
+        }
+        if cfg.pin.is_some() {
+            // Names the vCPU threads `CPU n/KVM`, so they can be told apart.
+            cmd.args(["-name", "ferry-bench,debug-threads=on"]);
         }
         if let Some(shm) = shm {
             cmd.arg("-object")

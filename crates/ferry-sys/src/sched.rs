@@ -95,6 +95,12 @@ pub fn affinity() -> Result<Vec<usize>, SchedError> {
 /// Restricts the calling thread to `cpus` (`sched_setaffinity`). Threads it creates later
 /// inherit the mask.
 pub fn set_affinity(cpus: &[usize]) -> Result<(), SchedError> {
+    set_affinity_of(0, cpus)
+}
+
+/// Restricts thread `tid` (of any process this one may control; 0 = the calling thread)
+/// to `cpus`. Threads it creates later inherit the mask.
+pub fn set_affinity_of(tid: libc::pid_t, cpus: &[usize]) -> Result<(), SchedError> {
     let max = *cpus.iter().max().ok_or(SchedError::EmptyCpuSet)?;
     if max >= MAX_CPUS {
         return Err(SchedError::CpuOutOfRange(max));
@@ -105,8 +111,9 @@ pub fn set_affinity(cpus: &[usize]) -> Result<(), SchedError> {
         mask[c / WORD_BITS] |= 1 << (c % WORD_BITS);
     }
     let bytes = words * std::mem::size_of::<libc::c_ulong>();
-    // SAFETY: `mask` is `bytes` long and only read by the kernel (pid 0 = calling thread).
-    let rc = unsafe { libc::sched_setaffinity(0, bytes, mask.as_ptr().cast::<libc::cpu_set_t>()) };
+    // SAFETY: `mask` is `bytes` long and only read by the kernel.
+    let rc =
+        unsafe { libc::sched_setaffinity(tid, bytes, mask.as_ptr().cast::<libc::cpu_set_t>()) };
     if rc != 0 {
         return Err(SchedError::last("sched_setaffinity"));
     }
