@@ -1,6 +1,7 @@
-/* What loopback TCP costs a migration's two ends here: one thread sends 1 GiB of filled
- * memory to another in 256 KiB writes, and the receiver reads it into its own memory in
- * 1 MiB payloads, as Ferry's data channels do. Modes:
+/* What loopback TCP costs a migration's two ends here: one thread sends 1 GiB of populated
+ * memory (one non-zero byte per cache line) to another in 1 MiB writes, and the receiver
+ * reads it into its own memory in 1 MiB payloads, as Ferry's data channels do with their
+ * 256-page batches. Modes:
  *   write        write(): the kernel copies each byte into its buffers;
  *   splice       vmsplice() + splice(): the kernel takes the pages by reference;
  *   write-lowat  write(), and the receiver raises SO_RCVLOWAT to the bytes of the payload
@@ -26,7 +27,7 @@
 #include <unistd.h>
 
 #define SIZE (1UL << 30)
-#define BATCH (256 * 1024)
+#define BATCH (1 << 20)
 
 #define PAYLOAD (1 << 20)
 #define LOWAT_MAX (256 * 1024)
@@ -71,7 +72,8 @@ static void *receive(void *unused) {
         }
     }
     receiver_cpu_ms = ms(CLOCK_THREAD_CPUTIME_ID) - c0;
-    close(c);
+    if (close(c))
+        die("close");
     return NULL;
 }
 
@@ -141,7 +143,8 @@ int main(int argc, char **argv) {
             send_write(s, off);
     }
     double sender_cpu_ms = ms(CLOCK_THREAD_CPUTIME_ID) - c0;
-    pthread_join(rx, NULL);
+    if (pthread_join(rx, NULL))
+        die("pthread_join");
     double wall_ms = ms(CLOCK_MONOTONIC) - t0;
     if (memcmp(src, dst, SIZE)) {
         fprintf(stderr, "the received bytes differ from the sent ones\n");

@@ -426,11 +426,11 @@ pub fn run_migration(cfg: &FerryConfig) -> Result<FerryResult> {
     let mut src = FerryProc::spawn(&cfg.binary, "src", &src_args, &[], src_api)?;
     dst.wait_api(cfg.start_timeout)?;
     src.wait_api(cfg.start_timeout)?;
+    let pids = [src.child.0.id(), dst.child.0.id()];
+    pin::pin_pair(cfg.pin.as_ref(), pids, cfg.cpus, pin::ferry_vcpu)?;
     src.serial
         .wait_for(|l| matches!(l, GuestLine::Ready { .. }), cfg.start_timeout)
         .with_context(|| format!("src: waiting for the guest's ready line{}", src.stderr()))?;
-    let pids = [src.child.0.id(), dst.child.0.id()];
-    pin::pin_pair(cfg.pin.as_ref(), pids, cfg.cpus, pin::ferry_vcpu)?;
     let warm_from = Instant::now();
     thread::sleep(cfg.warmup);
     src.check_alive()?;

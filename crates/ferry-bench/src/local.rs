@@ -294,7 +294,12 @@ impl Report {
         let _ = writeln!(
             out,
             "\nFerry update --exec (a new binary in the same process; the VM is rebuilt \
-             inside the pause): downtime, guest downtime, ms"
+             inside the pause{}): downtime, guest downtime, ms",
+            if self.plan.pin.is_some() {
+                "; its threads are not pinned"
+            } else {
+                ""
+            }
         );
         for &gib in &self.plan.sizes_gib {
             let of = |f: fn(&ferry::UpdateResult) -> f64| {

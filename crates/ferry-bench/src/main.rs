@@ -450,6 +450,9 @@ fn migrate(a: MigrateArgs) -> Result<()> {
     let dir = qemu::WorkDir::new()?;
     let image = ferry_guest::write_image(ferry_guest::ImageKind::Elf, &dir.0)?;
     let case = case(&a.common, a.memory_mib, a.qemu, &image)?;
+    if let Some(p) = &case.pin {
+        pin::confine_bench(p)?;
+    }
     let nice0 = a.common.nice0 || a.common.vcpus >= 2;
     let plan = Plan {
         rows: bench::migrate_rows(case.channels, !a.no_qemu, nice0),
@@ -479,6 +482,9 @@ fn migrate_prepare(a: MigratePrepareArgs) -> Result<()> {
         PathBuf::from("qemu-system-x86_64"),
         &image,
     )?;
+    if let Some(p) = &case.pin {
+        pin::confine_bench(p)?;
+    }
     let nice0 = a.common.nice0 || a.common.vcpus >= 2;
     let plan = Plan {
         rows: bench::migrate_prepare_rows(nice0),
@@ -585,6 +591,9 @@ fn local_handover(a: LocalArgs) -> Result<()> {
             .then(|| Pinning::for_vcpus(1, &ferry_sys::sched::affinity()?))
             .transpose()?,
     };
+    if let Some(p) = &plan.pin {
+        pin::confine_bench(p)?;
+    }
     let report = local::run(&plan)?;
     emit(&report.text(), a.json.then(|| report.to_json()));
     Ok(())

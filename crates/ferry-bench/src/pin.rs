@@ -38,7 +38,9 @@ impl Pinning {
     /// One line for the report header.
     pub fn describe(&self) -> String {
         format!(
-            "vCPU i on CPU {:?}[i], every other thread of both processes on CPUs {:?}",
+            "vCPU threads on CPUs {:?} (vCPU i on the i-th, from when both VMs answer on \
+             their control sockets), every other thread of both processes and of the bench \
+             on CPUs {:?} from the start",
             self.vcpus, self.others
         )
     }
@@ -85,8 +87,21 @@ impl Pinning {
     }
 }
 
-/// Places the threads of a migration's source and destination (each with `vcpus` vCPU
-/// threads, the destination's already waiting) and checks that every vCPU thread was found.
+/// Puts every thread of this process on the CPUs for non-vCPU threads, before it starts
+/// any VM: the VMs then start there (as libvirt's `emulatorpin` places QEMU before it
+/// runs), and so do the bench's own threads and children (serial readers, QMP, `ferry
+/// remote`).
+pub fn confine_bench(p: &Pinning) -> Result<()> {
+    ferry_sys::sched::set_affinity(&p.others).context("placing the bench's main thread")?;
+    p.apply(std::process::id(), |_| None)?;
+    Ok(())
+}
+
+/// Places the threads of a migration's source and destination as soon as both answer on
+/// their control sockets (each with `vcpus` vCPU threads by then, the destination's
+/// waiting) and checks that every vCPU thread was found. Each process is placed twice: a
+/// thread started while the first pass read the thread list, by a thread not yet placed,
+/// is caught by the second.
 pub fn pin_pair(
     p: Option<&Pinning>,
     pids: [u32; 2],
@@ -94,7 +109,17 @@ pub fn pin_pair(
     vcpu_index: impl Fn(&str) -> Option<usize> + Copy,
 ) -> Result<()> {
     let Some(p) = p else { return Ok(()) };
+    pin_processes(p, pids, vcpus, vcpu_index)
+}
+
+fn pin_processes(
+    p: &Pinning,
+    pids: [u32; 2],
+    vcpus: u32,
+    vcpu_index: impl Fn(&str) -> Option<usize> + Copy,
+) -> Result<()> {
     for pid in pids {
+        p.apply(pid, vcpu_index)?;
         let found = p.apply(pid, vcpu_index)?;
         if found != vcpus as usize {
             bail!("pinning process {pid}: found {found} vCPU threads, expected {vcpus}");
@@ -139,42 +164,51 @@ mod tests {
         assert_eq!(qemu_vcpu("live_migration"), None);
     }
 
-    #[test]
-    fn pins_a_vcpu_thread_apart_from_the_others() {
-        let cpus = ferry_sys::sched::affinity().expect("affinity");
-        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let vcpu = std::thread::Builder::new()
-            .name("vcpu0".into())
-            .spawn(move || {
-                tid_tx.send(ferry_sys::sched::gettid()).expect("send tid");
-                let _ = done_rx.recv();
-            })
-            .expect("spawn");
-        let tid = tid_rx.recv().expect("tid");
-        let p = Pinning {
-            vcpus: vec![*cpus.last().expect("a CPU")],
-            others: cpus.clone(),
-        };
-        let me = std::process::id();
-        assert_eq!(p.apply(me, ferry_vcpu).expect("apply"), 1);
+    /// The CPUs thread `tid` of process `pid` may run on, as /proc lists them.
+    fn allowed(pid: u32, tid: u32) -> String {
         let status =
-            std::fs::read_to_string(format!("/proc/{me}/task/{tid}/status")).expect("status");
-        let allowed = status
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).expect("status");
+        status
             .lines()
             .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
             .expect("Cpus_allowed_list")
             .trim()
-            .to_string();
-        assert_eq!(allowed, p.vcpus[0].to_string());
-        // Every other thread (this one included) keeps all the CPUs it had.
-        assert_eq!(ferry_sys::sched::affinity().expect("affinity"), cpus);
-        let err = pin_pair(Some(&p), [me, me], 2, ferry_vcpu).expect_err("one vCPU thread");
+            .to_string()
+    }
+
+    /// Run against a child process (`sleep`, one thread), so the test's own threads and
+    /// the tests running beside it keep their CPUs.
+    #[test]
+    fn pins_vcpu_threads_and_the_others_apart() {
+        let cpus = ferry_sys::sched::affinity().expect("affinity");
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id();
+        // Until the child has exec'd, its thread still carries this process's name.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim() == "sleep")
+        {
+            assert!(std::time::Instant::now() < deadline, "sleep never started");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let p = Pinning {
+            vcpus: vec![cpus[0]],
+            others: vec![*cpus.last().expect("a CPU")],
+        };
+        let as_vcpu = |name: &str| (name == "sleep").then_some(0);
+        assert_eq!(p.apply(pid, as_vcpu).expect("apply"), 1);
+        assert_eq!(allowed(pid, pid), p.vcpus[0].to_string());
+        assert_eq!(p.apply(pid, ferry_vcpu).expect("apply"), 0);
+        assert_eq!(allowed(pid, pid), p.others[0].to_string());
+        let err = pin_processes(&p, [pid, pid], 2, as_vcpu).expect_err("one vCPU thread");
         assert!(
             err.to_string().contains("found 1 vCPU threads, expected 2"),
             "{err}"
         );
-        done_tx.send(()).expect("stop");
-        vcpu.join().expect("join");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

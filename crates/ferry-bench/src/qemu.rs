@@ -290,6 +290,8 @@ pub fn run_migration(cfg: &QemuConfig) -> Result<QemuResult> {
     let mut src = QemuProc::spawn(cfg, "src", &dir.0, false, shm.as_ref())?;
     let mut dst_qmp = dst.connect_qmp(cfg.start_timeout)?;
     let mut src_qmp = src.connect_qmp(cfg.start_timeout)?;
+    let pids = [src.child.0.id(), dst.child.0.id()];
+    pin::pin_pair(cfg.pin.as_ref(), pids, cfg.cpus, pin::qemu_vcpu)?;
 
     for qmp in [&mut dst_qmp, &mut src_qmp] {
         set_migration_params(qmp, cfg)?;
@@ -301,8 +303,6 @@ pub fn run_migration(cfg: &QemuConfig) -> Result<QemuResult> {
     src.serial
         .wait_for(|l| matches!(l, GuestLine::Ready { .. }), cfg.start_timeout)
         .with_context(|| format!("src: waiting for the guest's ready line{}", src.stderr()))?;
-    let pids = [src.child.0.id(), dst.child.0.id()];
-    pin::pin_pair(cfg.pin.as_ref(), pids, cfg.cpus, pin::qemu_vcpu)?;
     let warm_from = Instant::now();
     thread::sleep(cfg.warmup);
     dst.check_alive()?;

@@ -1,8 +1,7 @@
-//! Scheduling of the calling thread: thread id, CPU affinity, nice value, time slice,
-//! online CPUs.
+//! Scheduling of threads: thread id, CPU affinity, nice value, time slice, online CPUs.
 //!
-//! Affinity and nice are per thread on Linux; every function here acts on the calling thread
-//! only, never on the whole process.
+//! Affinity and nice are per thread on Linux; every function here acts on one thread (the
+//! calling one, unless it takes a thread id), never on the whole process.
 
 use std::io;
 use std::time::Duration;
