@@ -84,7 +84,8 @@ pub struct FerryConfig {
     pub dest_netns: Option<String>,
     /// The destination's address, default `127.0.0.1`.
     pub dest_host: String,
-    /// Thread placement (`--pin`), applied to both processes once the source guest is up.
+    /// Thread placement (`--pin`): both processes' vCPU threads are placed as soon as both
+    /// answer on their control sockets (the rest start placed, see `pin::confine_bench`).
     pub pin: Option<Pinning>,
 }
 

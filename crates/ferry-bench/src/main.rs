@@ -227,7 +227,8 @@ struct LocalArgs {
     #[arg(long)]
     json: bool,
     /// Pin both systems alike (as `migrate --pin`): the vCPU on the first CPU, every other
-    /// thread of both processes on the others.
+    /// thread of both processes and of the bench on the others (`update --exec` runs are
+    /// not placed).
     #[arg(long)]
     pin: bool,
 }
@@ -291,9 +292,10 @@ struct Common {
     /// (on by default with 2 or more vCPUs, whose busy vCPUs starve nice-19 helpers).
     #[arg(long)]
     nice0: bool,
-    /// Pin both systems alike, from outside (as `taskset`, libvirt's `vcpupin` and
-    /// `emulatorpin` do): vCPU i on CPU i, every other thread of both processes on the CPUs
-    /// left. Needs more CPUs than vCPUs.
+    /// Pin both systems alike, from outside (as `taskset`, libvirt's `emulatorpin` and
+    /// `vcpupin` do): the bench and both VMs start on every CPU but the first N (N =
+    /// vCPUs), and vCPU i moves to the i-th CPU once both VMs answer. Needs more CPUs than
+    /// vCPUs.
     #[arg(long)]
     pin: bool,
     /// The ferry binary (default: `ferry` next to this program, i.e. target/release/ferry).

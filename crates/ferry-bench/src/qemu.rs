@@ -93,7 +93,8 @@ pub struct QemuConfig {
     /// The `auto-converge` capability (vCPU throttling when precopy does not converge, as
     /// Ferry does by default). Default false (QEMU's default).
     pub auto_converge: bool,
-    /// Thread placement (`--pin`), applied to both processes once the source guest is up.
+    /// Thread placement (`--pin`): both processes' vCPU threads are placed as soon as both
+    /// answer on their control sockets (the rest start placed, see `pin::confine_bench`).
     pub pin: Option<Pinning>,
     /// TLS on every migration channel, with certificates checked both ways: a directory
     /// in QEMU's layout (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`,
